@@ -1,0 +1,17 @@
+"""NativeTok at the paper's sizes, 256 px; the argument is the token count (32, 64 or 128).
+
+    --config configs/nativetok.py:64
+
+MIT: width 1024, 18 layers, 16 heads (the prototype used 4; see nativetok_jax/config.py).
+Experts: one per token, width 256, 2 layers, 4 heads. Codebook 4096 x 12, l2-normalised.
+Decoder: TiTok-L (width 1024, 24 layers, 16 heads) with the pixel head; set
+--config.model.decoder.head=proxy_codes for the MaskGIT-VQGAN proxy-code head.
+"""
+
+from nativetok_jax.config import base_config
+
+
+def get_config(num_tokens: str | None = None):
+    config = base_config()
+    config.model.num_tokens = int(num_tokens or 32)
+    return config

@@ -1,0 +1,19 @@
+"""``python -m nativetok_jax.bench {model} [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+from nativetok_jax.bench import model
+
+BENCHMARKS = {"model": model.run}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in BENCHMARKS:
+        raise SystemExit(f"usage: python -m nativetok_jax.bench {{{','.join(BENCHMARKS)}}} [--help]")
+    BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Image data: decoding, cropping, and the photographs bundled with scikit-image."""

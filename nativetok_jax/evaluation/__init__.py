@@ -1,0 +1,1 @@
+"""Judging reconstructions: metrics and image grids."""

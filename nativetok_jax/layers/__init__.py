@@ -1,0 +1,1 @@
+"""Building blocks shared by every model: dense, norm, attention, MLP, scanned transformer stacks."""

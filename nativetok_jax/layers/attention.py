@@ -1,0 +1,65 @@
+"""Multi-head attention through ``jax.nn.dot_product_attention``.
+
+The fused call lets GPUs use the cuDNN kernel and TPUs XLA's. ``num_queries`` computes only the
+last rows' outputs while keys and values still come from every row: the causal experts need
+just their query row in their last layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nativetok_jax.layers.dense import KERNEL_INIT
+from nativetok_jax.layers.partitioning import constrain, param
+
+
+class Attention(nnx.Module):
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        head_dim = width // num_heads
+        in_axes = ("embed", "heads", "head_dim")
+        self.query = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
+        self.key = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
+        self.value = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
+        self.query_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
+        self.key_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
+        self.value_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
+        self.out = param(rngs, KERNEL_INIT, (num_heads, head_dim, width), ("heads", "head_dim", "embed"))
+        self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+        self.dtype = dtype
+
+    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param) -> jax.Array:
+        y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(self.dtype))
+        y = y + bias[...].astype(self.dtype)
+        return constrain(y, ("batch", "length", "heads", "head_dim"))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        key_mask: jax.Array | None = None,
+        num_queries: int | None = None,
+    ) -> jax.Array:
+        """Attends from ``x`` (or its last ``num_queries`` rows) to the rows ``key_mask`` allows.
+
+        Args:
+          x: ``[batch, length, width]``.
+          key_mask: boolean ``[length]`` or ``[batch, length]``; False rows are never attended to.
+          num_queries: if set, only the last ``num_queries`` rows are computed.
+        """
+        x = x.astype(self.dtype)
+        queries = x if num_queries is None else x[:, -num_queries:]
+        q = self._project(queries, self.query, self.query_bias)
+        k = self._project(x, self.key, self.key_bias)
+        v = self._project(x, self.value, self.value_bias)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask.reshape(key_mask.shape[:-1] + (1, 1, key_mask.shape[-1]))
+            if mask.ndim == 3:
+                mask = mask[None]
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        y = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
+        return y + self.out_bias[...].astype(self.dtype)

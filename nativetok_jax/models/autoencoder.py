@@ -1,0 +1,151 @@
+"""The full tokenizers: an encoder that makes L continuous tokens, the token head, the quantiser
+and the decoder.
+
+``NativeTok`` encodes with the Meta Image Transformer and the causal experts; ``TiTok`` with one
+bidirectional encoder (the order-free baseline). Both share the token head (LayerNorm, then a
+linear map to ``token_dim``), the quantiser and the decoder, so they compare on equal terms.
+Images inside the models are float ``[B, H, W, 3]`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from nativetok_jax.config import validate_model
+from nativetok_jax.layers.dense import Dense
+from nativetok_jax.layers.norm import LayerNorm
+from nativetok_jax.models.decoder import TokenDecoder
+from nativetok_jax.models.experts import CausalExperts
+from nativetok_jax.models.mit import MetaImageTransformer
+from nativetok_jax.models.quantizer import Quantized, Quantizer
+from nativetok_jax.models.titok import TiTokEncoder
+
+
+class TokenHead(nnx.Module):
+    """LayerNorm, then ``width -> token_dim``: the continuous token before quantisation."""
+
+    def __init__(self, width: int, token_dim: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.norm = LayerNorm(width, rngs=rngs)
+        self.projection = Dense(width, token_dim, axes=("embed", "token_dim"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.projection(self.norm(x)).astype(jnp.float32)
+
+
+class Autoencoder(nnx.Module):
+    """What both tokenizers share; subclasses define ``encoder_features``."""
+
+    num_tokens: int
+    token_head: TokenHead
+    quantizer: Quantizer
+    decoder: TokenDecoder
+
+    def _build_shared(self, model: ml_collections.ConfigDict, encoder_width: int, rngs: nnx.Rngs, dtype) -> None:
+        self.num_tokens = model.num_tokens
+        q = model.quantizer
+        self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype)
+        self.quantizer = Quantizer(q.codebook_size, q.token_dim, commitment_weight=q.commitment_weight, rngs=rngs)
+        d = model.decoder
+        self.decoder = TokenDecoder(
+            num_tokens=model.num_tokens,
+            token_dim=q.token_dim,
+            image_size=model.image_size,
+            patch_size=model.patch_size,
+            width=d.width,
+            depth=d.depth,
+            num_heads=d.num_heads,
+            mlp_ratio=d.mlp_ratio,
+            head=d.head,
+            proxy_codebook_size=d.proxy_codebook_size,
+            rngs=rngs,
+            dtype=dtype,
+            remat=d.remat,
+            unroll=model.unroll_scans,
+        )
+
+    def encoder_features(self, images: jax.Array) -> jax.Array:
+        """``[B, H, W, 3]`` -> ``[B, L, encoder_width]``."""
+        raise NotImplementedError
+
+    def encode(self, images: jax.Array) -> Quantized:
+        return self.quantizer(self.token_head(self.encoder_features(images)))
+
+    def decode_ids(self, ids: jax.Array, num_visible: int | jax.Array | None = None) -> jax.Array:
+        """Decoder output for code ids ``[B, L]`` (positions ``>= num_visible`` are hidden)."""
+        return self.decoder(self.quantizer.lookup(ids), num_visible)
+
+    def __call__(self, images: jax.Array, num_visible: int | jax.Array | None = None) -> tuple[jax.Array, Quantized]:
+        """Reconstruction (pixels or proxy logits) and the quantiser's output, for training."""
+        quantized = self.encode(images)
+        return self.decoder(quantized.tokens, num_visible), quantized
+
+
+class NativeTok(Autoencoder):
+    """Meta Image Transformer -> causal experts -> token head -> quantiser -> decoder."""
+
+    def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(model.dtype)
+        e, x = model.encoder, model.experts
+        self.mit = MetaImageTransformer(
+            image_size=model.image_size,
+            patch_size=model.patch_size,
+            width=e.width,
+            depth=e.depth,
+            num_heads=e.num_heads,
+            mlp_ratio=e.mlp_ratio,
+            out_width=x.width,
+            rngs=rngs,
+            dtype=dtype,
+            remat=e.remat,
+            unroll=model.unroll_scans,
+        )
+        self.experts = CausalExperts(
+            model.num_tokens,
+            x.width,
+            x.depth,
+            x.num_heads,
+            x.mlp_ratio,
+            rngs=rngs,
+            dtype=dtype,
+            remat=x.remat,
+            scan=x.scan,
+            unroll=model.unroll_scans,
+        )
+        self._build_shared(model, x.width, rngs, dtype)
+
+    def encoder_features(self, images: jax.Array) -> jax.Array:
+        return self.experts(self.mit(images))[0]
+
+
+class TiTok(Autoencoder):
+    """One bidirectional encoder with learned latent tokens -> token head -> quantiser -> decoder."""
+
+    def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(model.dtype)
+        e = model.encoder
+        self.encoder = TiTokEncoder(
+            image_size=model.image_size,
+            patch_size=model.patch_size,
+            num_tokens=model.num_tokens,
+            width=e.width,
+            depth=e.depth,
+            num_heads=e.num_heads,
+            mlp_ratio=e.mlp_ratio,
+            rngs=rngs,
+            dtype=dtype,
+            remat=e.remat,
+            unroll=model.unroll_scans,
+        )
+        self._build_shared(model, e.width, rngs, dtype)
+
+    def encoder_features(self, images: jax.Array) -> jax.Array:
+        return self.encoder(images)
+
+
+def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder:
+    """The tokenizer ``config.model`` describes (validated first, with one-line errors)."""
+    validate_model(model)
+    return {"nativetok": NativeTok, "titok": TiTok}[model.kind](model, rngs=rngs)

@@ -1,0 +1,80 @@
+"""Vector quantiser with an l2-normalised codebook (NATIVETOK.md "Architecture" 3; as in TiTok).
+
+Inputs and codes are both projected onto the unit sphere, so the nearest code is the one of
+highest cosine similarity. The codebook loss pulls codes towards the (fixed) inputs, the
+commitment loss pulls inputs towards the (fixed) codes, and the straight-through estimator
+passes the decoder's gradient to the encoder as if quantisation were the identity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from nativetok_jax.layers.partitioning import param
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + epsilon)
+
+
+@struct.dataclass
+class Quantized:
+    """What the quantiser returns; every field is an array, so this crosses ``jit`` boundaries."""
+
+    tokens: jax.Array  # [..., D] straight-through codes: values of the codes, gradients to the input.
+    ids: jax.Array  # [...] int32 code indices.
+    codebook_loss: jax.Array  # scalar: mean ||sg(z) - e||^2.
+    commitment_loss: jax.Array  # scalar: mean ||z - sg(e)||^2.
+    loss: jax.Array  # scalar: codebook_loss + commitment_weight * commitment_loss.
+    perplexity: jax.Array  # scalar: exp(entropy of the batch's code histogram).
+    usage: jax.Array  # scalar: fraction of the codebook used at least once in the batch.
+
+
+def code_statistics(ids: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
+    """(perplexity, fraction of codes used) of a batch of code indices."""
+    counts = jnp.bincount(ids.reshape(-1), length=codebook_size)
+    probs = counts / jnp.maximum(counts.sum(), 1)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
+    return jnp.exp(entropy), jnp.mean(counts > 0)
+
+
+class Quantizer(nnx.Module):
+    def __init__(
+        self, codebook_size: int, token_dim: int, *, commitment_weight: float = 0.25, rngs: nnx.Rngs
+    ):
+        self.codebook = param(rngs, nnx.initializers.normal(stddev=1.0), (codebook_size, token_dim),
+                              ("codebook", "token_dim"))
+        self.codebook_size = codebook_size
+        self.commitment_weight = commitment_weight
+
+    def normalized_codebook(self) -> jax.Array:
+        return l2_normalize(self.codebook[...])
+
+    def lookup(self, ids: jax.Array) -> jax.Array:
+        """The (normalised) code vectors of ``ids``."""
+        return jnp.take(self.normalized_codebook(), ids, axis=0)
+
+    def nearest(self, z: jax.Array) -> jax.Array:
+        """Indices of the codes of highest cosine similarity with ``z`` ``[..., D]``."""
+        similarity = jnp.einsum("...d,kd->...k", l2_normalize(z), self.normalized_codebook())
+        return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
+
+    def __call__(self, z: jax.Array) -> Quantized:
+        z = l2_normalize(z)
+        ids = self.nearest(z)
+        codes = self.lookup(ids)
+        codebook_loss = jnp.mean(jnp.square(codes - jax.lax.stop_gradient(z)))
+        commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(codes)))
+        perplexity, usage = code_statistics(ids, self.codebook_size)
+        return Quantized(
+            tokens=z + jax.lax.stop_gradient(codes - z),
+            ids=ids,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+            loss=codebook_loss + self.commitment_weight * commitment_loss,
+            perplexity=perplexity,
+            usage=usage,
+        )

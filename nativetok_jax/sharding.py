@@ -1,0 +1,105 @@
+"""One mesh (``data``, ``fsdp``, ``model``) from the config, and where every array lives on it.
+
+Parameters carry logical axis names (``nativetok_jax.layers.partitioning``); the config's rules
+map them onto this mesh. The mesh uses *auto* axis types: shardings are given at ``jit``
+boundaries and as constraints, and XLA's partitioner does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx, traverse_util
+
+from nativetok_jax.config import validate_mesh
+from nativetok_jax.layers.partitioning import Rules, shard_spec_for
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+Params = dict[str, Any]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, model)`` mesh over ``devices`` (default: all of them)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = validate_mesh(mesh_config, len(devices))
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def rules_of(config: ml_collections.ConfigDict) -> Rules:
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.sharding.rules)
+
+
+def params_of(module: nnx.Module) -> Params:
+    """A module's parameters as a plain nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def param_axes(model: nnx.Module) -> Params:
+    """The logical axis names of every parameter, as a tree shaped like the parameters."""
+    flat = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        flat[tuple(path)] = tuple(variable.get_metadata().get("out_sharding") or (None,) * variable.ndim)
+    return traverse_util.unflatten_dict(flat)
+
+
+def param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules) -> Params:
+    """A ``NamedSharding`` per parameter; dimensions the mesh does not divide stay replicated."""
+    axis_sizes = dict(mesh.shape)
+    shapes = params_of(model)
+    return jax.tree.map(
+        lambda axes, shape: jax.sharding.NamedSharding(mesh, shard_spec_for(axes, shape.shape, rules, axis_sizes)),
+        param_axes(model),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> jax.sharding.NamedSharding:
+    """Splits the leading (batch) dimension over ``data`` and ``fsdp`` when they divide it."""
+    spec = shard_spec_for(("batch",) + (None,) * (len(shape) - 1), shape, (("batch", BATCH_AXES),), dict(mesh.shape))
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def init_sharded(
+    build: Callable[[nnx.Rngs], nnx.Module], seed: int, mesh: jax.sharding.Mesh, rules: Rules
+) -> tuple[nnx.GraphDef, Params, Params]:
+    """Initialises parameters directly into their shardings (no host copy of the full model).
+
+    Returns ``(graphdef, params, shardings)`` with ``params`` a plain nested dict of arrays.
+    """
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
+    graphdef, _ = nnx.split(abstract)
+    shardings = param_shardings(abstract, mesh, rules)
+
+    @jax.jit(out_shardings=shardings)
+    def init() -> Params:
+        return params_of(build(nnx.Rngs(seed)))
+
+    with jax.set_mesh(mesh):
+        params = init()
+    return graphdef, params, shardings
+
+
+def mismatches(expected: Params, given: Params) -> list[str]:
+    """Human-readable differences in names and shapes between two parameter trees."""
+    flat_expected = {k: np.shape(v) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
+    flat_given = {k: np.shape(v) for k, v in traverse_util.flatten_dict(given, sep="/").items()}
+    problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
+    problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
+    problems += [
+        f"{k} has shape {flat_given[k]}, expected {shape}"
+        for k, shape in flat_expected.items()
+        if k in flat_given and flat_given[k] != shape
+    ]
+    return problems
+

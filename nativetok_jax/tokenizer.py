@@ -1,0 +1,191 @@
+"""The public tokenizer: uint8 images in, int32 token ids out, and back.
+
+    tok = Tokenizer.from_config(config, seed=0)
+    ids = tok.encode(images)          # uint8 [B, H, W, 3] -> int32 [B, L]
+    images = tok.decode(ids[:, :4])   # the first k <= L tokens -> uint8 [B, H, W, 3]
+
+Encode and decode are jitted once per input shape. Parameters live on the config's mesh,
+sharded by its logical-axis rules; ``tok.params`` is a plain nested dict of arrays and
+``tok.with_params`` swaps it (after checking every name and shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from nativetok_jax import sharding
+from nativetok_jax.layers.partitioning import axis_rules
+from nativetok_jax.models import Autoencoder, build_model
+
+# Maps proxy-code ids [B, h, w] to images [B, H, W, 3] in [-1, 1] (a VQGAN decoder).
+ProxyDecoder = Callable[[jax.Array], jax.Array]
+
+
+def images_to_model(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], the range the models work in."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def model_to_images(x: jax.Array) -> jax.Array:
+    """float [-1, 1] -> uint8, rounding to the nearest level."""
+    return jnp.round(jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def preview_lengths(num_tokens: int) -> list[int]:
+    """Prefix lengths for coarse-to-fine previews: 1, 4, 16, 64, ... and finally ``num_tokens``."""
+    lengths, k = [], 1
+    while k < num_tokens:
+        lengths.append(k)
+        k *= 4
+    return lengths + [num_tokens]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    """What every tokenizer built from one config shares: the graph, mesh and jitted functions."""
+
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+    shardings: sharding.Params
+    encode: Callable[..., jax.Array]
+    decode: Callable[..., jax.Array]
+
+
+class Tokenizer:
+    """A NativeTok (or TiTok-baseline) tokenizer with its parameters."""
+
+    def __init__(self, compiled: _Compiled, params: sharding.Params, proxy_decoder: ProxyDecoder | None = None):
+        self._compiled = compiled
+        self._params = params
+        self._proxy_decoder = proxy_decoder
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        seed: int = 0,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        proxy_decoder: ProxyDecoder | None = None,
+    ) -> Tokenizer:
+        """A freshly initialised tokenizer for ``config`` (``config.model``, ``config.mesh``).
+
+        ``proxy_decoder`` turns proxy-code ids into pixels; only the ``proxy_codes`` head needs it.
+        """
+        model_config = config.model
+        mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+        rules = sharding.rules_of(config)
+        graphdef, params, shardings = sharding.init_sharded(lambda r: build_model(model_config, r), seed, mesh, rules)
+
+        def encode(params: sharding.Params, images: jax.Array) -> jax.Array:
+            model: Autoencoder = nnx.merge(graphdef, params)
+            return model.encode(images_to_model(images)).ids
+
+        def decode(params: sharding.Params, ids: jax.Array, proxy_decoder: ProxyDecoder | None) -> jax.Array:
+            model: Autoencoder = nnx.merge(graphdef, params)
+            num_visible = ids.shape[1]
+            padded = jnp.pad(ids, ((0, 0), (0, model.num_tokens - num_visible)))
+            out = model.decode_ids(padded, num_visible)
+            if model_config.decoder.head == "proxy_codes":
+                out = proxy_decoder(jnp.argmax(out, axis=-1))
+            return model_to_images(out)
+
+        compiled = _Compiled(
+            config=config,
+            graphdef=graphdef,
+            mesh=mesh,
+            rules=rules,
+            shardings=shardings,
+            encode=jax.jit(encode),
+            decode=jax.jit(decode, static_argnums=2),
+        )
+        return cls(compiled, params, proxy_decoder)
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self._compiled.config
+
+    @property
+    def image_size(self) -> int:
+        return self.config.model.image_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.model.num_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.model.quantizer.codebook_size
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self._compiled.mesh
+
+    @property
+    def params(self) -> sharding.Params:
+        """The parameters: a nested dict (``mit``, ``experts``, ``quantizer``, ``decoder``, ...)."""
+        return self._params
+
+    @property
+    def model(self) -> Autoencoder:
+        """The Flax module with these parameters, for code that needs more than ids."""
+        return nnx.merge(self._compiled.graphdef, self._params)
+
+    def with_params(self, params: sharding.Params) -> Tokenizer:
+        """The same tokenizer with other parameters (same names and shapes, else ``ValueError``)."""
+        problems = sharding.mismatches(self._params, params)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"parameters do not fit this tokenizer: {shown}")
+        placed = jax.device_put(jax.tree.map(jnp.asarray, params), self._compiled.shardings)
+        return Tokenizer(self._compiled, placed, self._proxy_decoder)
+
+    # ----------------------------------------------------------------------------- encode/decode
+
+    def _run(self, fn: Callable[..., jax.Array], array: Any, *args: Any) -> jax.Array:
+        placed = jax.device_put(array, sharding.batch_sharding(self.mesh, np.shape(array)))
+        with jax.set_mesh(self.mesh), axis_rules(self._compiled.rules):
+            return fn(self._params, placed, *args)
+
+    def encode(self, images: Any) -> jax.Array:
+        """uint8 images ``[B, image_size, image_size, 3]`` -> int32 token ids ``[B, num_tokens]``."""
+        shape, dtype = np.shape(images), getattr(images, "dtype", None)
+        expected = (self.image_size, self.image_size, 3)
+        if len(shape) != 4 or tuple(shape[1:]) != expected or shape[0] < 1:
+            raise ValueError(f"encode expects images of shape [B, {', '.join(map(str, expected))}], got {tuple(shape)}")
+        if dtype != np.uint8:
+            raise ValueError(f"encode expects uint8 images (0..255), got dtype {dtype}")
+        return self._run(self._compiled.encode, images)
+
+    def decode(self, ids: Any) -> jax.Array:
+        """Token ids ``[B, k]`` (the first ``k <= num_tokens`` tokens) -> uint8 images ``[B, H, W, 3]``."""
+        shape, dtype = np.shape(ids), getattr(ids, "dtype", None)
+        if len(shape) != 2 or shape[0] < 1:
+            raise ValueError(f"decode expects token ids of shape [B, k], got {tuple(shape)}")
+        if not 1 <= shape[1] <= self.num_tokens:
+            raise ValueError(f"decode expects 1 <= k <= {self.num_tokens} tokens, got k={shape[1]}")
+        if dtype is None or not np.issubdtype(dtype, np.integer):
+            raise ValueError(f"decode expects integer token ids, got dtype {dtype}")
+        low, high = int(np.min(ids)), int(np.max(ids))
+        if low < 0 or high >= self.codebook_size:
+            raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+        if self.config.model.decoder.head == "proxy_codes" and self._proxy_decoder is None:
+            raise ValueError("model.decoder.head='proxy_codes' needs a VQGAN decoder: pass proxy_decoder=")
+        return self._run(self._compiled.decode, jnp.asarray(ids, jnp.int32), self._proxy_decoder)
+
+    def reconstruct(self, images: Any, num_tokens: int | None = None) -> jax.Array:
+        """``decode(encode(images)[:, :num_tokens])``: the round trip, optionally from a prefix."""
+        ids = self.encode(images)
+        return self.decode(ids[:, : num_tokens or self.num_tokens])

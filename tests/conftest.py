@@ -1,0 +1,39 @@
+"""Test set-up: 8 fake CPU devices (so every sharding path runs) and small model configs."""
+
+import os
+
+# 8 fake devices exercise every sharding path; optimisation level 0 makes XLA's CPU compiles
+# (random-number initialisers above all) several times faster, which is most of the suite's time.
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in _flags:
+        _flags += " " + _flag
+os.environ["XLA_FLAGS"] = _flags.strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from nativetok_jax.config import base_config  # noqa: E402
+
+
+def tiny_config(kind: str = "nativetok", num_tokens: int = 8) -> ml_collections.ConfigDict:
+    """A model small enough to compile and run in seconds, with every part present."""
+    config = base_config()
+    m = config.model
+    m.kind = kind
+    m.image_size = 16
+    m.patch_size = 4
+    m.num_tokens = num_tokens
+    m.encoder.update(width=32, depth=2, num_heads=4)
+    m.experts.update(width=16, depth=2, num_heads=2)
+    m.quantizer.update(codebook_size=64, token_dim=4)
+    m.decoder.update(width=32, depth=2, num_heads=4)
+    m.decoder.proxy_codebook_size = 32
+    return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"

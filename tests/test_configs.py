@@ -1,0 +1,113 @@
+"""Every config builds; paper-scale parameter counts match the architecture's formula; bad fields
+give one-line errors that name them."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from nativetok_jax.config import ConfigError, load_config_file
+from nativetok_jax.models import build_model
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+
+def count_params(model_config) -> int:
+    abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# The formula, from the architecture in NATIVETOK.md (MLP ratio 4, biases everywhere, LayerNorm
+# with scale and bias):
+def block(w: int) -> int:
+    attention = 4 * w * w + 4 * w  # query, key, value, out kernels and biases
+    mlp = w * 4 * w + 4 * w + 4 * w * w + w
+    return attention + mlp + 2 * 2 * w  # two LayerNorms
+
+
+def patch_embedding(image: int, patch: int, w: int) -> int:
+    return patch * patch * 3 * w + w + w + ((image // patch) ** 2 + 1) * w  # projection, class, positions
+
+
+def expected_count(m) -> int:
+    num_patches, d, k = (m.image_size // m.patch_size) ** 2, m.quantizer.token_dim, m.quantizer.codebook_size
+    w, L = m.encoder.width, m.num_tokens
+    if m.kind == "nativetok":
+        e = m.experts.width
+        encoder = patch_embedding(m.image_size, m.patch_size, w) + m.encoder.depth * block(w) + 2 * w + w * e + e
+        encoder += L * (e + e + 2 * e + m.experts.depth * block(e))  # query, slot position, input norm, blocks
+        out_width = e
+    else:
+        encoder = patch_embedding(m.image_size, m.patch_size, w) + L * w + 2 * w + m.encoder.depth * block(w)
+        out_width = w
+    token_head = 2 * out_width + out_width * d + d
+    v = m.decoder.width
+    head = m.patch_size**2 * 3 if m.decoder.head == "pixel" else m.decoder.proxy_codebook_size
+    decoder = d * v + v + L * v + 3 * v + (num_patches + 1) * v + 2 * v + m.decoder.depth * block(v) + 2 * v
+    decoder += v * head + head
+    return encoder + token_head + k * d + decoder
+
+
+@pytest.mark.parametrize(
+    "spec, kind, num_tokens",
+    [
+        ("nativetok.py:32", "nativetok", 32),
+        ("nativetok.py:64", "nativetok", 64),
+        ("nativetok.py:128", "nativetok", 128),
+        ("titok.py", "titok", 32),
+    ],
+)
+def test_paper_scale_parameter_counts(spec, kind, num_tokens):
+    config = load_config_file(os.path.join(CONFIG_DIR, spec))
+    m = config.model
+    assert (m.kind, m.num_tokens, m.image_size, m.patch_size) == (kind, num_tokens, 256, 16)
+    assert (m.quantizer.codebook_size, m.quantizer.token_dim) == (4096, 12)
+    assert (m.decoder.width, m.decoder.depth) == (1024, 24)
+    if kind == "nativetok":
+        assert (m.encoder.width, m.encoder.depth, m.experts.width, m.experts.depth) == (1024, 18, 256, 2)
+    else:
+        assert (m.encoder.width, m.encoder.depth) == (1024, 24)
+    assert count_params(m) == expected_count(m)
+    m.decoder.head = "proxy_codes"
+    assert count_params(m) == expected_count(m)
+
+
+def test_every_config_file_builds():
+    files = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+    assert len(files) >= 3
+    for path in files:
+        config = load_config_file(path)
+        assert count_params(config.model) == expected_count(config.model), path
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kind", "vqgan", "config.model.kind: must be one of"),
+        ("dtype", "float16", "config.model.dtype: must be one of"),
+        ("num_tokens", 0, "config.model.num_tokens: must be a positive integer, got 0"),
+        ("image_size", 18, "config.model.image_size: 18 is not a multiple of patch_size=4"),
+        ("encoder.num_heads", 3, "config.model.encoder.width: 32 is not divisible by num_heads=3"),
+        ("experts.depth", 0, "config.model.experts.depth: must be a positive integer"),
+        ("decoder.head", "rgb", "config.model.decoder.head: must be one of"),
+        ("quantizer.codebook_size", -5, "config.model.quantizer.codebook_size: must be a positive integer"),
+    ],
+)
+def test_bad_fields_raise_config_errors_that_name_them(field, value, message):
+    config = tiny_config()
+    node = config.model
+    *parents, leaf = field.split(".")
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_model(config.model, nnx.Rngs(0))
+
+
+def test_missing_config_file_is_a_config_error():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file("configs/no_such_config.py")

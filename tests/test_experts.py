@@ -1,0 +1,134 @@
+"""The causal expert stack: causality, equality with the unrolled prototype, flat compile size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nativetok_jax.models.experts import CausalExperts
+
+WIDTH, CONTEXT, BATCH = 16, 5, 2
+
+
+def make_experts(num_experts: int, **kwargs) -> CausalExperts:
+    return CausalExperts(num_experts, WIDTH, 2, 2, 4.0, rngs=nnx.Rngs(0), **kwargs)
+
+
+def x_latent(seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (BATCH, CONTEXT, WIDTH))
+
+
+def with_expert_perturbed(experts: CausalExperts, index: int) -> CausalExperts:
+    """A copy whose expert ``index`` (and only it) has different parameters."""
+    graphdef, state = nnx.split(experts)
+    noise = jax.random.key(7)
+
+    def perturb(path, value):
+        nonlocal noise
+        noise, key = jax.random.split(noise)
+        return value.at[index].add(0.5 * jax.random.normal(key, value.shape[1:]))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(perturb, state))
+
+
+@pytest.mark.parametrize("index", [0, 3, 7])
+def test_perturbing_expert_j_leaves_earlier_tokens_bit_identical(index):
+    experts = make_experts(8)
+    x = x_latent()
+    forward = jax.jit(lambda module, x: module(x)[0])
+    before = np.asarray(forward(experts, x))
+    after = np.asarray(forward(with_expert_perturbed(experts, index), x))
+    np.testing.assert_array_equal(after[:, :index], before[:, :index])
+    assert np.abs(after[:, index] - before[:, index]).min() > 1e-4
+
+
+def test_token_depends_on_earlier_tokens_and_not_later_ones():
+    experts = make_experts(6)
+    x = x_latent()
+
+    def token(i, slots):
+        return experts(x, start=i, stop=i + 1, slots=slots)[0][:, 0]
+
+    _, slots = experts(x)
+    noise = jax.random.normal(jax.random.key(3), slots.shape)
+    changed = slots.at[:, 1].add(noise[:, 1])  # token 1's slot
+    assert np.abs(token(3, changed) - token(3, slots)).max() > 1e-4
+    changed = slots.at[:, 3:].add(noise[:, 3:])  # slots of token 3 itself and later ones
+    np.testing.assert_array_equal(token(3, changed), token(3, slots))
+
+
+@pytest.mark.parametrize("num_experts", [1, 5, 32])
+def test_scanned_stack_equals_unrolled_unpadded_reference(num_experts):
+    experts = make_experts(num_experts)
+    x = x_latent()
+    scanned, scanned_slots = jax.jit(lambda m, x: m(x))(experts, x)
+    reference, reference_slots = jax.jit(lambda m, x: m.reference(x))(experts, x)
+    assert scanned.shape == (BATCH, num_experts, WIDTH)
+    np.testing.assert_allclose(scanned, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scanned_slots, reference_slots, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_gradients_equal_reference_gradients():
+    experts = make_experts(5)
+    x = x_latent()
+
+    def loss(module, x, unrolled):
+        tokens = module.reference(x)[0] if unrolled else module(x)[0]
+        return jnp.sum(jnp.sin(tokens))
+
+    grads = [jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(experts, x, u) for u in (False, True)]
+    for scanned, reference in zip(*(jax.tree.leaves(g) for g in grads)):
+        np.testing.assert_allclose(scanned, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_split_range_with_slots_equals_one_pass():
+    experts = make_experts(8)
+    x = x_latent()
+    full, full_slots = experts(x)
+    first, slots = experts(x, stop=3)
+    second, slots = experts(x, start=3, slots=slots)
+    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(slots, full_slots, rtol=1e-6, atol=1e-6)
+
+
+def test_remat_changes_nothing_but_memory():
+    x = x_latent()
+    plain, remat = make_experts(4), make_experts(4, remat=True)
+
+    def loss(module, x):
+        return jnp.sum(module(x)[0] ** 2)
+
+    np.testing.assert_allclose(remat(x)[0], plain(x)[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(remat, x)), jax.tree.leaves(jax.grad(loss)(plain, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_ranges_raise():
+    experts = make_experts(4)
+    with pytest.raises(ValueError, match="slots"):
+        experts(x_latent(), start=2)
+    with pytest.raises(ValueError, match="outside"):
+        experts(x_latent(), stop=5)
+
+
+def test_compiled_program_size_does_not_grow_with_token_count():
+    """The scan traces one expert whatever L is; the unrolled loop traces L of them."""
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        total += count(inner)
+        return total
+
+    def equations(num_experts: int, scan: bool) -> int:
+        experts = make_experts(num_experts, scan=scan)
+        return count(jax.make_jaxpr(jax.grad(lambda m, x: jnp.sum(m(x)[0])))(experts, x_latent()).jaxpr)
+
+    assert equations(32, scan=True) == equations(4, scan=True)
+    assert equations(8, scan=False) > 1.8 * equations(4, scan=False)

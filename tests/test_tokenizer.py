@@ -1,0 +1,136 @@
+"""The public API: shapes, dtypes, jit caching, prefix decoding, parameter swaps, bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from nativetok_jax import Tokenizer
+from nativetok_jax.tokenizer import preview_lengths
+
+NUM_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_config(tiny_config(num_tokens=NUM_TOKENS), seed=0)
+
+
+def images(batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, 16, 16, 3), dtype=np.uint8)
+
+
+def test_encode_decode_round_trip_shapes_and_dtypes(tok):
+    assert (tok.image_size, tok.num_tokens) == (16, NUM_TOKENS)
+    ids = tok.encode(images())
+    assert ids.shape == (2, NUM_TOKENS) and ids.dtype == jnp.int32
+    assert 0 <= int(ids.min()) and int(ids.max()) < tok.codebook_size
+    out = tok.decode(ids)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.uint8
+    np.testing.assert_array_equal(tok.encode(images()), ids)  # deterministic
+
+
+@pytest.mark.parametrize("k", [1, NUM_TOKENS // 2, NUM_TOKENS])
+def test_decode_from_a_prefix(tok, k):
+    ids = tok.encode(images())
+    out = tok.decode(ids[:, :k])
+    assert out.shape == (2, 16, 16, 3)
+    other = (ids + 1) % tok.codebook_size
+    np.testing.assert_array_equal(out, tok.decode(jnp.concatenate([ids[:, :k], other[:, k:]], 1)[:, :k]))
+    np.testing.assert_array_equal(tok.reconstruct(images(), num_tokens=k), out)
+
+
+def test_encode_and_decode_compile_once_per_shape():
+    tok = Tokenizer.from_config(tiny_config(num_tokens=NUM_TOKENS), seed=1)
+    encode, decode = tok._compiled.encode, tok._compiled.decode
+    for _ in range(3):
+        ids = tok.encode(images(2))
+        tok.decode(ids[:, :3])
+    assert encode._cache_size() == 1 and decode._cache_size() == 1
+    tok.encode(images(3))
+    tok.with_params(tok.params).encode(images(3))  # another tokenizer of the same config shares them
+    assert encode._cache_size() == 2
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 16, 16, 3), np.float32), "uint8"),
+        (np.zeros((2, 32, 32, 3), np.uint8), "shape"),
+        (np.zeros((16, 16, 3), np.uint8), "shape"),
+        (np.zeros((2, 16, 16, 4), np.uint8), "shape"),
+        (np.zeros((0, 16, 16, 3), np.uint8), "shape"),
+    ],
+)
+def test_encode_rejects_bad_images(tok, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tok.encode(bad)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 0), np.int32), "1 <= k"),
+        (np.zeros((2, NUM_TOKENS + 1), np.int32), "1 <= k"),
+        (np.zeros((2, 3), np.float32), "integer"),
+        (np.zeros((3,), np.int32), "shape"),
+        (np.full((2, 3), 64, np.int32), r"\[0, 64\)"),
+        (np.full((2, 3), -1, np.int32), r"\[0, 64\)"),
+    ],
+)
+def test_decode_rejects_bad_ids(tok, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tok.decode(bad)
+
+
+def test_params_are_named_plain_arrays_and_can_be_swapped(tok):
+    params = tok.params
+    assert set(params) == {"mit", "experts", "token_head", "quantizer", "decoder"}
+    assert params["experts"]["stack"]["query"].shape == (NUM_TOKENS, 16)  # one query per expert
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    ids = tok.encode(images())
+    swapped = tok.with_params(jax.tree.map(lambda x: x * 1.5, params))
+    assert not np.array_equal(swapped.decode(ids), tok.decode(ids))
+    np.testing.assert_array_equal(tok.with_params(params).decode(ids), tok.decode(ids))
+
+
+def test_with_params_names_what_does_not_fit(tok):
+    params = jax.tree.map(lambda x: x, tok.params)
+    params["decoder"]["head"]["kernel"] = jnp.zeros((3, 3))
+    del params["quantizer"]
+    with pytest.raises(ValueError, match=r"missing quantizer/codebook.*decoder/head/kernel has shape \(3, 3\)"):
+        tok.with_params(params)
+
+
+def test_order_free_baseline_has_the_same_interface():
+    tok = Tokenizer.from_config(tiny_config(kind="titok", num_tokens=NUM_TOKENS))
+    assert set(tok.params) == {"encoder", "token_head", "quantizer", "decoder"}
+    ids = tok.encode(images())
+    assert ids.shape == (2, NUM_TOKENS)
+    assert tok.decode(ids[:, :2]).shape == (2, 16, 16, 3)
+
+
+def test_proxy_code_head_decodes_through_the_given_vqgan_decoder():
+    config = tiny_config(num_tokens=NUM_TOKENS)
+    config.model.decoder.head = "proxy_codes"
+    palette = jnp.linspace(-1.0, 1.0, config.model.decoder.proxy_codebook_size)
+
+    def fake_vqgan(codes):  # [B, 4, 4] codes -> [B, 16, 16, 3] grey levels
+        grey = jnp.repeat(jnp.repeat(palette[codes], 4, axis=1), 4, axis=2)
+        return jnp.repeat(grey[..., None], 3, axis=-1)
+
+    tok = Tokenizer.from_config(config, proxy_decoder=fake_vqgan)
+    ids = tok.encode(images())
+    out = tok.decode(ids)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.uint8
+    assert len(np.unique(np.asarray(out)[0, ::4, ::4, 0])) >= 1
+    without_vqgan = Tokenizer(tok._compiled, tok.params)
+    with pytest.raises(ValueError, match="proxy_decoder"):
+        without_vqgan.decode(ids)
+
+
+def test_preview_lengths():
+    assert preview_lengths(32) == [1, 4, 16, 32]
+    assert preview_lengths(64) == [1, 4, 16, 64]
+    assert preview_lengths(1) == [1]

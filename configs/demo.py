@@ -1,8 +1,8 @@
-"""A tiny NativeTok for a 2-core CPU: 32 px images, 4 px patches, 32 tokens.
+"""A tiny NativeTok that trains on a 2-core CPU in minutes: 32 px crops, 8 px patches, 32 tokens.
 
 Same structure as the paper's model (MIT -> 32 causal experts -> 4096 x 12 codebook -> ViT
-decoder with a pixel head), small widths so that a round trip, a benchmark or a short training
-run fits on a laptop.
+decoder with a pixel head), with widths, depths and a schedule sized for a laptop, trained on
+crops of the photographs bundled with scikit-image and judged on crops of other photographs.
 """
 
 from nativetok_jax.config import base_config
@@ -12,9 +12,32 @@ def get_config():
     config = base_config()
     m = config.model
     m.image_size = 32
-    m.patch_size = 4
+    m.patch_size = 8
     m.num_tokens = 32
     m.encoder.update(width=128, depth=2, num_heads=4)
-    m.experts.update(width=64, depth=2, num_heads=2)
+    m.experts.update(width=64, depth=1, num_heads=2)
     m.decoder.update(width=128, depth=2, num_heads=4)
+
+    d = config.data
+    d.source = "photos"
+    # Crops of 5-20% of a photograph's short side: local structure that a 4x4 thumbnail already
+    # captures well (+4.5 dB over the mean colour), so 32 tokens have something to win.
+    d.crop_min, d.crop_max = 0.05, 0.2
+    d.num_eval_images = 64
+
+    t = config.train
+    t.num_steps = 2000
+    t.batch_size = 32
+    t.learning_rate = 1e-3
+    t.warmup_steps = 100
+    t.weight_decay = 1e-4
+    t.ema_decay = 0.99
+    t.prefix_probability = 0.2
+    # Continuous tokens for the first half, then a codebook fitted to the encoder (see
+    # nativetok_jax/training/codebook.py): random codes collapse on a run this short.
+    t.quantizer_warmup_steps = 1000
+    t.log_every = 50
+    t.eval_every = 1000
+    t.checkpoint_every = 500
+    config.mesh.update(data=-1, fsdp=1, model=1)
     return config

@@ -76,6 +76,60 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
     config.model.decoder.proxy_codebook_size = 1024
 
+    config.data = ml_collections.ConfigDict()
+    # "photos": the photographs bundled with scikit-image (no download; held-out photographs for
+    # evaluation); "folder": every jpg/png/webp under data.path (sub-folders are classes);
+    # "tfds": a prepared TFDS dataset, read by name from data.tfds_data_dir.
+    config.data.source = "photos"
+    config.data.path = ""
+    config.data.eval_path = ""  # folder source: evaluation images; "" holds out num_eval_images.
+    config.data.tfds_name = ""
+    config.data.tfds_data_dir = ""
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    # Training crops: a random square whose side is a fraction in [crop_min, crop_max] of the
+    # image's short side, resized to model.image_size; 1.0 and 1.0 is TiTok's resize-and-crop.
+    config.data.crop_min = 1.0
+    config.data.crop_max = 1.0
+    config.data.flip = True
+    config.data.num_eval_images = 64
+    config.data.num_threads = 4  # decoding threads per process
+    config.data.worker_count = 0  # grain worker processes; 0 decodes in this process
+
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0
+    config.train.num_steps = 1_000_000
+    config.train.batch_size = 256  # global, over all processes
+    # TiTok's recipe: AdamW, lr 1e-4, betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
+    config.train.learning_rate = 1e-4
+    config.train.final_learning_rate_ratio = 0.1
+    config.train.warmup_steps = 10_000
+    config.train.beta1 = 0.9
+    config.train.beta2 = 0.99
+    config.train.weight_decay = 1e-4
+    config.train.grad_clip_norm = 1.0
+    config.train.ema_decay = 0.999  # 0 keeps no EMA.
+    # With this probability an example is decoded from a random prefix of its tokens only, so
+    # that coarse-to-fine previews (the first k tokens) are meaningful.
+    config.train.prefix_probability = 0.5
+    # Decode continuous tokens for this many steps, then fit the codebook to the encoder's
+    # outputs and quantise (0: quantise from the start). See training/codebook.py.
+    config.train.quantizer_warmup_steps = 0
+    config.train.losses = ml_collections.ConfigDict(
+        dict(pixel="l2", pixel_weight=1.0, quantizer_weight=1.0)
+    )
+    config.train.log_every = 100
+    config.train.eval_every = 5_000
+    config.train.checkpoint_every = 5_000
+    config.train.keep_checkpoints = 3
+
+    # Hierarchical Native Training: an empty tuple trains one stage with model.num_tokens; else
+    # a tuple of dicts(num_tokens=, num_steps=, frozen=(...), name=""), run in order, each in
+    # its own sub-directory. frozen names parts: mit, old_experts, experts, token_head,
+    # quantizer, decoder (encoder for TiTok).
+    config.hnt = ml_collections.ConfigDict()
+    config.hnt.stages = ()
+
     # Mesh axis sizes; -1 takes every device left over.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     config.sharding = ml_collections.ConfigDict()
@@ -104,9 +158,14 @@ def _positive_int(value, field: str) -> None:
              f"must be a positive integer, got {value!r}")
 
 
+def _boolean(value, field: str) -> None:
+    _require(isinstance(value, bool), field, f"must be True or False, got {value!r}")
+
+
 def _validate_transformer(cfg: ml_collections.ConfigDict, field: str) -> None:
     for name in ("width", "depth", "num_heads"):
         _positive_int(cfg.get(name), f"{field}.{name}")
+    _boolean(cfg.get("remat"), f"{field}.remat")
     _require(cfg.width % cfg.num_heads == 0, f"{field}.width",
              f"{cfg.width} is not divisible by num_heads={cfg.num_heads}")
     _require(float(cfg.mlp_ratio) > 0, f"{field}.mlp_ratio", f"must be > 0, got {cfg.mlp_ratio!r}")
@@ -122,13 +181,62 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
              f"{model.image_size} is not a multiple of patch_size={model.patch_size}")
     _validate_transformer(model.encoder, "model.encoder")
     _validate_transformer(model.decoder, "model.decoder")
+    _boolean(model.get("unroll_scans"), "model.unroll_scans")
     if model.kind == "nativetok":
         _validate_transformer(model.experts, "model.experts")
+        _boolean(model.experts.get("scan"), "model.experts.scan")
     _positive_int(model.quantizer.get("codebook_size"), "model.quantizer.codebook_size")
     _positive_int(model.quantizer.get("token_dim"), "model.quantizer.token_dim")
+    weight = model.quantizer.get("commitment_weight")
+    _require(isinstance(weight, (int, float)) and weight >= 0, "model.quantizer.commitment_weight",
+             f"must be a number >= 0, got {weight!r}")
     _require(model.decoder.get("head") in DECODER_HEADS, "model.decoder.head",
              f"must be one of {DECODER_HEADS}, got {model.decoder.get('head')!r}")
     _positive_int(model.decoder.get("proxy_codebook_size"), "model.decoder.proxy_codebook_size")
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of the model, data or training config that cannot work."""
+    validate_model(config.model)
+    train, data = config.train, config.data
+    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(train.get(name), f"train.{name}")
+    _require(train.batch_size % _process_count() == 0, "train.batch_size",
+             f"{train.batch_size} is not divisible by the {_process_count()} processes")
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
+        value = train.get(name)
+        _require(isinstance(value, (int, float)) and value >= 0, f"train.{name}", f"must be a number >= 0, got {value!r}")
+    _require(isinstance(train.warmup_steps, int) and train.warmup_steps >= 0, "train.warmup_steps",
+             f"must be an integer >= 0, got {train.warmup_steps!r}")
+    for name in ("beta1", "beta2", "ema_decay", "prefix_probability"):
+        value = train.get(name)
+        _require(isinstance(value, (int, float)) and 0 <= value < 1 + (name == "prefix_probability"),
+                 f"train.{name}", f"must lie in [0, 1), got {value!r}")
+    _require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
+             f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
+    _require(data.get("source") in ("photos", "folder", "tfds"), "data.source",
+             f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
+    _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
+             f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
+    _positive_int(data.get("num_eval_images"), "data.num_eval_images")
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def validate_rules(rules, mesh_axes: tuple[str, ...]) -> None:
+    """Every rule maps a logical name to mesh axes that exist (or to None)."""
+    for entry in rules:
+        _require(isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str),
+                 "sharding.rules", f"each rule must be (logical_name, mesh_axes), got {entry!r}")
+        name, target = entry
+        targets = (target,) if isinstance(target, str) or target is None else tuple(target)
+        unknown = [t for t in targets if t is not None and t not in mesh_axes]
+        _require(not unknown, "sharding.rules", f"rule for {name!r} names unknown mesh axes {unknown}; "
+                 f"the mesh axes are {mesh_axes}")
 
 
 def validate_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

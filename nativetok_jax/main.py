@@ -1,64 +1,74 @@
-"""``python -m nativetok_jax.main --config configs/demo.py --workdir DIR``.
+"""``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train a tokenizer.
 
-Today this runs the tokenizer round trip on the held-out photographs bundled with scikit-image:
-it builds the tokenizer the config describes (freshly initialised: training is the next
-milestone), encodes the photographs, decodes them from the first 1, 4, 16, ... tokens, and writes
-into ``DIR``: ``config.json`` (the resolved config), ``roundtrip.png`` (inputs, then one row per
-prefix length) and ``roundtrip.json`` (token ids and PSNR per prefix length).
+Writes into DIR the resolved config, orbax checkpoints, TensorBoard events, a progress line with
+step rate and ETA, PNG grids of held-out inputs and their reconstructions (from all tokens and
+from the first 1, 4, 16, ... tokens), and ``eval.json``. Running the same command again resumes
+from the newest checkpoint. Several processes (TPU pod workers, multi-node GPU) start with
+``--multihost`` (or the explicit coordinator flags).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
+import time
 
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes TensorBoard events here.
 
-from nativetok_jax.config import ConfigError
-from nativetok_jax.data.photos import load_photos
-from nativetok_jax.data.images import center_crop
-from nativetok_jax.evaluation.grids import save_grid
-from nativetok_jax.evaluation.metrics import psnr
-from nativetok_jax.tokenizer import Tokenizer, preview_lengths
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-flags.DEFINE_integer("seed", 0, "Seed of the parameter initialisation.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, images; rerun to resume.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for an explicit multi-process start.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def round_trip(config, workdir: str, seed: int) -> dict:
-    """Encodes and decodes the held-out photographs; writes the grid and the JSON summary."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    tokenizer = Tokenizer.from_config(config, seed=seed)
-    images = np.stack([center_crop(photo, tokenizer.image_size) for photo in load_photos("heldout")])
-    ids = tokenizer.encode(images)
-    rows, summary = [images], {"num_tokens": tokenizer.num_tokens, "ids": np.asarray(ids).tolist(), "psnr": {}}
-    for k in preview_lengths(tokenizer.num_tokens):
-        reconstruction = np.asarray(tokenizer.decode(ids[:, :k]))
-        rows.append(reconstruction)
-        summary["psnr"][str(k)] = psnr(images, reconstruction)
-        logging.info("first %3d tokens: PSNR %.2f dB", k, summary["psnr"][str(k)])
-    save_grid(os.path.join(workdir, "roundtrip.png"), rows, upscale=max(1, 128 // tokenizer.image_size))
-    with open(os.path.join(workdir, "roundtrip.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+def initialize_distributed() -> None:
+    """Joins the other processes before JAX touches a device, when asked to."""
+    if not (FLAGS.multihost or FLAGS.coordinator_address):
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    initialize_distributed()
+    from nativetok_jax.config import ConfigError
+    from nativetok_jax.data.sources import DataError
+    from nativetok_jax.training.hnt import RestoreError
+    from nativetok_jax.training.trainer import NonFiniteLossError, Preempted, train_and_evaluate
+
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)
+    # Orbax reports every file it writes at INFO; keep its warnings, drop the chatter.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    )
+    start = time.time()
     try:
-        summary = round_trip(FLAGS.config, FLAGS.workdir, FLAGS.seed)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"round trip of {len(summary['ids'])} held-out photographs through {summary['num_tokens']} tokens; "
-          f"wrote {FLAGS.workdir}/roundtrip.png and roundtrip.json")
+        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, DataError, RestoreError, NonFiniteLossError) as error:
+        sys.exit(f"error: {error}")
+    except Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(f"stopped: {stop}; run the same command to resume")
+    baselines = ", ".join(f"{k[len('baseline_psnr_'):]} {v:.2f} dB" for k, v in summary.items()
+                          if k.startswith("baseline_psnr_"))
+    print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB with "
+          f"{summary['num_tokens']} tokens (baselines: {baselines}); outputs in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-from nativetok_jax.config import validate_mesh
+from nativetok_jax.config import validate_mesh, validate_rules
 from nativetok_jax.layers.partitioning import Rules, shard_spec_for
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -36,6 +36,8 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
 
 
 def rules_of(config: ml_collections.ConfigDict) -> Rules:
+    """The logical-axis rules of ``config.sharding.rules``, checked against the mesh axes."""
+    validate_rules(config.sharding.rules, MESH_AXES)
     return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.sharding.rules)
 
 

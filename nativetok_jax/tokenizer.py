@@ -20,23 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from nativetok_jax import sharding
+from nativetok_jax import checkpoints, sharding
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import Autoencoder, build_model
+from nativetok_jax.models.pixels import images_to_model, model_to_images
 
 # Maps proxy-code ids [B, h, w] to images [B, H, W, 3] in [-1, 1] (a VQGAN decoder).
 ProxyDecoder = Callable[[jax.Array], jax.Array]
-
-
-def images_to_model(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1], the range the models work in."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def model_to_images(x: jax.Array) -> jax.Array:
-    """float [-1, 1] -> uint8, rounding to the nearest level."""
-    return jnp.round(jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
 
 
 def preview_lengths(num_tokens: int) -> list[int]:
@@ -57,14 +49,48 @@ class _Compiled:
     mesh: jax.sharding.Mesh
     rules: sharding.Rules
     shardings: sharding.Params
+    shapes: sharding.Params  # ShapeDtypeStructs of the parameters
     encode: Callable[..., jax.Array]
     decode: Callable[..., jax.Array]
+
+
+def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> _Compiled:
+    """The graph, shardings and jitted functions of ``config``'s tokenizer (no parameters yet)."""
+    model_config = config.model
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    rules = sharding.rules_of(config)
+    abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+
+    def encode(params: sharding.Params, images: jax.Array) -> jax.Array:
+        model: Autoencoder = nnx.merge(graphdef, params)
+        return model.encode(images_to_model(images)).ids
+
+    def decode(params: sharding.Params, ids: jax.Array, proxy_decoder: ProxyDecoder | None) -> jax.Array:
+        model: Autoencoder = nnx.merge(graphdef, params)
+        num_visible = ids.shape[1]
+        padded = jnp.pad(ids, ((0, 0), (0, model.num_tokens - num_visible)))
+        out = model.decode_ids(padded, num_visible)
+        if model_config.decoder.head == "proxy_codes":
+            out = proxy_decoder(jnp.argmax(out, axis=-1))
+        return model_to_images(out)
+
+    return _Compiled(
+        config=config,
+        graphdef=graphdef,
+        mesh=mesh,
+        rules=rules,
+        shardings=sharding.param_shardings(abstract, mesh, rules),
+        shapes=sharding.params_of(abstract),
+        encode=jax.jit(encode),
+        decode=jax.jit(decode, static_argnums=2),
+    )
 
 
 class Tokenizer:
     """A NativeTok (or TiTok-baseline) tokenizer with its parameters."""
 
-    def __init__(self, compiled: _Compiled, params: sharding.Params, proxy_decoder: ProxyDecoder | None = None):
+    def __init__(self, compiled: _Compiled, params: sharding.Params | None, proxy_decoder: ProxyDecoder | None = None):
         self._compiled = compiled
         self._params = params
         self._proxy_decoder = proxy_decoder
@@ -82,34 +108,42 @@ class Tokenizer:
 
         ``proxy_decoder`` turns proxy-code ids into pixels; only the ``proxy_codes`` head needs it.
         """
-        model_config = config.model
-        mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-        rules = sharding.rules_of(config)
-        graphdef, params, shardings = sharding.init_sharded(lambda r: build_model(model_config, r), seed, mesh, rules)
-
-        def encode(params: sharding.Params, images: jax.Array) -> jax.Array:
-            model: Autoencoder = nnx.merge(graphdef, params)
-            return model.encode(images_to_model(images)).ids
-
-        def decode(params: sharding.Params, ids: jax.Array, proxy_decoder: ProxyDecoder | None) -> jax.Array:
-            model: Autoencoder = nnx.merge(graphdef, params)
-            num_visible = ids.shape[1]
-            padded = jnp.pad(ids, ((0, 0), (0, model.num_tokens - num_visible)))
-            out = model.decode_ids(padded, num_visible)
-            if model_config.decoder.head == "proxy_codes":
-                out = proxy_decoder(jnp.argmax(out, axis=-1))
-            return model_to_images(out)
-
-        compiled = _Compiled(
-            config=config,
-            graphdef=graphdef,
-            mesh=mesh,
-            rules=rules,
-            shardings=shardings,
-            encode=jax.jit(encode),
-            decode=jax.jit(decode, static_argnums=2),
+        compiled = _compile(config, mesh)
+        _, params, _ = sharding.init_sharded(
+            lambda r: build_model(config.model, r), seed, compiled.mesh, compiled.rules
         )
         return cls(compiled, params, proxy_decoder)
+
+    @classmethod
+    def from_params(
+        cls,
+        config: ml_collections.ConfigDict,
+        params: sharding.Params,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        proxy_decoder: ProxyDecoder | None = None,
+    ) -> Tokenizer:
+        """A tokenizer for ``config`` with the given parameters (checked, then placed on the mesh)."""
+        return cls(_compile(config, mesh), None, proxy_decoder).with_params(params)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        *,
+        use_ema: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
+        proxy_decoder: ProxyDecoder | None = None,
+    ) -> Tokenizer:
+        """The tokenizer in the newest checkpoint of a training workdir or of one stage's directory.
+
+        Uses the EMA weights when the run kept them (and ``use_ema``); the architecture comes from
+        the ``config.json`` the run wrote beside its checkpoints.
+        """
+        stage = checkpoints.final_stage_directory(path)
+        config = checkpoints.read_config(stage)
+        params, _ = checkpoints.load_params(stage, use_ema=use_ema)
+        return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
 
     # ----------------------------------------------------------------------------- properties
 
@@ -145,7 +179,7 @@ class Tokenizer:
 
     def with_params(self, params: sharding.Params) -> Tokenizer:
         """The same tokenizer with other parameters (same names and shapes, else ``ValueError``)."""
-        problems = sharding.mismatches(self._params, params)
+        problems = sharding.mismatches(self._compiled.shapes, params)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise ValueError(f"parameters do not fit this tokenizer: {shown}")
@@ -157,7 +191,9 @@ class Tokenizer:
     def _run(self, fn: Callable[..., jax.Array], array: Any, *args: Any) -> jax.Array:
         placed = jax.device_put(array, sharding.batch_sharding(self.mesh, np.shape(array)))
         with jax.set_mesh(self.mesh), axis_rules(self._compiled.rules):
-            return fn(self._params, placed, *args)
+            result = fn(self._params, placed, *args)
+        # On several hosts the batch is spread over all of them: give every host the whole result.
+        return result if result.is_fully_addressable else multihost_utils.process_allgather(result, tiled=True)
 
     def encode(self, images: Any) -> jax.Array:
         """uint8 images ``[B, image_size, image_size, 3]`` -> int32 token ids ``[B, num_tokens]``."""

@@ -5,6 +5,7 @@ import glob
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -95,15 +96,19 @@ def test_every_config_file_builds():
         ("experts.depth", 0, "config.model.experts.depth: must be a positive integer"),
         ("decoder.head", "rgb", "config.model.decoder.head: must be one of"),
         ("quantizer.codebook_size", -5, "config.model.quantizer.codebook_size: must be a positive integer"),
+        ("quantizer.commitment_weight", -0.5, "config.model.quantizer.commitment_weight: must be a number >= 0"),
+        ("experts.remat", 1, "config.model.experts.remat: must be True or False"),
     ],
 )
 def test_bad_fields_raise_config_errors_that_name_them(field, value, message):
     config = tiny_config()
-    node = config.model
     *parents, leaf = field.split(".")
-    for name in parents:
-        node = node[name]
-    node[leaf] = value
+    parent, name = config, "model"
+    for child in parents:
+        parent, name = parent[name], child
+    # A fresh dict, since ConfigDict refuses values of another type than the default's (a JSON
+    # config read back from a workdir has no such guard).
+    parent[name] = ml_collections.ConfigDict({**parent[name].to_dict(), leaf: value})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build_model(config.model, nnx.Rngs(0))
 

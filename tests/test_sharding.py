@@ -84,3 +84,10 @@ def test_dimensions_the_mesh_does_not_divide_stay_replicated():
 def test_bad_mesh_configs_name_the_field(mesh, message):
     with pytest.raises(ConfigError, match=message):
         sharding.make_mesh(ml_collections.ConfigDict(mesh))
+
+
+def test_rules_naming_an_unknown_mesh_axis_are_a_config_error():
+    config = tiny_config()
+    config.sharding.rules = (("embed", "tensor"),)
+    with pytest.raises(ConfigError, match=r"config.sharding.rules: rule for 'embed' names unknown mesh axes \['tensor'\]"):
+        sharding.rules_of(config)

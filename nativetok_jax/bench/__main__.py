@@ -1,12 +1,12 @@
-"""``python -m nativetok_jax.bench {model} [options]``."""
+"""``python -m nativetok_jax.bench {model,train} [options]``."""
 
 from __future__ import annotations
 
 import sys
 
-from nativetok_jax.bench import model
+from nativetok_jax.bench import model, train
 
-BENCHMARKS = {"model": model.run}
+BENCHMARKS = {"model": model.run, "train": train.run}
 
 
 def main(argv: list[str]) -> None:

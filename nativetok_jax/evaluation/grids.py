@@ -20,9 +20,13 @@ def image_grid(rows: list[np.ndarray], padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(path: str, rows: list[np.ndarray], upscale: int = 1) -> None:
-    """Writes :func:`image_grid` of ``rows`` to ``path`` as PNG, nearest-upscaled by ``upscale``."""
+def save_grid(path: str, rows: list[np.ndarray], upscale: int = 1) -> np.ndarray:
+    """Writes :func:`image_grid` of ``rows`` to ``path`` as PNG, nearest-upscaled by ``upscale``.
+
+    Returns the written image.
+    """
     image = Image.fromarray(image_grid(rows))
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.Resampling.NEAREST)
     image.save(path)
+    return np.asarray(image)

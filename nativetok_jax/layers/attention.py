@@ -11,8 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nativetok_jax.layers.dense import KERNEL_INIT
 from nativetok_jax.layers.partitioning import constrain, param
+
+# LeCun-normal over the right fan-in: the model width for q/k/v, heads x head_dim for the output.
+PROJECTION_INIT = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+OUTPUT_INIT = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 
 
 class Attention(nnx.Module):
@@ -21,13 +24,13 @@ class Attention(nnx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         head_dim = width // num_heads
         in_axes = ("embed", "heads", "head_dim")
-        self.query = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
-        self.key = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
-        self.value = param(rngs, KERNEL_INIT, (width, num_heads, head_dim), in_axes)
+        self.query = param(rngs, PROJECTION_INIT, (width, num_heads, head_dim), in_axes)
+        self.key = param(rngs, PROJECTION_INIT, (width, num_heads, head_dim), in_axes)
+        self.value = param(rngs, PROJECTION_INIT, (width, num_heads, head_dim), in_axes)
         self.query_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
         self.key_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
         self.value_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), in_axes[1:])
-        self.out = param(rngs, KERNEL_INIT, (num_heads, head_dim, width), ("heads", "head_dim", "embed"))
+        self.out = param(rngs, OUTPUT_INIT, (num_heads, head_dim, width), ("heads", "head_dim", "embed"))
         self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
         self.dtype = dtype
 
@@ -55,11 +58,7 @@ class Attention(nnx.Module):
         q = self._project(queries, self.query, self.query_bias)
         k = self._project(x, self.key, self.key_bias)
         v = self._project(x, self.value, self.value_bias)
-        mask = None
-        if key_mask is not None:
-            mask = key_mask.reshape(key_mask.shape[:-1] + (1, 1, key_mask.shape[-1]))
-            if mask.ndim == 3:
-                mask = mask[None]
+        mask = None if key_mask is None else key_mask.reshape(-1, 1, 1, key_mask.shape[-1])  # [B|1, 1, 1, T]
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         y = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
         return y + self.out_bias[...].astype(self.dtype)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from nativetok_jax.layers.partitioning import LogicalAxes, param
 
-KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+KERNEL_INIT = nnx.initializers.lecun_normal()
 
 
 class Dense(nnx.Module):

@@ -66,21 +66,37 @@ class Autoencoder(nnx.Module):
             unroll=model.unroll_scans,
         )
 
-    def encoder_features(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3]`` -> ``[B, L, encoder_width]``."""
+    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+        """``[B, H, W, 3]`` -> ``[B, L, encoder_width]``.
+
+        ``frozen_encoder`` stops gradients at the image encoder's output and ``frozen_experts``
+        runs the first experts forward only, so frozen parts cost no backward pass.
+        """
         raise NotImplementedError
 
-    def encode(self, images: jax.Array) -> Quantized:
-        return self.quantizer(self.token_head(self.encoder_features(images)))
+    def encode(self, images: jax.Array, **freeze) -> Quantized:
+        return self.quantizer(self.token_head(self.encoder_features(images, **freeze)))
 
     def decode_ids(self, ids: jax.Array, num_visible: int | jax.Array | None = None) -> jax.Array:
         """Decoder output for code ids ``[B, L]`` (positions ``>= num_visible`` are hidden)."""
         return self.decoder(self.quantizer.lookup(ids), num_visible)
 
-    def __call__(self, images: jax.Array, num_visible: int | jax.Array | None = None) -> tuple[jax.Array, Quantized]:
-        """Reconstruction (pixels or proxy logits) and the quantiser's output, for training."""
-        quantized = self.encode(images)
-        return self.decoder(quantized.tokens, num_visible), quantized
+    def __call__(
+        self,
+        images: jax.Array,
+        num_visible: int | jax.Array | None = None,
+        *,
+        quantize: bool | jax.Array = True,
+        **freeze,
+    ) -> tuple[jax.Array, Quantized]:
+        """Reconstruction (pixels or proxy logits) and the quantiser's output, for training.
+
+        ``quantize=False`` decodes the continuous (l2-normalised) tokens instead of their codes:
+        a warm-up that lets the autoencoder find its tokens before the codebook is fitted to them.
+        """
+        quantized = self.encode(images, **freeze)
+        tokens = jnp.where(quantize, quantized.tokens, quantized.continuous)
+        return self.decoder(tokens, num_visible), quantized
 
 
 class NativeTok(Autoencoder):
@@ -116,8 +132,17 @@ class NativeTok(Autoencoder):
         )
         self._build_shared(model, x.width, rngs, dtype)
 
-    def encoder_features(self, images: jax.Array) -> jax.Array:
-        return self.experts(self.mit(images))[0]
+    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+        x = self.mit(images)
+        if frozen_encoder:
+            x = jax.lax.stop_gradient(x)
+        if not frozen_experts:
+            return self.experts(x)[0]
+        frozen, slots = self.experts(x, stop=frozen_experts, frozen=True)
+        if frozen_experts == self.num_tokens:
+            return frozen
+        trained, _ = self.experts(x, start=frozen_experts, slots=slots)
+        return jnp.concatenate([frozen, trained], axis=1)
 
 
 class TiTok(Autoencoder):
@@ -141,8 +166,11 @@ class TiTok(Autoencoder):
         )
         self._build_shared(model, e.width, rngs, dtype)
 
-    def encoder_features(self, images: jax.Array) -> jax.Array:
-        return self.encoder(images)
+    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+        if frozen_experts:
+            raise ValueError("the TiTok baseline has no experts to freeze")
+        x = self.encoder(images)
+        return jax.lax.stop_gradient(x) if frozen_encoder else x
 
 
 def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder:

@@ -10,7 +10,7 @@ from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.partitioning import param
 from nativetok_jax.layers.patches import patchify
 
-POSITION_INIT = nnx.initializers.normal(stddev=0.02)
+POSITION_INIT = nnx.initializers.normal(stddev=1.0)
 
 
 class PatchEmbedding(nnx.Module):

@@ -107,6 +107,7 @@ class CausalExperts(nnx.Module):
         start: int = 0,
         stop: int | None = None,
         slots: jax.Array | None = None,
+        frozen: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Runs experts ``start .. stop-1``.
 
@@ -116,6 +117,8 @@ class CausalExperts(nnx.Module):
             written by the experts before it (hierarchical training runs the frozen experts
             first, then the trainable ones).
           slots: ``[B, num_experts, width]`` buffer of earlier tokens.
+          frozen: run forward only: no gradient reaches these experts, their inputs or outputs,
+            so XLA computes no backward pass through them (hierarchical training).
 
         Returns:
           ``(tokens [B, stop - start, width], slots)``.
@@ -143,6 +146,8 @@ class CausalExperts(nnx.Module):
         if self.remat:
             step = jax.checkpoint(step, prevent_cse=False)
         ranged = jax.tree.map(lambda a: a[start:stop], state)
+        if frozen:
+            ranged, x_latent, slots = jax.lax.stop_gradient((ranged, x_latent, slots))
         slots, tokens = jax.lax.scan(step, slots, (ranged, jnp.arange(start, stop)), unroll=self.unroll)
         return constrain(jnp.swapaxes(tokens, 0, 1), ("batch", "length", "embed")), slots
 

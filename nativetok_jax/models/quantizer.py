@@ -25,6 +25,7 @@ class Quantized:
     """What the quantiser returns; every field is an array, so this crosses ``jit`` boundaries."""
 
     tokens: jax.Array  # [..., D] straight-through codes: values of the codes, gradients to the input.
+    continuous: jax.Array  # [..., D] the l2-normalised input, before quantisation.
     ids: jax.Array  # [...] int32 code indices.
     codebook_loss: jax.Array  # scalar: mean ||sg(z) - e||^2.
     commitment_loss: jax.Array  # scalar: mean ||z - sg(e)||^2.
@@ -71,6 +72,7 @@ class Quantizer(nnx.Module):
         perplexity, usage = code_statistics(ids, self.codebook_size)
         return Quantized(
             tokens=z + jax.lax.stop_gradient(codes - z),
+            continuous=z,
             ids=ids,
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,

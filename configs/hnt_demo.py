@@ -1,0 +1,22 @@
+"""Hierarchical Native Training at demo size: 32 -> 64 tokens, then a short full fine-tune.
+
+Stage 1 trains the demo tokenizer with 32 tokens. Stage 2 restores it, adds 32 experts (and
+decoder positions) for tokens 33..64, freezes the MIT, the first 32 experts, the token head and
+the codebook (so the first 32 ids of every image stay exactly those of stage 1), and trains the
+rest. Stage 3 fine-tunes everything. Each stage lives in its own sub-directory of the workdir.
+"""
+
+import os
+
+from nativetok_jax.config import load_config_file
+
+
+def get_config():
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+    config.hnt.stages = (
+        dict(name="stage1_32tokens", num_tokens=32, num_steps=800, frozen=()),
+        dict(name="stage2_64tokens", num_tokens=64, num_steps=400,
+             frozen=("mit", "old_experts", "token_head", "quantizer")),
+        dict(name="stage3_finetune", num_tokens=64, num_steps=200, frozen=()),
+    )
+    return config

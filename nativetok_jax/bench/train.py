@@ -1,0 +1,146 @@
+"""``python -m nativetok_jax.bench train``: throughput of the real train step.
+
+For each config: images per second, step time, model FLOPs per step (XLA's cost analysis of the
+step with every scan unrolled, since XLA counts a loop body once), that rate as a fraction of the
+FLOP/s of a large matrix product timed in the same run ("MFU" against what this device really
+does, not its datasheet), and the peak memory of the compiled executable. Then the step time of a
+Hierarchical Native Training growth stage (old experts, MIT, token head and codebook frozen;
+forward only through the frozen experts) against training all experts at the same token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from nativetok_jax import sharding
+from nativetok_jax.bench.model import write_json
+from nativetok_jax.config import load_config_file
+from nativetok_jax.models import build_model
+from nativetok_jax.training import hnt
+from nativetok_jax.training.optimizer import make_optimizer
+from nativetok_jax.training.state import init_state, state_shardings
+from nativetok_jax.training.step import make_train_step
+
+GROWTH_FROZEN = ("mit", "old_experts", "token_head", "quantizer")
+
+
+def matmul_flops_per_second(dtype: jnp.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a ``size``-square matrix product on the default device."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a = product(a) * (1.0 / size)
+    jax.block_until_ready(a)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: tuple[str, ...], num_old: int):
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_of(config)
+    graphdef, params, param_shardings = sharding.init_sharded(lambda r: build_model(config.model, r), 0, mesh, rules)
+    trainable = hnt.trainable_mask(params, frozen, num_old) if frozen else None
+    optimizer = make_optimizer(config.train, 1000, params, trainable)
+    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=config.train.ema_decay > 0)
+    state = jax.jit(lambda p: init_state(p, optimizer, config.train.ema_decay > 0), out_shardings=shardings)(params)
+    size = config.model.image_size
+    image_sharding = sharding.batch_sharding(mesh, (batch_size, size, size, 3))
+    batch = {
+        "image": jax.device_put(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8),
+                                image_sharding),
+        "label": jnp.zeros((batch_size,), jnp.int32),
+    }
+    step = make_train_step(
+        graphdef, optimizer, config, num_tokens=config.model.num_tokens,
+        frozen_encoder="mit" in frozen, frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens),
+        state_shardings=shardings, batch_sharding=image_sharding,
+    )
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    return compiled, state, batch, mesh
+
+
+def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, frozen: tuple[str, ...] = (),
+            num_old: int = 0, count_flops: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    compiled, state, batch, mesh = _compiled_step(config, batch_size, frozen, num_old)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    peak_bytes = None
+    if memory is not None:
+        peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+                      - memory.alias_size_in_bytes)
+    with jax.set_mesh(mesh):
+        state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = float("nan")
+    if count_flops:
+        counting = ml_collections.ConfigDict(config.to_dict())
+        counting.model.unroll_scans = True
+        analysis = _compiled_step(counting, batch_size, frozen, num_old)[0].cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+    return dict(step_s=step_s, images_per_s=batch_size / step_s, compile_s=compile_s, step_gflops=flops / 1e9,
+                peak_memory_mb=None if peak_bytes is None else peak_bytes / 2**20)
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench train", description=__doc__)
+    parser.add_argument("--configs", default="configs/demo.py,configs/nativetok_base.py",
+                        help="comma-separated config files[:arg]")
+    parser.add_argument("--batch_sizes", default="32,8", help="one global batch size per config")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--growth_config", default="configs/demo.py", help="config for the growth-stage timing")
+    parser.add_argument("--growth_tokens", default="32,64", help="old,new token counts of the growth stage")
+    parser.add_argument("--out", default="bench_results/train.json")
+    args = parser.parse_args(argv)
+
+    dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    peak = matmul_flops_per_second(dtype)
+    report: dict[str, Any] = dict(benchmark="train", device=jax.devices()[0].device_kind,
+                                  num_devices=jax.device_count(), jax_version=jax.__version__,
+                                  matmul_dtype=jnp.dtype(dtype).name, matmul_gflops_per_s=peak / 1e9,
+                                  rows=[], growth={})
+    print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: {jnp.dtype(dtype).name} matmul "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print(f"{'config':>32} {'batch':>6} {'step ms':>9} {'img/s':>8} {'GFLOP/step':>11} {'MFU':>6} {'peak MB':>8}")
+    for spec, batch_size in zip(args.configs.split(","), (int(b) for b in args.batch_sizes.split(","))):
+        row = dict(config=spec, batch_size=batch_size, **measure(load_config_file(spec), batch_size, args.steps))
+        row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
+        report["rows"].append(row)
+        memory = "n/a" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
+        print(f"{spec:>32} {batch_size:>6} {row['step_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} "
+              f"{row['step_gflops']:>11.2f} {row['mfu']:>6.1%} {memory:>8}", flush=True)
+        write_json(args.out, report)
+
+    old, new = (int(t) for t in args.growth_tokens.split(","))
+    config = load_config_file(args.growth_config)
+    config.model.num_tokens = new
+    batch_size = int(args.batch_sizes.split(",")[0])
+    full = measure(config, batch_size, args.steps, count_flops=False)
+    growth = measure(config, batch_size, args.steps, frozen=GROWTH_FROZEN, num_old=old, count_flops=False)
+    report["growth"] = dict(config=args.growth_config, old_tokens=old, new_tokens=new, frozen=list(GROWTH_FROZEN),
+                            all_experts_step_s=full["step_s"], growth_stage_step_s=growth["step_s"],
+                            speedup=full["step_s"] / growth["step_s"])
+    print(f"growth stage {old}->{new} tokens: {growth['step_s'] * 1e3:.1f} ms/step vs "
+          f"{full['step_s'] * 1e3:.1f} ms training all experts ({report['growth']['speedup']:.2f}x faster)")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return report

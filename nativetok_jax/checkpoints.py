@@ -1,0 +1,125 @@
+"""Checkpoints through one orbax ``CheckpointManager`` per training stage.
+
+A checkpoint holds two items: ``state`` (step, parameters, EMA, optimiser state; sharded arrays)
+and ``data`` (the grain iterator's position), so a restarted run continues with the very batch
+it would have seen. Saves are atomic (orbax writes a temporary directory and renames it), keep
+the newest ``keep`` steps, and leftovers of a save killed half-way are cleaned up at start.
+:func:`load_params` reads just the parameters (or their EMA), for the next HNT stage and for
+``Tokenizer.from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+
+
+def _handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict[str, ocp.CheckpointHandler]:
+    return {"state": state_handler or ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
+class Checkpoints:
+    """Save, find and restore the checkpoints of one stage directory."""
+
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
+        """The state saved at ``step`` placed like ``abstract_state``; moves ``data_iterator`` too."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+            ),
+        )
+        return restored["state"]
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def checkpoint_directory(stage_directory: str) -> str:
+    return os.path.join(stage_directory, "checkpoints")
+
+
+def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory!r}: not a training run's directory")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def final_stage_directory(path: str) -> str:
+    """``path`` itself if it holds checkpoints, else its last training stage that does."""
+    if os.path.isdir(checkpoint_directory(path)):
+        return path
+    config = read_config(path)
+    stages = [s["name"] for s in (config.get("hnt", {}) or {}).get("stages", ()) or ()]
+    with_checkpoints = [
+        os.path.join(path, name) for name in stages if os.path.isdir(checkpoint_directory(os.path.join(path, name)))
+    ]
+    if not with_checkpoints:
+        raise FileNotFoundError(f"no checkpoints under {path!r} or its training stages")
+    return with_checkpoints[-1]
+
+
+def load_params(stage_directory: str, use_ema: bool = True, step: int | None = None) -> tuple[dict, int]:
+    """Host copies (numpy) of the parameters in a stage directory's newest checkpoint.
+
+    Returns ``(params, step)``; the EMA weights when the run kept them and ``use_ema``.
+    """
+    directory = checkpoint_directory(stage_directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {stage_directory!r} (expected {directory!r})")
+    with ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
+    ) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
+        metadata = manager.item_metadata(step)["state"]
+        key = "ema" if use_ema and "ema" in metadata and metadata["ema"] else "params"
+        wanted = {key: metadata[key]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+            ),
+        )
+    return restored["state"][key], step

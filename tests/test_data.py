@@ -1,0 +1,144 @@
+"""The input pipeline: sources, crops, skipped files, resumable iterator state, clear errors."""
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from nativetok_jax.config import base_config
+from nativetok_jax.data.images import center_crop
+from nativetok_jax.data.pipeline import SkippedImages, eval_images, random_crop, train_iterator
+from nativetok_jax.data.sources import DataError, FolderSource, open_sources
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    data = base_config().data
+    data.update(num_threads=1, **overrides)
+    return data
+
+
+def write_images(root, names, size=(40, 24)):
+    rng = np.random.default_rng(0)
+    for name in names:
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(path)
+
+
+def test_folder_source_finds_images_recursively_with_class_labels(tmp_path):
+    write_images(tmp_path, ["cats/a.png", "cats/b.jpg", "dogs/c.webp", "dogs/deep/d.png"])
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = FolderSource.scan(str(tmp_path))
+    assert len(source) == 4 and source.class_names == ["cats", "dogs", "dogs/deep"]
+    assert [source[i]["label"] for i in range(4)] == [0, 0, 1, 2]
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    write_images(tmp_path, [f"ok{i}.png" for i in range(3)])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    skipped = SkippedImages()
+    source = FolderSource.scan(str(tmp_path))
+    iterator = train_iterator(data_config(), source, image_size=8, batch_size=4, seed=0, skipped=skipped)
+    batches = [next(iterator) for _ in range(3)]
+    assert all(b["image"].shape == (4, 8, 8, 3) and b["image"].dtype == np.uint8 for b in batches)
+    assert skipped.count >= 1 and "broken.jpg" in skipped.examples[0]
+
+
+def test_iterator_state_round_trips_to_the_same_batches():
+    source, _ = open_sources(data_config(source="photos", crop_min=0.2, crop_max=0.5), 4)
+    iterator = train_iterator(data_config(crop_min=0.2, crop_max=0.5), source, image_size=16, batch_size=3, seed=5)
+    next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator)["image"] for _ in range(3)]
+    fresh = train_iterator(data_config(crop_min=0.2, crop_max=0.5), source, image_size=16, batch_size=3, seed=5)
+    fresh.set_state(state)
+    for batch in expected:
+        np.testing.assert_array_equal(next(fresh)["image"], batch)
+
+
+def test_processes_read_disjoint_parts_of_the_data(tmp_path):
+    write_images(tmp_path, [f"{i}.png" for i in range(6)])
+    source = FolderSource.scan(str(tmp_path))
+
+    def labels_seen(process):
+        it = train_iterator(data_config(flip=False), source, image_size=8, batch_size=3, seed=0,
+                            process_index=process, process_count=2)
+        return {bytes(image) for image in next(it)["image"]}
+
+    assert not labels_seen(0) & labels_seen(1)
+
+
+def test_random_crop_and_centre_crop_sizes():
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    crop = random_crop(image, np.random.default_rng(1), 16, 0.2, 0.5, flip=True)
+    assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
+    assert center_crop(image, 16).shape == (16, 16, 3)
+
+
+def test_held_out_photographs_are_not_training_photographs():
+    train, held_out = open_sources(data_config(source="photos"), 8)
+    assert not {bytes(train[i]["image"][:4]) for i in range(len(train))} & {
+        bytes(held_out[i]["image"][:4]) for i in range(len(held_out))
+    }
+    images = eval_images(data_config(source="photos", crop_min=0.2, crop_max=0.5), held_out, image_size=16,
+                         num_images=8, seed=0)
+    again = eval_images(data_config(source="photos", crop_min=0.2, crop_max=0.5), held_out, image_size=16,
+                        num_images=8, seed=0)
+    assert images.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(images, again)  # a fixed evaluation set
+
+
+def test_folder_without_eval_path_holds_out_images_it_never_trains_on(tmp_path):
+    write_images(tmp_path, [f"{i}.png" for i in range(10)])
+    train, held_out = open_sources(data_config(source="folder", path=str(tmp_path)), 3)
+    assert len(train) == 7 and len(held_out) == 3
+    assert not set(train.paths) & set(held_out.paths)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(source="folder", path="/no/such/folder"), "config.data.path: image folder '/no/such/folder' does not exist"),
+        (dict(source="folder", path="EMPTY"), "config.data.path: no jpg/jpeg/png/webp images under"),
+        (dict(source="tfds", tfds_name=""), "config.data.tfds_name: must name a TFDS dataset"),
+        (dict(source="tfds", tfds_name="no_such_dataset_xyz", tfds_data_dir="TMP"), "config.data.tfds_name: cannot open"),
+    ],
+)
+def test_missing_or_empty_sources_are_one_line_errors(tmp_path, overrides, message):
+    overrides = {k: (str(tmp_path) if v in ("EMPTY", "TMP") else v) for k, v in overrides.items()}
+    with pytest.raises(DataError, match=message) as error:
+        open_sources(data_config(**overrides), 4)
+    assert "\n" not in str(error.value)
+
+
+def test_tfds_dataset_is_read_as_a_random_access_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class NativetokTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
+            )
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(5, 0), "validation": self._generate_examples(2, 1)}
+
+        def _generate_examples(self, count, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(count):
+                yield i, {"image": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "label": i % 3}
+
+    NativetokTinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    data = data_config(source="tfds", tfds_name="nativetok_tiny_images", tfds_data_dir=str(tmp_path))
+    train, held_out = open_sources(data, 2)
+    assert (len(train), len(held_out)) == (5, 2)
+    assert train[1]["image"].shape == (20, 30, 3)
+    assert sorted(train[i]["label"] for i in range(5)) == [0, 0, 1, 1, 2]
+    batch = next(train_iterator(data, train, image_size=8, batch_size=4, seed=0))
+    assert batch["image"].shape == (4, 8, 8, 3)
+    assert eval_images(data, held_out, image_size=8, num_images=2).shape == (2, 8, 8, 3)

@@ -92,6 +92,11 @@ def init_sharded(
     return graphdef, params, shardings
 
 
+def summarize(problems: list[str], limit: int = 8) -> str:
+    """The first ``limit`` problems, then how many more: one line for an error message."""
+    return "; ".join(problems[:limit]) + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
 def mismatches(expected: Params, given: Params) -> list[str]:
     """Human-readable differences in names and shapes between two parameter trees."""
     flat_expected = {k: np.shape(v) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}

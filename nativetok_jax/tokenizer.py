@@ -181,8 +181,7 @@ class Tokenizer:
         """The same tokenizer with other parameters (same names and shapes, else ``ValueError``)."""
         problems = sharding.mismatches(self._compiled.shapes, params)
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ValueError(f"parameters do not fit this tokenizer: {shown}")
+            raise ValueError(f"parameters do not fit this tokenizer: {sharding.summarize(problems)}")
         placed = jax.device_put(jax.tree.map(jnp.asarray, params), self._compiled.shardings)
         return Tokenizer(self._compiled, placed, self._proxy_decoder)
 

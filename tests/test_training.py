@@ -87,7 +87,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_trainer_writes_its_outputs_and_the_tokenizer_loads_them(tmp_path):
     workdir = str(tmp_path / "run")
-    config = train_config(num_steps=6, eval_every=3)
+    config = train_config(num_steps=6, eval_every=3, quantizer_warmup_steps=3)
     summary = train_and_evaluate(config, workdir)
     assert summary["step"] == 6 and np.isfinite(summary["psnr"])
     assert {"baseline_psnr_mean_colour", "psnr_first_1", "psnr_first_8"} <= set(summary)

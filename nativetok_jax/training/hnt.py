@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from nativetok_jax import sharding
+
 PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
 # Parameters whose leading axis is the token count.
 GROWING = (("experts", "stack"), ("decoder", "token_position"), ("encoder", "latent_tokens"))
@@ -88,8 +90,7 @@ def grow_params(previous: Any, fresh: Any) -> Any:
         else:
             problems.append(f"{'/'.join(path)} has shape {tuple(before.shape)}, the model needs {tuple(value.shape)}")
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise RestoreError(f"checkpoint parameters do not fit the model: {shown}")
+        raise RestoreError(f"checkpoint parameters do not fit the model: {sharding.summarize(problems)}")
     return traverse_util.unflatten_dict(merged)
 
 

@@ -168,7 +168,7 @@ def _train_stage(
         if config.model.kind == "nativetok" else 0,
         state_shardings=shardings, batch_sharding=image_sharding,
     )
-    evaluator = Tokenizer.from_params(config, jax.device_get(state["params"]), mesh=mesh)
+    evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh)  # shares the arrays, no host copy
     writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
                                                every_steps=train.log_every)
@@ -221,8 +221,8 @@ def _fit_codebook(state, graphdef, iterator, config, image_sharding, param_shard
     fit = jax.jit(lambda p, x: fit_codebook(graphdef, p, x, key), out_shardings=param_shardings, donate_argnums=0)
     params = fit(state["params"], images)
     ema = state["ema"]
-    if ema:
-        ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": params["quantizer"]["codebook"]}}
+    if ema:  # its own copy: the train step donates every buffer of the state once
+        ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": jax.numpy.copy(params["quantizer"]["codebook"])}}
     logging.info("fitted the codebook to %d encoder outputs at step %d", count * config.train.batch_size *
                  config.model.num_tokens, int(jax.device_get(state["step"])))
     return {**state, "params": params, "ema": ema}

@@ -14,7 +14,7 @@ from nativetok_jax.config import load_config_file
 def get_config():
     config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     config.hnt.stages = (
-        dict(name="stage1_32tokens", num_tokens=32, num_steps=800, frozen=()),
+        dict(name="stage1_32tokens", num_tokens=32, num_steps=800, frozen=(), quantizer_warmup_steps=400),
         dict(name="stage2_64tokens", num_tokens=64, num_steps=400,
              frozen=("mit", "old_experts", "token_head", "quantizer")),
         dict(name="stage3_finetune", num_tokens=64, num_steps=200, frozen=()),

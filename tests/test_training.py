@@ -201,6 +201,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         (["--config.data.source=folder", "--config.data.path=/no/such/images"],
          "error: config.data.path: image folder '/no/such/images' does not exist"),
         (["--config.model.decoder.head=rgb"], "error: config.model.decoder.head: must be one of"),
+        (["--config.train.quantizer_warmup_steps=100"],
+         "error: config.train.quantizer_warmup_steps: 100 leaves none of the 8 steps quantised"),
     ],
 )
 def test_bad_input_stops_main_with_one_line(tmp_path, flags, message):

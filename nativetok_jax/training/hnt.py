@@ -26,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from nativetok_jax import sharding
+from nativetok_jax.config import ConfigError
 
 PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
 # Parameters whose leading axis is the token count.
@@ -40,6 +41,9 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
     """The stages to run: ``config.hnt.stages``, or one stage with the model's own token count."""
     stages = list(config.hnt.stages) if config.hnt.stages else []
     if not stages:
+        if config.train.quantizer_warmup_steps >= config.train.num_steps:
+            raise ConfigError(f"config.train.quantizer_warmup_steps: {config.train.quantizer_warmup_steps} leaves none "
+                             f"of the {config.train.num_steps} steps quantised")
         return [ml_collections.ConfigDict(dict(name="", num_tokens=config.model.num_tokens,
                                                num_steps=config.train.num_steps, frozen=(),
                                                quantizer_warmup_steps=config.train.quantizer_warmup_steps))]
@@ -48,15 +52,18 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
         stage = ml_collections.ConfigDict(dict(stage))
         for field in ("num_tokens", "num_steps"):
             if not isinstance(stage.get(field), int) or stage.get(field) < 1:
-                raise ValueError(f"config.hnt.stages[{i}].{field}: must be a positive integer, got {stage.get(field)!r}")
+                raise ConfigError(f"config.hnt.stages[{i}].{field}: must be a positive integer, got {stage.get(field)!r}")
         frozen = tuple(stage.get("frozen", ()))
         unknown = [f for f in frozen if f not in PARTS]
         if unknown:
-            raise ValueError(f"config.hnt.stages[{i}].frozen: unknown parts {unknown}; known: {PARTS}")
+            raise ConfigError(f"config.hnt.stages[{i}].frozen: unknown parts {unknown}; known: {PARTS}")
         if i and stage.num_tokens < out[-1].num_tokens:
-            raise ValueError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
+            raise ConfigError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
         # Only the first stage warms up the quantiser by default: later ones inherit a fitted codebook.
         warmup = stage.get("quantizer_warmup_steps", config.train.quantizer_warmup_steps if i == 0 else 0)
+        if warmup >= stage.num_steps:
+            raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the stage's "
+                             f"{stage.num_steps} steps quantised")
         out.append(ml_collections.ConfigDict(dict(
             name=stage.get("name", "") or f"stage{i}_{stage.num_tokens}tokens",
             num_tokens=stage.num_tokens, num_steps=stage.num_steps, frozen=frozen,

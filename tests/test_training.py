@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from conftest import tiny_config
 from nativetok_jax import Tokenizer, checkpoints, sharding
@@ -152,7 +152,7 @@ def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path):
     second = flat(checkpoints.load_params(os.path.join(workdir, "stage1_8tokens"), use_ema=False)[0])
     grown_config = train_config()
     grown_config.model.num_tokens = 8
-    init = flat(sharding.params_of(build_model(grown_config.model, __import__("flax").nnx.Rngs(0))))
+    init = flat(sharding.params_of(build_model(grown_config.model, nnx.Rngs(0))))
 
     for key, before in first.items():
         after = second[key]

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from nativetok_jax import sharding
 from nativetok_jax.bench.model import write_json

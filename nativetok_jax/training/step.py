@@ -84,11 +84,11 @@ def make_train_step(
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         step,
-        in_shardings=(state_shardings, {"image": batch_sharding, "label": _label_sharding(batch_sharding)}),
+        in_shardings=(state_shardings, {"image": batch_sharding, "label": label_sharding(batch_sharding)}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
 
 
-def _label_sharding(image_sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+def label_sharding(image_sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(image_sharding.mesh, jax.sharding.PartitionSpec(image_sharding.spec[0]))

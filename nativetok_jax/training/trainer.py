@@ -34,7 +34,7 @@ from nativetok_jax.training import hnt
 from nativetok_jax.training.codebook import batches_needed, fit_codebook
 from nativetok_jax.training.optimizer import make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.step import label_sharding, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -158,7 +158,7 @@ def _train_stage(
 
     image_sharding = sharding.batch_sharding(mesh, (train.batch_size, config.model.image_size,
                                                     config.model.image_size, 3))
-    label_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(image_sharding.spec[0]))
+    labels_sharding = label_sharding(image_sharding)
     frozen_encoder = "mit" in frozen or "encoder" in frozen
     warmup = stage.quantizer_warmup_steps
     train_step = make_train_step(
@@ -182,7 +182,7 @@ def _train_stage(
             batch = next(iterator)
             batch = {
                 "image": jax.make_array_from_process_local_data(image_sharding, batch["image"]),
-                "label": jax.make_array_from_process_local_data(label_sharding, batch["label"]),
+                "label": jax.make_array_from_process_local_data(labels_sharding, batch["label"]),
             }
             with jax.set_mesh(mesh):
                 state, step_metrics = train_step(state, batch)

@@ -22,3 +22,28 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation over NHWC (or [..., C]) activations, computed in float32.
+
+    Statistics are taken over the spatial axes and the channels of each group, as PyTorch's
+    ``nn.GroupNorm`` and ``flax.linen.GroupNorm`` do, so converted weights give the same output.
+    """
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, num_groups: int = 32, epsilon: float = 1e-6):
+        if width % num_groups:
+            raise ValueError(f"GroupNorm: {width} channels do not split into {num_groups} groups")
+        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (width,), ("norm",))
+        self.num_groups = num_groups
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        shape = x.shape
+        x = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = x.mean((1, 3), keepdims=True)
+        var = jnp.square(x - mean).mean((1, 3), keepdims=True)
+        y = ((x - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(dtype)

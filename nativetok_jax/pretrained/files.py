@@ -1,0 +1,183 @@
+"""Weight files: the project's own ``.npz`` format, and readers for the formats it converts from.
+
+The project's format is a plain ``.npz`` whose keys are '/'-joined NNX state paths
+(``features/0/kernel``) and whose ``__meta__`` entry is a JSON header (``kind``, ``source``,
+``format_version``, anything else the converter records). It is read with
+``allow_pickle=False``, so loading a file can never run code. Foreign files are read the same
+way: PyTorch files only through ``torch.load(weights_only=True)``, safetensors and Flax msgpack
+by their own (pickle-free) parsers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+FORMAT_VERSION = 1
+_META_KEY = "__meta__"
+_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be read, or whose contents do not fit the model."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts (or lists) of arrays -> ``{"a/b/0/c": array}``."""
+    flat: dict[str, np.ndarray] = {}
+    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, (Mapping, list, tuple)):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = np.asarray(value)
+    return flat
+
+
+def save_weights(path: str, flat: Mapping[str, np.ndarray], *, kind: str, **meta: Any) -> None:
+    """Writes ``flat`` and a JSON header to ``path`` atomically (a temporary file, then rename)."""
+    header = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
+    arrays = {k: np.asarray(v) for k, v in flat.items()}
+    if _META_KEY in arrays:
+        raise WeightsError(f"'{_META_KEY}' is reserved and cannot be a parameter name")
+    arrays[_META_KEY] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str, *, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a file written by :func:`save_weights`; checks its ``kind`` when one is asked for."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:  # zipfile, ValueError, OSError: all mean "not our format"
+        raise WeightsError(f"{path} is not a nativetok_jax weights file (.npz): {e}") from None
+    if _META_KEY not in arrays:
+        raise WeightsError(f"{path} has no '{_META_KEY}' header: convert it with nativetok_jax.convert")
+    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+    if kind is not None and meta.get("kind") != kind:
+        raise WeightsError(f"{path} holds '{meta.get('kind')}' weights, expected '{kind}'")
+    return arrays, meta
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (``.pth``/``.pt``/``.bin``/``.ckpt``) or a ``.safetensors`` file as numpy.
+
+    PyTorch files are read with ``weights_only=True`` (tensors and plain containers only); a
+    checkpoint that wraps its state dict (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped.
+    """
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(
+            f"reading {path} needs PyTorch (pip install torch, the CPU build is enough), "
+            "or give the weights as .safetensors"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot read {path} as a PyTorch state dict: {first_line}") from None
+    for wrapper in ("state_dict", "model", "params"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items() if hasattr(v, "numpy")}
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Parses a safetensors file (8-byte header size, JSON header, raw little-endian data)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        (header_size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_size])
+    except Exception:
+        raise WeightsError(f"{path} is not a safetensors file") from None
+    body = memoryview(data)[8 + header_size :]
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry["dtype"]
+        if dtype == "BF16":
+            start, stop = entry["data_offsets"]
+            raw = np.frombuffer(body[start:stop], dtype=np.uint16).astype(np.uint32) << 16
+            out[name] = raw.view(np.float32).reshape(entry["shape"])
+            continue
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        start, stop = entry["data_offsets"]
+        array = np.frombuffer(body[start:stop], dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
+        out[name] = array.reshape(entry["shape"]).astype(_SAFETENSORS_DTYPES[dtype])
+    return out
+
+
+def read_flax_msgpack(path: str) -> dict[str, Any]:
+    """A Flax checkpoint file written by ``flax.serialization`` (msgpack; no pickle)."""
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return serialization.msgpack_restore(data)
+    except Exception as e:
+        raise WeightsError(f"{path} is not a Flax msgpack checkpoint: {type(e).__name__}") from None
+
+
+def model_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters and batch statistics as ``{"a/b/c": array}``."""
+    state = nnx.state(model, _WEIGHTS)
+    return {"/".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
+
+
+def load_into(model: nnx.Module, flat: Mapping[str, np.ndarray], *, source: str) -> None:
+    """Copies ``flat`` into ``model``'s parameters; every missing, unexpected or misshaped name
+    is listed in one error line (the first few of each), so a wrong file never loads half-way."""
+    state = nnx.state(model, _WEIGHTS)
+    expected = {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(np.shape(flat[k]))} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(flat)
+        if tuple(np.shape(flat[k])) != tuple(expected[k].shape)
+    )
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if names:
+            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    if problems:
+        raise WeightsError(f"{source} does not fit the model: " + "; ".join(problems))
+    for path, variable in nnx.to_flat_state(state):
+        key = "/".join(map(str, path))
+        variable[...] = np.asarray(flat[key], dtype=variable[...].dtype)
+    nnx.update(model, state)

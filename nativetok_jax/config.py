@@ -15,6 +15,9 @@ import ml_collections
 MODEL_KINDS = ("nativetok", "titok")
 DECODER_HEADS = ("pixel", "proxy_codes")
 DTYPES = ("float32", "bfloat16")
+PROXY_DECODINGS = ("argmax", "soft")
+PROXY_LOSSES = ("codes", "soft_l1", "pixels")
+DISCRIMINATOR_NORMS = ("batch", "group")
 
 # Logical axis -> mesh axes. Batch is split over data and fsdp; parameters are split over fsdp
 # along their width ("embed") and over model along heads and hidden units (Megatron style).
@@ -34,6 +37,7 @@ DEFAULT_RULES = (
     ("norm", None),
     ("codebook", None),
     ("token_dim", None),
+    ("classes", None),
 )
 
 
@@ -50,6 +54,7 @@ def _transformer(width: int, depth: int, num_heads: int, remat: bool = False) ->
 def base_config() -> ml_collections.ConfigDict:
     """NativeTok with 32 tokens at 256 px, the paper's sizes (NATIVETOK.md)."""
     config = ml_collections.ConfigDict()
+    config.task = "tokenizer"  # or "generator" (see generator_config)
 
     config.model = ml_collections.ConfigDict()
     config.model.kind = "nativetok"  # or "titok": the order-free baseline.
@@ -75,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder = _transformer(width=1024, depth=24, num_heads=16)
     config.model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
     config.model.decoder.proxy_codebook_size = 1024
+    # How proxy-code logits become pixels (through the VQGAN's decoder): "argmax" (the most
+    # likely code per cell) or "soft" (softmax-weighted codebook rows; what train.losses.proxy
+    # = "pixels" trains, so use it for models from that stage).
+    config.model.decoder.proxy_decoding = "argmax"
 
     config.data = ml_collections.ConfigDict()
     # "photos": the photographs bundled with scikit-image (no download; held-out photographs for
@@ -116,8 +125,40 @@ def base_config() -> ml_collections.ConfigDict:
     # outputs and quantise (0: quantise from the start). See training/codebook.py.
     config.train.quantizer_warmup_steps = 0
     config.train.losses = ml_collections.ConfigDict(
-        dict(pixel="l2", pixel_weight=1.0, quantizer_weight=1.0)
+        dict(
+            pixel="l2",
+            pixel_weight=1.0,
+            quantizer_weight=1.0,
+            # LPIPS(reconstruction, image); needs pretrained.lpips.
+            perceptual_weight=0.0,
+            # Proxy-code head only (needs pretrained.maskgit_vqgan): "codes" is cross-entropy
+            # against the VQGAN's codes of each image (TiTok stage 1); "soft_l1" is the L1
+            # distance of softmax-weighted code embeddings to the VQGAN's latents (the
+            # prototype's variant); "pixels" decodes soft codes with the frozen VQGAN decoder and
+            # applies the pixel, perceptual and adversarial losses (TiTok stage 2).
+            proxy="codes",
+            proxy_weight=1.0,
+            # Hinge GAN with a patch discriminator (config.discriminator); 0 trains none.
+            adversarial_weight=0.0,
+            adversarial_start_step=0,
+            # VQGAN's balance: scale the generator term by |grad rec| / |grad gan| at the last
+            # pixel-producing layer, clipped to max_adaptive_weight.
+            adaptive_adversarial_weight=True,
+            max_adaptive_weight=1e4,
+            # LeCam regulariser of the discriminator (0 turns it off) and its running means' decay.
+            lecam_weight=0.0,
+            lecam_decay=0.999,
+        )
     )
+    # The patch discriminator and its own optimiser (used when losses.adversarial_weight > 0).
+    config.discriminator = ml_collections.ConfigDict(
+        dict(width=64, depth=3, norm="batch", learning_rate=1e-4, final_learning_rate_ratio=1.0,
+             warmup_steps=0, beta1=0.9, beta2=0.99, weight_decay=1e-4, grad_clip_norm=1.0)
+    )
+    # Pretrained networks, as files converted by `python -m nativetok_jax.convert` (nothing is
+    # ever downloaded): LPIPS for the perceptual loss and metric, the MaskGIT VQGAN for the
+    # proxy-code head, the FID Inception for rFID and IS.
+    config.pretrained = ml_collections.ConfigDict(dict(lpips="", maskgit_vqgan="", inception=""))
     config.train.log_every = 100
     config.train.eval_every = 5_000
     config.train.checkpoint_every = 5_000
@@ -135,6 +176,73 @@ def base_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = DEFAULT_RULES
     return config
+
+
+GENERATOR_KINDS = ("ar", "maskgit")
+
+
+def generator_config() -> ml_collections.ConfigDict:
+    """A second-stage generator trained on a tokenizer's ids: LlamaGen-B (AR) by default.
+
+    ``data`` and ``mesh`` mean what they mean for the tokenizer; ``train`` holds the optimiser
+    and schedule (LlamaGen's AdamW settings); ``generator.tokenizer`` names the tokenizer's
+    workdir, whose checkpoint encodes the data once into a token store.
+    """
+    config = base_config()
+    config.task = "generator"
+    g = config.generator = ml_collections.ConfigDict()
+    g.kind = "ar"  # "ar": LlamaGen-class GPT; "maskgit": bidirectional masked-token transformer
+    g.tokenizer = ""  # a tokenizer workdir (or one stage's directory)
+    g.use_ema = True  # the tokenizer's EMA weights, when it kept them
+    g.width, g.depth, g.num_heads = 768, 12, 12  # LlamaGen-B
+    g.mlp_ratio = 4.0  # maskgit's MLP; the GPT's SwiGLU uses LlamaGen's 2/3 of it, rounded to 256
+    g.remat = False
+    g.num_classes = 0  # 0: as many as the data has (max label + 1)
+    g.label_drop_probability = 0.1  # classifier-free guidance: labels dropped to the null class
+    g.tokens_dir = ""  # "": <workdir>/tokens
+    g.num_train_examples = 0  # 0: one example per training image (centre crops)
+    g.num_eval_examples = 0  # 0: every evaluation image (data.num_eval_images for photos)
+    g.extract_batch_size = 64
+    g.sample = ml_collections.ConfigDict(dict(
+        num_samples=16, seed=0, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0,
+        num_steps=8, choice_temperature=4.5))  # num_steps, choice_temperature: maskgit only
+    t = config.train
+    t.learning_rate, t.beta1, t.beta2, t.weight_decay = 1e-4, 0.9, 0.95, 0.05
+    t.warmup_steps, t.final_learning_rate_ratio, t.ema_decay = 1000, 0.1, 0.0
+    t.num_steps, t.batch_size = 300_000, 256
+    t.eval_every, t.checkpoint_every = 5_000, 5_000
+    return config
+
+
+def validate_generator(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first generator, data or training field that cannot work."""
+    g, train = config.generator, config.train
+    _require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
+    _require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
+    _require(os.path.isdir(g.tokenizer), "generator.tokenizer", f"no such directory: {g.tokenizer}")
+    _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
+                                                        mlp_ratio=g.mlp_ratio, remat=g.remat)), "generator")
+    for name in ("num_classes", "num_train_examples", "num_eval_examples"):
+        _require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
+                 f"must be an integer >= 0, got {g.get(name)!r}")
+    _positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
+    p = g.label_drop_probability
+    _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    s = g.sample
+    for name in ("num_samples", "num_steps"):
+        _positive_int(s.get(name), f"generator.sample.{name}")
+    _require(s.temperature > 0, "generator.sample.temperature", f"must be > 0, got {s.temperature!r}")
+    _require(isinstance(s.top_k, int) and s.top_k >= 0, "generator.sample.top_k", f"must be an integer >= 0, got {s.top_k!r}")
+    _require(0 < s.top_p <= 1, "generator.sample.top_p", f"must lie in (0, 1], got {s.top_p!r}")
+    _number(s.get("guidance_scale"), "generator.sample.guidance_scale")
+    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(train.get(name), f"train.{name}")
+    _number(train.get("learning_rate"), "train.learning_rate")
+    _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+
+
+def data_source_ok(data: ml_collections.ConfigDict) -> bool:
+    return data.get("source") in ("photos", "folder", "tfds")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -193,6 +301,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _require(model.decoder.get("head") in DECODER_HEADS, "model.decoder.head",
              f"must be one of {DECODER_HEADS}, got {model.decoder.get('head')!r}")
     _positive_int(model.decoder.get("proxy_codebook_size"), "model.decoder.proxy_codebook_size")
+    _require(model.decoder.get("proxy_decoding") in PROXY_DECODINGS, "model.decoder.proxy_decoding",
+             f"must be one of {PROXY_DECODINGS}, got {model.decoder.get('proxy_decoding')!r}")
 
 
 def validate_training(config: ml_collections.ConfigDict) -> None:
@@ -214,11 +324,55 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
                  f"train.{name}", f"must lie in [0, 1), got {value!r}")
     _require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
+    _validate_objective(config)
     _require(data.get("source") in ("photos", "folder", "tfds"), "data.source",
              f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
     _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
     _positive_int(data.get("num_eval_images"), "data.num_eval_images")
+
+
+def _number(value, field: str, low: float = 0.0) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low, field,
+             f"must be a number >= {low:g}, got {value!r}")
+
+
+def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    """The loss weights, the discriminator, and the pretrained files the objective needs."""
+    losses, head = config.train.losses, config.model.decoder.head
+    for name in ("pixel_weight", "quantizer_weight", "perceptual_weight", "proxy_weight",
+                 "adversarial_weight", "lecam_weight", "max_adaptive_weight"):
+        _number(losses.get(name), f"train.losses.{name}")
+    _require(isinstance(losses.get("adversarial_start_step"), int) and losses.adversarial_start_step >= 0,
+             "train.losses.adversarial_start_step", f"must be an integer >= 0, got {losses.get('adversarial_start_step')!r}")
+    _boolean(losses.get("adaptive_adversarial_weight"), "train.losses.adaptive_adversarial_weight")
+    decay = losses.get("lecam_decay")
+    _require(isinstance(decay, (int, float)) and 0 <= decay < 1, "train.losses.lecam_decay",
+             f"must lie in [0, 1), got {decay!r}")
+    _require(losses.get("proxy") in PROXY_LOSSES, "train.losses.proxy",
+             f"must be one of {PROXY_LOSSES}, got {losses.get('proxy')!r}")
+    makes_pixels = head == "pixel" or losses.proxy == "pixels"
+    for name in ("perceptual_weight", "adversarial_weight"):
+        _require(makes_pixels or losses[name] == 0, f"train.losses.{name}",
+                 f"needs pixels, but the proxy-code head trained with proxy={losses.proxy!r} makes none "
+                 "(use proxy='pixels' or model.decoder.head='pixel')")
+    if losses.adversarial_weight > 0:
+        d = config.discriminator
+        _positive_int(d.get("width"), "discriminator.width")
+        _positive_int(d.get("depth"), "discriminator.depth")
+        _require(d.get("norm") in DISCRIMINATOR_NORMS, "discriminator.norm",
+                 f"must be one of {DISCRIMINATOR_NORMS}, got {d.get('norm')!r}")
+        for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
+            _number(d.get(name), f"discriminator.{name}")
+        _require(config.model.image_size >= 2 ** (d.depth + 1), "discriminator.depth",
+                 f"{d.depth} stride-2 layers leave no patch of a {config.model.image_size} px image")
+    needed = {"lpips": losses.perceptual_weight > 0, "maskgit_vqgan": head == "proxy_codes"}
+    for name, needs in needed.items():
+        path = config.pretrained.get(name, "")
+        if needs:
+            _require(bool(path), f"pretrained.{name}", "is needed by this objective: convert the public weights "
+                     "with `python -m nativetok_jax.convert` and name the file here")
+            _require(os.path.isfile(path), f"pretrained.{name}", f"file not found: {path}")
 
 
 def _process_count() -> int:

@@ -1,4 +1,5 @@
-"""``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train a tokenizer.
+"""``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train a tokenizer, or
+a generator on a trained tokenizer's ids (configs whose ``task`` is ``"generator"``).
 
 Writes into DIR the resolved config, orbax checkpoints, TensorBoard events, a progress line with
 step rate and ETA, PNG grids of held-out inputs and their reconstructions (from all tokens and
@@ -48,6 +49,9 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
+    from nativetok_jax.data.token_store import TokenStoreError
+    from nativetok_jax.pretrained.files import WeightsError
+    from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.hnt import RestoreError
     from nativetok_jax.training.trainer import NonFiniteLossError, Preempted, train_and_evaluate
 
@@ -58,13 +62,23 @@ def main(argv: list[str]) -> None:
         lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
     )
     start = time.time()
+    generator = FLAGS.config.get("task", "tokenizer") == "generator"
     try:
-        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, RestoreError, NonFiniteLossError) as error:
+        if generator:
+            summary = train_generator(FLAGS.config, FLAGS.workdir)
+        else:
+            summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, DataError, RestoreError, NonFiniteLossError, WeightsError, TokenStoreError) as error:
+        sys.exit(f"error: {error}")
+    except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
         sys.exit(f"error: {error}")
     except Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(f"stopped: {stop}; run the same command to resume")
+    if generator:
+        print(f"done in {time.time() - start:.0f} s: held-out NLL {summary['nll_per_token']:.4f} nats/token "
+              f"after {summary['step']} steps; samples in {FLAGS.workdir}/images")
+        return
     baselines = ", ".join(f"{k[len('baseline_psnr_'):]} {v:.2f} dB" for k, v in summary.items()
                           if k.startswith("baseline_psnr_"))
     print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB with "

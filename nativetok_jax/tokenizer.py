@@ -26,9 +26,11 @@ from nativetok_jax import checkpoints, sharding
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
+from nativetok_jax.pretrained.proxy import load_proxy_decoder
 
-# Maps proxy-code ids [B, h, w] to images [B, H, W, 3] in [-1, 1] (a VQGAN decoder).
-ProxyDecoder = Callable[[jax.Array], jax.Array]
+# Maps proxy-code logits [B, h, w, K] to images [B, H, W, 3] in [-1, 1]: an NNX module such as
+# models.proxy.ProxyPixelDecoder (a VQGAN decoder), whose arrays are passed to the jitted decode.
+ProxyDecoder = nnx.Module
 
 
 def preview_lengths(num_tokens: int) -> list[int]:
@@ -66,13 +68,13 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
         model: Autoencoder = nnx.merge(graphdef, params)
         return model.encode(images_to_model(images)).ids
 
-    def decode(params: sharding.Params, ids: jax.Array, proxy_decoder: ProxyDecoder | None) -> jax.Array:
+    def decode(params: sharding.Params, ids: jax.Array, proxy_graphdef: nnx.GraphDef | None, proxy_state: Any) -> jax.Array:
         model: Autoencoder = nnx.merge(graphdef, params)
         num_visible = ids.shape[1]
         padded = jnp.pad(ids, ((0, 0), (0, model.num_tokens - num_visible)))
         out = model.decode_ids(padded, num_visible)
         if model_config.decoder.head == "proxy_codes":
-            out = proxy_decoder(jnp.argmax(out, axis=-1))
+            out = nnx.merge(proxy_graphdef, proxy_state)(out)
         return model_to_images(out)
 
     return _Compiled(
@@ -94,6 +96,11 @@ class Tokenizer:
         self._compiled = compiled
         self._params = params
         self._proxy_decoder = proxy_decoder
+        self._proxy = (None, None)
+        if proxy_decoder is not None:
+            proxy_graphdef, proxy_state = nnx.split(proxy_decoder)
+            replicated = jax.sharding.NamedSharding(compiled.mesh, jax.sharding.PartitionSpec())
+            self._proxy = (proxy_graphdef, jax.device_put(proxy_state, replicated))
 
     @classmethod
     def from_config(
@@ -106,7 +113,7 @@ class Tokenizer:
     ) -> Tokenizer:
         """A freshly initialised tokenizer for ``config`` (``config.model``, ``config.mesh``).
 
-        ``proxy_decoder`` turns proxy-code ids into pixels; only the ``proxy_codes`` head needs it.
+        ``proxy_decoder`` turns proxy-code logits into pixels; only the ``proxy_codes`` head needs it.
         """
         compiled = _compile(config, mesh)
         _, params, _ = sharding.init_sharded(
@@ -138,11 +145,14 @@ class Tokenizer:
         """The tokenizer in the newest checkpoint of a training workdir or of one stage's directory.
 
         Uses the EMA weights when the run kept them (and ``use_ema``); the architecture comes from
-        the ``config.json`` the run wrote beside its checkpoints.
+        the ``config.json`` the run wrote beside its checkpoints. A proxy-code model loads its
+        VQGAN from the file the run's ``config.pretrained.maskgit_vqgan`` names, unless one is given.
         """
         stage = checkpoints.final_stage_directory(path)
         config = checkpoints.read_config(stage)
         params, _ = checkpoints.load_params(stage, use_ema=use_ema)
+        if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
+            proxy_decoder = load_proxy_decoder(config)
         return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
 
     # ----------------------------------------------------------------------------- properties
@@ -218,7 +228,7 @@ class Tokenizer:
             raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
         if self.config.model.decoder.head == "proxy_codes" and self._proxy_decoder is None:
             raise ValueError("model.decoder.head='proxy_codes' needs a VQGAN decoder: pass proxy_decoder=")
-        return self._run(self._compiled.decode, jnp.asarray(ids, jnp.int32), self._proxy_decoder)
+        return self._run(self._compiled.decode, jnp.asarray(ids, jnp.int32), *self._proxy)
 
     def reconstruct(self, images: Any, num_tokens: int | None = None) -> jax.Array:
         """``decode(encode(images)[:, :num_tokens])``: the round trip, optionally from a prefix."""

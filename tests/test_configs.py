@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.config import ConfigError, load_config_file
+from nativetok_jax.config import ConfigError, load_config_file, validate_training
 from nativetok_jax.models import build_model
+from nativetok_jax.training import hnt
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -116,3 +117,33 @@ def test_bad_fields_raise_config_errors_that_name_them(field, value, message):
 def test_missing_config_file_is_a_config_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file("configs/no_such_config.py")
+
+
+@pytest.mark.parametrize("spec", ["recipe.py:nativetok,32", "recipe.py:titok,64", "demo_gan.py", "demo_gan.py:titok"])
+def test_recipe_configs_validate_every_stage_once_weights_are_named(spec, tmp_path):
+    config = load_config_file(os.path.join(CONFIG_DIR, spec))
+    stages = hnt.stage_list(config)
+    first = hnt.stage_config(config, stages[0])
+    with pytest.raises(ConfigError, match=r"config.pretrained.(lpips|maskgit_vqgan): is needed"):
+        validate_training(first)
+    for name in ("lpips", "maskgit_vqgan"):
+        (tmp_path / name).write_bytes(b"")
+        config.pretrained[name] = str(tmp_path / name)
+    for stage in stages:
+        validate_training(hnt.stage_config(config, stage))
+    if spec.startswith("recipe"):
+        assert [s.name for s in stages] == ["proxy_codes", "decoder_finetune"]
+        finetune = hnt.stage_config(config, stages[1])
+        assert (first.train.losses.proxy, finetune.train.losses.proxy) == ("codes", "pixels")
+        assert finetune.model.decoder.proxy_decoding == "soft" and finetune.train.losses.adversarial_weight > 0
+        assert "decoder" not in stages[1].frozen and "quantizer" in stages[1].frozen
+        assert count_params(finetune.model) == expected_count(finetune.model)
+    else:
+        assert first.train.losses.perceptual_weight > 0 and first.train.losses.adversarial_weight > 0
+
+
+def test_stage_overrides_must_name_config_fields():
+    config = tiny_config()
+    config.hnt.stages = (dict(num_tokens=8, num_steps=2, overrides=(("train.losses.no_such_loss", 1.0),)),)
+    with pytest.raises(ConfigError, match=r"config.hnt.stages\[0\].overrides: 'train.losses.no_such_loss' is not"):
+        hnt.stage_list(config)

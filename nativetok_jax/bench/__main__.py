@@ -1,12 +1,12 @@
-"""``python -m nativetok_jax.bench {model,train} [options]``."""
+"""``python -m nativetok_jax.bench {model,train,generate} [options]``."""
 
 from __future__ import annotations
 
 import sys
 
-from nativetok_jax.bench import model, train
+from nativetok_jax.bench import generate, model, train
 
-BENCHMARKS = {"model": model.run, "train": train.run}
+BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run}
 
 
 def main(argv: list[str]) -> None:

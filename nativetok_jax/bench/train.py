@@ -6,6 +6,8 @@ FLOP/s of a large matrix product timed in the same run ("MFU" against what this 
 does, not its datasheet), and the peak memory of the compiled executable. Then the step time of a
 Hierarchical Native Training growth stage (old experts, MIT, token head and codebook frozen;
 forward only through the frozen experts) against training all experts at the same token count.
+The step is the config's whole objective: with LPIPS, the proxy-code VQGAN (both with random
+weights: speed does not depend on their values) and the discriminator when the config uses them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from nativetok_jax.bench.model import write_json
 from nativetok_jax.config import load_config_file
 from nativetok_jax.models import build_model
 from nativetok_jax.training import hnt
+from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
+from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.optimizer import make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.step import make_train_step
@@ -45,6 +49,7 @@ def matmul_flops_per_second(dtype: jnp.dtype, size: int = 2048, repeats: int = 5
 
 
 def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: tuple[str, ...], num_old: int):
+    """The config's whole train step: LPIPS, VQGAN (random weights) and discriminator included."""
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
     graphdef, params, param_shardings = sharding.init_sharded(lambda r: build_model(config.model, r), 0, mesh, rules)
@@ -52,6 +57,9 @@ def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: t
     optimizer = make_optimizer(config.train, 1000, params, trainable)
     shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=config.train.ema_decay > 0)
     state = jax.jit(lambda p: init_state(p, optimizer, config.train.ema_decay > 0), out_shardings=shardings)(params)
+    discriminator = None
+    if uses_discriminator(config):
+        discriminator, state["discriminator"], shardings["discriminator"] = build_discriminator(config, 1000, mesh, rules)
     size = config.model.image_size
     image_sharding = sharding.batch_sharding(mesh, (batch_size, size, size, 3))
     batch = {
@@ -63,6 +71,7 @@ def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: t
         graphdef, optimizer, config, num_tokens=config.model.num_tokens,
         frozen_encoder="mit" in frozen, frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens),
         state_shardings=shardings, batch_sharding=image_sharding,
+        networks=load_networks(config, random_weights=True), discriminator=discriminator,
     )
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()

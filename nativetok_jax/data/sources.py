@@ -27,6 +27,8 @@ class DataError(ValueError):
 class PhotoSource:
     """The photographs bundled with scikit-image, decoded once and kept in memory."""
 
+    num_classes = 1  # the photographs carry no labels
+
     def __init__(self, split: str):
         self._photos = load_photos(split)
 
@@ -42,6 +44,7 @@ class FolderSource:
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str]):
         self.paths, self.labels, self.class_names = list(paths), list(labels), list(class_names)
+        self.num_classes = max(1, len(self.class_names))
 
     @classmethod
     def scan(cls, root: str, field: str = "data.path") -> FolderSource:
@@ -87,6 +90,8 @@ class TfdsSource:
             ) from None
         if len(self._source) == 0:
             raise DataError(f"config.data.tfds_name: {name!r} split {split!r} is empty")
+        label = getattr(getattr(self._source, "dataset_info", None), "features", {}).get("label")
+        self.num_classes = int(getattr(label, "num_classes", 1) or 1)
 
     def __len__(self) -> int:
         return len(self._source)

@@ -1,4 +1,4 @@
-"""Layer normalisation, computed in float32 whatever the activation dtype."""
+"""Layer, group and RMS normalisation, computed in float32 whatever the activation dtype."""
 
 from __future__ import annotations
 
@@ -47,3 +47,17 @@ class GroupNorm(nnx.Module):
         var = jnp.square(x - mean).mean((1, 3), keepdims=True)
         y = ((x - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
         return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square normalisation (no centring, no bias), computed in float32."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5):
+        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.epsilon)
+        return (y * self.scale[...]).astype(dtype)

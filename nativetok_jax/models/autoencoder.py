@@ -94,9 +94,21 @@ class Autoencoder(nnx.Module):
         ``quantize=False`` decodes the continuous (l2-normalised) tokens instead of their codes:
         a warm-up that lets the autoencoder find its tokens before the codebook is fitted to them.
         """
+        features, quantized = self.features(images, num_visible, quantize=quantize, **freeze)
+        return self.decoder.readout(features), quantized
+
+    def features(
+        self,
+        images: jax.Array,
+        num_visible: int | jax.Array | None = None,
+        *,
+        quantize: bool | jax.Array = True,
+        **freeze,
+    ) -> tuple[jax.Array, Quantized]:
+        """Like ``__call__`` but stops before the decoder's head (see ``TokenDecoder.readout``)."""
         quantized = self.encode(images, **freeze)
         tokens = jnp.where(quantize, quantized.tokens, quantized.continuous)
-        return self.decoder(tokens, num_visible), quantized
+        return self.decoder.features(tokens, num_visible), quantized
 
 
 class NativeTok(Autoencoder):

@@ -73,6 +73,10 @@ class TokenDecoder(nnx.Module):
           pixel head: ``[B, H, W, 3]`` in [-1, 1] (unclipped); proxy head: logits
           ``[B, H/p, W/p, proxy_codebook_size]``.
         """
+        return self.readout(self.features(tokens, num_visible))
+
+    def features(self, tokens: jax.Array, num_visible: int | jax.Array | None = None) -> jax.Array:
+        """The normalised patch rows ``[B, (H/p)^2, width]`` that the head reads out."""
         batch, num_tokens = tokens.shape[:2]
         x = self.token_embedding(tokens)
         if num_visible is not None:
@@ -85,7 +89,14 @@ class TokenDecoder(nnx.Module):
         grid = jnp.broadcast_to((grid + self.grid_position[...]).astype(x.dtype), (batch,) + grid.shape)
         x = constrain(jnp.concatenate([grid, x], axis=1), ("batch", "length", "embed"))
         x = self.output_norm(self.blocks(self.input_norm(x)))
-        out = self.head(x[:, 1 : 1 + self.grid**2]).astype(jnp.float32)
+        return x[:, 1 : 1 + self.grid**2]
+
+    def readout(self, features: jax.Array, head_kernel: jax.Array | None = None) -> jax.Array:
+        """The head on :meth:`features`; ``head_kernel`` replaces the head's weight (the adaptive
+        GAN weight differentiates the losses with respect to it)."""
+        kernel = self.head.kernel[...] if head_kernel is None else head_kernel
+        out = features.astype(self.dtype) @ kernel.astype(self.dtype) + self.head.bias[...].astype(self.dtype)
+        out = out.astype(jnp.float32)
         if self.head_kind == "pixel":
             return unpatchify(out, self.patch_size, self.grid)
-        return out.reshape(batch, self.grid, self.grid, -1)
+        return out.reshape(features.shape[0], self.grid, self.grid, -1)

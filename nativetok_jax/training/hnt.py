@@ -46,7 +46,8 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
                              f"of the {config.train.num_steps} steps quantised")
         return [ml_collections.ConfigDict(dict(name="", num_tokens=config.model.num_tokens,
                                                num_steps=config.train.num_steps, frozen=(),
-                                               quantizer_warmup_steps=config.train.quantizer_warmup_steps))]
+                                               quantizer_warmup_steps=config.train.quantizer_warmup_steps,
+                                               overrides=()))]
     out = []
     for i, stage in enumerate(stages):
         stage = ml_collections.ConfigDict(dict(stage))
@@ -64,11 +65,41 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
         if warmup >= stage.num_steps:
             raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the stage's "
                              f"{stage.num_steps} steps quantised")
+        overrides = tuple((str(key), value) for key, value in (stage.get("overrides") or ()))
+        for key, _ in overrides:
+            if not _has_field(config, key) or key.split(".")[0] == "hnt":
+                raise ConfigError(f"config.hnt.stages[{i}].overrides: {key!r} is not a config field")
         out.append(ml_collections.ConfigDict(dict(
             name=stage.get("name", "") or f"stage{i}_{stage.num_tokens}tokens",
             num_tokens=stage.num_tokens, num_steps=stage.num_steps, frozen=frozen,
-            quantizer_warmup_steps=warmup)))
+            quantizer_warmup_steps=warmup, overrides=overrides)))
     return out
+
+
+def _has_field(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    node = config
+    for name in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            return False
+        node = node[name]
+    return True
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config one stage trains with: the run's, with the stage's token count, step count and
+    ``overrides``: ``(dotted field name, value)`` pairs, e.g. ``("train.losses.proxy", "pixels")``
+    (the TiTok recipe's decoder fine-tune is a stage that switches the objective)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_tokens = stage.num_tokens
+    config.train.num_steps = stage.num_steps
+    config.hnt.stages = ()
+    for dotted, value in stage.get("overrides") or ():
+        *parents, name = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
 
 
 def _is_growing(path: tuple[str, ...]) -> bool:

@@ -31,7 +31,9 @@ from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt
+from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.codebook import batches_needed, fit_codebook
+from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.optimizer import make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.step import label_sharding, make_train_step
@@ -81,6 +83,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.data, eval_source, image_size=config.model.image_size,
         num_images=config.data.num_eval_images, seed=config.train.seed, skipped=skipped,
     )
+    for stage in stages:  # every stage's config, before anything is built
+        validate_training(hnt.stage_config(config, stage))
     resolved = ml_collections.ConfigDict(config.to_dict())
     if multi_stage:
         resolved.hnt.stages = tuple(s.to_dict() for s in stages)
@@ -114,10 +118,8 @@ def _train_stage(
     skipped: SkippedImages,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.num_tokens = stage.num_tokens
-    config.train.num_steps = stage.num_steps
-    config.hnt.stages = ()
+    config = hnt.stage_config(config, stage)
+    networks = load_networks(config)
     train = config.train
     if is_main:
         checkpoints.write_config(stage_dir, config)
@@ -144,6 +146,10 @@ def _train_stage(
     shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema)
     state = jax.jit(lambda p: init_state(p, optimizer, keep_ema), out_shardings=shardings)(params)
     del params
+    discriminator = None
+    if uses_discriminator(config):  # trained beside the tokenizer, in the same state and checkpoints
+        discriminator, state["discriminator"], shardings["discriminator"] = build_discriminator(
+            config, stage.num_steps, mesh, rules)
 
     # Data: this process's share of every global batch.
     local_batch = train.batch_size // jax.process_count()
@@ -166,9 +172,11 @@ def _train_stage(
         frozen_encoder=frozen_encoder,
         frozen_experts=hnt.frozen_expert_count(frozen, num_old_tokens, stage.num_tokens)
         if config.model.kind == "nativetok" else 0,
-        state_shardings=shardings, batch_sharding=image_sharding,
+        state_shardings=shardings, batch_sharding=image_sharding, networks=networks, discriminator=discriminator,
     )
-    evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh)  # shares the arrays, no host copy
+    proxy_decoder = networks.module(networks.arrays, "proxy") if "proxy" in networks else None
+    # Shares the arrays, no host copy.
+    evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
     writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
                                                every_steps=train.log_every)

@@ -1,0 +1,31 @@
+"""The demo tokenizer trained with the full pixel objective: L2 + LPIPS + the patch GAN.
+
+    python -m nativetok_jax.main --config configs/demo_gan.py --workdir /tmp/demo_gan \
+        --config.pretrained.lpips=weights/lpips.npz
+    --config configs/demo_gan.py:titok      # the order-free baseline, same sizes and recipe
+
+The LPIPS weights file is converted once from the public files (README, "Pretrained weights").
+Like VQGAN, the GAN starts once the reconstructions are reasonable: here when the quantiser
+starts (half-way), with VQGAN's adaptive weight and a small LeCam term; the discriminator is
+scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).
+"""
+
+import os
+
+from nativetok_jax.config import load_config_file
+
+
+def get_config(kind: str = "nativetok"):
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+    config.model.kind = kind
+    if kind == "titok":  # the same latent width as the demo's experts
+        config.model.encoder.update(width=128, depth=3, num_heads=4)
+    config.train.losses.update(
+        perceptual_weight=0.1,
+        adversarial_weight=0.1,
+        adversarial_start_step=config.train.quantizer_warmup_steps,
+        adaptive_adversarial_weight=True,
+        lecam_weight=0.001,
+    )
+    config.discriminator.update(width=32, depth=2, norm="group", learning_rate=1e-4)
+    return config

@@ -1,0 +1,62 @@
+"""The paper's training recipe at 256 px (TiTok's two stages, which NativeTok follows).
+
+    --config configs/recipe.py:nativetok,32 \
+    --config.pretrained.maskgit_vqgan=weights/maskgit_vqgan.npz \
+    --config.pretrained.lpips=weights/lpips.npz \
+    --config.data.source=tfds --config.data.tfds_name=imagenet2012 --config.data.tfds_data_dir=...
+
+The argument is ``KIND,TOKENS`` (``nativetok`` or ``titok``; 32, 64 or 128 tokens).
+
+Stage 1, ``proxy_codes``: the decoder's proxy-code head learns, per 16x16 cell, the MaskGIT
+VQGAN's code of each image (cross-entropy), with the quantiser's losses. Stage 2,
+``decoder_finetune``: the encoder, experts, token head and codebook are frozen; the decoder's
+soft codes go through the frozen VQGAN decoder to pixels, trained with L2 + LPIPS + the patch GAN
+(adaptive weight, LeCam), the GAN switched on after a warm-up. The weight files come from
+``python -m nativetok_jax.convert`` (see the README). Step counts are config fields: the paper
+does not state them (NATIVETOK.md); TiTok's optimiser settings are the defaults.
+"""
+
+from nativetok_jax.config import base_config
+
+MODEL_SIZES = {
+    "nativetok": {},  # the base config: MIT 1024 x 18, experts 256 x 2, TiTok-L decoder
+    "titok": {"encoder": dict(width=1024, depth=24, num_heads=16)},  # TiTok-L
+}
+FROZEN_IN_FINETUNE = {
+    "nativetok": ("mit", "experts", "token_head", "quantizer"),
+    "titok": ("encoder", "token_head", "quantizer"),
+}
+
+
+def get_config(arg: str = "nativetok,32"):
+    kind, _, tokens = arg.partition(",")
+    config = base_config()
+    config.model.kind = kind
+    config.model.num_tokens = int(tokens or 32)
+    for part, sizes in MODEL_SIZES.get(kind, {}).items():
+        config.model[part].update(sizes)
+    config.model.decoder.head = "proxy_codes"
+    config.model.decoder.proxy_codebook_size = 1024
+    config.train.losses.update(proxy="codes", proxy_weight=1.0)
+    config.discriminator.update(width=64, depth=3, norm="batch", learning_rate=1e-4)
+    config.hnt.stages = (
+        dict(name="proxy_codes", num_tokens=config.model.num_tokens, num_steps=1_000_000),
+        dict(
+            name="decoder_finetune",
+            num_tokens=config.model.num_tokens,
+            num_steps=500_000,
+            frozen=FROZEN_IN_FINETUNE.get(kind, ()),
+            overrides=(
+                ("model.decoder.proxy_decoding", "soft"),
+                ("train.losses.proxy", "pixels"),
+                ("train.losses.pixel", "l2"),
+                ("train.losses.pixel_weight", 1.0),
+                ("train.losses.perceptual_weight", 1.0),
+                ("train.losses.adversarial_weight", 0.1),
+                ("train.losses.adversarial_start_step", 20_000),
+                ("train.losses.lecam_weight", 0.001),
+                ("train.warmup_steps", 5_000),
+            ),
+        ),
+    )
+    return config

@@ -1,0 +1,77 @@
+"""``python -m nativetok_jax.convert NETWORK --out FILE.npz INPUT...``: pretrained weights, once.
+
+Converts the public weight files of the networks the objectives and metrics use into the
+project's own format (an ``.npz`` with a JSON header, read without pickle). Nothing is
+downloaded: the inputs are files you already have.
+
+    lpips          torchvision's vgg16-397923af.pth and LPIPS' lpips/weights/v0.1/vgg.pth
+                   (or one whole lpips.LPIPS(net="vgg") state dict)
+    inception      pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the FID Inception)
+    maskgit-vqgan  google-research/maskgit's tokenizer_imagenet256_checkpoint (Flax msgpack)
+                   or the PyTorch port maskgit-vqgan-imagenet-f16-256.bin (TiTok's)
+
+PyTorch files are read with ``torch.load(weights_only=True)`` (PyTorch, CPU build, must be
+installed for them); ``.safetensors`` inputs need no PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; leave accelerators alone
+
+NETWORKS = {
+    "lpips": "1 or 2 inputs: [vgg16.pth] lpips_heads.pth",
+    "inception": "1 input: pt_inception-2015-12-05-6726825d.pth",
+    "maskgit-vqgan": "1 input: the maskgit Flax checkpoint or the PyTorch port's state dict",
+}
+
+
+def convert(network: str, inputs: list[str], out: str) -> str:
+    """Converts ``inputs`` into ``out``; returns a one-line summary."""
+    from nativetok_jax.pretrained import files
+
+    expected = (1, 2) if network == "lpips" else (1,)
+    if len(inputs) not in expected:
+        raise files.WeightsError(f"{network} takes {NETWORKS[network]}; got {len(inputs)} inputs")
+    if network == "lpips":
+        from nativetok_jax.pretrained.lpips import convert_lpips
+
+        vgg, heads = (None, inputs[0]) if len(inputs) == 1 else inputs
+        convert_lpips(vgg, heads, out)
+    elif network == "inception":
+        from nativetok_jax.pretrained.inception import convert_fid_inception
+
+        convert_fid_inception(inputs[0], out)
+    else:
+        from nativetok_jax.pretrained.maskgit_vqgan import convert_maskgit_vqgan
+
+        convert_maskgit_vqgan(inputs[0], out)
+    arrays, meta = files.load_weights(out)
+    count = sum(int(a.size) for a in arrays.values())
+    return f"wrote {out}: {meta['kind']}, {len(arrays)} arrays, {count:,} parameters"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nativetok_jax.convert", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(f"  {name:14s} {inputs}" for name, inputs in NETWORKS.items()))
+    parser.add_argument("network", choices=sorted(NETWORKS))
+    parser.add_argument("inputs", nargs="+", help="the public weight file(s)")
+    parser.add_argument("--out", required=True, help="the .npz file to write")
+    args = parser.parse_args(argv)
+    from nativetok_jax.pretrained.files import WeightsError
+
+    try:
+        print(convert(args.network, args.inputs, args.out))
+    except WeightsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Frechet (Inception) distance and Inception Score from InceptionV3 outputs, on the host.
+
+The features and logits come from :class:`nativetok_jax.models.inception.InceptionV3`:
+``features`` (2048-d pool3) for FID and rFID, ``logits_unbiased`` (1008 classes) for the
+Inception Score. Everything here is float64 numpy/scipy, as in the reference tools, because the
+matrix square root of two 2048 x 2048 covariances loses digits in float32.
+
+Statistics files are ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], the format of pytorch-fid's
+``--save-stats`` and of the published reference statistics, so they can be exchanged both ways.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+
+SQRTM_EPSILON = 1e-6
+IMAGINARY_TOLERANCE = 1e-3
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))`` of two Gaussians, in float64.
+
+    When the product is singular (fewer samples than dimensions) its square root is not finite;
+    then, as the reference tools do, ``1e-6`` is added to both diagonals. A square root whose
+    diagonal keeps an imaginary part above 1e-3 means the statistics are broken, and is an error
+    rather than a silently wrong distance.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"Frechet distance needs means [D] and covariances [D, D] of one size, got "
+                         f"{mu1.shape}, {sigma1.shape} and {mu2.shape}, {sigma2.shape}")
+    difference = mu1 - mu2
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(root).all():
+        offset = np.eye(sigma1.shape[0]) * SQRTM_EPSILON
+        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):
+        residue = np.max(np.abs(np.diagonal(root).imag))
+        if residue > IMAGINARY_TOLERANCE:
+            raise ValueError(f"Frechet distance: the covariance product's square root has an imaginary "
+                             f"part of {residue:.3g}; the statistics are not valid covariances")
+        root = root.real
+    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Mean and standard deviation over ``splits`` equal chunks of ``exp(E_x[KL(p(y|x) || p(y))])``.
+
+    ``logits`` [N, C]: pass InceptionV3's ``logits_unbiased`` (pool3 times the classifier weights,
+    no bias, all 1008 classes). That is what the original TensorFlow Inception Score computed the
+    softmax of, and what torch-fidelity and torchmetrics use, so scores compare with published
+    ones; dropping the bias or the 8 extra classes changes the score slightly. ``p(y)`` is each
+    chunk's mean prediction. Chunks are taken in the given order (shuffle beforehand if the
+    samples are sorted, e.g. by class).
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"inception_score takes logits [N, classes], got shape {logits.shape}")
+    count = logits.shape[0]
+    if not 1 <= splits <= count:
+        raise ValueError(f"inception_score: {count} samples cannot make {splits} splits")
+    log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        chunk = slice(i * count // splits, (i + 1) * count // splits)
+        marginal = p[chunk].mean(axis=0)
+        # 0 log 0 = 0: a class no sample in the chunk can have underflowed to p = 0 everywhere.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = p[chunk] * (log_p[chunk] - np.log(marginal))
+        kl = np.sum(np.where(p[chunk] > 0, terms, 0.0), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+class FeatureStatistics:
+    """Running mean and covariance of feature vectors, added batch by batch.
+
+    Keeps float64 sums of the features and of their outer products, taken about the first batch's
+    mean so that large common offsets do not cancel away digits. ``sigma`` is the unbiased (N - 1)
+    covariance, as ``np.cov(features, rowvar=False)``.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+
+    def add(self, features: np.ndarray) -> None:
+        """Adds a batch ``[B, D]`` (any float dtype; a JAX array is copied to the host)."""
+        features = np.asarray(features, np.float64)
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(f"FeatureStatistics.add takes a non-empty batch [B, D], got shape {features.shape}")
+        if self._shift is None:
+            self._shift = features.mean(axis=0)
+            self._sum = np.zeros_like(self._shift)
+            self._outer = np.zeros((features.shape[1],) * 2)
+        elif features.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"FeatureStatistics: batch of {features.shape[1]}-d features after "
+                             f"{self._shift.shape[0]}-d ones")
+        centred = features - self._shift
+        self._sum += centred.sum(axis=0)
+        self._outer += centred.T @ centred
+        self.count += features.shape[0]
+
+    @property
+    def mu(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("FeatureStatistics: no features added")
+        return self._shift + self._sum / self.count
+
+    @property
+    def sigma(self) -> np.ndarray:
+        if self.count < 2:
+            raise ValueError(f"FeatureStatistics: a covariance needs at least 2 samples, have {self.count}")
+        mean = self._sum / self.count
+        return (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path``, exactly that name."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    _check_shapes(path, mu, sigma)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        np.savez(f, mu=mu, sigma=sigma)
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` as float64 from an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D]."""
+    if not os.path.isfile(path):
+        raise ValueError(f"FID statistics file not found: {path}")
+    try:
+        mu, sigma = _read_npz(path)
+    except Exception as e:  # zipfile, pickle refusal, our own ValueErrors: one line each
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not an FID statistics file: {first_line}") from None
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    _check_shapes(path, mu, sigma)
+    return mu, sigma
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("it holds a single array, not an .npz archive")
+    with data:
+        missing = [key for key in ("mu", "sigma") if key not in data.files]
+        if missing:
+            raise ValueError(f"no {' or '.join(repr(k) for k in missing)} array (it has {sorted(data.files)})")
+        return data["mu"], data["sigma"]
+
+
+def _check_shapes(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"{path}: FID statistics need mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")

@@ -1,0 +1,1 @@
+"""Experiments that test the paper's claims end to end, one command each."""

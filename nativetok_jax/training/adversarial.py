@@ -1,0 +1,98 @@
+"""The discriminator's side of training: its model, optimiser and state, and its update.
+
+The discriminator lives in the same train state as the tokenizer (``state["discriminator"]``:
+parameters, optimiser state and the LeCam running means), so it is sharded, donated and
+checkpointed with everything else. It starts learning at ``train.losses.adversarial_start_step``
+(before that its update is computed but not applied: the state stays bit-identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from nativetok_jax import sharding
+from nativetok_jax.models.discriminator import PatchDiscriminator
+from nativetok_jax.training.losses import hinge_discriminator_loss, lecam_regularizer
+from nativetok_jax.training.optimizer import make_optimizer
+
+DiscriminatorState = dict[str, Any]
+
+
+def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
+    return config.train.losses.adversarial_weight > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Discriminator:
+    """The discriminator's graph and optimiser (static), and how to build and update its state."""
+
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    lecam_weight: float
+    lecam_decay: float
+
+    def update(
+        self, state: DiscriminatorState, real: jax.Array, fake: jax.Array, active: jax.Array
+    ) -> tuple[DiscriminatorState, dict[str, jax.Array]]:
+        """One hinge-loss step on real images and (gradient-stopped) reconstructions; the new
+        state is kept only where ``active``."""
+        fake = jax.lax.stop_gradient(fake)
+
+        def loss_fn(params):
+            discriminator = nnx.merge(self.graphdef, params)
+            real_logits, fake_logits = discriminator(real), discriminator(fake)
+            loss = hinge_discriminator_loss(real_logits, fake_logits)
+            if self.lecam_weight:
+                lecam = state["lecam"]
+                loss += self.lecam_weight * lecam_regularizer(real_logits, fake_logits, lecam["real"], lecam["fake"])
+            return loss, (real_logits.mean(), fake_logits.mean())
+
+        (loss, (real_mean, fake_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        decay = self.lecam_decay
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "lecam": {"real": decay * state["lecam"]["real"] + (1 - decay) * real_mean,
+                      "fake": decay * state["lecam"]["fake"] + (1 - decay) * fake_mean},
+        }
+        new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+        metrics = {"discriminator_loss": loss, "logits_real": real_mean, "logits_fake": fake_mean,
+                   "discriminator_grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
+
+
+def build_discriminator(
+    config: ml_collections.ConfigDict, num_steps: int, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> tuple[Discriminator, DiscriminatorState, DiscriminatorState]:
+    """The discriminator, its initial state (placed on the mesh) and that state's shardings."""
+    d = config.discriminator
+    graphdef, params, param_shardings = sharding.init_sharded(
+        lambda rngs: PatchDiscriminator(rngs=rngs, width=d.width, depth=d.depth, norm=d.norm,
+                                        dtype=jnp.dtype(config.model.dtype)),
+        config.train.seed + 1, mesh, rules,
+    )
+    optimizer = make_optimizer(d, num_steps, params)
+    losses = config.train.losses
+    discriminator = Discriminator(graphdef, optimizer, float(losses.lecam_weight), float(losses.lecam_decay))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_opt_state = jax.eval_shape(optimizer.init, params)
+    shardings = {
+        "params": param_shardings,
+        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
+                                           transform_non_params=lambda _: replicated),
+        "lecam": {"real": replicated, "fake": replicated},
+    }
+    state = jax.jit(
+        lambda p: {"params": p, "opt_state": optimizer.init(p),
+                   "lecam": {"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)}},
+        out_shardings=shardings,
+    )(params)
+    return discriminator, state, shardings

@@ -20,6 +20,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nativetok_jax.config import base_config, generator_config
+
 CONFIG_FILE = "config.json"
 
 
@@ -80,7 +82,19 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory!r}: not a training run's directory")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        stored = json.load(f)
+    # Runs written before a field existed get its default, so old workdirs keep loading.
+    defaults = generator_config() if stored.get("task") == "generator" else base_config()
+    return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
+
+
+def _fill_defaults(stored: Any, defaults: Any) -> Any:
+    if not isinstance(stored, dict) or not isinstance(defaults, dict):
+        return stored
+    merged = {key: _fill_defaults(value, defaults.get(key)) for key, value in stored.items()}
+    for key, value in defaults.items():
+        merged.setdefault(key, value)
+    return merged
 
 
 def final_stage_directory(path: str) -> str:

@@ -53,13 +53,14 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.pretrained.files import WeightsError
     from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.hnt import RestoreError
-    from nativetok_jax.training.trainer import NonFiniteLossError, Preempted, train_and_evaluate
+    from nativetok_jax.training.guards import NonFiniteLossError, Preempted
+    from nativetok_jax.training.trainer import train_and_evaluate
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
     # Orbax reports every file it writes at INFO; keep its warnings, drop the chatter.
     logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
     )
     start = time.time()
     generator = FLAGS.config.get("task", "tokenizer") == "generator"

@@ -20,20 +20,24 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-flags.DEFINE_string("workdir", None, "A generator's training directory.")
-flags.DEFINE_string("out", None, "Directory for the PNGs and ids.npz.")
-flags.DEFINE_integer("num_samples", None, "How many images (default: the config's).")
-flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the classes).")
-flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).")
-flags.DEFINE_integer("batch_size", 64, "Images sampled per call.")
-flags.DEFINE_float("temperature", None, "Softmax temperature.")
-flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).")
-flags.DEFINE_float("top_p", None, "Nucleus sampling mass (AR only; 1: off).")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).")
-flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps.")
-flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
-flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (the functions stay importable)."""
+    flags.DEFINE_string("workdir", None, "A generator's training directory.")
+    flags.DEFINE_string("out", None, "Directory for the PNGs and ids.npz.")
+    flags.DEFINE_integer("num_samples", None, "How many images (default: the config's).")
+    flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the classes).")
+    flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).")
+    flags.DEFINE_integer("batch_size", 64, "Images sampled per call.")
+    flags.DEFINE_float("temperature", None, "Softmax temperature.")
+    flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling mass (AR only; 1: off).")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).")
+    flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps.")
+    flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
@@ -107,4 +111,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

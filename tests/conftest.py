@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices (so every sharding path runs) and small model configs."""
 
 import os
+import shutil
+import tempfile
 
 # 8 fake devices exercise every sharding path; optimisation level 0 makes XLA's CPU compiles
 # (random-number initialisers above all) several times faster, which is most of the suite's time.
@@ -10,6 +12,15 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
         _flags += " " + _flag
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache per test session, inherited by the training processes the tests start:
+# the same tiny programs are compiled by many tests and by every resumed or parallel run.
+# pytest-xdist workers inherit the directory from the controller, which removes it at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nativetok_xla_cache_")
+    _OWNED_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWNED_CACHE_DIR = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -37,3 +48,8 @@ def tiny_config(kind: str = "nativetok", num_tokens: int = 8) -> ml_collections.
 @pytest.fixture(scope="session", autouse=True)
 def eight_devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWNED_CACHE_DIR:
+        shutil.rmtree(_OWNED_CACHE_DIR, ignore_errors=True)

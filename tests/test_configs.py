@@ -13,6 +13,7 @@ from flax import nnx
 from conftest import tiny_config
 from nativetok_jax.config import ConfigError, load_config_file, validate_training
 from nativetok_jax.models import build_model
+from nativetok_jax.models.generators import build_generator
 from nativetok_jax.training import hnt
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -78,12 +79,30 @@ def test_paper_scale_parameter_counts(spec, kind, num_tokens):
     assert count_params(m) == expected_count(m)
 
 
+def generator_params(generator, vocab_size: int = 16384, num_classes: int = 1000) -> int:
+    model = nnx.eval_shape(lambda: build_generator(generator, vocab_size=vocab_size, num_tokens=32,
+                                                   num_classes=num_classes, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def test_every_config_file_builds():
     files = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
     assert len(files) >= 3
     for path in files:
         config = load_config_file(path)
-        assert count_params(config.model) == expected_count(config.model), path
+        # The token-order experiment holds two tokenizer configs and a generator config.
+        runs = [config[arm] for arm in ("native", "order_free", "generator")] if "native" in config else [config]
+        for run in runs:
+            assert count_params(run.model) == expected_count(run.model), path
+            if run.get("task") == "generator":
+                assert generator_params(run.generator, 64, 2) > 0, path
+
+
+@pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])
+def test_llamagen_sizes_match_the_published_parameter_counts(size, millions):
+    """LlamaGen's c2i GPT-B / GPT-L: 111 M / 343 M parameters with its 16384-code tokenizer."""
+    config = load_config_file(os.path.join(CONFIG_DIR, f"gen_imagenet.py:ar,{size}"))
+    assert abs(generator_params(config.generator) / 1e6 - millions) < 0.5
 
 
 @pytest.mark.parametrize(
@@ -147,3 +166,18 @@ def test_stage_overrides_must_name_config_fields():
     config.hnt.stages = (dict(num_tokens=8, num_steps=2, overrides=(("train.losses.no_such_loss", 1.0),)),)
     with pytest.raises(ConfigError, match=r"config.hnt.stages\[0\].overrides: 'train.losses.no_such_loss' is not"):
         hnt.stage_list(config)
+
+
+def test_a_run_written_before_a_field_existed_reads_with_its_default(tmp_path):
+    import json
+
+    from nativetok_jax import checkpoints
+
+    checkpoints.write_config(str(tmp_path), tiny_config())
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["model"]["decoder"]["proxy_decoding"], stored["pretrained"], stored["task"]
+    path.write_text(json.dumps(stored))
+    config = checkpoints.read_config(str(tmp_path))
+    assert config.model.decoder.proxy_decoding == "argmax" and config.pretrained.lpips == ""
+    assert config.model.image_size == 16  # stored values win over defaults

@@ -107,3 +107,10 @@ def test_statistics_file_round_trip_and_bad_files(tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             load_statistics(str(tmp_path / name))
         assert "\n" not in str(error.value)
+
+
+def test_frechet_distance_rejects_a_matrix_that_is_no_covariance():
+    a = _gaussian_samples(7)
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, sigma, mu, sigma - 10 * np.eye(16))

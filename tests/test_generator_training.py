@@ -69,6 +69,12 @@ def test_tiny_generator_trains_and_samples(tokenizer_dir, tmp_path):
     assert summary["nll_per_token"] < np.log(codebook_size) - 0.5
     assert len(summary["nll_by_position"]) == 8 and os.path.isfile(os.path.join(workdir, "eval.json"))
     assert os.path.isfile(os.path.join(workdir, "images", "samples_0000030.png"))
+    # Rerunning with more steps resumes from the checkpoint and reuses the token stores.
+    stores = [os.path.getmtime(os.path.join(workdir, "tokens", split, "ids-00000.npy")) for split in ("train", "eval")]
+    config = tiny_generator_config(tokenizer_dir)
+    config.train.update(num_steps=35, eval_every=35)
+    assert train_generator(config, workdir)["step"] == 35
+    assert stores == [os.path.getmtime(os.path.join(workdir, "tokens", split, "ids-00000.npy")) for split in ("train", "eval")]
     first = sample_images(workdir, str(tmp_path / "samples"), num_samples=3, seed=1)
     again = sample_images(workdir, str(tmp_path / "again"), num_samples=3, seed=1)
     assert first.shape == (3, 16, 16, 3) and np.array_equal(first, again)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nativetok_jax.models.lpips import LPIPS
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.lpips import convert_lpips, load_lpips
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import jax
+
 from nativetok_jax.bench import generate, model, train
 
 BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run}
@@ -12,6 +14,7 @@ BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run}
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: python -m nativetok_jax.bench {{{','.join(BENCHMARKS)}}} [--help]")
+    jax.config.update("jax_enable_compilation_cache", False)  # compile times must be real compiles
     BENCHMARKS[argv[0]](argv[1:])
 
 

@@ -74,7 +74,7 @@ def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: t
         networks=load_networks(config, random_weights=True), discriminator=discriminator,
     )
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch).compile()
+        compiled = step.compile(state, batch)
     return compiled, state, batch, mesh
 
 
@@ -83,7 +83,7 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, froz
     start = time.perf_counter()
     compiled, state, batch, mesh = _compiled_step(config, batch_size, frozen, num_old)
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    memory = compiled.executable.memory_analysis()
     peak_bytes = None
     if memory is not None:
         peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -102,7 +102,7 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, froz
     if count_flops:
         counting = ml_collections.ConfigDict(config.to_dict())
         counting.model.unroll_scans = True
-        analysis = _compiled_step(counting, batch_size, frozen, num_old)[0].cost_analysis()
+        analysis = _compiled_step(counting, batch_size, frozen, num_old)[0].executable.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
         flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
     return dict(step_s=step_s, images_per_s=batch_size / step_s, compile_s=compile_s, step_gflops=flops / 1e9,

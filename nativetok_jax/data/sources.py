@@ -90,7 +90,9 @@ class TfdsSource:
             ) from None
         if len(self._source) == 0:
             raise DataError(f"config.data.tfds_name: {name!r} split {split!r} is empty")
-        label = getattr(getattr(self._source, "dataset_info", None), "features", {}).get("label")
+        features = getattr(getattr(self._source, "dataset_info", None), "features", None)
+        # FeaturesDict is a mapping without ``get`` in some TFDS releases.
+        label = features["label"] if features is not None and "label" in features.keys() else None
         self.num_classes = int(getattr(label, "num_classes", 1) or 1)
 
     def __len__(self) -> int:

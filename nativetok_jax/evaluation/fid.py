@@ -14,38 +14,36 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 
-SQRTM_EPSILON = 1e-6
-IMAGINARY_TOLERANCE = 1e-3
+NEGATIVE_TOLERANCE = 1e-6  # relative to the covariance's scale
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))`` of two Gaussians, in float64.
 
-    When the product is singular (fewer samples than dimensions) its square root is not finite;
-    then, as the reference tools do, ``1e-6`` is added to both diagonals. A square root whose
-    diagonal keeps an imaginary part above 1e-3 means the statistics are broken, and is an error
-    rather than a silently wrong distance.
+    ``tr sqrt(sigma1 sigma2)`` equals ``tr sqrt(A sigma2 A)`` with ``A = sqrt(sigma1)``, and that
+    matrix is symmetric positive semi-definite, so two symmetric eigendecompositions give the
+    trace: 2-3x faster than the general ``scipy.linalg.sqrtm`` of the product at 2048-d, and
+    finite for singular covariances (fewer samples than dimensions) with no offset. Eigenvalues
+    below zero are rounding noise and count as zero; a clearly negative one means the statistics
+    are not covariances, and is an error rather than a silently wrong distance.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"Frechet distance needs means [D] and covariances [D, D] of one size, got "
                          f"{mu1.shape}, {sigma1.shape} and {mu2.shape}, {sigma2.shape}")
+    scale = max(1.0, float(np.abs(sigma1).max()), float(np.abs(sigma2).max()))
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    product = root1 @ sigma2 @ root1
+    cross = np.linalg.eigvalsh((product + product.T) / 2)
+    if min(values.min(), cross.min() / scale) < -NEGATIVE_TOLERANCE * scale:
+        raise ValueError("Frechet distance: the statistics are not positive semi-definite covariances")
     difference = mu1 - mu2
-    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(root).all():
-        offset = np.eye(sigma1.shape[0]) * SQRTM_EPSILON
-        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(root):
-        residue = np.max(np.abs(np.diagonal(root).imag))
-        if residue > IMAGINARY_TOLERANCE:
-            raise ValueError(f"Frechet distance: the covariance product's square root has an imaginary "
-                             f"part of {residue:.3g}; the statistics are not valid covariances")
-        root = root.real
-    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+    cross_trace = np.sqrt(np.clip(cross, 0.0, None)).sum()
+    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross_trace)
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:

@@ -26,10 +26,15 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", "configs/token_order.py", "Experiment config (configs/token_order.py[:imagenet]).")
-flags.DEFINE_string("workdir", None, "Directory for both tokenizers, both generators and the report.")
-flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (the functions stay importable)."""
+    config_flags.DEFINE_config_file("config", "configs/token_order.py", "Experiment config (configs/token_order.py[:imagenet]).")
+    flags.DEFINE_string("workdir", None, "Directory for both tokenizers, both generators and the report.")
+    flags.mark_flags_as_required(["workdir"])
+
 
 ARMS = ("native", "order_free")
 
@@ -128,4 +133,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -33,10 +33,10 @@ from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators import build_generator
 from nativetok_jax.tokenizer import Tokenizer
+from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.optimizer import ema_update, make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
-from nativetok_jax.training.trainer import Preempted, _check_finite, _Preemption
 
 Batch = dict[str, jax.Array]
 
@@ -138,7 +138,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> dict[str
     evaluate = HeldOutLikelihood(graphdef, g, eval_tokens, mesh, rules)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_steps=train.log_every)
-    preemption = _Preemption()
+    preemption = Preemption()
     summary: dict[str, Any] = {}
     last_saved = latest
     try:
@@ -153,7 +153,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> dict[str
             last = step == train.num_steps
             if step % train.log_every == 0 or last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(values, step, store.directory, last_saved)
+                check_finite(values, step, store.directory, last_saved)
                 writer.write_scalars(step, values)
             stop = step % train.log_every == 0 and preemption.agreed()
             if step % train.eval_every == 0 or last:
@@ -204,7 +204,6 @@ class HeldOutLikelihood:
         self._batch_nll = batch_nll
 
     def __call__(self, params: Any) -> dict[str, Any]:
-        total, count = 0.0, 0
         rows = []
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             for start in range(0, len(self.ids), self.batch_size):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from typing import Any
 
 import jax
@@ -19,7 +18,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
-from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
@@ -33,39 +31,11 @@ from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.codebook import batches_needed, fit_codebook
+from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.optimizer import make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.step import label_sharding, make_train_step
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message says which step and what was kept."""
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; the state was saved and the run can be restarted."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks (all processes agree before acting on it)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -180,7 +150,7 @@ def _train_stage(
     writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
                                                every_steps=train.log_every)
-    preemption = _Preemption()
+    preemption = Preemption()
     last_saved = latest
     metrics: dict[str, Any] = {}
     try:
@@ -199,14 +169,14 @@ def _train_stage(
             last = step == stage.num_steps
             if step % train.log_every == 0 or last:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                _check_finite(values, step, store.directory, last_saved)
+                check_finite(values, step, store.directory, last_saved)
                 writer.write_scalars(step, dict(values, skipped_images=skipped.count))
             stop = step % train.log_every == 0 and preemption.agreed()
             if step % train.eval_every == 0 or last:
                 with progress.timed("eval"):
                     metrics = _evaluate(evaluator, state, evaluation_images, config, step, stage_dir, writer)
             if step % train.checkpoint_every == 0 or last or stop:
-                _check_finite(jax.device_get(step_metrics), step, store.directory, last_saved)
+                check_finite(jax.device_get(step_metrics), step, store.directory, last_saved)
                 store.save(step, state, iterator)
                 last_saved = step
             if stop:
@@ -238,17 +208,6 @@ def _fit_codebook(state, graphdef, iterator, config, image_sharding, param_shard
 
 def _abstract(array: jax.Array, sharding_: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding_)
-
-
-def _check_finite(metrics: dict[str, Any], step: int, directory: str, last_saved: int | None) -> None:
-    """Stops before a state with a non-finite loss or parameters can be saved."""
-    loss = float(metrics["loss"])
-    if np.isfinite(loss) and float(metrics["params_finite"]) == 1.0:
-        return
-    kept = (f"the last good checkpoint (step {last_saved}) is kept in {directory}" if last_saved
-            else "no checkpoint was saved yet")
-    what = f"the loss became {loss}" if not np.isfinite(loss) else "the parameters became non-finite"
-    raise NonFiniteLossError(f"{what} at step {step}; stopped, and {kept}")
 
 
 def _evaluate(

@@ -1,0 +1,372 @@
+"""``python -m nativetok_jax.evaluate --workdir DIR --data SOURCE --out FILE.json``: judge a tokenizer.
+
+Reconstructs every image of SOURCE (an image folder, ``tfds:NAME:SPLIT``, or ``photos``: the
+held-out photographs bundled with scikit-image) with the newest checkpoint in DIR, from all tokens
+and from the first 1, 4, 16, ... tokens, and writes PSNR, SSIM, codebook usage and perplexity
+(LPIPS with ``--lpips``, rFID and Inception Score with ``--inception``) and the exact protocol to
+FILE.json, and a plot of every metric against the number of tokens to FILE.png beside it.
+``--reference_stats FILE.npz`` keeps the original images' Inception statistics for reuse: read
+when the file exists, written when it does not.
+
+``--samples DIR`` (instead of ``--workdir``) judges a generator: the images in DIR (e.g. written
+by ``python -m nativetok_jax.sample``) get gFID against ``--reference_stats`` (computed from
+``--data`` when the file does not exist yet) and the Inception Score; ``--inception`` is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow.
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from nativetok_jax import checkpoints  # noqa: E402
+from nativetok_jax.config import ConfigError  # noqa: E402
+from nativetok_jax.data.images import center_crop  # noqa: E402
+from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
+from nativetok_jax.data.sources import DataError, FolderSource, PhotoSource, TfdsSource  # noqa: E402
+from nativetok_jax.evaluation import fid  # noqa: E402
+from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
+from nativetok_jax.evaluation.ssim import K1, K2, SIGMA, WIN_SIZE  # noqa: E402
+from nativetok_jax.evaluation.tokenizer_metrics import (  # noqa: E402
+    evaluate_tokenizer,
+    inception_score_splits,
+    inception_statistics,
+)
+from nativetok_jax.pretrained import files  # noqa: E402
+from nativetok_jax.pretrained.inception import KIND as INCEPTION_KIND  # noqa: E402
+from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
+from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
+from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
+from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
+
+# This command's flags live in their own registry, not absl's global one: other entry points
+# (training, sampling) also define --workdir and --out, and importing two of them into one process
+# (a test session, a notebook) would otherwise fail with a duplicate-flag error.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Training workdir (or one stage's directory) holding the checkpoints.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("samples", None, "Instead of --workdir: a folder of generated images, for gFID and IS.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data", None, "Images: a folder (searched recursively), tfds:NAME:SPLIT, or 'photos' "
+                    "(the held-out photographs bundled with scikit-image).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The JSON file to write; the plot goes beside it as .png.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --data=tfds:NAME:SPLIT.", flag_values=FLAGS)
+flags.DEFINE_integer("num_images", None, "Evaluate the first N readable images (default: all).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images per batch.", flag_values=FLAGS)
+flags.DEFINE_string("lpips", None, "LPIPS weights file (python -m nativetok_jax.convert); adds lpips.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("inception", None, "FID InceptionV3 weights file (python -m nativetok_jax.convert); "
+                    "adds rfid and inception_score.", flag_values=FLAGS)
+flags.DEFINE_string("reference_stats", None, "An .npz of the originals' Inception mu and sigma: read if it "
+                    "exists, else computed and written there. Needs --inception.", flag_values=FLAGS)
+flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=FLAGS)
+flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 4, 16, ... tokens) and plot it.",
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(["out"], flag_values=FLAGS)
+
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "-?")
+PHOTOS = "photos"
+TFDS_PREFIX = "tfds:"
+PREPROCESSING = ("decoded to RGB (grey and RGBA images converted), short side resized to {size} px with "
+                 "PIL bicubic resampling (antialiased), the central {size} x {size} square kept, uint8")
+
+
+class EvaluationError(ValueError):
+    """A flag or input the evaluation cannot use; the message names it."""
+
+
+def open_source(spec: str, tfds_data_dir: str | None) -> Any:
+    """The image source ``--data`` names (``len()`` and ``source[i]["image"]``), checked non-empty."""
+    if spec == PHOTOS:
+        return PhotoSource("heldout")
+    if spec.startswith(TFDS_PREFIX):
+        parts = spec[len(TFDS_PREFIX):].split(":", 1)  # a split may hold colons: "train[:10%]"
+        if len(parts) != 2 or not all(parts):
+            raise EvaluationError(f"--data: expected tfds:NAME:SPLIT, got {spec!r}")
+        factory = lambda: TfdsSource(parts[0], parts[1], tfds_data_dir)  # noqa: E731
+    else:
+        if not os.path.isdir(spec):
+            raise EvaluationError(f"--data: {spec!r} is not an image folder, tfds:NAME:SPLIT or {PHOTOS!r}")
+        factory = lambda: FolderSource.scan(spec)  # noqa: E731
+    try:
+        return factory()
+    except DataError as error:  # its message names a config field; here the flag is the cause
+        raise EvaluationError(f"--data: {str(error).split(': ', 1)[-1]}") from None
+
+
+def image_batches(source: Any, image_size: int, batch_size: int, num_images: int | None,
+                  skipped: Any) -> Iterator[np.ndarray]:
+    """uint8 ``[B, image_size, image_size, 3]`` batches of the source's first ``num_images`` readable
+    images, centre-cropped; unreadable ones are skipped and counted in ``skipped``."""
+    wanted = len(source) if num_images is None else num_images
+    batch: list[np.ndarray] = []
+    taken = 0
+    for index in range(len(source)):
+        if taken == wanted:
+            break
+        image = decode(source[index]["image"], skipped)
+        if image is None:
+            continue
+        batch.append(center_crop(image, image_size))
+        taken += 1
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+def weights_record(path: str, kind: str) -> dict[str, Any]:
+    """Where a pretrained network's weights came from: the file and its recorded header."""
+    _, meta = files.load_weights(path, kind=kind)
+    return {"file": os.path.abspath(path), **{k: v for k, v in meta.items() if k != "format_version"}}
+
+
+def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
+    stage = checkpoints.final_stage_directory(workdir)
+    steps = [int(name) for name in os.listdir(checkpoints.checkpoint_directory(stage)) if name.isdigit()]
+    return {"workdir": os.path.abspath(workdir), "stage_directory": os.path.abspath(stage),
+            "step": max(steps, default=None), "use_ema": use_ema}
+
+
+def run_evaluation(
+    workdir: str,
+    data: str,
+    out: str,
+    *,
+    tfds_data_dir: str | None = None,
+    num_images: int | None = None,
+    batch_size: int = 64,
+    lpips_path: str | None = None,
+    inception_path: str | None = None,
+    reference_stats: str | None = None,
+    use_ema: bool = True,
+    prefix: bool = True,
+) -> dict[str, Any]:
+    """Everything the command does; returns the JSON it wrote to ``out``."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch_size: must be positive, got {batch_size}")
+    if num_images is not None and num_images < 1:
+        raise EvaluationError(f"--num_images: must be positive, got {num_images}")
+    if reference_stats and not inception_path:
+        raise EvaluationError("--reference_stats: rFID statistics need --inception")
+    if not out.endswith(".json"):
+        raise EvaluationError(f"--out: expected a .json file name, got {out!r}")
+    for flag, path in (("--lpips", lpips_path), ("--inception", inception_path)):
+        if path and not os.path.isfile(path):
+            raise EvaluationError(f"{flag}: weights file not found: {path}")
+
+    source = open_source(data, tfds_data_dir)
+    tokenizer = Tokenizer.from_checkpoint(workdir, use_ema=use_ema)
+    expected_images = len(source) if num_images is None else min(num_images, len(source))
+    if inception_path and expected_images < 2:
+        raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
+    size = tokenizer.image_size
+    if size < WIN_SIZE:
+        raise EvaluationError(f"--workdir: the tokenizer works at {size} x {size} px; SSIM needs at least "
+                              f"{WIN_SIZE} x {WIN_SIZE}")
+    protocol: dict[str, Any] = {
+        "data": data,
+        "tfds_data_dir": tfds_data_dir,
+        "image_size": size,
+        "batch_size": batch_size,
+        "preprocessing": PREPROCESSING.format(size=size),
+        "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
+        "checkpoint": _checkpoint_record(workdir, use_ema),
+        "num_tokens": tokenizer.num_tokens,
+        "codebook_size": tokenizer.codebook_size,
+        "psnr": "per image (MSE over pixels and channels, peak 255), averaged over images",
+        "ssim": (f"per image on uint8 RGB, Wang et al. 2004: Gaussian window {WIN_SIZE} x {WIN_SIZE} "
+                 f"(sigma {SIGMA}), population covariance, K1 {K1}, K2 {K2}, data range 255, border of "
+                 f"{(WIN_SIZE - 1) // 2} px excluded, mean over channels (skimage structural_similarity); "
+                 f"averaged over images"),
+        "codebook": "usage: distinct codes over all images' tokens / codebook size; perplexity: exp(entropy) "
+                    "of that code histogram",
+    }
+
+    lpips = inception = reference = None
+    write_reference = False
+    if lpips_path:
+        protocol["lpips"] = {"weights": weights_record(lpips_path, LPIPS_KIND),
+                             "input": "uint8 / 127.5 - 1, at the tokenizer's image size; per image, averaged"}
+        lpips = load_lpips(lpips_path)
+    if inception_path:
+        protocol["inception"] = {
+            "weights": weights_record(inception_path, INCEPTION_KIND),
+            "input": "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)",
+            "rfid": "Frechet distance of pool3 features (2048-d), reconstructions vs. reference statistics",
+            "inception_score": "logits without bias over 1008 classes; mean and std over splits",
+        }
+        inception = load_inception(inception_path)
+        if reference_stats and os.path.isfile(reference_stats):
+            try:
+                reference = fid.load_statistics(reference_stats)
+            except ValueError as error:
+                raise EvaluationError(f"--reference_stats: {error}") from None
+            logging.info("rFID reference: reading statistics from %s", reference_stats)
+            protocol["inception"]["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+        else:
+            write_reference = bool(reference_stats)
+            logging.info("rFID reference: computing the statistics of the evaluated originals%s",
+                         f" and writing them to {reference_stats}" if reference_stats else "")
+            protocol["inception"]["reference_stats"] = (
+                {"file": os.path.abspath(reference_stats), "action": "written"} if reference_stats
+                else "computed from the evaluated originals")
+
+    skipped = SkippedImages()
+    batches = image_batches(source, size, batch_size, num_images, skipped)
+    start = time.time()
+    logging.info("evaluating %d images of %s in batches of %d", expected_images, data, batch_size)
+    try:
+        metrics, reference = evaluate_tokenizer(tokenizer, batches, lpips=lpips, inception=inception,
+                                                reference=reference, prefix=prefix)
+    except ValueError as error:  # no readable image, or too few for rFID: the data's fault
+        raise EvaluationError(f"--data {data}: {str(error).strip().splitlines()[0]} "
+                              f"({skipped.count} unreadable)") from None
+    if inception_path:
+        protocol["inception"]["inception_score_splits"] = inception_score_splits(metrics["num_images"])
+    if write_reference:
+        fid.save_statistics(reference_stats, *reference)
+        logging.info("wrote the reference statistics to %s", reference_stats)
+    protocol.update(num_images=metrics["num_images"], skipped_images=skipped.count,
+                    skipped_examples=skipped.examples, seconds=round(time.time() - start, 1))
+    report = {**metrics, "protocol": protocol}
+
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    if prefix:
+        plot_path = os.path.splitext(out)[0] + ".png"
+        plot_prefix_curves(metrics["prefix"], plot_path)
+        logging.info("wrote %s and the plot %s", out, plot_path)
+    else:
+        logging.info("wrote %s (no prefix curves, so no plot)", out)
+    return report
+
+
+def run_sample_evaluation(
+    samples: str,
+    out: str,
+    *,
+    inception_path: str | None,
+    reference_stats: str | None,
+    data: str | None = None,
+    tfds_data_dir: str | None = None,
+    num_images: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """gFID and Inception Score of the images in ``samples``; returns the JSON written to ``out``."""
+    if not inception_path or not os.path.isfile(inception_path):
+        raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
+    if not reference_stats:
+        raise EvaluationError("--reference_stats: gFID needs the real images' statistics (an .npz to read, "
+                              "or to write from --data)")
+    if not out.endswith(".json"):
+        raise EvaluationError(f"--out: expected a .json file name, got {out!r}")
+    if not os.path.isdir(samples):
+        raise EvaluationError(f"--samples: {samples!r} is not a folder of images")
+    try:
+        generated = FolderSource.scan(samples)
+    except DataError as error:
+        raise EvaluationError(f"--samples: {str(error).split(': ', 1)[-1]}") from None
+    inception = load_inception(inception_path)
+    size = decode(generated[0]["image"], SkippedImages()).shape[0]
+    protocol: dict[str, Any] = {
+        "samples": os.path.abspath(samples), "batch_size": batch_size,
+        "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
+                      "input": "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)",
+                      "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
+                      "inception_score": "logits without bias over 1008 classes; mean and std over splits"},
+    }
+    if os.path.isfile(reference_stats):
+        try:
+            reference = fid.load_statistics(reference_stats)
+        except ValueError as error:
+            raise EvaluationError(f"--reference_stats: {error}") from None
+        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+    else:
+        if not data:
+            raise EvaluationError(f"--reference_stats: {reference_stats} does not exist; give --data to compute it")
+        skipped = SkippedImages()
+        reference, _, count = inception_statistics(
+            image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, skipped), inception)
+        fid.save_statistics(reference_stats, *reference)
+        logging.info("wrote the reference statistics of %d images of %s to %s", count, data, reference_stats)
+        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "written", "data": data,
+                                       "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
+    skipped = SkippedImages()
+    statistics, logits, count = inception_statistics(
+        image_batches(generated, size, batch_size, None, skipped), inception)
+    splits = inception_score_splits(count)
+    score, score_std = fid.inception_score(logits, splits=splits)
+    protocol.update(num_samples=count, skipped_images=skipped.count, inception_score_splits=splits)
+    report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
+              "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """This command's flags, then absl's own (``--verbosity``, ...) from what is left; a bad or
+    missing flag is one ``error:`` line."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(f"{__doc__}\nflags:\n{FLAGS.module_help(sys.modules[__name__])}")
+        sys.exit(0)
+    try:
+        return flags.FLAGS(FLAGS(argv, known_only=True))
+    except flags.Error as error:  # several missing flags come as several lines
+        sys.exit(f"error: {'; '.join(str(error).splitlines())}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax reports every file it reads at INFO; keep its warnings, drop the chatter.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
+    )
+    if bool(FLAGS.workdir) == bool(FLAGS.samples):
+        sys.exit("error: give either --workdir (a tokenizer to judge) or --samples (generated images)")
+    if FLAGS.samples:
+        try:
+            report = run_sample_evaluation(
+                FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
+                data=FLAGS.data, tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images,
+                batch_size=FLAGS.batch_size)
+        except (EvaluationError, files.WeightsError, ValueError) as error:
+            sys.exit(f"error: {str(error).splitlines()[0]}")
+        print(f"{report['num_samples']} samples: gFID {report['gfid']:.3f}, Inception Score "
+              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}; wrote {FLAGS.out}")
+        return
+    if not FLAGS.data:
+        sys.exit("error: --data: which images to reconstruct (a folder, tfds:NAME:SPLIT or 'photos')")
+    try:
+        report = run_evaluation(
+            FLAGS.workdir, FLAGS.data, FLAGS.out, tfds_data_dir=FLAGS.tfds_data_dir,
+            num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, lpips_path=FLAGS.lpips,
+            inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
+            use_ema=FLAGS.use_ema, prefix=FLAGS.prefix,
+        )
+    except (EvaluationError, ConfigError, files.WeightsError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    extras = "".join(f", {name} {report[name]:.4g}" for name in ("lpips", "rfid", "inception_score")
+                     if name in report)
+    print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{extras}, "
+          f"codebook usage {report['codebook_usage']:.3f}, perplexity {report['perplexity']:.1f}; "
+          f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,227 @@
+"""A tokenizer's reconstruction quality over a whole image set, from all tokens and from prefixes.
+
+One pass over the images: each batch is encoded once and decoded from the first k tokens for
+every preview length k (1, 4, 16, ..., L), and every reconstruction is compared with its
+original. Per length:
+
+- ``psnr``: per image (MSE over pixels and channels, peak 255), averaged over images;
+- ``ssim``: per image (:mod:`nativetok_jax.evaluation.ssim`), averaged over images;
+- ``lpips``: per image, averaged (with an LPIPS module);
+- ``codebook_usage``: distinct codes among the first k tokens of every image / codebook size;
+- ``perplexity``: ``exp`` of the entropy of those codes' histogram over the whole set;
+- ``rfid``: Frechet distance between the Inception features of the reconstructions and of the
+  originals (or given reference statistics), and ``inception_score`` (``_std`` over its splits)
+  of the reconstructions (with an Inception module).
+
+Images stay uint8 until the metrics read them. Every batch is padded to the first batch's size
+(repeating its last image; the copies are dropped from every sum), so each jitted function
+compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
+from nativetok_jax.evaluation.ssim import WIN_SIZE, ssim
+from nativetok_jax.models.inception import FEATURE_DIM, InceptionV3
+from nativetok_jax.models.lpips import LPIPS
+from nativetok_jax.tokenizer import Tokenizer, preview_lengths
+
+INCEPTION_SCORE_SPLITS = 10
+LOG_EVERY_BATCHES = 10
+PAIR_METRICS = ("psnr", "ssim", "lpips")  # per image pair, averaged; in the order they are reported
+
+Statistics = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D]) of Inception features
+
+
+def inception_score_splits(num_images: int) -> int:
+    """The number of splits the Inception Score is averaged over: 10, or fewer for fewer images."""
+    return max(1, min(INCEPTION_SCORE_SPLITS, num_images))
+
+
+def psnr_per_image(reference: jax.Array, reconstruction: jax.Array) -> jax.Array:
+    """PSNR in dB ``[B]`` of each uint8 image pair (``inf`` for an exact reconstruction)."""
+    error = jnp.square(reference.astype(jnp.float32) - reconstruction.astype(jnp.float32))
+    mse = jnp.mean(error, axis=(1, 2, 3))
+    return jnp.where(mse > 0, 10.0 * jnp.log10(255.0**2 / jnp.where(mse > 0, mse, 1.0)), jnp.inf)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_pair_metrics(lpips_graphdef: nnx.GraphDef | None) -> Callable[..., dict[str, jax.Array]]:
+    """``(lpips_state, originals, reconstructions) -> {metric: [B]}`` on uint8 batches, jitted.
+
+    Cached by the LPIPS graph, so evaluating again (another checkpoint, say) compiles nothing new.
+    """
+
+    @jax.jit
+    def pair_metrics(lpips_state: Any, originals: jax.Array, reconstructions: jax.Array) -> dict[str, jax.Array]:
+        out = {"psnr": psnr_per_image(originals, reconstructions), "ssim": ssim(originals, reconstructions)}
+        if lpips_graphdef is not None:
+            to_signed = lambda images: images.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
+            lpips = nnx.merge(lpips_graphdef, lpips_state)
+            out["lpips"] = lpips(to_signed(originals), to_signed(reconstructions))
+        return out
+
+    return pair_metrics
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_inception(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``(state, uint8 images) -> (features [B, 2048], logits_unbiased [B, 1008])``, jitted, cached."""
+
+    @jax.jit
+    def outputs(state: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        result = nnx.merge(graphdef, state)(images.astype(jnp.float32) / 255.0)
+        return result.features, result.logits_unbiased
+
+    return outputs
+
+
+def _pair_metrics_fn(lpips: LPIPS | None) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+    graphdef, state = nnx.split(lpips) if lpips is not None else (None, None)
+    jitted = _jitted_pair_metrics(graphdef)
+    return lambda originals, reconstructions: jax.device_get(jitted(state, originals, reconstructions))
+
+
+def inception_outputs_fn(inception: InceptionV3) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """uint8 images -> host ``(pool3 features, bias-free logits)``, jitted once per network graph."""
+    graphdef, state = nnx.split(inception)
+    jitted = _jitted_inception(graphdef)
+    return lambda images: jax.device_get(jitted(state, images))
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` grown to ``size`` images by repeating its last one."""
+    if len(batch) >= size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+def _code_statistics(counts: np.ndarray) -> tuple[float, float]:
+    """(codebook usage, perplexity) of a code histogram."""
+    probabilities = counts / max(int(counts.sum()), 1)
+    used = probabilities > 0
+    entropy = -np.sum(probabilities[used] * np.log(probabilities[used]))
+    return float(np.mean(counts > 0)), float(np.exp(entropy))
+
+
+class _PrefixTotals:
+    """What one prefix length has accumulated: metric sums, Inception features and logits."""
+
+    def __init__(self, num_tokens: int, with_inception: bool):
+        self.num_tokens = num_tokens
+        self.sums: dict[str, float] = {}
+        self.features = FeatureStatistics() if with_inception else None
+        self.logits: list[np.ndarray] = []
+
+    def add(self, per_image: dict[str, np.ndarray], count: int) -> None:
+        for name, values in per_image.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(np.sum(values[:count], dtype=np.float64))
+
+    def add_inception(self, features: np.ndarray, logits: np.ndarray, count: int) -> None:
+        self.features.add(features[:count])
+        self.logits.append(np.asarray(logits[:count], np.float32))
+
+    def row(self, num_images: int, code_counts: np.ndarray, reference: Statistics | None) -> dict[str, float]:
+        row: dict[str, float] = {"num_tokens": self.num_tokens}
+        row.update({name: self.sums[name] / num_images for name in PAIR_METRICS if name in self.sums})
+        row["codebook_usage"], row["perplexity"] = _code_statistics(code_counts)
+        if self.features is not None:
+            row["rfid"] = frechet_distance(self.features.mu, self.features.sigma, *reference)
+            mean, spread = inception_score(np.concatenate(self.logits), inception_score_splits(num_images))
+            row["inception_score"], row["inception_score_std"] = mean, spread
+        return row
+
+
+def evaluate_tokenizer(
+    tokenizer: Tokenizer,
+    batches: Iterable[np.ndarray],
+    *,
+    lpips: LPIPS | None = None,
+    inception: InceptionV3 | None = None,
+    reference: Statistics | None = None,
+    prefix: bool = True,
+) -> tuple[dict[str, Any], Statistics | None]:
+    """Reconstruction metrics of ``tokenizer`` on uint8 ``[B, S, S, 3]`` batches (S = its image size).
+
+    Returns ``(metrics, reference)``. ``metrics`` holds the full-length ``psnr``, ``ssim``,
+    ``codebook_usage``, ``perplexity`` and ``num_images``; ``lpips`` with an LPIPS module;
+    ``rfid``, ``inception_score`` and ``inception_score_std`` with an Inception module; and, when
+    ``prefix``, a ``prefix`` list with ``num_tokens`` and the same metrics for every preview length
+    (the last is the full length). rFID compares the reconstructions with ``reference`` statistics
+    when given, else with the originals' own, computed in the same pass and returned as
+    ``reference`` (``None`` without Inception) so that they can be saved and reused.
+    """
+    if tokenizer.image_size < WIN_SIZE:
+        raise ValueError(f"SSIM needs images of at least {WIN_SIZE} x {WIN_SIZE} pixels; this tokenizer "
+                         f"works at {tokenizer.image_size} x {tokenizer.image_size}")
+    if reference is not None:
+        if inception is None:
+            raise ValueError("reference statistics are only used for rFID, which needs an Inception network")
+        if np.shape(reference[0]) != (FEATURE_DIM,):
+            raise ValueError(f"reference statistics have {np.shape(reference[0])} means; the Inception "
+                             f"features have {FEATURE_DIM} dimensions")
+    num_tokens = tokenizer.num_tokens
+    lengths = preview_lengths(num_tokens) if prefix else [num_tokens]
+    pair_metrics = _pair_metrics_fn(lpips)
+    inception_outputs = inception_outputs_fn(inception) if inception is not None else None
+    originals_features = FeatureStatistics() if inception is not None and reference is None else None
+    totals = {k: _PrefixTotals(k, inception is not None) for k in lengths}
+    code_counts = np.zeros((num_tokens, tokenizer.codebook_size), np.int64)  # per token position
+    num_images, padded_size = 0, None
+
+    for batch_index, batch in enumerate(batches):
+        batch = np.asarray(batch)
+        count = len(batch)
+        padded_size = padded_size or count
+        images = _pad(batch, padded_size)
+        ids = np.asarray(tokenizer.encode(images))
+        np.add.at(code_counts, (np.arange(num_tokens)[None, :], ids[:count]), 1)
+        if originals_features is not None:
+            originals_features.add(inception_outputs(images)[0][:count])
+        for k in lengths:
+            reconstructions = np.asarray(tokenizer.decode(ids[:, :k]))
+            totals[k].add(pair_metrics(images, reconstructions), count)
+            if inception_outputs is not None:
+                totals[k].add_inception(*inception_outputs(reconstructions), count)
+        num_images += count
+        if (batch_index + 1) % LOG_EVERY_BATCHES == 0:
+            logging.info("evaluated %d images", num_images)
+
+    if num_images == 0:
+        raise ValueError("no images to evaluate")
+    if inception is not None and num_images < 2:
+        raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
+    if originals_features is not None:
+        reference = (originals_features.mu, originals_features.sigma)
+    rows = [totals[k].row(num_images, code_counts[:k].sum(axis=0), reference) for k in lengths]
+    metrics: dict[str, Any] = {key: value for key, value in rows[-1].items() if key != "num_tokens"}
+    metrics["num_images"] = num_images
+    if prefix:
+        metrics["prefix"] = rows
+    return metrics, reference
+
+
+def inception_statistics(batches: Iterable[np.ndarray], inception: InceptionV3) -> tuple[Statistics, np.ndarray, int]:
+    """Inception ``(mu, sigma)``, all bias-free logits and the image count of uint8 image batches
+    (each padded to the first batch's size, so one program serves them all)."""
+    outputs = inception_outputs_fn(inception)
+    statistics = FeatureStatistics()
+    logits, size = [], None
+    for batch in batches:
+        size = size or len(batch)
+        features, batch_logits = outputs(_pad(batch, size))
+        statistics.add(np.asarray(features[: len(batch)], np.float64))
+        logits.append(np.asarray(batch_logits[: len(batch)]))
+    if statistics.count < 2:
+        raise ValueError(f"Inception statistics need at least 2 images, got {statistics.count}")
+    return (statistics.mu, statistics.sigma), np.concatenate(logits), statistics.count

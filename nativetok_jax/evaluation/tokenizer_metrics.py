@@ -34,6 +34,7 @@ from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, in
 from nativetok_jax.evaluation.ssim import WIN_SIZE, ssim
 from nativetok_jax.models.inception import FEATURE_DIM, InceptionV3
 from nativetok_jax.models.lpips import LPIPS
+from nativetok_jax.models.quantizer import histogram_statistics
 from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 
 INCEPTION_SCORE_SPLITS = 10
@@ -106,14 +107,6 @@ def _pad(batch: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
 
 
-def _code_statistics(counts: np.ndarray) -> tuple[float, float]:
-    """(codebook usage, perplexity) of a code histogram."""
-    probabilities = counts / max(int(counts.sum()), 1)
-    used = probabilities > 0
-    entropy = -np.sum(probabilities[used] * np.log(probabilities[used]))
-    return float(np.mean(counts > 0)), float(np.exp(entropy))
-
-
 class _PrefixTotals:
     """What one prefix length has accumulated: metric sums, Inception features and logits."""
 
@@ -134,7 +127,8 @@ class _PrefixTotals:
     def row(self, num_images: int, code_counts: np.ndarray, reference: Statistics | None) -> dict[str, float]:
         row: dict[str, float] = {"num_tokens": self.num_tokens}
         row.update({name: self.sums[name] / num_images for name in PAIR_METRICS if name in self.sums})
-        row["codebook_usage"], row["perplexity"] = _code_statistics(code_counts)
+        perplexity, usage = histogram_statistics(code_counts)
+        row["codebook_usage"], row["perplexity"] = float(usage), float(perplexity)
         if self.features is not None:
             row["rfid"] = frechet_distance(self.features.mu, self.features.sigma, *reference)
             mean, spread = inception_score(np.concatenate(self.logits), inception_score_splits(num_images))

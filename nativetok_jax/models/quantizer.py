@@ -36,7 +36,11 @@ class Quantized:
 
 def code_statistics(ids: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
     """(perplexity, fraction of codes used) of a batch of code indices."""
-    counts = jnp.bincount(ids.reshape(-1), length=codebook_size)
+    return histogram_statistics(jnp.bincount(ids.reshape(-1), length=codebook_size))
+
+
+def histogram_statistics(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(perplexity, fraction of codes used) of a code histogram (counts accumulated over batches)."""
     probs = counts / jnp.maximum(counts.sum(), 1)
     entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
     return jnp.exp(entropy), jnp.mean(counts > 0)

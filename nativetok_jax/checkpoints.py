@@ -23,10 +23,23 @@ import orbax.checkpoint as ocp
 from nativetok_jax.config import base_config, generator_config
 
 CONFIG_FILE = "config.json"
+# orbax splits the writing of a replicated array across its replicas, which costs one small XLA
+# compile per array shape and device at the first save (8 s for the tiny test model on 8 CPU
+# devices); only arrays whose slices are at least this large are worth it.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
-def _handlers(state_handler: ocp.CheckpointHandler | None = None) -> dict[str, ocp.CheckpointHandler]:
-    return {"state": state_handler or ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """orbax's standard handlers, with replica-parallel saving kept for large arrays only."""
+    handlers = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
+                if ty is not jax.Array]
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    return ocp.type_handlers.create_type_handler_registry(*handlers, (jax.Array, arrays))
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    state = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+    return {"state": state, "data": grain.checkpoint.CheckpointHandler()}
 
 
 class Checkpoints:
@@ -46,7 +59,7 @@ class Checkpoints:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+                state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
             ),
             force=True,
         )
@@ -57,7 +70,10 @@ class Checkpoints:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+                state=ocp.args.PyTreeRestore(
+                    abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                ),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
         return restored["state"]
@@ -121,7 +137,7 @@ def load_params(stage_directory: str, use_ema: bool = True, step: int | None = N
         raise FileNotFoundError(f"no checkpoints under {stage_directory!r} (expected {directory!r})")
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
+        item_handlers=_handlers(),
     ) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.config import ConfigError, load_config_file, validate_training
+from nativetok_jax.config import ConfigError, load_config_file, validate_generator, validate_training
 from nativetok_jax.models import build_model
 from nativetok_jax.models.generators import build_generator
 from nativetok_jax.training import hnt
@@ -96,6 +96,26 @@ def test_every_config_file_builds():
             assert count_params(run.model) == expected_count(run.model), path
             if run.get("task") == "generator":
                 assert generator_params(run.generator, 64, 2) > 0, path
+
+
+@pytest.mark.parametrize("scale", ["demo", "imagenet"])
+def test_token_order_arms_differ_only_in_the_tokenizer_kind(scale, tmp_path):
+    """The experiment is fair only if both tokenizers get the same data, budget and schedule."""
+    config = load_config_file(os.path.join(CONFIG_DIR, f"token_order.py:{scale}"))
+    native, order_free = config.native, config.order_free
+    assert (native.model.kind, order_free.model.kind) == ("nativetok", "titok")
+    assert native.train.to_dict() == order_free.train.to_dict()
+    assert native.data.to_dict() == order_free.data.to_dict() == config.generator.data.to_dict()
+    assert native.model.num_tokens == order_free.model.num_tokens
+    assert native.model.quantizer.to_dict() == order_free.model.quantizer.to_dict()
+    if scale == "demo":  # (the paper's scale needs weight files to validate)
+        for tokenizer in (native, order_free):
+            validate_training(tokenizer)
+        config.generator.generator.tokenizer = str(tmp_path)  # the experiment names each arm's tokenizer
+        validate_generator(config.generator)
+        # Shortened to fit 30 minutes on 2 CPU cores; the schedule moves with it.
+        assert native.train.num_steps == 1500 and config.generator.train.num_steps == 500
+        assert native.train.quantizer_warmup_steps == native.train.eval_every == 750
 
 
 @pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])

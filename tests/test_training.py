@@ -226,7 +226,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     workdir = str(tmp_path / "multi")
     port = 20000 + os.getpid() % 20000
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+               XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
 
     def run_both(num_steps: int):
         processes = [

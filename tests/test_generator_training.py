@@ -3,16 +3,18 @@ trains through the same entry point as the tokenizer, and `sample` writes seeded
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from test_training import train_config
-from nativetok_jax import Tokenizer
+from nativetok_jax import Tokenizer, checkpoints
 from nativetok_jax.config import ConfigError, generator_config, validate_generator
 from nativetok_jax.data import token_store
 from nativetok_jax.data.pipeline import SkippedImages
 from nativetok_jax.data.sources import PhotoSource
 from nativetok_jax.sample import sample_images
+from nativetok_jax.training.guards import NonFiniteLossError
 from nativetok_jax.training.generator_trainer import train_generator
 from nativetok_jax.training.token_extraction import example_image, extract_tokens
 from nativetok_jax.training.trainer import train_and_evaluate
@@ -79,6 +81,17 @@ def test_tiny_generator_trains_and_samples(tokenizer_dir, tmp_path):
     again = sample_images(workdir, str(tmp_path / "again"), num_samples=3, seed=1)
     assert first.shape == (3, 16, 16, 3) and np.array_equal(first, again)
     assert {"grid.png", "ids.npz", "sample_00002.png"} <= set(os.listdir(tmp_path / "samples"))
+
+
+def test_a_non_finite_generator_is_never_saved_even_between_log_steps(tokenizer_dir, tmp_path):
+    workdir = str(tmp_path / "nan")
+    config = tiny_generator_config(tokenizer_dir)
+    config.train.update(num_steps=20, log_every=1000, checkpoint_every=1, learning_rate=1e30, grad_clip_norm=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+; stopped"):
+        train_generator(config, workdir)
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        params, _ = checkpoints.load_params(workdir, use_ema=False)
+        assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
 
 
 def test_generator_config_errors_name_the_field(tmp_path):

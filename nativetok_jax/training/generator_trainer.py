@@ -151,15 +151,18 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> dict[str
             step += 1
             progress(step)
             last = step == train.num_steps
-            if step % train.log_every == 0 or last:
+            log = step % train.log_every == 0 or last
+            stop = step % train.log_every == 0 and preemption.agreed()
+            save = step % train.checkpoint_every == 0 or last or stop
+            if log or save:  # every logged or saved state is checked first
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(values, step, store.directory, last_saved)
+            if log:
                 writer.write_scalars(step, values)
-            stop = step % train.log_every == 0 and preemption.agreed()
             if step % train.eval_every == 0 or last:
                 with progress.timed("eval"):
                     summary = _evaluate(evaluate, state, tokenizer, graphdef, config, num_classes, step, workdir, writer)
-            if step % train.checkpoint_every == 0 or last or stop:
+            if save:
                 store.save(step, state, iterator)
                 last_saved = step
             if stop:

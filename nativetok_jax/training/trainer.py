@@ -167,16 +167,18 @@ def _train_stage(
             step += 1
             progress(step)
             last = step == stage.num_steps
-            if step % train.log_every == 0 or last:
+            log = step % train.log_every == 0 or last
+            stop = step % train.log_every == 0 and preemption.agreed()
+            save = step % train.checkpoint_every == 0 or last or stop
+            if log or save:  # every logged or saved state is checked first
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 check_finite(values, step, store.directory, last_saved)
+            if log:
                 writer.write_scalars(step, dict(values, skipped_images=skipped.count))
-            stop = step % train.log_every == 0 and preemption.agreed()
             if step % train.eval_every == 0 or last:
                 with progress.timed("eval"):
                     metrics = _evaluate(evaluator, state, evaluation_images, config, step, stage_dir, writer)
-            if step % train.checkpoint_every == 0 or last or stop:
-                check_finite(jax.device_get(step_metrics), step, store.directory, last_saved)
+            if save:
                 store.save(step, state, iterator)
                 last_saved = step
             if stop:

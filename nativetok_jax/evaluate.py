@@ -76,6 +76,8 @@ flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "-?")
 PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
+INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
+INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
 PREPROCESSING = ("decoded to RGB (grey and RGBA images converted), short side resized to {size} px with "
                  "PIL bicubic resampling (antialiased), the central {size} x {size} square kept, uint8")
 
@@ -129,6 +131,14 @@ def weights_record(path: str, kind: str) -> dict[str, Any]:
     """Where a pretrained network's weights came from: the file and its recorded header."""
     _, meta = files.load_weights(path, kind=kind)
     return {"file": os.path.abspath(path), **{k: v for k, v in meta.items() if k != "format_version"}}
+
+
+def read_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file is a flag error."""
+    try:
+        return fid.load_statistics(path)
+    except ValueError as error:
+        raise EvaluationError(f"--reference_stats: {error}") from None
 
 
 def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
@@ -202,16 +212,13 @@ def run_evaluation(
     if inception_path:
         protocol["inception"] = {
             "weights": weights_record(inception_path, INCEPTION_KIND),
-            "input": "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)",
+            "input": INCEPTION_INPUT,
             "rfid": "Frechet distance of pool3 features (2048-d), reconstructions vs. reference statistics",
-            "inception_score": "logits without bias over 1008 classes; mean and std over splits",
+            "inception_score": INCEPTION_SCORE,
         }
         inception = load_inception(inception_path)
         if reference_stats and os.path.isfile(reference_stats):
-            try:
-                reference = fid.load_statistics(reference_stats)
-            except ValueError as error:
-                raise EvaluationError(f"--reference_stats: {error}") from None
+            reference = read_reference_stats(reference_stats)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
             protocol["inception"]["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
         else:
@@ -284,15 +291,12 @@ def run_sample_evaluation(
     protocol: dict[str, Any] = {
         "samples": os.path.abspath(samples), "batch_size": batch_size,
         "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
-                      "input": "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)",
+                      "input": INCEPTION_INPUT,
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
-                      "inception_score": "logits without bias over 1008 classes; mean and std over splits"},
+                      "inception_score": INCEPTION_SCORE},
     }
     if os.path.isfile(reference_stats):
-        try:
-            reference = fid.load_statistics(reference_stats)
-        except ValueError as error:
-            raise EvaluationError(f"--reference_stats: {error}") from None
+        reference = read_reference_stats(reference_stats)
         protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
     else:
         if not data:
@@ -333,10 +337,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # Orbax reports every file it reads at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
-    )
+    checkpoints.quiet_orbax_logs()
     if bool(FLAGS.workdir) == bool(FLAGS.samples):
         sys.exit("error: give either --workdir (a tokenizer to judge) or --samples (generated images)")
     if FLAGS.samples:

@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
+    from nativetok_jax import checkpoints
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
     from nativetok_jax.data.token_store import TokenStoreError
@@ -58,10 +59,7 @@ def main(argv: list[str]) -> None:
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
-    # Orbax reports every file it writes at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
-    )
+    checkpoints.quiet_orbax_logs()
     start = time.time()
     generator = FLAGS.config.get("task", "tokenizer") == "generator"
     try:

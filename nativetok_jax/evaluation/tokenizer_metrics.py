@@ -31,6 +31,7 @@ from absl import logging
 from flax import nnx
 
 from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
+from nativetok_jax.evaluation.metrics import psnr_per_image
 from nativetok_jax.evaluation.ssim import WIN_SIZE, ssim
 from nativetok_jax.models.inception import FEATURE_DIM, InceptionV3
 from nativetok_jax.models.lpips import LPIPS
@@ -47,13 +48,6 @@ Statistics = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D]) of Inceptio
 def inception_score_splits(num_images: int) -> int:
     """The number of splits the Inception Score is averaged over: 10, or fewer for fewer images."""
     return max(1, min(INCEPTION_SCORE_SPLITS, num_images))
-
-
-def psnr_per_image(reference: jax.Array, reconstruction: jax.Array) -> jax.Array:
-    """PSNR in dB ``[B]`` of each uint8 image pair (``inf`` for an exact reconstruction)."""
-    error = jnp.square(reference.astype(jnp.float32) - reconstruction.astype(jnp.float32))
-    mse = jnp.mean(error, axis=(1, 2, 3))
-    return jnp.where(mse > 0, 10.0 * jnp.log10(255.0**2 / jnp.where(mse > 0, mse, 1.0)), jnp.inf)
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,6 +31,20 @@ import pytest  # noqa: E402
 from nativetok_jax.config import base_config  # noqa: E402
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_config_file(directory, factory: str, **kwargs) -> str:
+    """A config file for the command lines whose ``get_config()`` returns ``factory(**kwargs)``,
+    ``factory`` being a test helper such as ``"conftest.tiny_config"``."""
+    module, name = factory.rsplit(".", 1)
+    path = os.path.join(str(directory), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom {module} import {name}\n\n"
+                f"def get_config():\n    return {name}(**{kwargs!r})\n")
+    return path
+
+
 def tiny_config(kind: str = "nativetok", num_tokens: int = 8) -> ml_collections.ConfigDict:
     """A model small enough to compile and run in seconds, with every part present."""
     config = base_config()

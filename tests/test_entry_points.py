@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
+from conftest import write_config_file
 from nativetok_jax.bench import generate as generate_bench
 from nativetok_jax.bench import model as model_bench
 from nativetok_jax.bench import train as train_bench
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
@@ -30,17 +30,8 @@ def test_main_reports_a_bad_config_field_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def write_tiny_config(directory) -> str:
-    config_file = directory / "tiny.py"
-    config_file.write_text(
-        f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import tiny_config\n\n"
-        "def get_config():\n    return tiny_config()\n"
-    )
-    return str(config_file)
-
-
 def test_model_benchmark_writes_json_with_measurements(tmp_path, capsys):
-    config_file = write_tiny_config(tmp_path)
+    config_file = write_config_file(tmp_path, "conftest.tiny_config")
     out = tmp_path / "model.json"
     report = model_bench.run(
         ["--config", str(config_file), "--tokens", "2,4", "--unrolled_tokens", "2", "--steps", "1", "--batch_size", "2",
@@ -58,7 +49,7 @@ def test_model_benchmark_writes_json_with_measurements(tmp_path, capsys):
 
 
 def test_train_benchmark_writes_json_with_step_time_flops_memory_and_the_growth_stage(tmp_path, capsys):
-    config_file = write_tiny_config(tmp_path)
+    config_file = write_config_file(tmp_path, "conftest.tiny_config")
     out = tmp_path / "train.json"
     report = train_bench.run(["--configs", config_file, "--batch_sizes", "8", "--steps", "1",
                               "--growth_config", config_file, "--growth_tokens", "4,8", "--out", str(out)])

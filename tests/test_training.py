@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+import conftest
 from conftest import tiny_config
 from nativetok_jax import Tokenizer, checkpoints, sharding
 from nativetok_jax.data.pipeline import train_iterator
@@ -27,7 +28,6 @@ from nativetok_jax.training.guards import NonFiniteLossError
 from nativetok_jax.training.trainer import train_and_evaluate
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def train_config(num_steps: int = 8, **train):
@@ -41,11 +41,7 @@ def train_config(num_steps: int = 8, **train):
 
 def write_config_file(directory, **train) -> str:
     """A config file for subprocess runs: the tiny model with ``train`` overrides."""
-    path = os.path.join(directory, "tiny_train.py")
-    with open(path, "w") as f:
-        f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom test_training import train_config\n\n"
-                f"def get_config():\n    return train_config(**{train!r})\n")
-    return path
+    return conftest.write_config_file(directory, "test_training.train_config", **train)
 
 
 def start_main(config_file: str, workdir: str, *flags: str, env=None) -> subprocess.Popen:

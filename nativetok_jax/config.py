@@ -412,3 +412,112 @@ def validate_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str
         _require(fixed == num_devices, "mesh",
                  f"data*fsdp*model = {fixed} but there are {num_devices} devices")
     return sizes
+
+
+# --- DiT (diffusion) models -----------------------------------------------------------------
+
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+AUTOENCODERS = ("sd_vae", "pixels")
+NOISE_SCHEDULES = ("linear", "cosine")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+
+
+def dit_model_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
+    """The ``model`` section of a DiT: DiT-``size``/``patch_size`` on SD-VAE latents at 256 px.
+
+    Fields (facebookresearch/DiT's defaults unless marked [C], our choice):
+      kind: "dit".
+      size: "S", "B", "L" or "XL" (a label; ``width``/``depth``/``num_heads`` are what is built).
+      image_size: pixels per side; the latent side is ``image_size / autoencoder downsampling``.
+      patch_size: latent cells per patch side (2, 4 or 8 in DiT's tables).
+      mlp_ratio, learn_sigma, num_classes (1000; ``num_classes`` itself is the null class).
+      label_drop_probability: 0.1, labels dropped to the null class while training (guidance).
+      dtype: compute dtype; diffusion arithmetic stays float32 whatever it is.
+      remat, unroll_scans: as for the other transformers.
+      autoencoder.kind: "sd_vae" (LDM KL-f8, 4 channels, ``scale_factor`` 0.18215, weights from
+        ``python -m nativetok_jax.convert sd-vae``) or "pixels" (identity, 3 channels in [-1, 1]:
+        the demo's pixel-space diffusion [C]).
+      autoencoder.weights: the converted SD-VAE file ("" only for "pixels").
+      diffusion: the training process: ``schedule`` "linear" (1e-4 .. 0.02) or "cosine",
+        ``num_steps`` 1000.
+      sample: ``method`` "ddpm" (DiT's FID protocol) or "ddim", ``respacing`` "250" (or "ddim50",
+        "100", ...), ``eta`` (DDIM only), ``guidance_scale`` (1.5 for FID, 4.0 for pictures; 1 = off),
+        ``guided_channels`` (0 = all [C]; 3 = DiT's exact FID run), ``clip_denoised`` (pixels only).
+    """
+    if size not in DIT_SIZES:
+        raise ConfigError(f"config.model.size: unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    width, depth, num_heads = DIT_SIZES[size]
+    model = ml_collections.ConfigDict()
+    model.kind = "dit"
+    model.size = size
+    model.image_size = 256
+    model.patch_size = patch_size
+    model.width, model.depth, model.num_heads = width, depth, num_heads
+    model.mlp_ratio = 4.0
+    model.learn_sigma = True
+    model.num_classes = 1000
+    model.label_drop_probability = 0.1
+    model.dtype = "float32"
+    model.remat = False
+    model.unroll_scans = False
+    model.autoencoder = ml_collections.ConfigDict(dict(kind="sd_vae", weights="", scale_factor=0.18215))
+    model.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))
+    model.sample = ml_collections.ConfigDict(dict(method="ddpm", respacing="250", eta=0.0, guidance_scale=1.5,
+                                                  guided_channels=0, clip_denoised=False))
+    return model
+
+
+def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(side, side, channels)`` of what the DiT diffuses: SD-VAE latents (f8, 4) or pixels (3)."""
+    if model.autoencoder.kind == "pixels":
+        return model.image_size, model.image_size, 3
+    return model.image_size // 8, model.image_size // 8, 4
+
+
+def validate_dit_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
+    (files are checked for existence here, not read)."""
+    _require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
+    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "patch_size", "num_classes"):
+        _positive_int(model.get(name), f"model.{name}")
+    _validate_transformer(model, "model")
+    _require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
+    for name in ("learn_sigma", "unroll_scans"):
+        _boolean(model.get(name), f"model.{name}")
+    p = model.get("label_drop_probability")
+    _require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    ae = model.autoencoder
+    _require(ae.get("kind") in AUTOENCODERS, "model.autoencoder.kind",
+             f"must be one of {AUTOENCODERS}, got {ae.get('kind')!r}")
+    if ae.kind == "sd_vae":
+        _require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
+        _number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
+        _require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
+        _require(bool(ae.get("weights")), "model.autoencoder.weights",
+                 "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
+                 "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
+        _require(os.path.isfile(ae.weights), "model.autoencoder.weights", f"file not found: {ae.weights}")
+    side = dit_latent_shape(model)[0]
+    _require(side % model.patch_size == 0, "model.patch_size",
+             f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
+    d = model.diffusion
+    _require(d.get("schedule") in NOISE_SCHEDULES, "model.diffusion.schedule",
+             f"must be one of {NOISE_SCHEDULES}, got {d.get('schedule')!r}")
+    _positive_int(d.get("num_steps"), "model.diffusion.num_steps")
+    s = model.sample
+    _require(s.get("method") in DIFFUSION_SAMPLERS, "model.sample.method",
+             f"must be one of {DIFFUSION_SAMPLERS}, got {s.get('method')!r}")
+    from nativetok_jax.diffusion.respacing import space_timesteps
+
+    try:
+        space_timesteps(d.num_steps, s.get("respacing"))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.model.sample.respacing: {error}") from None
+    _number(s.get("eta"), "model.sample.eta")
+    _number(s.get("guidance_scale"), "model.sample.guidance_scale")
+    channels = dit_latent_shape(model)[2]
+    g = s.get("guided_channels")
+    _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
+             f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
+    _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from flax import nnx
 
+from nativetok_jax.config import ConfigError, dit_latent_shape, dit_model_config, validate_dit_model
 from nativetok_jax.diffusion.guidance import guided
 from nativetok_jax.layers.transformer import slice_stack
-from nativetok_jax.models.dit import DiT, dit, parameter_count, sincos_2d_positions
+from nativetok_jax.models.dit import DiT, dit, dit_from_config, parameter_count, sincos_2d_positions
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, width=32, depth=2, num_heads=4, num_classes=5)
 
@@ -208,3 +209,47 @@ def test_label_dropout_uses_the_null_class():
     dropped = model.drop_labels(jnp.zeros(10_000, jnp.int32), jax.random.key(0), 0.1)
     assert set(np.unique(dropped)) == {0, 5}
     assert float((dropped == 5).mean()) == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("arg,expected", [("B", 130_512_416), ("XL/2", 675_129_632), ("S/8", None)])
+def test_config_builds_the_named_dit(tmp_path, arg, expected):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("dit_config", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                             "configs", "dit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    weights = tmp_path / "vae.npz"
+    weights.write_bytes(b"")
+    config.model.autoencoder.weights = str(weights)
+    model = nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))
+    assert model.input_size == 32 and model.in_channels == 4 and model.dtype == jnp.bfloat16
+    if expected:
+        assert parameter_count(model) == expected
+    else:
+        assert model.patch_size == 8 and model.width == 384
+
+
+def test_config_errors_name_the_field(tmp_path):
+    model = dit_model_config("S", 2)
+    with pytest.raises(ConfigError, match="model.autoencoder.weights"):
+        validate_dit_model(model)
+    model.autoencoder.kind = "pixels"
+    model.image_size = 32
+    validate_dit_model(model)
+    assert dit_latent_shape(model) == (32, 32, 3)
+    for field, value, message in [("patch_size", 3, "model.patch_size"), ("width", 390, "model.width"),
+                                  ("sample.respacing", "ddim2000", "model.sample.respacing"),
+                                  ("sample.guided_channels", 4, "model.sample.guided_channels"),
+                                  ("diffusion.schedule", "sqrt", "model.diffusion.schedule")]:
+        broken = dit_model_config("S", 2)
+        broken.autoencoder.kind = "pixels"
+        broken.image_size = 32
+        section, _, name = field.rpartition(".")
+        (broken[section] if section else broken)[name] = value
+        with pytest.raises(ConfigError, match=message):
+            validate_dit_model(broken)
+    with pytest.raises(ConfigError, match="model.size"):
+        dit_model_config("XXL")

@@ -39,9 +39,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from nativetok_jax.config import DIT_SIZES, dit_latent_shape, validate_dit_model
 from nativetok_jax.layers.attention import Attention
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.mlp import Mlp
@@ -50,8 +52,6 @@ from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.patches import patchify, unpatchify
 from nativetok_jax.layers.transformer import stacked
 
-# name -> (depth, width, heads)
-DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 FREQUENCY_DIM = 256
 ROW_AXES = ("batch", "length", "embed")
 
@@ -279,9 +279,20 @@ def dit(size: str, *, patch_size: int = 2, input_size: int = 32, in_channels: in
     """DiT-``size``/``patch_size`` (``size`` in :data:`DIT_SIZES`); defaults: ImageNet 256 px on SD-VAE latents."""
     if size not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
-    depth, width, heads = DIT_SIZES[size]
+    width, depth, heads = DIT_SIZES[size]
     return DiT(input_size=input_size, in_channels=in_channels, patch_size=patch_size, width=width, depth=depth,
                num_heads=heads, num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
+    """The DiT a config's ``model`` section (:func:`nativetok_jax.config.dit_model_config`) describes;
+    the section is validated first (ConfigError naming the field)."""
+    validate_dit_model(model)
+    side, _, channels = dit_latent_shape(model)
+    return DiT(input_size=side, in_channels=channels, patch_size=model.patch_size, width=model.width,
+               depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
+               mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, dtype=jnp.dtype(model.dtype),
+               remat=model.remat, unroll=model.unroll_scans, rngs=rngs)
 
 
 def parameter_count(model: DiT) -> int:

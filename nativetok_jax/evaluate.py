@@ -11,6 +11,10 @@ when the file exists, written when it does not.
 ``--samples DIR`` (instead of ``--workdir``) judges a generator: the images in DIR (e.g. written
 by ``python -m nativetok_jax.sample``) get gFID against ``--reference_stats`` (computed from
 ``--data`` when the file does not exist yet) and the Inception Score; ``--inception`` is needed.
+``--reference_features FILE.npz`` adds improved precision and recall (k = 3, ADM's evaluator):
+the real images' Inception features, read if the file exists, else computed and written.
+``--reference_batch VIRTUAL_imagenet256_labeled.npz`` (ADM's reference batch) supplies the real
+images (``arr_0``) and, converted into ``--reference_stats``, ADM's ``mu`` and ``sigma``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
 from nativetok_jax.data.sources import DataError, FolderSource, PhotoSource, TfdsSource  # noqa: E402
 from nativetok_jax.evaluation import fid  # noqa: E402
 from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
+from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
+    load_features,
+    precision_recall,
+    read_adm_reference_batch,
+    save_features,
+)
 from nativetok_jax.evaluation.ssim import K1, K2, SIGMA, WIN_SIZE  # noqa: E402
 from nativetok_jax.evaluation.tokenizer_metrics import (  # noqa: E402
     evaluate_tokenizer,
@@ -68,6 +78,12 @@ flags.DEFINE_string("inception", None, "FID InceptionV3 weights file (python -m 
                     "adds rfid and inception_score.", flag_values=FLAGS)
 flags.DEFINE_string("reference_stats", None, "An .npz of the originals' Inception mu and sigma: read if it "
                     "exists, else computed and written there. Needs --inception.", flag_values=FLAGS)
+flags.DEFINE_string("reference_features", None, "With --samples: an .npz of the real images' Inception "
+                    "features for precision and recall: read if it exists, else computed (from "
+                    "--reference_batch or --data) and written.", flag_values=FLAGS)
+flags.DEFINE_string("reference_batch", None, "With --samples: ADM's reference batch .npz (arr_0 images, mu, "
+                    "sigma): its statistics become --reference_stats, its images the real features.",
+                    flag_values=FLAGS)
 flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=FLAGS)
 flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 4, 16, ... tokens) and plot it.",
                   flag_values=FLAGS)
@@ -271,8 +287,11 @@ def run_sample_evaluation(
     tfds_data_dir: str | None = None,
     num_images: int | None = None,
     batch_size: int = 64,
+    reference_features: str | None = None,
+    reference_batch: str | None = None,
 ) -> dict[str, Any]:
-    """gFID and Inception Score of the images in ``samples``; returns the JSON written to ``out``."""
+    """gFID and Inception Score (precision and recall with ``reference_features``) of the images in
+    ``samples``; returns the JSON written to ``out``."""
     if not inception_path or not os.path.isfile(inception_path):
         raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
     if not reference_stats:
@@ -295,9 +314,10 @@ def run_sample_evaluation(
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
                       "inception_score": INCEPTION_SCORE},
     }
+    adm_images = _convert_adm_reference_batch(reference_batch, reference_stats, protocol)
     if os.path.isfile(reference_stats):
         reference = read_reference_stats(reference_stats)
-        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+        protocol.setdefault("reference_stats", {"file": os.path.abspath(reference_stats), "action": "read"})
     else:
         if not data:
             raise EvaluationError(f"--reference_stats: {reference_stats} does not exist; give --data to compute it")
@@ -308,18 +328,73 @@ def run_sample_evaluation(
         logging.info("wrote the reference statistics of %d images of %s to %s", count, data, reference_stats)
         protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
+    real_features = _reference_features(reference_features, reference_batch, adm_images, data, tfds_data_dir,
+                                        num_images, size, batch_size, inception, protocol)
     skipped = SkippedImages()
+    sample_features: list[np.ndarray] = []
     statistics, logits, count = inception_statistics(
-        image_batches(generated, size, batch_size, None, skipped), inception)
+        image_batches(generated, size, batch_size, None, skipped), inception, features_out=sample_features)
     splits = inception_score_splits(count)
     score, score_std = fid.inception_score(logits, splits=splits)
     protocol.update(num_samples=count, skipped_images=skipped.count, inception_score_splits=splits)
     report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
+    if real_features is not None:
+        report["precision"], report["recall"] = precision_recall(real_features, np.concatenate(sample_features))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def _convert_adm_reference_batch(path: str | None, reference_stats: str, protocol: dict[str, Any]) -> np.ndarray | None:
+    """ADM's reference batch's images (None without one); its ``mu``/``sigma`` are written to
+    ``reference_stats`` when that file does not exist yet."""
+    if not path:
+        return None
+    try:
+        images, statistics = read_adm_reference_batch(path)
+    except ValueError as error:
+        raise EvaluationError(f"--reference_batch: {error}") from None
+    if statistics is not None and not os.path.isfile(reference_stats):
+        fid.save_statistics(reference_stats, *statistics)
+        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "converted",
+                                       "reference_batch": os.path.abspath(path)}
+    return images
+
+
+def _reference_features(path: str | None, reference_batch: str | None, adm_images: np.ndarray | None, data: str | None,
+                        tfds_data_dir: str | None, num_images: int | None, size: int, batch_size: int,
+                        inception: Any, protocol: dict[str, Any]) -> np.ndarray | None:
+    """The real images' pool3 features for precision and recall: read from ``path``, or computed from
+    ADM's images (else ``--data``) and written there; None without ``path``."""
+    if not path:
+        return None
+    if os.path.isfile(path):
+        protocol["reference_features"] = {"file": os.path.abspath(path), "action": "read"}
+        try:
+            return load_features(path)
+        except ValueError as error:
+            raise EvaluationError(f"--reference_features: {error}") from None
+    if adm_images is not None:
+        images = adm_images[:num_images]
+        batches = (np.stack([center_crop(image, size) for image in images[i:i + batch_size]])
+                   for i in range(0, len(images), batch_size))
+        origin = os.path.abspath(reference_batch)
+    elif data:
+        batches = image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, SkippedImages())
+        origin = data
+    else:
+        raise EvaluationError(f"--reference_features: {path} does not exist; give --reference_batch or --data "
+                              "to compute it")
+    kept: list[np.ndarray] = []
+    inception_statistics(batches, inception, features_out=kept)
+    features = np.concatenate(kept)
+    save_features(path, features)
+    logging.info("wrote the Inception features of %d real images to %s", len(features), path)
+    protocol["reference_features"] = {"file": os.path.abspath(path), "action": "written", "data": origin,
+                                      "num_images": len(features)}
+    return features
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -345,11 +420,13 @@ def main(argv: list[str]) -> None:
             report = run_sample_evaluation(
                 FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
                 data=FLAGS.data, tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images,
-                batch_size=FLAGS.batch_size)
+                batch_size=FLAGS.batch_size, reference_features=FLAGS.reference_features,
+                reference_batch=FLAGS.reference_batch)
         except (EvaluationError, files.WeightsError, ValueError) as error:
             sys.exit(f"error: {str(error).splitlines()[0]}")
+        extras = "".join(f", {name} {report[name]:.4f}" for name in ("precision", "recall") if name in report)
         print(f"{report['num_samples']} samples: gFID {report['gfid']:.3f}, Inception Score "
-              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}; wrote {FLAGS.out}")
+              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}{extras}; wrote {FLAGS.out}")
         return
     if not FLAGS.data:
         sys.exit("error: --data: which images to reconstruct (a folder, tfds:NAME:SPLIT or 'photos')")

@@ -197,3 +197,12 @@ def build_loaded(build: Callable[[], nnx.Module], flat: Mapping[str, np.ndarray]
     load_into(model, flat, source=source)
     nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))  # numpy -> device arrays
     return model
+
+
+def header_config(meta: Mapping[str, Any], from_dict: Callable[[Mapping[str, Any]], Any], *, source: str,
+                  what: str) -> Any:
+    """``from_dict(meta["config"])``; a header that does not fit is a one-line ``WeightsError``."""
+    try:
+        return from_dict(meta.get("config") or {})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: bad {what} config in the header ({e})") from None

@@ -243,8 +243,5 @@ def load_maskgit_vqgan(path: str, *, dtype: Any = jnp.float32) -> VQGAN:
     """A :class:`VQGAN` with the weights of a file written by :func:`convert_maskgit_vqgan`;
     ``dtype`` is the convolutions' compute dtype (parameters stay float32)."""
     flat, meta = files.load_weights(path, kind=KIND)
-    try:
-        config = VQGANConfig.from_dict(meta.get("config") or {})
-    except (TypeError, ValueError) as e:
-        raise files.WeightsError(f"{path}: bad VQGAN config in the header ({e})") from None
+    config = files.header_config(meta, VQGANConfig.from_dict, source=path, what="VQGAN")
     return files.build_loaded(lambda: VQGAN(config, rngs=nnx.Rngs(0), dtype=dtype), flat, source=path)

@@ -99,8 +99,5 @@ def load_sd_vae(path: str, *, dtype: Any = jnp.float32) -> KLAutoencoder:
     """A :class:`KLAutoencoder` with the weights of a file written by :func:`convert_sd_vae`; ``dtype``
     is the compute dtype (parameters stay float32)."""
     flat, meta = files.load_weights(path, kind=KIND)
-    try:
-        config = KLAutoencoderConfig.from_dict(meta.get("config") or {})
-    except (TypeError, ValueError) as e:
-        raise files.WeightsError(f"{path}: bad KL autoencoder config in the header ({e})") from None
+    config = files.header_config(meta, KLAutoencoderConfig.from_dict, source=path, what="KL autoencoder")
     return files.build_loaded(lambda: KLAutoencoder(config, rngs=nnx.Rngs(0), dtype=dtype), flat, source=path)

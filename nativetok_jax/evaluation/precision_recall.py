@@ -113,18 +113,30 @@ def save_features(path: str, features: np.ndarray) -> None:
         np.savez(f, features=_as_features(features, path))
 
 
-def load_features(path: str) -> np.ndarray:
-    """``features [N, D]`` float32 from a file written by :func:`save_features`; ValueError naming the file."""
+def _read_npz(path: str, what: str, read):
+    """``read(npz)`` of the file at ``path``; any failure is one ValueError line naming the file."""
     if not os.path.isfile(path):
-        raise ValueError(f"features file not found: {path}")
+        raise ValueError(f"{what} not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "features" not in data.files:
-                raise ValueError(f"no 'features' array (it has {sorted(data.files)})")
-            return _as_features(data["features"], path)
+            return read(data)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a features file: {first_line}") from None
+        raise ValueError(f"{path} is not {what}: {first_line}") from None
+
+
+def _require_arrays(data, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in data.files]
+    if missing:
+        raise ValueError(f"no {' or '.join(repr(n) for n in missing)} array (it has {sorted(data.files)})")
+
+
+def load_features(path: str) -> np.ndarray:
+    """``features [N, D]`` float32 from a file written by :func:`save_features`; ValueError naming the file."""
+    def read(data):
+        _require_arrays(data, ("features",))
+        return _as_features(data["features"], path)
+    return _read_npz(path, "a features file", read)
 
 
 def read_adm_reference_batch(path: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
@@ -137,17 +149,12 @@ def read_adm_reference_batch(path: str) -> tuple[np.ndarray, tuple[np.ndarray, n
     Raises:
       ValueError: not an npz, or no uint8 ``arr_0`` of shape ``[N, H, W, 3]``.
     """
-    if not os.path.isfile(path):
-        raise ValueError(f"reference batch not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_0" not in data.files:
-                raise ValueError(f"no 'arr_0' images (it has {sorted(data.files)})")
-            images = data["arr_0"]
-            statistics = (data["mu"], data["sigma"]) if {"mu", "sigma"} <= set(data.files) else None
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not an ADM reference batch: {first_line}") from None
+    def read(data):
+        _require_arrays(data, ("arr_0",))
+        statistics = (data["mu"], data["sigma"]) if {"mu", "sigma"} <= set(data.files) else None
+        return data["arr_0"], statistics
+
+    images, statistics = _read_npz(path, "an ADM reference batch", read)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     return images, statistics

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nativetok_jax.diffusion.schedule import Schedule
+from nativetok_jax.diffusion.respacing import respace
+from nativetok_jax.diffusion.schedule import Schedule, named_schedule
 
 
 class MeanVariance(NamedTuple):
@@ -148,3 +149,13 @@ class GaussianDiffusion:
             eps = self.predict_eps(xt, t, x0)
         mean, _ = self.q_posterior(x0, xt, t)
         return MeanVariance(mean, log_variance, x0, eps)
+
+
+def build_diffusion(schedule: str = "linear", num_steps: int = 1000, respacing: str | None = None,
+                    learn_sigma: bool = True) -> GaussianDiffusion:
+    """The process of a named schedule, optionally respaced for sampling (``"250"``, ``"ddim50"``).
+
+    Training uses the full process (``respacing=None``); samplers take the respaced one, whose
+    :meth:`GaussianDiffusion.model_timesteps` still hands the network the original step indices.
+    """
+    return GaussianDiffusion(respace(named_schedule(schedule, num_steps), respacing), learn_sigma=learn_sigma)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.torch import save_file
 
 from nativetok_jax import convert
 from nativetok_jax.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig, PixelSpace, sample_latents
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.sd_vae import convert_state_dict, load_sd_vae
+from test_lpips import _write_safetensors
 
 nn = torch.nn
 
@@ -166,7 +166,7 @@ SMALL = dict(widths=(32, 64), layers=1, latent=4)
 def test_convert_cli_writes_a_file_that_loads_and_matches(tmp_path):
     net = _random_net(1, **SMALL)
     source = tmp_path / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(source))
+    _write_safetensors(str(source), net.state_dict())
     out = tmp_path / "sd_vae.npz"
     assert convert.main(["sd-vae", str(source), "--out", str(out)]) == 0
     model = load_sd_vae(str(out))

@@ -172,6 +172,13 @@ def test_convert_cli_writes_a_file_that_loads_and_matches(tmp_path):
     model = load_sd_vae(str(out))
     assert model.config.block_widths == (32, 64) and model.config.layers_per_block == 1
     _compare(model, net, jax.random.uniform(jax.random.key(1), (2, 8, 8, 3)))
+    import ml_collections
+
+    from nativetok_jax.pretrained.sd_vae import latent_space
+
+    rescaled = latent_space(ml_collections.ConfigDict(dict(kind="sd_vae", weights=str(out), scale_factor=0.5)))
+    assert rescaled.config.scale_factor == 0.5 and rescaled.config.block_widths == (32, 64)
+    assert isinstance(latent_space(ml_collections.ConfigDict(dict(kind="pixels"))), PixelSpace)
 
 
 def test_legacy_attention_names_and_prefix_are_read():

@@ -16,13 +16,15 @@ recorded in the output's header; ``load_sd_vae`` rebuilds the same network.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.kl_autoencoder import SD_SCALE_FACTOR, KLAutoencoder, KLAutoencoderConfig
+from nativetok_jax.models.kl_autoencoder import SD_SCALE_FACTOR, KLAutoencoder, KLAutoencoderConfig, PixelSpace
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import _map, _strip_prefix
 
@@ -95,9 +97,23 @@ def convert_sd_vae(path: str, out_path: str, scale_factor: float = SD_SCALE_FACT
                        config=config.to_dict())
 
 
-def load_sd_vae(path: str, *, dtype: Any = jnp.float32) -> KLAutoencoder:
+def load_sd_vae(path: str, *, dtype: Any = jnp.float32, scale_factor: float | None = None) -> KLAutoencoder:
     """A :class:`KLAutoencoder` with the weights of a file written by :func:`convert_sd_vae`; ``dtype``
-    is the compute dtype (parameters stay float32)."""
+    is the compute dtype (parameters stay float32); ``scale_factor`` replaces the file's latent scale."""
     flat, meta = files.load_weights(path, kind=KIND)
     config = files.header_config(meta, KLAutoencoderConfig.from_dict, source=path, what="KL autoencoder")
+    if scale_factor is not None:
+        config = dataclasses.replace(config, scale_factor=float(scale_factor))
     return files.build_loaded(lambda: KLAutoencoder(config, rngs=nnx.Rngs(0), dtype=dtype), flat, source=path)
+
+
+def latent_space(autoencoder: ml_collections.ConfigDict, *, dtype: Any = jnp.float32) -> KLAutoencoder | PixelSpace:
+    """The latent space a DiT config's ``model.autoencoder`` names: :class:`PixelSpace` for ``"pixels"``,
+    else the converted SD-VAE file ``weights`` with the config's ``scale_factor``.
+
+    Raises:
+      files.WeightsError: the weights file is missing or is not an ``sd_vae`` file.
+    """
+    if autoencoder.kind == "pixels":
+        return PixelSpace()
+    return load_sd_vae(autoencoder.weights, dtype=dtype, scale_factor=autoencoder.scale_factor)

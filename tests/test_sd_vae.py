@@ -195,6 +195,43 @@ def test_legacy_attention_names_and_prefix_are_read():
         np.testing.assert_array_equal(flat[key], reference[key])
 
 
+def _compvis(state, levels=2):
+    """diffusers' names -> CompVis' LDM names (attention as 1x1 convs, decoder levels finest first)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in ((".conv_shortcut.", ".nin_shortcut."), (".downsamplers.0.", ".downsample."),
+                         (".upsamplers.0.", ".upsample."), (".mid_block.resnets.0.", ".mid.block_1."),
+                         (".mid_block.resnets.1.", ".mid.block_2."), (".attentions.0.group_norm.", ".attn_1.norm."),
+                         (".attentions.0.to_q.", ".attn_1.q."), (".attentions.0.to_k.", ".attn_1.k."),
+                         (".attentions.0.to_v.", ".attn_1.v."), (".attentions.0.to_out.0.", ".attn_1.proj_out."),
+                         ("mid_block.attn_1", "mid.attn_1"), ("coder.conv_norm_out.", "coder.norm_out.")):
+            key = key.replace(old, new)
+        if key.startswith("encoder.down_blocks."):
+            i, j = key.split(".")[2], key.split(".")[4] if ".resnets." in key else None
+            key = key.replace(f"down_blocks.{i}.resnets.{j}.", f"down.{i}.block.{j}.").replace(
+                f"down_blocks.{i}.", f"down.{i}.")
+        if key.startswith("decoder.up_blocks."):
+            i = int(key.split(".")[2])
+            key = key.replace(f"up_blocks.{i}.resnets.", f"up.{levels - 1 - i}.block.").replace(
+                f"up_blocks.{i}.", f"up.{levels - 1 - i}.")
+        if ".attn_1." in key and key.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    return out
+
+
+def test_compvis_layout_converts_to_the_same_weights():
+    state = _state(_random_net(4, **SMALL))
+    compvis = _compvis(state)
+    assert "first_stage_model.decoder.up.1.upsample.conv.weight" in compvis  # the coarsest level, CompVis' top
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in compvis
+    flat, _ = convert_state_dict(compvis, "vae-ft-mse-840000-ema-pruned.safetensors")
+    reference, _ = convert_state_dict(state, "diffusers")
+    assert flat.keys() == reference.keys()
+    for key in flat:
+        np.testing.assert_array_equal(flat[key], reference[key])
+
+
 def test_a_wrong_file_names_the_problem(tmp_path):
     state = _state(_random_net(3, **SMALL))
     del state["decoder.conv_out.bias"]

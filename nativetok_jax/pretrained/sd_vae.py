@@ -10,6 +10,11 @@ The input is diffusers' ``diffusion_pytorch_model.safetensors`` (or ``.bin``) of
 ``query``, ``key``, ``value``, ``proj_attn``; both spellings are read, as are attention weights
 stored as 1x1 convolutions. A wrapper prefix (``vae.``, ``first_stage_model.``) is dropped.
 
+CompVis' original layout (``vae-ft-mse-840000-ema-pruned.safetensors``, the ``first_stage_model`` of
+a Stable Diffusion checkpoint: ``encoder.down.{i}.block.{j}``, ``nin_shortcut``, ``downsample.conv``,
+``mid.block_1``, ``mid.attn_1.{norm,q,k,v,proj_out}``, ``norm_out``, and ``decoder.up.{i}`` numbered
+finest first) is renamed to diffusers' first, so the same weights convert from either file.
+
 The sizes (block widths, ResNet blocks per level, latent channels) are read off the weights and
 recorded in the output's header; ``load_sd_vae`` rebuilds the same network.
 """
@@ -17,6 +22,7 @@ recorded in the output's header; ``load_sd_vae`` rebuilds the same network.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -45,6 +51,35 @@ def diffusers_name(key: str, legacy_attention: bool = False) -> str:
         elif parts[-1] == "to_out":
             parts.append("0")
     return ".".join(parts + [_LEAVES[leaf]])
+
+
+_COMPVIS_RENAMES = (
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+)
+
+
+def _from_compvis(source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CompVis' LDM names -> diffusers' (the decoder's levels run coarsest first in diffusers)."""
+    levels = 1 + max(int(m.group(1)) for k in source if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+    renamed = {}
+    for key, value in source.items():
+        up = re.match(r"decoder\.up\.(\d+)\.(block|upsample)\.(.*)", key)
+        if up:
+            level, part, rest = int(up.group(1)), up.group(2), up.group(3)
+            key = f"decoder.up_blocks.{levels - 1 - level}." + (f"resnets.{rest}" if part == "block"
+                                                                 else f"upsamplers.0.{rest}")
+        for pattern, replacement in _COMPVIS_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
 
 
 def _transform(key: str, value: np.ndarray) -> np.ndarray:
@@ -79,9 +114,11 @@ def _expected_shapes(config: KLAutoencoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def convert_state_dict(source: dict[str, np.ndarray], path: str) -> tuple[dict[str, np.ndarray], KLAutoencoderConfig]:
-    """diffusers arrays -> (the project's flat arrays, the config they fit); one error line lists every
-    missing, unexpected or misshaped name."""
+    """diffusers (or CompVis) arrays -> (the project's flat arrays, the config they fit); one error line
+    lists every missing, unexpected or misshaped name."""
     source = _strip_prefix(source, "post_quant_conv.weight")
+    if "encoder.down.0.block.0.conv1.weight" in source:
+        source = _from_compvis(source)
     config = _config_from(source, path)
     legacy = "encoder.mid_block.attentions.0.query.weight" in source
     flat = _map(source, _expected_shapes(config), lambda key: diffusers_name(key, legacy), _transform, path, SOURCE,

@@ -99,8 +99,9 @@ def summarize(problems: list[str], limit: int = 8) -> str:
 
 def mismatches(expected: Params, given: Params) -> list[str]:
     """Human-readable differences in names and shapes between two parameter trees."""
-    flat_expected = {k: np.shape(v) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-    flat_given = {k: np.shape(v) for k, v in traverse_util.flatten_dict(given, sep="/").items()}
+    # Keys joined as text: nnx.List indices are ints in a live model and strings in a checkpoint.
+    flat_expected = {"/".join(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(expected).items()}
+    flat_given = {"/".join(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(given).items()}
     problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
     problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
     problems += [

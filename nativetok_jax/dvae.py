@@ -23,11 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from nativetok_jax import sharding
 from nativetok_jax.config import validate_dvae_model
-from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import grain
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
@@ -159,22 +157,13 @@ class DVAE:
 
     def with_params(self, params: sharding.Params, latent_scale: float | None = None) -> DVAE:
         """The same DVAE with other parameters (same names and shapes, else ``ValueError``)."""
-        problems = sharding.mismatches(self._compiled.shapes, params)
-        if problems:
-            raise ValueError(f"parameters do not fit this DVAE: {sharding.summarize(problems)}")
-        placed = jax.device_put(jax.tree.map(jnp.asarray, params), self._compiled.shardings)
+        placed = sharding.place_params(params, self._compiled.shapes, self._compiled.shardings, "DVAE")
         return DVAE(self._compiled, placed, self._latent_scale if latent_scale is None else latent_scale)
 
     # ----------------------------------------------------------------------------- encode/decode
 
     def _run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
-        placed = [None if a is None else jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)))
-                  for a in arrays]
-        with jax.set_mesh(self.mesh), axis_rules(self._compiled.rules):
-            result = fn(self._params, *placed, **static)
-        # On several hosts the batch is spread over all of them: give every host the whole result.
-        return jax.tree.map(
-            lambda r: r if r.is_fully_addressable else multihost_utils.process_allgather(r, tiled=True), result)
+        return sharding.run_batched(fn, self.mesh, self._compiled.rules, self._params, *arrays, **static)
 
     def _check_images(self, images: Any) -> None:
         grain.check_images(images, self.model_config.coarse_factor)

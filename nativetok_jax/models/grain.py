@@ -121,14 +121,20 @@ def _entropy_of_values(values: jax.Array, settings: EntropySettings) -> jax.Arra
     return -jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "chunk"))
-def gray_region_entropy(gray: jax.Array, settings: EntropySettings, chunk: int = 8) -> jax.Array:
+# Kernel values held at once by the entropy (2^25 floats, 128 MiB): H * W * num_bins per image.
+KERNEL_BUDGET = 2**25
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def gray_region_entropy(gray: jax.Array, settings: EntropySettings) -> jax.Array:
     """Gray images ``[B, H, W]`` (float, [0, 1]) -> float32 region entropy ``[B, H/S, W/S]`` in nats.
 
-    ``chunk`` images are processed at a time (the kernel density holds S*S x num_bins floats per
-    region: 64 K at S = 16).
+    The kernel density holds H * W * num_bins values per image (16.7 M at 256 px and S = 16), so
+    images are processed a few at a time, within ``KERNEL_BUDGET``.
     """
+    b, h, w = gray.shape
     regions = _regions(gray.astype(jnp.float32), settings.region_size)
+    chunk = max(1, min(b, KERNEL_BUDGET // (h * w * settings.num_bins)))
     return jax.lax.map(lambda r: _entropy_of_values(r, settings), regions, batch_size=chunk)
 
 

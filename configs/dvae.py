@@ -24,7 +24,12 @@ Tags: [P] the paper says it; [A] an ancestor's code does it (DQ-VAE, LDM, VQGAN)
   paper gives no DVAE recipe].
 
 Arguments: ``configs/dvae.py:ffhq`` reads a prepared TFDS ``ffhq`` (unconditional) instead of
-``imagenet2012``.
+``imagenet2012``. Before training, measure the thresholds and name the LPIPS weights:
+
+    python -m nativetok_jax.grain_thresholds --config configs/dvae.py \
+        --config.data.tfds_data_dir=DIR --out thresholds/dvae_imagenet256_s16.json
+    python -m nativetok_jax.main --config configs/dvae.py --config.data.tfds_data_dir=DIR \
+        --config.pretrained.lpips=weights/lpips.npz --workdir gs://...
 """
 
 from nativetok_jax.config import dvae_config
@@ -50,5 +55,4 @@ def get_config(arg: str = "imagenet"):
     t.losses.adversarial_weight = 0.5
     t.losses.adversarial_start_step = 50_000
     t.losses.kl_weight = 1e-6
-    config.pretrained.lpips = "weights/lpips_vgg.npz"
     return config

@@ -373,3 +373,21 @@ def test_model_free_routing_puts_the_fine_grain_where_it_pays():
     assert arms["entropy"]["psnr_coarse_regions"] > arms["random"]["psnr_coarse_regions"]
     assert arms["fine"]["psnr_coarse_regions"] is None and arms["coarse"]["psnr_fine_regions"] is None
     json.dumps(report)  # serialisable as the experiment's JSON
+
+
+def test_three_grains_route_by_two_thresholds():
+    rng = np.random.default_rng(15)
+    settings = EntropySettings(16)
+    gray = np.concatenate([np.full((16, 16), 0.5), np.where(rng.random((16, 16)) < 0.5, 0.3, 0.7),
+                           rng.uniform(0, 1, (16, 16))], axis=1)[None]
+    images = to_images(gray)
+    flat, two_tone, noise = np.asarray(grain.region_entropy(images, settings))[0, 0]
+    thresholds = ((flat + two_tone) / 2, (two_tone + noise) / 2)
+    router = grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds)
+    np.testing.assert_array_equal(router(images), [[[0, 1, 2]]])
+    with pytest.raises(GrainError, match="3 grains need 2 thresholds, got 1"):
+        grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds[:1])
+    with pytest.raises(GrainError, match="region_size 8 must equal the coarsest factor 16"):
+        grain.GrainRouter((16, 8), EntropySettings(8), "entropy", thresholds[:1])
+    with pytest.raises(GrainError, match="thresholds must be ascending"):
+        grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds[::-1])

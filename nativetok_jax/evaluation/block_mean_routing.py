@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nativetok_jax.evaluation.metrics import psnr
@@ -76,7 +76,7 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
     arms = {}
     for arm, grains in maps.items():
         rebuilt = routed_block_means(images, grains, router.factors)
-        fine_pixels = np.asarray(grain.expand(jax.numpy.asarray(grains), size)) == 1
+        fine_pixels = np.asarray(grain.expand(jnp.asarray(grains), size)) == 1
         fine_pixels = np.broadcast_to(fine_pixels[..., None], images.shape)
         codes = np.asarray(grain.code_weights(grains, router.factors)).sum(axis=(1, 2))
         arms[arm] = dict(

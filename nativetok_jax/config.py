@@ -521,3 +521,74 @@ def validate_dit_model(model: ml_collections.ConfigDict) -> None:
     _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
              f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
     _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")
+
+# ------------------------------------------------------------------------------------- D²iT's Dynamic VAE
+
+DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
+
+
+def dvae_config() -> ml_collections.ConfigDict:
+    """D²iT's Dynamic VAE at 256 px (D2IT.md "Dynamic VAE"; nativetok_jax/models/dvae.py).
+
+    ``model`` is replaced by the DVAE's own fields: a VQGAN-style pyramid whose last level gives the
+    coarse grain (f = 2^(levels-1)) and whose last-but-one gives the fine grain (f/2), the latent
+    width, and ``model.grain``, the router (regions of f x f px; ``routing`` "entropy" reads the
+    thresholds file of ``python -m nativetok_jax.grain_thresholds``; "fine", "coarse" and "random"
+    at ``fine_ratio`` are the fixed-grain comparisons). ``train.losses.kl_weight`` weighs the KL,
+    in which a coarse code counts once.
+    """
+    config = base_config()
+    config.task = "dvae"
+    m = config.model = ml_collections.ConfigDict()
+    m.kind = "dvae"
+    m.image_size = 256
+    m.dtype = "float32"
+    m.filters = 128
+    m.channel_multipliers = (1, 1, 2, 2, 4)  # 5 levels: coarse f16, fine f8
+    m.num_res_blocks = 2
+    m.attention_resolutions = (32, 16)  # encoder feature-map sides with attention after each block
+    m.num_groups = 32
+    m.latent_channels = 4
+    m.grain = ml_collections.ConfigDict(dict(
+        routing="entropy", fine_ratio=0.5, thresholds="",
+        num_bins=0,  # 0: region_size^2 bins
+        sigma=0.01, low=0.0, high=1.0))
+    losses = config.train.losses
+    losses.pixel, losses.perceptual_weight, losses.adversarial_weight = "l1", 1.0, 0.5
+    losses.kl_weight = 1e-6
+    return config
+
+
+def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a DVAE's ``config.model`` that cannot work."""
+    _require(model.get("kind") == "dvae", "model.kind", f"must be 'dvae', got {model.get('kind')!r}")
+    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "filters", "num_res_blocks", "num_groups", "latent_channels"):
+        _positive_int(model.get(name), f"model.{name}")
+    multipliers = tuple(model.get("channel_multipliers") or ())
+    _require(len(multipliers) >= 2 and all(isinstance(v, int) and v >= 1 for v in multipliers),
+             "model.channel_multipliers", f"need at least two positive integers (a fine and a coarse level), got {multipliers!r}")
+    coarse = 2 ** (len(multipliers) - 1)
+    _require(model.image_size % coarse == 0, "model.image_size",
+             f"{model.image_size} is not a multiple of the coarse factor {coarse}")
+    bad = [model.filters * v for v in multipliers if (model.filters * v) % model.num_groups]
+    _require(not bad, "model.num_groups", f"{model.num_groups} groups do not divide the widths {bad}")
+    g = model.grain
+    _require(g.get("routing") in DVAE_ROUTINGS, "model.grain.routing", f"must be one of {DVAE_ROUTINGS}, got {g.get('routing')!r}")
+    ratio = g.get("fine_ratio")
+    _require(isinstance(ratio, (int, float)) and 0 < ratio < 1, "model.grain.fine_ratio", f"must lie in (0, 1), got {ratio!r}")
+    _require(isinstance(g.get("num_bins"), int) and (g.num_bins == 0 or g.num_bins >= 2), "model.grain.num_bins",
+             f"must be 0 (region_size^2) or an integer >= 2, got {g.get('num_bins')!r}")
+    _require(isinstance(g.get("sigma"), (int, float)) and g.sigma > 0, "model.grain.sigma", f"must be > 0, got {g.get('sigma')!r}")
+    _require(g.low < g.high, "model.grain.low", f"need low < high, got {g.low!r} and {g.high!r}")
+    if g.routing == "entropy":
+        _require(bool(g.get("thresholds")), "model.grain.thresholds", "entropy routing needs a thresholds file: make it with "
+                 "`python -m nativetok_jax.grain_thresholds --config C --out T.json`")
+
+
+def validate_dvae(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first DVAE model, data or loss field that cannot work."""
+    validate_dvae_model(config.model)
+    _number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
+    _require(data_source_ok(config.data), "data.source",
+             f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")

@@ -21,6 +21,11 @@ from etils import epath
 from nativetok_jax.data.photos import load_photos
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# ``python -m nativetok_jax.sample`` names its images so; the folder also holds grid.png and
+# ids.npz, which are not samples.
+SAMPLE_FILE = "sample_{index:05d}.png"
+SAMPLE_GLOB = "sample_*.png"
+SAMPLE_IDS_FILE = "ids.npz"  # token ids, labels and the image size of the samples
 
 
 class DataError(ValueError):
@@ -76,6 +81,16 @@ class FolderSource:
         logging.info("%s: %d image files in %d classes under %s%s", field, len(paths), max(1, len(class_names)),
                      root, _describe_skipped(skipped, prefix="; skipped "))
         return cls([str(root_path / p) for p in paths], labels, class_names, skipped)
+
+    @classmethod
+    def samples(cls, directory: str | epath.PathLike, field: str = "samples") -> FolderSource:
+        """Generated images: exactly the ``sample_*.png`` files when the folder has any (what
+        ``nativetok_jax.sample`` writes, beside its ``grid.png``), else every image under it."""
+        found = sorted(str(p) for p in epath.Path(directory).glob(SAMPLE_GLOB))
+        if not found:
+            return cls.scan(directory, field)
+        logging.info("%s: %d sample files (%s) in %s", field, len(found), SAMPLE_GLOB, directory)
+        return cls(found, [0] * len(found), [])
 
     def subset(self, indices: Sequence[int]) -> FolderSource:
         return FolderSource([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.class_names,

@@ -125,11 +125,12 @@ def image_batches(source: Any, image_size: int, batch_size: int, num_images: int
     for index in range(len(source)):
         if taken == wanted:
             break
-        image = decode(source[index]["image"], skipped, name=f"element {index}")
+        element = source[index]
+        image = decode(element["image"], skipped, element.get("name", f"element {index}"))
         if image is None:
             continue
         if exact_size and image.shape[:2] != (image_size, image_size):
-            raise EvaluationError(f"{exact_size}: {source[index]['image']} is {image.shape[1]} x {image.shape[0]} px, "
+            raise EvaluationError(f"{exact_size}: {element['image']} is {image.shape[1]} x {image.shape[0]} px, "
                                   f"expected {image_size} x {image_size} px")
         batch.append(center_crop(image, image_size))
         taken += 1

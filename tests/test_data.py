@@ -9,7 +9,7 @@ from PIL import Image
 
 from nativetok_jax.config import base_config
 from nativetok_jax.data.images import center_crop
-from nativetok_jax.data.pipeline import SkippedImages, eval_images, random_crop, train_iterator
+from nativetok_jax.data.pipeline import SkippedImages, decode, eval_images, random_crop, train_iterator
 from nativetok_jax.data.sources import DataError, FolderSource, open_sources
 
 
@@ -176,7 +176,9 @@ def test_tfds_dataset_is_read_as_a_random_access_source(tmp_path):
     data = data_config(source="tfds", tfds_name="nativetok_tiny_images", tfds_data_dir=str(tmp_path))
     train, held_out = open_sources(data, 2)
     assert (len(train), len(held_out)) == (5, 2)
-    assert train[1]["image"].shape == (20, 30, 3)
+    # Encoded bytes, decoded like files (EXIF orientation, depth, alpha) and named in skip reports.
+    assert isinstance(train[1]["image"], bytes) and train[1]["name"] == "nativetok_tiny_images:train[1]"
+    assert decode(train[1]["image"], SkippedImages(), train[1]["name"]).shape == (20, 30, 3)
     assert sorted(train[i]["label"] for i in range(5)) == [0, 0, 1, 1, 2]
     batch = next(train_iterator(data, train, image_size=8, batch_size=4, seed=0))
     assert batch["image"].shape == (4, 8, 8, 3)

@@ -22,13 +22,15 @@ looks to the model as it looks to the person who took it:
   and web pages show over a light background; composited on black they would vanish, and
   dropping alpha would expose whatever colour the encoder left under transparent pixels.
 
-Arrays (e.g. from TFDS) follow the same rules by dtype: ``uint8`` as is, ``uint16`` scaled,
+TFDS ``Image`` features are read undecoded and decoded here too (TensorFlow's decoder ignores
+EXIF orientation). Arrays follow the same rules by dtype: ``uint8`` as is, ``uint16`` scaled,
 floats taken to span [0, 1]; ``[H, W]`` and ``[H, W, 1]`` are grey, ``[H, W, 2]`` grey + alpha,
 ``[H, W, 4]`` RGBA.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -52,11 +54,25 @@ def read_rgb(path: str | epath.PathLike) -> np.ndarray:
         module cannot map (the message names the file and the cause).
     """
     try:
-        with epath.Path(path).open("rb") as file, Image.open(file) as image:
-            return to_viewed_rgb(image)
+        with epath.Path(path).open("rb") as file:
+            return _decode_file(file)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        # PIL raises SyntaxError for some malformed headers (e.g. a broken PNG chunk).
         raise UnreadableImageError(f"cannot read image {path}: {error}") from None
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (a TFDS ``Image`` feature left undecoded) as :func:`read_rgb` reads a
+    file; ``name`` identifies them in the ``UnreadableImageError``."""
+    try:
+        return _decode_file(io.BytesIO(data))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise UnreadableImageError(f"cannot read image {name}: {error}") from None
+
+
+def _decode_file(file: Any) -> np.ndarray:
+    # PIL raises SyntaxError for some malformed headers (e.g. a broken PNG chunk).
+    with Image.open(file) as image:
+        return to_viewed_rgb(image)
 
 
 def to_viewed_rgb(image: Image.Image) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from nativetok_jax.data.decoding import UnreadableImageError, array_to_rgb, read_rgb
+from nativetok_jax.data.decoding import UnreadableImageError, array_to_rgb, decode_rgb, read_rgb
 from nativetok_jax.data.images import center_crop
 
 
@@ -66,10 +66,11 @@ class SkippedImages:
 
 
 def decode(image: Any, skipped: SkippedImages, name: str | None = None) -> np.ndarray | None:
-    """A path or an array as the uint8 RGB image a viewer shows (``data.decoding``); ``None``, and
-    recorded once in ``skipped``, when it cannot be read. ``name`` identifies an array element."""
-    if isinstance(image, (str, bytes, os.PathLike)):
-        key = os.fsdecode(image)
+    """A path, encoded bytes or an array as the uint8 RGB image a viewer shows (``data.decoding``);
+    ``None``, and recorded once in ``skipped``, when it cannot be read. ``name`` identifies an
+    element that is not a file (a TFDS record)."""
+    if isinstance(image, (str, os.PathLike)):
+        key = os.fspath(image)
         if key in skipped:
             return None
         try:
@@ -77,11 +78,12 @@ def decode(image: Any, skipped: SkippedImages, name: str | None = None) -> np.nd
         except UnreadableImageError as error:
             skipped.add(key, str(error))
             return None
+    if name is not None and name in skipped:
+        return None
     try:
-        return array_to_rgb(image)
+        return decode_rgb(image, name or "element") if isinstance(image, bytes) else array_to_rgb(image)
     except UnreadableImageError as error:
-        key = name or str(error)
-        skipped.add(key, f"{name}: {error}" if name else str(error))
+        skipped.add(name or str(error), f"{name}: {error}" if name else str(error))
         return None
 
 
@@ -104,7 +106,7 @@ class _Augment(grain.transforms.RandomMap):
         self.min_fraction, self.max_fraction, self.flip = data.crop_min, data.crop_max, data.flip
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
-        image = decode(element["image"], self.skipped)
+        image = decode(element["image"], self.skipped, element.get("name"))
         if image is None:
             return None  # grain's iterator skips None elements.
         crop = random_crop(image, rng, self.size, self.min_fraction, self.max_fraction, self.flip)
@@ -153,7 +155,8 @@ def eval_images(
     images = []
     index = 0
     while len(images) < num_images and index < len(source) * (num_images if data.source == "photos" else 1):
-        image = decode(source[index % len(source)]["image"], skipped, name=f"evaluation element {index % len(source)}")
+        element = source[index % len(source)]
+        image = decode(element["image"], skipped, element.get("name", f"evaluation element {index % len(source)}"))
         index += 1
         if image is None:
             continue

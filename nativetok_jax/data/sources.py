@@ -168,8 +168,14 @@ class TfdsSource:
             import tensorflow_datasets as tfds
         except ImportError as error:
             raise DataError(f"config.data.tfds_name: tensorflow-datasets is not importable ({error})") from None
+        self.name, self.split = name, split
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+            if isinstance(_feature(self._source, "image"), tfds.features.Image):
+                # Encoded bytes, decoded by data.decoding like files: TensorFlow's image decoder
+                # ignores EXIF orientation and maps depths and alpha its own way.
+                self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                                decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as error:  # TFDS raises many types for a missing or unprepared dataset.
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(
@@ -177,17 +183,24 @@ class TfdsSource:
             ) from None
         if len(self._source) == 0:
             raise DataError(f"config.data.tfds_name: {name!r} split {split!r} is empty")
-        features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        # FeaturesDict is a mapping without ``get`` in some TFDS releases.
-        label = features["label"] if features is not None and "label" in features.keys() else None
-        self.num_classes = int(getattr(label, "num_classes", 1) or 1)
+        self.num_classes = int(getattr(_feature(self._source, "label"), "num_classes", 1) or 1)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"image": encoded bytes (or an array), "label": int, "name": "NAME:SPLIT[index]"}``."""
         record = self._source[index]
-        return {"image": np.asarray(record["image"]), "label": int(record.get("label", 0))}
+        image = record["image"]
+        return {"image": image if isinstance(image, bytes) else np.asarray(image),
+                "label": int(record.get("label", 0)), "name": f"{self.name}:{self.split}[{index}]"}
+
+
+def _feature(source: Any, key: str) -> Any:
+    """The TFDS feature ``key`` of a data source, or ``None``."""
+    features = getattr(getattr(source, "dataset_info", None), "features", None)
+    # FeaturesDict is a mapping without ``get`` in some TFDS releases.
+    return features[key] if features is not None and key in features.keys() else None
 
 
 def open_sources(data: ml_collections.ConfigDict, num_eval_images: int) -> tuple[Any, Any]:

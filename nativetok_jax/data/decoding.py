@@ -38,8 +38,12 @@ from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 WHITE = 255
+ORIENTATION = 0x0112  # the EXIF tag
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
+# PIL raises SyntaxError for some malformed headers (a broken PNG chunk), DecompressionBombError
+# for images over twice Image.MAX_IMAGE_PIXELS.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class UnreadableImageError(ValueError):
@@ -56,7 +60,7 @@ def read_rgb(path: str | epath.PathLike) -> np.ndarray:
     try:
         with epath.Path(path).open("rb") as file:
             return _decode_file(file)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except DECODE_ERRORS as error:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from None
 
 
@@ -65,19 +69,19 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
     file; ``name`` identifies them in the ``UnreadableImageError``."""
     try:
         return _decode_file(io.BytesIO(data))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except DECODE_ERRORS as error:
         raise UnreadableImageError(f"cannot read image {name}: {error}") from None
 
 
 def _decode_file(file: Any) -> np.ndarray:
-    # PIL raises SyntaxError for some malformed headers (e.g. a broken PNG chunk).
     with Image.open(file) as image:
         return to_viewed_rgb(image)
 
 
 def to_viewed_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image, orientation applied and every mode mapped to uint8 RGB ``[H, W, 3]`` (module doc)."""
-    image = ImageOps.exif_transpose(image)  # a copy; orientation 1 or none: unchanged
+    if image.getexif().get(ORIENTATION, 1) != 1:  # copies only images that need turning
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in SIXTEEN_BIT_MODES:
         return _grey_to_rgb(_scale(np.asarray(image), 65535))

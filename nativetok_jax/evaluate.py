@@ -86,8 +86,9 @@ TFDS_PREFIX = "tfds:"
 INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
 INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
 PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit and float depths scaled, "
-                 "palette/CMYK converted, alpha composited on white; nativetok_jax.data.decoding), short side resized to {size} px with "
-                 "PIL bicubic resampling (antialiased), the central {size} x {size} square kept, uint8")
+                 "palette/CMYK converted, alpha composited on white; nativetok_jax.data.decoding), short side "
+                 "resized to {size} px with PIL bicubic resampling (antialiased), the central {size} x {size} "
+                 "square kept, uint8")
 
 
 class EvaluationError(ValueError):
@@ -151,11 +152,7 @@ def read_reference_stats(path: str, image_size: int) -> tuple[np.ndarray, np.nda
     """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file, or statistics of images
     of another size than ``image_size``, is a flag error."""
     try:
-        statistics = fid.load_statistics(path, image_size=image_size)
-        if fid.recorded_image_size(path) is None:
-            logging.warning("--reference_stats %s records no image size: make sure it was computed from "
-                            "%d x %d px images", path, image_size, image_size)
-        return statistics
+        return fid.load_statistics(path, image_size=image_size)
     except ValueError as error:
         raise EvaluationError(f"--reference_stats: {error}") from None
 
@@ -285,7 +282,8 @@ def run_evaluation(
         fid.save_statistics(reference_stats, *reference, image_size=size)
         logging.info("wrote the reference statistics to %s", reference_stats)
     protocol.update(num_images=metrics["num_images"], skipped_images=skipped.count,
-                    skipped_examples=skipped.examples, skipped_files=skipped.names, seconds=round(time.time() - start, 1))
+                    skipped_examples=skipped.examples, skipped_files=skipped.names,
+                    seconds=round(time.time() - start, 1))
     report = {**metrics, "protocol": protocol}
 
     directory = os.path.dirname(os.path.abspath(out))

@@ -56,12 +56,11 @@ def run_directories(config: ml_collections.ConfigDict,
                     workdir: str | epath.PathLike) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
     """Every ``(directory, config)`` a run of ``config`` in ``workdir`` writes checkpoints to."""
     workdir = epath.Path(workdir)
-    if config.get("task") == "generator":
+    if config.get("task") == "generator" or not config.hnt.stages:  # one stage: the workdir itself
         return [(workdir, config)]
     from nativetok_jax.training import hnt  # training imports this module's callers
 
-    multi_stage = bool(config.hnt.stages)
-    return [(epath.Path(hnt.stage_directory(str(workdir), stage, multi_stage)), hnt.stage_config(config, stage))
+    return [(epath.Path(hnt.stage_directory(str(workdir), stage, True)), hnt.stage_config(config, stage))
             for stage in hnt.stage_list(config)]
 
 

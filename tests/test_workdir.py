@@ -81,6 +81,9 @@ def test_each_training_stage_is_checked_against_its_own_directory(finished_run, 
                          dict(name="large", num_tokens=16, num_steps=2))
     workdir = str(tmp_path / "hnt")
     assert [str(d) for d, _ in run_directories(config, workdir)] == [f"{workdir}/small", f"{workdir}/large"]
+    large = run_directories(config, workdir)[1][1]
+    large.train.quantizer_warmup_steps = 5  # the run's warm-up, longer than this later stage: still one directory
+    assert [str(d) for d, _ in run_directories(large, f"{workdir}/large")] == [f"{workdir}/large"]
     shutil.copytree(os.path.join(finished_run, "checkpoints"), os.path.join(workdir, "small", "checkpoints"))
     check_resume(config, workdir)  # the 8-token checkpoints fit the 8-token stage
     shutil.copytree(os.path.join(finished_run, "checkpoints"), os.path.join(workdir, "large", "checkpoints"))

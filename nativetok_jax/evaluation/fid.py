@@ -12,8 +12,11 @@ ours add ``image_size`` (the images' side before Inception's resize), checked wh
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.special
+from absl import logging
 from etils import epath
 
 NEGATIVE_TOLERANCE = 1e-6  # relative to the covariance's scale
@@ -141,10 +144,14 @@ def load_statistics(path: str | epath.PathLike, image_size: int | None = None) -
 
     Raises ``ValueError`` (one line, naming the file) for a missing or malformed file, and when
     ``image_size`` is given and the file records statistics of images of another size. Files
-    that record no size (pytorch-fid's, published ones) are accepted: :func:`recorded_image_size`
-    says so.
+    that record no size (pytorch-fid's, published ones) are accepted with a logged warning.
     """
-    mu, sigma, recorded = _read_statistics(path)
+    mu, sigma, recorded = _read_npz(path, ("mu", "sigma"))
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    _check_shapes(str(path), mu, sigma)
+    if image_size is not None and recorded is None:
+        logging.warning("%s records no image size: make sure it was computed from %d x %d px images", path,
+                        image_size, image_size)
     if image_size is not None and recorded is not None and recorded != image_size:
         raise ValueError(f"{path} holds statistics of {recorded} x {recorded} px images, these are {image_size} x "
                          f"{image_size} px: use (or write) statistics made at {image_size} px")
@@ -152,34 +159,28 @@ def load_statistics(path: str | epath.PathLike, image_size: int | None = None) -
 
 
 def recorded_image_size(path: str | epath.PathLike) -> int | None:
-    """The image size a statistics file records, or ``None`` when it records none."""
-    return _read_statistics(path)[2]
+    """The image size a statistics file records (read without its arrays), or ``None``."""
+    return _read_npz(path, ())[-1]
 
 
-def _read_statistics(path: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _read_npz(path: str | epath.PathLike, keys: tuple[str, ...]) -> tuple[Any, ...]:
+    """The arrays ``keys`` and the recorded image size (or ``None``); one-line ``ValueError``s."""
     if not epath.Path(path).is_file():
         raise ValueError(f"FID statistics file not found: {path}")
     try:
-        mu, sigma, size = _read_npz(path)
+        with epath.Path(path).open("rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array, not an .npz archive")
+            with data:  # an archive member is read only when indexed
+                missing = [key for key in ("mu", "sigma") if key not in data.files]
+                if missing:
+                    raise ValueError(f"no {' or '.join(repr(k) for k in missing)} array (it has {sorted(data.files)})")
+                size = int(data[IMAGE_SIZE_KEY]) if IMAGE_SIZE_KEY in data.files else None
+                return (*(data[key] for key in keys), size)
     except Exception as e:  # zipfile, pickle refusal, our own ValueErrors: one line each
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not an FID statistics file: {first_line}") from None
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    _check_shapes(str(path), mu, sigma)
-    return mu, sigma, size
-
-
-def _read_npz(path: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
-    with epath.Path(path).open("rb") as f:
-        data = np.load(f, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single array, not an .npz archive")
-        with data:
-            missing = [key for key in ("mu", "sigma") if key not in data.files]
-            if missing:
-                raise ValueError(f"no {' or '.join(repr(k) for k in missing)} array (it has {sorted(data.files)})")
-            size = int(data[IMAGE_SIZE_KEY]) if IMAGE_SIZE_KEY in data.files else None
-            return data["mu"], data["sigma"], size
 
 
 def _check_shapes(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

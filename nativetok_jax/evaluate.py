@@ -53,6 +53,7 @@ from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
 from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
+from nativetok_jax.workdir import check_loadable  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
 # (training, sampling) also define --workdir and --out, and importing two of them into one process
@@ -213,6 +214,7 @@ def run_evaluation(
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
+    check_loadable(workdir)
     tokenizer = Tokenizer.from_checkpoint(workdir, use_ema=use_ema)
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:

@@ -77,6 +77,7 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     from nativetok_jax.layers.partitioning import axis_rules
     from nativetok_jax.models.generators import build_generator
     from nativetok_jax.tokenizer import Tokenizer
+    from nativetok_jax.workdir import check_loadable
 
     config = checkpoints.read_config(workdir)
     g = config.generator
@@ -85,6 +86,8 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     batch_size = 64 if overrides.get("batch_size") is None else overrides["batch_size"]
     if batch_size < 1:
         raise ConfigError(f"--batch_size: must be a positive integer, got {batch_size}")
+    check_loadable(g.tokenizer)
+    check_loadable(workdir)
     params, step = checkpoints.load_params(workdir, use_ema=overrides.get("use_ema", True))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)

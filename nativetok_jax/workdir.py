@@ -13,7 +13,8 @@ checkpoint's orbax metadata (nothing restored), in every directory the run would
 raises a one-line ``ConfigError`` naming the config fields that differ from the stored
 ``config.json`` and the parameters that differ. Settings that leave the shapes alone (steps,
 learning rate, logging) may change between runs. ``main`` calls it first, and
-``checkpoints.write_config`` calls it before replacing a ``config.json``.
+``checkpoints.write_config`` calls it before replacing a ``config.json``. :func:`check_loadable`
+applies the same comparison to a run's own ``config.json``, for ``evaluate`` and ``sample``.
 """
 
 from __future__ import annotations
@@ -40,16 +41,35 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLik
     workdir, their vocabulary and token count taken from the tokenizer their config names.
     """
     for directory, run_config in run_directories(config, workdir):
-        saved = saved_parameter_shapes(directory)
-        if saved is None:
-            continue
-        step, shapes = saved
-        problems = sharding.mismatches(requested_parameter_shapes(run_config, shapes), shapes)
-        if problems:
-            raise ConfigError(
-                f"{directory} holds checkpoints (step {step}) of another model: "
-                f"{changed_fields(directory, run_config)}; parameters differ: {sharding.summarize(problems, 3)}. "
-                "Resume with the stored values, or give a new --workdir")
+        problem = checkpoint_mismatch(directory, run_config)
+        if problem:
+            raise ConfigError(f"{directory} holds checkpoints {problem}. Resume with the stored values, or give a new "
+                              "--workdir")
+
+
+def check_loadable(path: str | epath.PathLike) -> None:
+    """Raises ``ConfigError`` when a run's ``config.json`` (of ``path`` or its final stage) does not
+    describe its own checkpoints, e.g. a workdir whose config an older version overwrote: one
+    line instead of a shape error deep inside the restore."""
+    stage = checkpoints.final_stage_directory(str(path))
+    problem = checkpoint_mismatch(epath.Path(stage), checkpoints.read_config(stage))
+    if problem:
+        raise ConfigError(f"{stage}/{checkpoints.CONFIG_FILE} does not describe the checkpoints there, which are "
+                          f"{problem}. Restore the config the run was trained with")
+
+
+def checkpoint_mismatch(directory: epath.Path, config: ml_collections.ConfigDict) -> str | None:
+    """``"(step 2) of another model: <fields>; parameters differ: <parameters>"``, or ``None`` when
+    ``directory`` has no finished checkpoint or its parameters have the shapes ``config`` builds."""
+    saved = saved_parameter_shapes(directory)
+    if saved is None:
+        return None
+    step, shapes = saved
+    problems = sharding.mismatches(requested_parameter_shapes(config, shapes), shapes)
+    if not problems:
+        return None
+    return (f"(step {step}) of another model: {changed_fields(directory, config)}; parameters differ: "
+            f"{sharding.summarize(problems, 3)}")
 
 
 def run_directories(config: ml_collections.ConfigDict,

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from nativetok_jax import checkpoints
+from nativetok_jax import checkpoints, evaluate
 from nativetok_jax.config import ConfigError
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training.trainer import train_and_evaluate
-from nativetok_jax.workdir import check_resume, run_directories
+from nativetok_jax.workdir import check_loadable, check_resume, run_directories
 from test_training import ROOT, train_config, write_config_file
 
 
@@ -73,6 +73,14 @@ def test_checkpoints_are_compared_even_after_the_config_was_overwritten(finished
     with pytest.raises(ConfigError, match="its config.json has the requested model fields, the checkpoints do not; "
                                           r"parameters differ: quantizer/codebook has shape \(64, 4\)"):
         check_resume(wider_codebook(), damaged)
+    # evaluate (and sample, Tokenizer users) name the damage in one line instead of a restore traceback.
+    with pytest.raises(ConfigError) as error:
+        evaluate.run_evaluation(damaged, "photos", str(tmp_path / "eval.json"))
+    assert str(error.value) == (
+        f"{damaged}/config.json does not describe the checkpoints there, which are (step 2) of another model: its "
+        "config.json has the requested model fields, the checkpoints do not; parameters differ: quantizer/codebook "
+        "has shape (64, 4), expected (1024, 4). Restore the config the run was trained with")
+    check_loadable(finished_run)  # an intact run loads
 
 
 def test_each_training_stage_is_checked_against_its_own_directory(finished_run, tmp_path):

@@ -108,7 +108,7 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
     else:
         if not os.path.isdir(spec):
             raise EvaluationError(f"--data: {spec!r} is not an image folder, tfds:NAME:SPLIT or {PHOTOS!r}")
-        factory = lambda: FolderSource.scan(spec)  # noqa: E731
+        factory = lambda: FolderSource.scan(spec, "--data")  # noqa: E731
     try:
         return factory()
     except DataError as error:  # its message names a config field; here the flag is the cause

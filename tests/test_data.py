@@ -85,6 +85,15 @@ def test_symlinked_class_folders_are_followed_once_without_cycles(tmp_path, capl
     assert "9 image files in 2 classes" in caplog.text and "skipped 5:" in caplog.text
 
 
+def test_training_and_evaluation_read_a_sideways_phone_photo_upright(tmp_path):
+    """Issue 17, case 1, through the pipeline: an 80 x 40 photo stored as 40 x 80 with EXIF orientation 6."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((80, 40, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    source = FolderSource.scan(str(tmp_path))
+    assert decode(source[0]["image"], SkippedImages()).shape == (40, 80, 3)
+
+
 def test_iterator_state_round_trips_to_the_same_batches():
     source, _ = open_sources(data_config(source="photos", crop_min=0.2, crop_max=0.5), 4)
     iterator = train_iterator(data_config(crop_min=0.2, crop_max=0.5), source, image_size=16, batch_size=3, seed=5)

@@ -65,15 +65,16 @@ class FolderSource:
 
     @classmethod
     def scan(cls, root: str | epath.PathLike, field: str = "data.path") -> FolderSource:
-        """The images under ``root`` (local or ``gs://``). Raises ``DataError`` naming ``field``
-        when the folder does not exist or holds no image."""
+        """The images under ``root`` (local or ``gs://``). Raises ``DataError`` naming ``field`` (a
+        config field, or a flag such as ``--data``) when the folder does not exist or holds no image."""
+        culprit = field if field.startswith("--") else f"config.{field}"
         root_path = epath.Path(root) if root else None
         if root_path is None or not root_path.is_dir():
-            raise DataError(f"config.{field}: image folder {str(root)!r} does not exist")
+            raise DataError(f"{culprit}: image folder {str(root)!r} does not exist")
         relative_paths, skipped = _list_files(root_path)
         paths = sorted(relative_paths)
         if not paths:
-            raise DataError(f"config.{field}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images under "
+            raise DataError(f"{culprit}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images under "
                             f"{str(root)!r}{_describe_skipped(skipped, prefix='; skipped ')}")
         class_names = sorted({os.path.dirname(p) for p in paths} - {""})
         index = {name: i for i, name in enumerate(class_names)}

@@ -95,7 +95,14 @@ def checkpoint_directory(stage_directory: str) -> str:
 
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
-    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds)."""
+    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds).
+
+    Raises ``ConfigError`` instead of replacing the config of a run whose checkpoints hold
+    parameters of other shapes (``workdir.check_resume``): they could no longer be loaded.
+    """
+    from nativetok_jax.workdir import check_resume  # it reads checkpoints through this module
+
+    check_resume(config, directory)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -8,6 +8,7 @@ a ``ConfigError`` that names the field, before anything is built or compiled.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -228,17 +229,52 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     _positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
     p = g.label_drop_probability
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
-    s = g.sample
-    for name in ("num_samples", "num_steps"):
-        _positive_int(s.get(name), f"generator.sample.{name}")
-    _require(s.temperature > 0, "generator.sample.temperature", f"must be > 0, got {s.temperature!r}")
-    _require(isinstance(s.top_k, int) and s.top_k >= 0, "generator.sample.top_k", f"must be an integer >= 0, got {s.top_k!r}")
-    _require(0 < s.top_p <= 1, "generator.sample.top_p", f"must lie in (0, 1], got {s.top_p!r}")
-    _number(s.get("guidance_scale"), "generator.sample.guidance_scale")
+    validate_sampling(g.sample, g.kind)
     for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(train.get(name), f"train.{name}")
     _number(train.get("learning_rate"), "train.learning_rate")
     _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+
+
+def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_size: int | None = None,
+                      names: dict[str, str] | None = None) -> None:
+    """Raises ``ConfigError`` naming the first sampling setting a ``kind`` generator cannot use.
+
+    ``settings`` is ``config.generator.sample`` after any command-line overrides; ``names`` says
+    how an error names a setting (``{"temperature": "--temperature"}`` for a flag; default
+    ``config.generator.sample.<name>``); ``vocab_size`` bounds ``top_k`` when known. Temperature 0
+    is greedy decoding (the limit), not an error; ``num_steps`` and ``choice_temperature`` are
+    checked for MaskGIT, the only kind that uses them.
+    """
+    names = names or {}
+
+    def require(condition: bool, name: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{names.get(name, f'config.generator.sample.{name}')}: {message}")
+
+    def number(name: str, low: float, high: float = math.inf, high_open: bool = False) -> None:
+        value = settings.get(name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and low <= value and (value <= high if not high_open else value < high)
+        span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        require(ok, name, f"must be a finite number {span}, got {value!r}")
+
+    def integer(name: str, low: int, high: int | None = None) -> None:
+        value = settings.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        require(ok, name, f"must be an integer >= {low}{'' if high is None else f' and <= {high}'}, got {value!r}")
+
+    integer("num_samples", 1)
+    integer("seed", 0)
+    number("temperature", 0.0)  # 0: greedy
+    integer("top_k", 0, vocab_size)  # 0: every id
+    top_p = settings.get("top_p")
+    require(isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1, "top_p",
+            f"must lie in (0, 1] (1: off), got {top_p!r}")
+    number("guidance_scale", 0.0)  # 0: the unconditional model, 1: no guidance
+    if kind == "maskgit":
+        integer("num_steps", 1)
+        number("choice_temperature", 0.0)
 
 
 def data_source_ok(data: ml_collections.ConfigDict) -> bool:

@@ -30,12 +30,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 
 from nativetok_jax import checkpoints  # noqa: E402
 from nativetok_jax.config import ConfigError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
-from nativetok_jax.data.sources import DataError, FolderSource, PhotoSource, TfdsSource  # noqa: E402
+from nativetok_jax.data.sources import (  # noqa: E402
+    SAMPLE_IDS_FILE,
+    DataError,
+    FolderSource,
+    PhotoSource,
+    TfdsSource,
+)
 from nativetok_jax.evaluation import fid  # noqa: E402
 from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
 from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
@@ -56,6 +63,7 @@ from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
 from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
+from nativetok_jax.workdir import check_loadable  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
 # (training, sampling) also define --workdir and --out, and importing two of them into one process
@@ -94,8 +102,10 @@ PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
 INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
 INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
-PREPROCESSING = ("decoded to RGB (grey and RGBA images converted), short side resized to {size} px with "
-                 "PIL bicubic resampling (antialiased), the central {size} x {size} square kept, uint8")
+PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit and float depths scaled, "
+                 "palette/CMYK converted, alpha composited on white; nativetok_jax.data.decoding), short side "
+                 "resized to {size} px with PIL bicubic resampling (antialiased), the central {size} x {size} "
+                 "square kept, uint8")
 
 
 class EvaluationError(ValueError):
@@ -114,7 +124,7 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
     else:
         if not os.path.isdir(spec):
             raise EvaluationError(f"--data: {spec!r} is not an image folder, tfds:NAME:SPLIT or {PHOTOS!r}")
-        factory = lambda: FolderSource.scan(spec)  # noqa: E731
+        factory = lambda: FolderSource.scan(spec, "--data")  # noqa: E731
     try:
         return factory()
     except DataError as error:  # its message names a config field; here the flag is the cause
@@ -122,18 +132,24 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
 
 
 def image_batches(source: Any, image_size: int, batch_size: int, num_images: int | None,
-                  skipped: Any) -> Iterator[np.ndarray]:
+                  skipped: Any, exact_size: str | None = None) -> Iterator[np.ndarray]:
     """uint8 ``[B, image_size, image_size, 3]`` batches of the source's first ``num_images`` readable
-    images, centre-cropped; unreadable ones are skipped and counted in ``skipped``."""
+    images, centre-cropped; unreadable ones are skipped and counted in ``skipped``. With
+    ``exact_size`` (the flag to blame) an image of another size is an ``EvaluationError``, not
+    resized: generated samples all have the model's size."""
     wanted = len(source) if num_images is None else num_images
     batch: list[np.ndarray] = []
     taken = 0
     for index in range(len(source)):
         if taken == wanted:
             break
-        image = decode(source[index]["image"], skipped)
+        element = source[index]
+        image = decode(element["image"], skipped, element.get("name", f"element {index}"))
         if image is None:
             continue
+        if exact_size and image.shape[:2] != (image_size, image_size):
+            raise EvaluationError(f"{exact_size}: {element['image']} is {image.shape[1]} x {image.shape[0]} px, "
+                                  f"expected {image_size} x {image_size} px")
         batch.append(center_crop(image, image_size))
         taken += 1
         if len(batch) == batch_size:
@@ -149,12 +165,34 @@ def weights_record(path: str, kind: str) -> dict[str, Any]:
     return {"file": os.path.abspath(path), **{k: v for k, v in meta.items() if k != "format_version"}}
 
 
-def read_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file is a flag error."""
+def read_reference_stats(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file, or statistics of images
+    of another size than ``image_size``, is a flag error."""
     try:
-        return fid.load_statistics(path)
+        return fid.load_statistics(path, image_size=image_size)
     except ValueError as error:
         raise EvaluationError(f"--reference_stats: {error}") from None
+
+
+def samples_image_size(samples: str, generated: FolderSource, reference_stats: str | None) -> tuple[int, str]:
+    """The side every sample must have and where it comes from: the generator's tokenizer (as
+    ``sample`` records it in ids.npz), else the reference statistics' record, else the first sample."""
+    ids = epath.Path(samples) / SAMPLE_IDS_FILE
+    if ids.is_file():
+        with ids.open("rb") as f, np.load(f) as recorded:
+            if "image_size" in recorded.files:
+                return int(recorded["image_size"]), f"the generator's tokenizer (recorded in {ids})"
+    if reference_stats and epath.Path(reference_stats).is_file():
+        try:
+            recorded_size = fid.recorded_image_size(reference_stats)
+        except ValueError as error:
+            raise EvaluationError(f"--reference_stats: {error}") from None
+        if recorded_size is not None:
+            return recorded_size, f"the reference statistics {reference_stats}"
+    first = decode(generated[0]["image"], SkippedImages())
+    if first is None:
+        raise EvaluationError(f"--samples: cannot read {generated[0]['image']}")
+    return first.shape[0], f"the first sample {generated[0]['image']}"
 
 
 def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
@@ -192,6 +230,7 @@ def run_evaluation(
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
+    check_loadable(workdir)
     tokenizer = Tokenizer.from_checkpoint(workdir, use_ema=use_ema)
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
@@ -234,7 +273,7 @@ def run_evaluation(
         }
         inception = load_inception(inception_path)
         if reference_stats and os.path.isfile(reference_stats):
-            reference = read_reference_stats(reference_stats)
+            reference = read_reference_stats(reference_stats, size)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
             protocol["inception"]["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
         else:
@@ -258,10 +297,11 @@ def run_evaluation(
     if inception_path:
         protocol["inception"]["inception_score_splits"] = inception_score_splits(metrics["num_images"])
     if write_reference:
-        fid.save_statistics(reference_stats, *reference)
+        fid.save_statistics(reference_stats, *reference, image_size=size)
         logging.info("wrote the reference statistics to %s", reference_stats)
     protocol.update(num_images=metrics["num_images"], skipped_images=skipped.count,
-                    skipped_examples=skipped.examples, seconds=round(time.time() - start, 1))
+                    skipped_examples=skipped.examples, skipped_files=skipped.names,
+                    seconds=round(time.time() - start, 1))
     report = {**metrics, "protocol": protocol}
 
     directory = os.path.dirname(os.path.abspath(out))
@@ -302,13 +342,15 @@ def run_sample_evaluation(
     if not os.path.isdir(samples):
         raise EvaluationError(f"--samples: {samples!r} is not a folder of images")
     try:
-        generated = FolderSource.scan(samples)
+        generated = FolderSource.samples(samples, "--samples")
     except DataError as error:
         raise EvaluationError(f"--samples: {str(error).split(': ', 1)[-1]}") from None
+    size, size_source = samples_image_size(samples, generated, reference_stats)
+    logging.info("--samples: %d images of %d x %d px (the size of %s)", len(generated), size, size, size_source)
     inception = load_inception(inception_path)
-    size = decode(generated[0]["image"], SkippedImages()).shape[0]
     protocol: dict[str, Any] = {
-        "samples": os.path.abspath(samples), "batch_size": batch_size,
+        "samples": os.path.abspath(samples), "batch_size": batch_size, "image_size": size,
+        "image_size_from": size_source,
         "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
                       "input": INCEPTION_INPUT,
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
@@ -316,7 +358,7 @@ def run_sample_evaluation(
     }
     adm_images = _convert_adm_reference_batch(reference_batch, reference_stats, protocol)
     if os.path.isfile(reference_stats):
-        reference = read_reference_stats(reference_stats)
+        reference = read_reference_stats(reference_stats, size)
         protocol.setdefault("reference_stats", {"file": os.path.abspath(reference_stats), "action": "read"})
     else:
         if not data:
@@ -324,8 +366,9 @@ def run_sample_evaluation(
         skipped = SkippedImages()
         reference, _, count = inception_statistics(
             image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, skipped), inception)
-        fid.save_statistics(reference_stats, *reference)
-        logging.info("wrote the reference statistics of %d images of %s to %s", count, data, reference_stats)
+        fid.save_statistics(reference_stats, *reference, image_size=size)
+        logging.info("wrote the reference statistics of %d images of %s (at %d px) to %s", count, data, size,
+                     reference_stats)
         protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
     real_features = _reference_features(reference_features, reference_batch, adm_images, data, tfds_data_dir,
@@ -333,10 +376,12 @@ def run_sample_evaluation(
     skipped = SkippedImages()
     sample_features: list[np.ndarray] = []
     statistics, logits, count = inception_statistics(
-        image_batches(generated, size, batch_size, None, skipped), inception, features_out=sample_features)
+        image_batches(generated, size, batch_size, None, skipped, exact_size="--samples"), inception,
+        features_out=sample_features)
     splits = inception_score_splits(count)
     score, score_std = fid.inception_score(logits, splits=splits)
-    protocol.update(num_samples=count, skipped_images=skipped.count, inception_score_splits=splits)
+    protocol.update(num_samples=count, skipped_images=skipped.count, skipped_files=skipped.names,
+                    inception_score_splits=splits)
     report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
     if real_features is not None:
@@ -357,7 +402,7 @@ def _convert_adm_reference_batch(path: str | None, reference_stats: str, protoco
     except ValueError as error:
         raise EvaluationError(f"--reference_batch: {error}") from None
     if statistics is not None and not os.path.isfile(reference_stats):
-        fid.save_statistics(reference_stats, *statistics)
+        fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1])
         protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "converted",
                                        "reference_batch": os.path.abspath(path)}
     return images

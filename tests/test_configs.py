@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.config import ConfigError, load_config_file, validate_generator, validate_training
+from nativetok_jax.config import ConfigError, load_config_file, quantizer_warmup_steps, validate_generator, validate_training
 from nativetok_jax.models import build_model
 from nativetok_jax.models.generators import build_generator
 from nativetok_jax.training import hnt
@@ -115,7 +115,7 @@ def test_token_order_arms_differ_only_in_the_tokenizer_kind(scale, tmp_path):
         validate_generator(config.generator)
         # Shortened to fit 30 minutes on 2 CPU cores; the schedule moves with it.
         assert native.train.num_steps == 1500 and config.generator.train.num_steps == 500
-        assert native.train.quantizer_warmup_steps == native.train.eval_every == 750
+        assert quantizer_warmup_steps(native.train) == native.train.eval_every == 750  # the demo's half
 
 
 @pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])

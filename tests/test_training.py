@@ -167,6 +167,14 @@ def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path):
     ids_second = Tokenizer.from_checkpoint(workdir, use_ema=False).encode(images)
     assert ids_second.shape == (3, 8)
     np.testing.assert_array_equal(ids_second[:, :4], ids_first)
+    # So are they with the EMA weights, which users load by default: the EMA grew from the EMA.
+    ids_first = Tokenizer.from_checkpoint(os.path.join(workdir, "stage0_4tokens")).encode(images)
+    ids_second = Tokenizer.from_checkpoint(workdir).encode(images)
+    np.testing.assert_array_equal(ids_second[:, :4], ids_first)
+    first_ema = flat(checkpoints.load_params(os.path.join(workdir, "stage0_4tokens"), use_ema=True)[0])
+    second_ema = flat(checkpoints.load_params(os.path.join(workdir, "stage1_8tokens"), use_ema=True)[0])
+    for key in (k for k in first_ema if k.startswith(("mit/", "token_head/", "quantizer/"))):
+        np.testing.assert_array_equal(second_ema[key], first_ema[key], err_msg=key)
 
 
 def test_growing_parameters_names_what_does_not_fit():

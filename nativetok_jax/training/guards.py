@@ -68,7 +68,7 @@ class Preemption:
 
 def _stop_now(signum, frame):
     del signum, frame
-    raise Preempted("SIGTERM before any training state existed to save")
+    raise Preempted("SIGTERM outside the training loop, so there was nothing to save")
 
 
 @contextlib.contextmanager

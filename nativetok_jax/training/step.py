@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nativetok_jax import sharding
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.training.optimizer import ema_update, stop_frozen_gradients, trainable_norm
 from nativetok_jax.training.state import CORE_PARTS, BuiltState, TrainState
@@ -128,6 +129,4 @@ class TrainStep:
 
 def batch_shardings(mesh: jax.sharding.Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.sharding.NamedSharding]:
     """Each global batch array split along its leading (batch) axis over ``data`` and ``fsdp``."""
-    from nativetok_jax import sharding
-
     return {name: sharding.batch_sharding(mesh, shape) for name, shape in shapes.items()}

@@ -294,3 +294,45 @@ def test_the_demo_checkpoint_layout_is_the_golden_one():
             json.dump(layout, f, indent=1, sort_keys=True)
     with open(GOLDEN) as f:
         assert layout == json.load(f)
+
+
+def test_a_new_trainer_supplies_only_a_model_a_loss_and_data(tmp_path):
+    """The module docstring's example: the shared loop checkpoints, evaluates, writes grids and
+    traces a profiler window, resumes, for a model it has never seen."""
+    import grain
+
+    from nativetok_jax.training import loop
+
+    train = ml_collections.ConfigDict(dict(seed=0, num_steps=6, learning_rate=0.05, final_learning_rate_ratio=1.0,
+                                           warmup_steps=0, beta1=0.9, beta2=0.99, weight_decay=0.0,
+                                           grad_clip_norm=1.0, ema_decay=0.5, log_every=2, eval_every=3,
+                                           checkpoint_every=3, keep_checkpoints=5, profile_steps=1,
+                                           profile_first_step=2))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    rng = np.random.default_rng(0)
+    examples = [{"x": rng.normal(size=3).astype(np.float32), "y": np.ones(2, np.float32)} for _ in range(64)]
+
+    def task():
+        built = build_state(Toy, train=train, mesh=mesh, rules=())
+
+        def loss(params, batch, context):
+            error = jnp.mean((nnx.merge(built.graphdef, params)(batch["x"]) - batch["y"]) ** 2)
+            return error, ({"mse": error}, None)
+
+        def evaluate(state, step, outputs):
+            outputs.grid("inputs", step, [np.zeros((2, 4, 4, 3), np.uint8)])
+            return {"evaluated_at": step}
+
+        batches = iter(grain.MapDataset.source(examples).seed(0).shuffle().repeat().batch(8).to_iter_dataset())
+        return loop.Task(built, Objective(loss), batches, batch_shardings(mesh, {"x": (8, 3), "y": (8, 2)}),
+                         evaluate=evaluate)
+
+    workdir = tmp_path / "toy"
+    result = loop.run(task(), train, workdir)
+    assert result.step == 6 and result.metrics == {"evaluated_at": 6}
+    assert checkpoints.Checkpoints(str(workdir / "checkpoints"), 5).latest_step() == 6
+    assert sorted(p.name for p in (workdir / "images").iterdir()) == ["inputs_0000003.png", "inputs_0000006.png"]
+    assert any((workdir / "plugins" / "profile").iterdir())
+    train.num_steps = 8
+    resumed = loop.run(task(), train, workdir)
+    assert resumed.step == 8 and int(resumed.state["step"]) == 8

@@ -148,7 +148,8 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
     profile = None
     if train.get("profile_steps", 0) and is_main:
         profile = periodic_actions.Profile(logdir=str(workdir), num_profile_steps=train.profile_steps,
-                                           first_profile=train.get("profile_first_step", 10), every_secs=None)
+                                           profile_duration_ms=None, first_profile=train.get("profile_first_step", 10),
+                                           every_secs=None)
     preemption = Preemption()
     last_saved = latest
     metrics: dict[str, Any] = {}

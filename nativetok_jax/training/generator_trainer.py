@@ -29,7 +29,6 @@ from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_generator
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.data.token_store import TokenSource
-from nativetok_jax.evaluation.grids import save_grid
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators import build_generator

@@ -35,7 +35,7 @@ def get_config():
     t.prefix_probability = 0.2
     # Continuous tokens for the first half, then a codebook fitted to the encoder (see
     # nativetok_jax/training/codebook.py): random codes collapse on a run this short.
-    t.quantizer_warmup_steps = 1150
+    t.quantizer_warmup_fraction = 0.5
     t.log_every = 50
     t.eval_every = 1150
     t.checkpoint_every = 500

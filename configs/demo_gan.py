@@ -12,7 +12,7 @@ scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).
 
 import os
 
-from nativetok_jax.config import load_config_file
+from nativetok_jax.config import load_config_file, quantizer_warmup_steps
 
 
 def get_config(kind: str = "nativetok"):
@@ -23,7 +23,7 @@ def get_config(kind: str = "nativetok"):
     config.train.losses.update(
         perceptual_weight=0.1,
         adversarial_weight=0.1,
-        adversarial_start_step=config.train.quantizer_warmup_steps,
+        adversarial_start_step=quantizer_warmup_steps(config.train),
         adaptive_adversarial_weight=True,
         lecam_weight=0.001,
     )

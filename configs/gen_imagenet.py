@@ -30,5 +30,5 @@ def get_config(arg: str = "ar,B"):
                        crop_min=1.0, crop_max=1.0, flip=True, num_eval_images=10_000)
     g.num_eval_examples = 10_000
     config.train.update(batch_size=256, num_steps=1_500_000, learning_rate=1e-4, warmup_steps=5_000)
-    config.model.dtype = "bfloat16"
+    config.generator.dtype = "bfloat16"
     return config

@@ -49,7 +49,6 @@ def get_config(scale: str = "demo"):
         generator.data = native.data
         for tokenizer in (native, order_free):
             shorten_schedule(tokenizer.train, TOKENIZER_STEPS)
-            tokenizer.train.quantizer_warmup_steps = TOKENIZER_STEPS // 2  # the demo's half continuous
         shorten_schedule(generator.train, GENERATOR_STEPS)
         generator.generator.num_eval_examples = 256
     config.native = native

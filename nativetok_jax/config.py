@@ -123,8 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
     # that coarse-to-fine previews (the first k tokens) are meaningful.
     config.train.prefix_probability = 0.5
     # Decode continuous tokens for this many steps, then fit the codebook to the encoder's
-    # outputs and quantise (0: quantise from the start). See training/codebook.py.
+    # outputs and quantise (0: quantise from the start). See training/codebook.py. Or give the
+    # warm-up as a fraction of train.num_steps (of the first HNT stage's steps), so that it
+    # follows --config.train.num_steps; set at most one of the two.
     config.train.quantizer_warmup_steps = 0
+    config.train.quantizer_warmup_fraction = 0.0
     config.train.losses = ml_collections.ConfigDict(
         dict(
             pixel="l2",
@@ -164,6 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 5_000
     config.train.checkpoint_every = 5_000
     config.train.keep_checkpoints = 3
+    # A profiler trace (TensorBoard's profile plugin) of this many steps from profile_first_step
+    # on, written to the workdir by process 0; 0 traces nothing.
+    config.train.profile_steps = 0
+    config.train.profile_first_step = 10
 
     # Hierarchical Native Training: an empty tuple trains one stage with model.num_tokens; else
     # a tuple of dicts(num_tokens=, num_steps=, frozen=(...), name=""), run in order, each in
@@ -182,15 +189,26 @@ def base_config() -> ml_collections.ConfigDict:
 GENERATOR_KINDS = ("ar", "maskgit")
 
 
+# What the tokenizer's schema holds that a generator does not use (the tokenizer it reads has
+# its own config, in its workdir).
+TOKENIZER_ONLY = ("model", "hnt", "pretrained", "discriminator")
+TOKENIZER_ONLY_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
+
+
 def generator_config() -> ml_collections.ConfigDict:
     """A second-stage generator trained on a tokenizer's ids: LlamaGen-B (AR) by default.
 
-    ``data`` and ``mesh`` mean what they mean for the tokenizer; ``train`` holds the optimiser
-    and schedule (LlamaGen's AdamW settings); ``generator.tokenizer`` names the tokenizer's
-    workdir, whose checkpoint encodes the data once into a token store.
+    ``data``, ``mesh`` and ``sharding`` mean what they mean for the tokenizer; ``train`` holds the
+    optimiser, schedule and loop settings (LlamaGen's AdamW settings); ``generator.tokenizer``
+    names the tokenizer's workdir, whose checkpoint encodes the data once into a token store.
+    The tokenizer's model, objective and HNT fields are not part of it.
     """
     config = base_config()
     config.task = "generator"
+    for name in TOKENIZER_ONLY:
+        del config[name]
+    for name in TOKENIZER_ONLY_TRAIN:
+        del config.train[name]
     g = config.generator = ml_collections.ConfigDict()
     g.kind = "ar"  # "ar": LlamaGen-class GPT; "maskgit": bidirectional masked-token transformer
     g.tokenizer = ""  # a tokenizer workdir (or one stage's directory)
@@ -198,6 +216,7 @@ def generator_config() -> ml_collections.ConfigDict:
     g.width, g.depth, g.num_heads = 768, 12, 12  # LlamaGen-B
     g.mlp_ratio = 4.0  # maskgit's MLP; the GPT's SwiGLU uses LlamaGen's 2/3 of it, rounded to 256
     g.remat = False
+    g.dtype = "float32"  # compute dtype; parameters are always float32
     g.num_classes = 0  # 0: as many as the data has (max label + 1)
     g.label_drop_probability = 0.1  # classifier-free guidance: labels dropped to the null class
     g.tokens_dir = ""  # "": <workdir>/tokens
@@ -223,6 +242,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isdir(g.tokenizer), "generator.tokenizer", f"no such directory: {g.tokenizer}")
     _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
                                                         mlp_ratio=g.mlp_ratio, remat=g.remat)), "generator")
+    _require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
     for name in ("num_classes", "num_train_examples", "num_eval_examples"):
         _require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
@@ -230,8 +250,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     p = g.label_drop_probability
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
     validate_sampling(g.sample, g.kind)
-    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        _positive_int(train.get(name), f"train.{name}")
+    validate_loop(train)
     _number(train.get("learning_rate"), "train.learning_rate")
     _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
 
@@ -275,6 +294,38 @@ def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_s
     if kind == "maskgit":
         integer("num_steps", 1)
         number("choice_temperature", 0.0)
+
+
+def validate_loop(train: ml_collections.ConfigDict) -> None:
+    """The training loop's schedule fields (``training/loop.py``), shared by every trainer."""
+    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(train.get(name), f"train.{name}")
+    for name in ("profile_steps", "profile_first_step"):
+        value = train.get(name, 0)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{name}",
+                 f"must be an integer >= 0, got {value!r}")
+
+
+def quantizer_warmup_steps(train: ml_collections.ConfigDict, num_steps: int | None = None) -> int:
+    """The quantiser warm-up of a run (or HNT stage) of ``num_steps`` (default ``train.num_steps``):
+    ``train.quantizer_warmup_steps``, or ``train.quantizer_warmup_fraction`` of the steps.
+
+    Raises ``ConfigError`` naming the flag to change when no step would be quantised.
+    """
+    num_steps = train.num_steps if num_steps is None else num_steps
+    steps, fraction = train.quantizer_warmup_steps, train.get("quantizer_warmup_fraction", 0.0)
+    _require(isinstance(steps, int) and steps >= 0, "train.quantizer_warmup_steps",
+             f"must be an integer >= 0, got {steps!r}")
+    _require(isinstance(fraction, (int, float)) and 0 <= fraction < 1, "train.quantizer_warmup_fraction",
+             f"must lie in [0, 1), got {fraction!r}")
+    _require(not (steps and fraction), "train.quantizer_warmup_steps",
+             f"{steps} and train.quantizer_warmup_fraction {fraction} are both set; set one of them to 0")
+    if fraction:
+        return int(fraction * num_steps)
+    _require(steps < num_steps, "train.quantizer_warmup_steps",
+             f"{steps} leaves none of the {num_steps} steps quantised; lower it, or give the warm-up as "
+             "--config.train.quantizer_warmup_fraction (with --config.train.quantizer_warmup_steps=0)")
+    return steps
 
 
 def data_source_ok(data: ml_collections.ConfigDict) -> bool:
@@ -345,8 +396,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field of the model, data or training config that cannot work."""
     validate_model(config.model)
     train, data = config.train, config.data
-    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        _positive_int(train.get(name), f"train.{name}")
+    validate_loop(train)
     _require(train.batch_size % _process_count() == 0, "train.batch_size",
              f"{train.batch_size} is not divisible by the {_process_count()} processes")
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
@@ -361,6 +411,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
     _validate_objective(config)
+    quantizer_warmup_steps(train)
     _require(data.get("source") in ("photos", "folder", "tfds"), "data.source",
              f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
     _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",

@@ -64,6 +64,7 @@ from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
 from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
 from nativetok_jax.workdir import check_loadable  # noqa: E402
+from nativetok_jax.training.guards import ends_preempted_runs  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
 # (training, sampling) also define --workdir and --out, and importing two of them into one process
@@ -454,6 +455,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {'; '.join(str(error).splitlines())}")
 
 
+@ends_preempted_runs()  # one line for a preempted run, as every entry point
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

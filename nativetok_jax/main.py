@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.pretrained.files import WeightsError
     from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.hnt import RestoreError
-    from nativetok_jax.training.guards import NonFiniteLossError, Preempted
+    from nativetok_jax.training.guards import NonFiniteLossError, ends_preempted_runs
     from nativetok_jax.training.trainer import train_and_evaluate
     from nativetok_jax.workdir import check_resume
 
@@ -65,17 +65,15 @@ def main(argv: list[str]) -> None:
     generator = FLAGS.config.get("task", "tokenizer") == "generator"
     try:
         check_resume(FLAGS.config, FLAGS.workdir)  # before anything is written to the workdir
-        if generator:
-            summary = train_generator(FLAGS.config, FLAGS.workdir)
-        else:
-            summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with ends_preempted_runs():
+            if generator:
+                summary = train_generator(FLAGS.config, FLAGS.workdir)
+            else:
+                summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataError, RestoreError, NonFiniteLossError, WeightsError, TokenStoreError) as error:
         sys.exit(f"error: {error}")
     except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
         sys.exit(f"error: {error}")
-    except Preempted as stop:
-        logging.warning("%s", stop)
-        sys.exit(f"stopped: {stop}; run the same command to resume")
     if generator:
         print(f"done in {time.time() - start:.0f} s: held-out NLL {summary['nll_per_token']:.4f} nats/token "
               f"after {summary['step']} steps; samples in {FLAGS.workdir}/images")

@@ -95,7 +95,7 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     num_classes = int(params["class_embedding"].shape[0]) - 1
     abstract = nnx.eval_shape(lambda: build_generator(
         g, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens, num_classes=num_classes,
-        rngs=nnx.Rngs(0), dtype=config.model.dtype))
+        rngs=nnx.Rngs(0), dtype=g.dtype))
     graphdef, _ = nnx.split(abstract)
     params = jax.device_put(params, sharding.param_shardings(abstract, mesh, rules))
     wanted = overrides.get("labels")
@@ -133,12 +133,15 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     labels = [int(x) for x in FLAGS.labels.split(",")] if FLAGS.labels else None
+    from nativetok_jax.training.guards import ends_preempted_runs
+
     try:
-        images = sample_images(
-            FLAGS.workdir, FLAGS.out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
-            batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-            guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
-            choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
+        with ends_preempted_runs():
+            images = sample_images(
+                FLAGS.workdir, FLAGS.out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
+                batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
+                choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {str(error).splitlines()[0]}")
     print(f"wrote {len(images)} samples to {FLAGS.out} (grid.png, sample_*.png, ids.npz)")

@@ -111,7 +111,7 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
         num_classes = g.num_classes or (saved["class_embedding"].shape[0] - 1 if "class_embedding" in saved else 1)
         abstract = nnx.eval_shape(lambda: build_generator(
             g, vocab_size=tokenizer.quantizer.codebook_size, num_tokens=tokenizer.num_tokens,
-            num_classes=num_classes, rngs=nnx.Rngs(0), dtype=config.model.dtype))
+            num_classes=num_classes, rngs=nnx.Rngs(0), dtype=g.dtype))
     else:
         from nativetok_jax.models import build_model
 

@@ -12,9 +12,8 @@ from nativetok_jax.models import build_model
 from nativetok_jax.models.discriminator import PatchDiscriminator
 from nativetok_jax.training import losses as L
 from nativetok_jax.training.adversarial import build_discriminator
-from nativetok_jax.training.optimizer import make_optimizer
-from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.state import build_state
+from nativetok_jax.training.tokenizer_objective import tokenizer_train_step
 
 
 def test_hinge_losses_and_lecam_match_hand_computed_values():
@@ -58,14 +57,12 @@ def _adversarial_step(generator_lr: float, discriminator_lr: float):
     config.discriminator.update(width=8, depth=2, learning_rate=discriminator_lr)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
-    graphdef, params, param_shardings = sharding.init_sharded(lambda r: build_model(config.model, r), 0, mesh, rules)
-    optimizer = make_optimizer(config.train, 10, params)
-    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=False)
-    state = jax.jit(lambda p: init_state(p, optimizer, False), out_shardings=shardings)(params)
-    discriminator, state["discriminator"], shardings["discriminator"] = build_discriminator(config, 10, mesh, rules)
+    built = build_state(lambda r: build_model(config.model, r), train=config.train, mesh=mesh, rules=rules, num_steps=10)
+    discriminator, part, part_shardings = build_discriminator(config, 10, mesh, rules)
+    built.add_part("discriminator", part, part_shardings)
+    state = built.state
     image_sharding = sharding.batch_sharding(mesh, (8, 16, 16, 3))
-    step = make_train_step(graphdef, optimizer, config, num_tokens=8, frozen_encoder=False, frozen_experts=0,
-                           state_shardings=shardings, batch_sharding=image_sharding, discriminator=discriminator)
+    step = tokenizer_train_step(built, config, 8, discriminator=discriminator)
     images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     batch = {"image": jax.device_put(images, image_sharding), "label": np.zeros(8, np.int32)}
     before = jax.tree.map(np.asarray, state)

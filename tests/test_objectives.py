@@ -16,9 +16,8 @@ from nativetok_jax.models.lpips import LPIPS
 from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
 from nativetok_jax.pretrained import files
 from nativetok_jax.training.networks import load_networks
-from nativetok_jax.training.optimizer import make_optimizer
-from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.state import build_state
+from nativetok_jax.training.tokenizer_objective import tokenizer_train_step
 from nativetok_jax.training.trainer import train_and_evaluate
 
 # 16 px images, 4x4 codes (two 2x downsamplings), 32 codes: the tiny tokenizer's proxy grid.
@@ -52,14 +51,11 @@ def test_proxy_code_cross_entropy_learns_the_vqgan_codes(weight_files):
     config = proxy_config(weight_files[0], "codes", learning_rate=3e-3)
     networks = load_networks(config)
     mesh = sharding.make_mesh(config.mesh)
-    graphdef, params, param_shardings = sharding.init_sharded(
-        lambda r: build_model(config.model, r), 0, mesh, sharding.rules_of(config))
-    optimizer = make_optimizer(config.train, 100, params)
-    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=False)
-    state = jax.jit(lambda p: init_state(p, optimizer, False), out_shardings=shardings)(params)
+    built = build_state(lambda r: build_model(config.model, r), train=config.train, mesh=mesh,
+                        rules=sharding.rules_of(config), num_steps=100)
+    state = built.state
     image_sharding = sharding.batch_sharding(mesh, (8, 16, 16, 3))
-    step = make_train_step(graphdef, optimizer, config, num_tokens=8, frozen_encoder=False, frozen_experts=0,
-                           state_shardings=shardings, batch_sharding=image_sharding, networks=networks)
+    step = tokenizer_train_step(built, config, 8, networks=networks)
     images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     batch = {"image": jax.device_put(images, image_sharding), "label": np.zeros(8, np.int32)}
     history = []

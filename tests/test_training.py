@@ -21,9 +21,8 @@ from nativetok_jax.data.pipeline import train_iterator
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.models import build_model
 from nativetok_jax.training.hnt import RestoreError, grow_params
-from nativetok_jax.training.optimizer import make_optimizer
-from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.state import build_state
+from nativetok_jax.training.tokenizer_objective import tokenizer_train_step
 from nativetok_jax.training.guards import NonFiniteLossError
 from nativetok_jax.training.trainer import train_and_evaluate
 
@@ -63,17 +62,12 @@ def flat(tree) -> dict:
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     config = train_config(num_steps=25)
     mesh = sharding.make_mesh(config.mesh)
-    graphdef, params, param_shardings = sharding.init_sharded(
-        lambda r: build_model(config.model, r), 0, mesh, sharding.rules_of(config)
-    )
-    optimizer = make_optimizer(config.train, 25, params)
-    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=True)
-    state = jax.jit(lambda p: init_state(p, optimizer, True), out_shardings=shardings)(params)
+    built = build_state(lambda r: build_model(config.model, r), train=config.train, mesh=mesh,
+                        rules=sharding.rules_of(config))
+    state = built.state
     source, _ = open_sources(config.data, 8)
     batch = next(train_iterator(config.data, source, image_size=16, batch_size=8, seed=0))
-    image_sharding = sharding.batch_sharding(mesh, batch["image"].shape)
-    step = make_train_step(graphdef, optimizer, config, num_tokens=8, frozen_encoder=False, frozen_experts=0,
-                           state_shardings=shardings, batch_sharding=image_sharding)
+    step = tokenizer_train_step(built, config, 8)
     losses = []
     for _ in range(25):
         state, metrics = step(state, batch)
@@ -173,6 +167,14 @@ def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path):
     ids_second = Tokenizer.from_checkpoint(workdir, use_ema=False).encode(images)
     assert ids_second.shape == (3, 8)
     np.testing.assert_array_equal(ids_second[:, :4], ids_first)
+    # So are they with the EMA weights, which users load by default: the EMA grew from the EMA.
+    ids_first = Tokenizer.from_checkpoint(os.path.join(workdir, "stage0_4tokens")).encode(images)
+    ids_second = Tokenizer.from_checkpoint(workdir).encode(images)
+    np.testing.assert_array_equal(ids_second[:, :4], ids_first)
+    first_ema = flat(checkpoints.load_params(os.path.join(workdir, "stage0_4tokens"), use_ema=True)[0])
+    second_ema = flat(checkpoints.load_params(os.path.join(workdir, "stage1_8tokens"), use_ema=True)[0])
+    for key in (k for k in first_ema if k.startswith(("mit/", "token_head/", "quantizer/"))):
+        np.testing.assert_array_equal(second_ema[key], first_ema[key], err_msg=key)
 
 
 def test_growing_parameters_names_what_does_not_fit():

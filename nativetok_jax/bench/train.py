@@ -29,9 +29,9 @@ from nativetok_jax.models import build_model
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.networks import load_networks
-from nativetok_jax.training.optimizer import make_optimizer
-from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.optimizer import optimizer_state_bytes
+from nativetok_jax.training.state import build_state
+from nativetok_jax.training.tokenizer_objective import image_batch_shardings, tokenizer_train_step
 
 GROWTH_FROZEN = ("mit", "old_experts", "token_head", "quantizer")
 
@@ -49,54 +49,50 @@ def matmul_flops_per_second(dtype: jnp.dtype, size: int = 2048, repeats: int = 5
 
 
 def _compiled_step(config: ml_collections.ConfigDict, batch_size: int, frozen: tuple[str, ...], num_old: int):
-    """The config's whole train step: LPIPS, VQGAN (random weights) and discriminator included."""
+    """The config's whole train step (LPIPS, VQGAN with random weights, and the discriminator
+    included), built by ``build_state`` and run under the mesh and the logical-axis rules, as the
+    trainer runs it."""
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
-    graphdef, params, param_shardings = sharding.init_sharded(lambda r: build_model(config.model, r), 0, mesh, rules)
-    trainable = hnt.trainable_mask(params, frozen, num_old) if frozen else None
-    optimizer = make_optimizer(config.train, 1000, params, trainable)
-    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema=config.train.ema_decay > 0)
-    state = jax.jit(lambda p: init_state(p, optimizer, config.train.ema_decay > 0), out_shardings=shardings)(params)
+    built = build_state(lambda r: build_model(config.model, r), train=config.train, mesh=mesh, rules=rules,
+                        num_steps=1000, freeze=(lambda p: hnt.trainable_mask(p, frozen, num_old)) if frozen else None)
     discriminator = None
     if uses_discriminator(config):
-        discriminator, state["discriminator"], shardings["discriminator"] = build_discriminator(config, 1000, mesh, rules)
+        discriminator, part, part_shardings = build_discriminator(config, 1000, mesh, rules)
+        built.add_part("discriminator", part, part_shardings)
     size = config.model.image_size
-    image_sharding = sharding.batch_sharding(mesh, (batch_size, size, size, 3))
-    batch = {
-        "image": jax.device_put(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8),
-                                image_sharding),
-        "label": jnp.zeros((batch_size,), jnp.int32),
-    }
-    step = make_train_step(
-        graphdef, optimizer, config, num_tokens=config.model.num_tokens,
-        frozen_encoder="mit" in frozen, frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens),
-        state_shardings=shardings, batch_sharding=image_sharding,
+    step = tokenizer_train_step(
+        built, config, batch_size, frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens),
         networks=load_networks(config, random_weights=True), discriminator=discriminator,
     )
-    with jax.set_mesh(mesh):
-        compiled = step.compile(state, batch)
-    return compiled, state, batch, mesh
+    shardings = image_batch_shardings(mesh, config, batch_size)
+    batch = {
+        "image": jax.device_put(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8),
+                                shardings["image"]),
+        "label": jax.device_put(np.zeros((batch_size,), np.int32), shardings["label"]),
+    }
+    state = built.state
+    return step.compile(state, batch), state, batch, optimizer_state_bytes(state["opt_state"])
 
 
 def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, frozen: tuple[str, ...] = (),
             num_old: int = 0, count_flops: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
-    compiled, state, batch, mesh = _compiled_step(config, batch_size, frozen, num_old)
+    compiled, state, batch, opt_bytes = _compiled_step(config, batch_size, frozen, num_old)
     compile_s = time.perf_counter() - start
     memory = compiled.executable.memory_analysis()
     peak_bytes = None
     if memory is not None:
         peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
                       - memory.alias_size_in_bytes)
-    with jax.set_mesh(mesh):
-        state, _ = compiled(state, batch)
-        jax.block_until_ready(state)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+    state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     flops = float("nan")
     if count_flops:
@@ -106,7 +102,8 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, froz
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
         flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
     return dict(step_s=step_s, images_per_s=batch_size / step_s, compile_s=compile_s, step_gflops=flops / 1e9,
-                peak_memory_mb=None if peak_bytes is None else peak_bytes / 2**20)
+                peak_memory_mb=None if peak_bytes is None else peak_bytes / 2**20,
+                optimizer_state_mb=opt_bytes / 2**20)
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -128,14 +125,15 @@ def run(argv: list[str]) -> dict[str, Any]:
                                   rows=[], growth={})
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: {jnp.dtype(dtype).name} matmul "
           f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"{'config':>32} {'batch':>6} {'step ms':>9} {'img/s':>8} {'GFLOP/step':>11} {'MFU':>6} {'peak MB':>8}")
+    print(f"{'config':>32} {'batch':>6} {'step ms':>9} {'img/s':>8} {'GFLOP/step':>11} {'MFU':>6} {'peak MB':>8} "
+          f"{'opt MB':>7}")
     for spec, batch_size in zip(args.configs.split(","), (int(b) for b in args.batch_sizes.split(","))):
         row = dict(config=spec, batch_size=batch_size, **measure(load_config_file(spec), batch_size, args.steps))
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
         report["rows"].append(row)
         memory = "n/a" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
         print(f"{spec:>32} {batch_size:>6} {row['step_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} "
-              f"{row['step_gflops']:>11.2f} {row['mfu']:>6.1%} {memory:>8}", flush=True)
+              f"{row['step_gflops']:>11.2f} {row['mfu']:>6.1%} {memory:>8} {row['optimizer_state_mb']:>7.1f}", flush=True)
         write_json(args.out, report)
 
     old, new = (int(t) for t in args.growth_tokens.split(","))
@@ -146,9 +144,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     growth = measure(config, batch_size, args.steps, frozen=GROWTH_FROZEN, num_old=old, count_flops=False)
     report["growth"] = dict(config=args.growth_config, old_tokens=old, new_tokens=new, frozen=list(GROWTH_FROZEN),
                             all_experts_step_s=full["step_s"], growth_stage_step_s=growth["step_s"],
-                            speedup=full["step_s"] / growth["step_s"])
+                            speedup=full["step_s"] / growth["step_s"],
+                            all_experts_optimizer_state_mb=full["optimizer_state_mb"],
+                            growth_stage_optimizer_state_mb=growth["optimizer_state_mb"])
     print(f"growth stage {old}->{new} tokens: {growth['step_s'] * 1e3:.1f} ms/step vs "
-          f"{full['step_s'] * 1e3:.1f} ms training all experts ({report['growth']['speedup']:.2f}x faster)")
+          f"{full['step_s'] * 1e3:.1f} ms training all experts ({report['growth']['speedup']:.2f}x faster); "
+          f"optimiser state {growth['optimizer_state_mb']:.1f} MB vs {full['optimizer_state_mb']:.1f} MB")
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return report

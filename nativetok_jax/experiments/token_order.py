@@ -120,9 +120,12 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
 
+    from nativetok_jax.training.guards import ends_preempted_runs
+
     start = time.time()
     try:
-        report = run(FLAGS.config, FLAGS.workdir)
+        with ends_preempted_runs():
+            report = run(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataError, ValueError) as error:
         sys.exit(f"error: {str(error).splitlines()[0]}")
     print(f"done in {time.time() - start:.0f} s ({FLAGS.workdir}/token_order.json):")

@@ -66,11 +66,13 @@ class Autoencoder(nnx.Module):
             unroll=model.unroll_scans,
         )
 
-    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+    def encoder_features(self, images: jax.Array, *, frozen_experts: int = 0) -> jax.Array:
         """``[B, H, W, 3]`` -> ``[B, L, encoder_width]``.
 
-        ``frozen_encoder`` stops gradients at the image encoder's output and ``frozen_experts``
-        runs the first experts forward only, so frozen parts cost no backward pass.
+        ``frozen_experts``: the first experts' parameters get no gradient, and their scan is split
+        from the trainable ones' so that XLA computes no weight gradient for them. (Other frozen
+        parameters are put under ``stop_gradient`` by the train step, one parameter at a time:
+        ``optimizer.stop_frozen_gradients``; gradients still flow through them.)
         """
         raise NotImplementedError
 
@@ -144,10 +146,8 @@ class NativeTok(Autoencoder):
         )
         self._build_shared(model, x.width, rngs, dtype)
 
-    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+    def encoder_features(self, images: jax.Array, *, frozen_experts: int = 0) -> jax.Array:
         x = self.mit(images)
-        if frozen_encoder:
-            x = jax.lax.stop_gradient(x)
         if not frozen_experts:
             return self.experts(x)[0]
         frozen, slots = self.experts(x, stop=frozen_experts, frozen=True)
@@ -178,11 +178,10 @@ class TiTok(Autoencoder):
         )
         self._build_shared(model, e.width, rngs, dtype)
 
-    def encoder_features(self, images: jax.Array, *, frozen_encoder: bool = False, frozen_experts: int = 0) -> jax.Array:
+    def encoder_features(self, images: jax.Array, *, frozen_experts: int = 0) -> jax.Array:
         if frozen_experts:
             raise ValueError("the TiTok baseline has no experts to freeze")
-        x = self.encoder(images)
-        return jax.lax.stop_gradient(x) if frozen_encoder else x
+        return self.encoder(images)
 
 
 def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder:

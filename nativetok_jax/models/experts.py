@@ -117,8 +117,11 @@ class CausalExperts(nnx.Module):
             written by the experts before it (hierarchical training runs the frozen experts
             first, then the trainable ones).
           slots: ``[B, num_experts, width]`` buffer of earlier tokens.
-          frozen: run forward only: no gradient reaches these experts, their inputs or outputs,
-            so XLA computes no backward pass through them (hierarchical training).
+          frozen: these experts' parameters get no gradient (hierarchical training freezes the
+            previous stage's experts), so XLA computes no weight gradients for them; gradients
+            still flow through them to ``x_latent`` and the earlier slots, so a trainable MIT
+            keeps learning from every token. With a frozen MIT too, nothing before them needs a
+            gradient and XLA runs no backward pass through them at all.
 
         Returns:
           ``(tokens [B, stop - start, width], slots)``.
@@ -146,8 +149,8 @@ class CausalExperts(nnx.Module):
         if self.remat:
             step = jax.checkpoint(step, prevent_cse=False)
         ranged = jax.tree.map(lambda a: a[start:stop], state)
-        if frozen:
-            ranged, x_latent, slots = jax.lax.stop_gradient((ranged, x_latent, slots))
+        if frozen:  # their own parameters only (see the docstring)
+            ranged = jax.lax.stop_gradient(ranged)
         slots, tokens = jax.lax.scan(step, slots, (ranged, jnp.arange(start, stop)), unroll=self.unroll)
         return constrain(jnp.swapaxes(tokens, 0, 1), ("batch", "length", "embed")), slots
 

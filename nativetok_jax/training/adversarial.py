@@ -2,8 +2,8 @@
 
 The discriminator lives in the same train state as the tokenizer (``state["discriminator"]``:
 parameters, optimiser state and the LeCam running means), so it is sharded, donated and
-checkpointed with everything else. It starts learning at ``train.losses.adversarial_start_step``
-(before that its update is computed but not applied: the state stays bit-identical).
+checkpointed with everything else. It starts learning at ``train.losses.adversarial_start_step``;
+before that its update is not run at all (``lax.cond``) and its state stays bit-identical.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from nativetok_jax import sharding
 from nativetok_jax.models.discriminator import PatchDiscriminator
 from nativetok_jax.training.losses import hinge_discriminator_loss, lecam_regularizer
 from nativetok_jax.training.optimizer import make_optimizer
+from nativetok_jax.training.state import optimizer_state_shardings
 
 DiscriminatorState = dict[str, Any]
 
@@ -41,10 +42,19 @@ class Discriminator:
     def update(
         self, state: DiscriminatorState, real: jax.Array, fake: jax.Array, active: jax.Array
     ) -> tuple[DiscriminatorState, dict[str, jax.Array]]:
-        """One hinge-loss step on real images and (gradient-stopped) reconstructions; the new
-        state is kept only where ``active``."""
+        """One hinge-loss step on real images and (gradient-stopped) reconstructions when
+        ``active``; otherwise nothing runs and the state and zero metrics come back."""
         fake = jax.lax.stop_gradient(fake)
 
+        def inactive(state, real, fake):
+            metrics = jax.eval_shape(self._step, state, real, fake)[1]
+            return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+
+        return jax.lax.cond(active, self._step, inactive, state, real, fake)
+
+    def _step(
+        self, state: DiscriminatorState, real: jax.Array, fake: jax.Array
+    ) -> tuple[DiscriminatorState, dict[str, jax.Array]]:
         def loss_fn(params):
             discriminator = nnx.merge(self.graphdef, params)
             real_logits, fake_logits = discriminator(real), discriminator(fake)
@@ -63,7 +73,6 @@ class Discriminator:
             "lecam": {"real": decay * state["lecam"]["real"] + (1 - decay) * real_mean,
                       "fake": decay * state["lecam"]["fake"] + (1 - decay) * fake_mean},
         }
-        new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         metrics = {"discriminator_loss": loss, "logits_real": real_mean, "logits_fake": fake_mean,
                    "discriminator_grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
@@ -83,11 +92,9 @@ def build_discriminator(
     losses = config.train.losses
     discriminator = Discriminator(graphdef, optimizer, float(losses.lecam_weight), float(losses.lecam_decay))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract_opt_state = jax.eval_shape(optimizer.init, params)
     shardings = {
         "params": param_shardings,
-        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
-                                           transform_non_params=lambda _: replicated),
+        "opt_state": optimizer_state_shardings(optimizer, params, param_shardings, mesh),
         "lecam": {"real": replicated, "fake": replicated},
     }
     state = jax.jit(

@@ -1,8 +1,8 @@
 """Fitting the codebook to the encoder after a continuous warm-up.
 
-With ``train.quantizer_warmup_steps > 0`` the decoder first reads the continuous tokens, so the
-encoder learns what to say before it must say it in codes; then the codebook is reset to
-randomly chosen encoder outputs. Random codes would otherwise sit far from everything the
+With a quantiser warm-up (``train.quantizer_warmup_steps``, or ``train.quantizer_warmup_fraction``
+of the steps) the decoder first reads the continuous tokens, so the encoder learns what to say
+before it must say it in codes; then the codebook is reset to randomly chosen encoder outputs. Random codes would otherwise sit far from everything the
 encoder produces, and only a handful would ever be used (tokens collapse to one code per
 position). On the demo this keeps about 20% of 4096 codes in use where random codes kept 1%.
 """

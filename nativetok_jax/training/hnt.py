@@ -10,23 +10,30 @@ names every parameter that differs. What a stage freezes is a list of names in i
 - ``old_experts``: the experts of the previous stage's positions (rows of the stacked arrays);
 - ``experts``: every expert.
 
-Frozen parameters get a zero update mask (``optimizer.keep_frozen``), and frozen experts run
-forward only: the model computes their tokens under ``stop_gradient`` (``frozen_experts``).
+Frozen parameters are masked out of the optimiser (``optimizer.make_optimizer``: no moments, no
+update, not clipped) and put under ``stop_gradient`` (their own gradients only: the MIT still
+learns through frozen experts). Their EMA stays as it was.
+
+A stage grows from the previous stage's final state: the raw parameters from its raw parameters
+and, when both stages keep an EMA, the EMA from its EMA. So the weights users load by default
+(the EMA, ``Tokenizer.from_checkpoint``) keep the first L ids of every image across stages, as
+the raw weights do.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 from flax import traverse_util
 
-from nativetok_jax import sharding
-from nativetok_jax.config import ConfigError
+from nativetok_jax import checkpoints, sharding
+from nativetok_jax.config import ConfigError, quantizer_warmup_steps
 
 PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
 # Parameters whose leading axis is the token count.
@@ -41,12 +48,9 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
     """The stages to run: ``config.hnt.stages``, or one stage with the model's own token count."""
     stages = list(config.hnt.stages) if config.hnt.stages else []
     if not stages:
-        if config.train.quantizer_warmup_steps >= config.train.num_steps:
-            raise ConfigError(f"config.train.quantizer_warmup_steps: {config.train.quantizer_warmup_steps} leaves none "
-                             f"of the {config.train.num_steps} steps quantised")
         return [ml_collections.ConfigDict(dict(name="", num_tokens=config.model.num_tokens,
                                                num_steps=config.train.num_steps, frozen=(),
-                                               quantizer_warmup_steps=config.train.quantizer_warmup_steps,
+                                               quantizer_warmup_steps=quantizer_warmup_steps(config.train),
                                                overrides=()))]
     out = []
     for i, stage in enumerate(stages):
@@ -61,10 +65,13 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
         if i and stage.num_tokens < out[-1].num_tokens:
             raise ConfigError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
         # Only the first stage warms up the quantiser by default: later ones inherit a fitted codebook.
-        warmup = stage.get("quantizer_warmup_steps", config.train.quantizer_warmup_steps if i == 0 else 0)
-        if warmup >= stage.num_steps:
-            raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the stage's "
-                             f"{stage.num_steps} steps quantised")
+        if "quantizer_warmup_steps" in stage:
+            warmup = stage.quantizer_warmup_steps
+            if warmup >= stage.num_steps:
+                raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the "
+                                  f"stage's {stage.num_steps} steps quantised; lower it")
+        else:
+            warmup = quantizer_warmup_steps(config.train, stage.num_steps) if i == 0 else 0
         overrides = tuple((str(key), value) for key, value in (stage.get("overrides") or ()))
         for key, _ in overrides:
             if not _has_field(config, key) or key.split(".")[0] == "hnt":
@@ -92,6 +99,8 @@ def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.num_tokens = stage.num_tokens
     config.train.num_steps = stage.num_steps
+    config.train.quantizer_warmup_steps = stage.quantizer_warmup_steps
+    config.train.quantizer_warmup_fraction = 0.0
     config.hnt.stages = ()
     for dotted, value in stage.get("overrides") or ():
         *parents, name = dotted.split(".")
@@ -133,18 +142,31 @@ def grow_params(previous: Any, fresh: Any) -> Any:
 
 
 def trainable_mask(params: Any, frozen: tuple[str, ...], num_old_experts: int) -> Any:
-    """0/1 float arrays broadcastable to each parameter: 0 where the stage freezes it."""
+    """Per parameter: ``True`` (trained), ``False`` (frozen) or a boolean row mask ``[E, 1, ...]``
+    (the stacked experts with the previous stage's frozen): ``optimizer.Trainable``."""
 
     def mask(path: tuple, value: Any):
         keys = tuple(getattr(k, "key", k) for k in path)
         if keys[0] in frozen or (keys[0] == "experts" and "experts" in frozen):
-            return jnp.zeros((), jnp.float32)
+            return False
         if keys[0] == "experts" and "old_experts" in frozen and num_old_experts:
-            rows = (np.arange(value.shape[0]) >= num_old_experts).astype(np.float32)
-            return jnp.asarray(rows.reshape((-1,) + (1,) * (value.ndim - 1)))
-        return jnp.ones((), jnp.float32)
+            rows = np.arange(value.shape[0]) >= num_old_experts
+            return rows.reshape((-1,) + (1,) * (len(value.shape) - 1))
+        return True
 
     return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def grow_state(state: dict[str, Any], shardings: dict[str, Any], previous_dir: Any) -> dict[str, Any]:
+    """``state`` (a fresh stage's) with its parameters grown from the previous stage's raw ones and
+    its EMA (when kept) from the previous stage's EMA; new rows keep their fresh initialisation."""
+    old_params, old_step = checkpoints.load_params(previous_dir, use_ema=False)
+    logging.info("growing from %s (step %d)", previous_dir, old_step)
+    state = dict(state, params=jax.device_put(grow_params(old_params, state["params"]), shardings["params"]))
+    if state["ema"]:
+        old_ema, _ = checkpoints.load_params(previous_dir, use_ema=True)  # its raw weights if it kept no EMA
+        state["ema"] = jax.device_put(grow_params(old_ema, state["ema"]), shardings["ema"])
+    return state
 
 
 def frozen_expert_count(frozen: tuple[str, ...], num_old_experts: int, num_tokens: int) -> int:
@@ -154,5 +176,5 @@ def frozen_expert_count(frozen: tuple[str, ...], num_old_experts: int, num_token
     return num_old_experts if "old_experts" in frozen else 0
 
 
-def stage_directory(workdir: str, stage: ml_collections.ConfigDict, multi_stage: bool) -> str:
-    return os.path.join(workdir, stage.name) if multi_stage else workdir
+def stage_directory(workdir: Any, stage: ml_collections.ConfigDict, multi_stage: bool) -> epath.Path:
+    return epath.Path(workdir) / stage.name if multi_stage else epath.Path(workdir)

@@ -1,44 +1,45 @@
-"""The trainer: ``train_and_evaluate(config, workdir)``, read top to bottom.
+"""The tokenizer trainer: ``train_and_evaluate(config, workdir)``, read top to bottom.
 
-For each stage (one, or the Hierarchical Native Training stages): build the model on the mesh;
-decide how to initialise (resume from this stage's newest checkpoint, else grow the previous
-stage's final parameters, else start fresh); train with the sharded step; log, evaluate and
-checkpoint on their schedules; stop cleanly on SIGTERM after saving. A non-finite loss stops
-the run before anything bad is saved. Only process 0 writes logs, images and configs.
+For each stage (one, or the Hierarchical Native Training stages): build the state on the mesh
+(``build_state``, freezing what the stage names), state the objective (``tokenizer_objective``),
+and hand both to the shared loop (``loop.run``), which resumes from the stage's newest
+checkpoint, else grows the previous stage's final state (raw from raw, EMA from EMA), else starts
+fresh; trains; logs, evaluates and checkpoints on their schedules; stops cleanly when preempted.
+What is particular to the tokenizer is here: the codebook fit at the end of the quantiser
+warm-up, and held-out reconstructions next to the no-model baselines. Only process 0 writes
+logs, images and configs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from etils import epath
+from flax import traverse_util
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.evaluation.baselines import baseline_psnrs
-from nativetok_jax.evaluation.grids import save_grid
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
-from nativetok_jax.training import hnt
+from nativetok_jax.training import hnt, loop
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.codebook import batches_needed, fit_codebook
-from nativetok_jax.training.guards import Preempted, Preemption, check_finite
+from nativetok_jax.training.loop import Task
 from nativetok_jax.training.networks import load_networks
-from nativetok_jax.training.optimizer import make_optimizer
-from nativetok_jax.training.state import init_state, state_shardings
-from nativetok_jax.training.step import label_sharding, make_train_step
+from nativetok_jax.training.state import BuiltState, TrainState, build_state, map_params_state
+from nativetok_jax.training.tokenizer_objective import image_batch_shardings, tokenizer_objective
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains every stage of ``config`` in ``workdir``; returns the final evaluation summary."""
     validate_training(config)
     stages = hnt.stage_list(config)
@@ -62,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.write_config(workdir, resolved)
 
     summary: dict[str, Any] = {"stages": []}
-    previous: tuple[str, int] | None = None
+    previous: tuple[epath.Path, int] | None = None
     for stage in stages:
         stage_dir = hnt.stage_directory(workdir, stage, multi_stage)
         result = _train_stage(config, stage, stage_dir, previous, mesh, rules, train_source,
@@ -71,16 +72,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         previous = (stage_dir, stage.num_tokens)
     summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples)
     if is_main:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (epath.Path(workdir) / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _train_stage(
     config: ml_collections.ConfigDict,
     stage: ml_collections.ConfigDict,
-    stage_dir: str,
-    previous: tuple[str, int] | None,
+    stage_dir: epath.Path,
+    previous: tuple[epath.Path, int] | None,
     mesh: jax.sharding.Mesh,
     rules: sharding.Rules,
     train_source: Any,
@@ -96,130 +96,92 @@ def _train_stage(
     logging.info("stage %s: %d tokens, %d steps, frozen %s", stage.name or "main", stage.num_tokens,
                  stage.num_steps, list(stage.frozen) or "nothing")
 
-    # Model and parameters, initialised straight into their shardings.
-    graphdef, params, param_shardings = sharding.init_sharded(
-        lambda r: build_model(config.model, r), train.seed, mesh, rules
-    )
-    store = checkpoints.Checkpoints(checkpoints.checkpoint_directory(stage_dir), train.keep_checkpoints)
-    latest = store.latest_step()
-    num_old_tokens = previous[1] if previous else 0
-    if latest is None and previous is not None:
-        old_params, old_step = checkpoints.load_params(previous[0], use_ema=False)
-        logging.info("growing %d -> %d tokens from %s (step %d)", num_old_tokens, stage.num_tokens, previous[0], old_step)
-        params = jax.device_put(hnt.grow_params(old_params, params), param_shardings)
-
-    # Optimiser and train state.
     frozen = tuple(stage.frozen)
-    trainable = hnt.trainable_mask(params, frozen, num_old_tokens) if frozen else None
-    optimizer = make_optimizer(train, stage.num_steps, params, trainable)
-    keep_ema = train.ema_decay > 0
-    shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema)
-    state = jax.jit(lambda p: init_state(p, optimizer, keep_ema), out_shardings=shardings)(params)
-    del params
+    num_old_tokens = previous[1] if previous else 0
+    built = build_state(lambda r: build_model(config.model, r), train=train, mesh=mesh, rules=rules,
+                        freeze=(lambda p: hnt.trainable_mask(p, frozen, num_old_tokens)) if frozen else None)
     discriminator = None
     if uses_discriminator(config):  # trained beside the tokenizer, in the same state and checkpoints
-        discriminator, state["discriminator"], shardings["discriminator"] = build_discriminator(
-            config, stage.num_steps, mesh, rules)
+        discriminator, part, part_shardings = build_discriminator(config, stage.num_steps, mesh, rules)
+        built.add_part("discriminator", part, part_shardings)
 
     # Data: this process's share of every global batch.
-    local_batch = train.batch_size // jax.process_count()
     iterator = train_iterator(
-        config.data, train_source, image_size=config.model.image_size, batch_size=local_batch,
-        seed=train.seed, process_index=jax.process_index(), process_count=jax.process_count(), skipped=skipped,
+        config.data, train_source, image_size=config.model.image_size,
+        batch_size=train.batch_size // jax.process_count(), seed=train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), skipped=skipped,
     )
-    if latest is not None:
-        state = store.restore(latest, jax.tree.map(_abstract, state, shardings), iterator)
-        logging.info("resumed from %s at step %d", store.directory, latest)
-    step = int(jax.device_get(state["step"]))
-
-    image_sharding = sharding.batch_sharding(mesh, (train.batch_size, config.model.image_size,
-                                                    config.model.image_size, 3))
-    labels_sharding = label_sharding(image_sharding)
-    frozen_encoder = "mit" in frozen or "encoder" in frozen
+    shardings = image_batch_shardings(mesh, config, train.batch_size)
     warmup = stage.quantizer_warmup_steps
-    train_step = make_train_step(
-        graphdef, optimizer, config, num_tokens=stage.num_tokens, quantizer_warmup_steps=warmup,
-        frozen_encoder=frozen_encoder,
+    objective = tokenizer_objective(
+        built.graphdef, config, num_tokens=stage.num_tokens, quantizer_warmup_steps=warmup,
         frozen_experts=hnt.frozen_expert_count(frozen, num_old_tokens, stage.num_tokens)
         if config.model.kind == "nativetok" else 0,
-        state_shardings=shardings, batch_sharding=image_sharding, networks=networks, discriminator=discriminator,
+        networks=networks, discriminator=discriminator,
     )
     proxy_decoder = networks.module(networks.arrays, "proxy") if "proxy" in networks else None
     # Shares the arrays, no host copy.
-    evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
-    writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main)
-    progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
-                                               every_steps=train.log_every)
-    preemption = Preemption()
-    last_saved = latest
-    metrics: dict[str, Any] = {}
-    try:
-        while step < stage.num_steps:
-            if warmup and step == warmup:
-                state = _fit_codebook(state, graphdef, iterator, config, image_sharding, shardings["params"])
-            batch = next(iterator)
-            batch = {
-                "image": jax.make_array_from_process_local_data(image_sharding, batch["image"]),
-                "label": jax.make_array_from_process_local_data(labels_sharding, batch["label"]),
-            }
-            with jax.set_mesh(mesh):
-                state, step_metrics = train_step(state, batch)
-            step += 1
-            progress(step)
-            last = step == stage.num_steps
-            log = step % train.log_every == 0 or last
-            stop = step % train.log_every == 0 and preemption.agreed()
-            save = step % train.checkpoint_every == 0 or last or stop
-            if log or save:  # every logged or saved state is checked first
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                check_finite(values, step, store.directory, last_saved)
-            if log:
-                writer.write_scalars(step, dict(values, skipped_images=skipped.count))
-            if step % train.eval_every == 0 or last:
-                with progress.timed("eval"):
-                    metrics = _evaluate(evaluator, state, evaluation_images, config, step, stage_dir, writer)
-            if save:
-                store.save(step, state, iterator)
-                last_saved = step
-            if stop:
-                raise Preempted(f"preempted at step {step}; checkpoint saved in {store.directory}")
-        if not metrics:  # the stage was already complete: evaluate what it left.
-            metrics = _evaluate(evaluator, state, evaluation_images, config, step, stage_dir, writer)
-    finally:
-        preemption.restore()
-        writer.flush()
-        store.close()
-    return dict(step=step, **metrics)
+    evaluator = Tokenizer.from_params(config, built.state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
+    fit = CodebookFit(built, config, shardings["image"]) if warmup else None
+
+    def before_step(state: TrainState, step: int) -> TrainState:
+        return fit(state, iterator) if step == warmup else state
+
+    task = Task(
+        built, objective, iterator, shardings,
+        evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs),
+        grow=(lambda state: hnt.grow_state(state, built.shardings, previous[0])) if previous else None,
+        before_step=before_step if warmup else None,
+        log_scalars=lambda: {"skipped_images": skipped.count},
+        name=f"stage {stage.name}" if stage.name else "tokenizer",
+    )
+    result = loop.run(task, train, stage_dir)
+    return dict(step=result.step, **result.metrics)
 
 
-def _fit_codebook(state, graphdef, iterator, config, image_sharding, param_shardings):
-    """End of the quantiser warm-up: the codebook (and its EMA) become encoder outputs."""
-    count = batches_needed(config.model.quantizer.codebook_size, config.train.batch_size, config.model.num_tokens)
-    images = [jax.make_array_from_process_local_data(image_sharding, next(iterator)["image"]) for _ in range(count)]
-    images = jax.numpy.concatenate(images) if count > 1 else images[0]
-    key = jax.random.fold_in(jax.random.key(config.train.seed), int(jax.device_get(state["step"])))
-    fit = jax.jit(lambda p, x: fit_codebook(graphdef, p, x, key), out_shardings=param_shardings, donate_argnums=0)
-    params = fit(state["params"], images)
-    ema = state["ema"]
-    if ema:  # its own copy: the train step donates every buffer of the state once
-        ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": jax.numpy.copy(params["quantizer"]["codebook"])}}
-    logging.info("fitted the codebook to %d encoder outputs at step %d", count * config.train.batch_size *
-                 config.model.num_tokens, int(jax.device_get(state["step"])))
-    return {**state, "params": params, "ema": ema}
+class CodebookFit:
+    """End of the quantiser warm-up: the codebook (and its EMA) become encoder outputs, and its
+    Adam moments start afresh (the old codebook's moments say nothing about the new one)."""
 
+    def __init__(self, built: BuiltState, config: ml_collections.ConfigDict, image_sharding: jax.sharding.NamedSharding):
+        self.config, self.image_sharding = config, image_sharding
+        self.count = batches_needed(config.model.quantizer.codebook_size, config.train.batch_size,
+                                    config.model.num_tokens)
+        graphdef, optimizer = built.graphdef, built.optimizer
+        is_codebook = traverse_util.unflatten_dict({
+            path: path == ("quantizer", "codebook") for path in traverse_util.flatten_dict(built.state["params"])})
 
-def _abstract(array: jax.Array, sharding_: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding_)
+        def fit(state: TrainState, images: jax.Array) -> TrainState:
+            key = jax.random.fold_in(jax.random.key(config.train.seed), state["step"])
+            params = fit_codebook(graphdef, state["params"], images, key)
+            opt_state = map_params_state(
+                optimizer, lambda moment, fresh: jax.numpy.zeros_like(moment) if fresh else moment,
+                state["opt_state"], is_codebook, transform_non_params=lambda x: x)
+            ema = state["ema"]
+            if ema:
+                ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": params["quantizer"]["codebook"]}}
+            return {**state, "params": params, "ema": ema, "opt_state": opt_state}
+
+        self._fit = jax.jit(fit, out_shardings=built.shardings, donate_argnums=0)
+
+    def __call__(self, state: TrainState, iterator: Any) -> TrainState:
+        images = [jax.make_array_from_process_local_data(self.image_sharding, next(iterator)["image"])
+                  for _ in range(self.count)]
+        images = jax.numpy.concatenate(images) if self.count > 1 else images[0]
+        state = self._fit(state, images)
+        logging.info("fitted the codebook to %d encoder outputs at step %d; its Adam moments start afresh",
+                     self.count * self.config.train.batch_size * self.config.model.num_tokens,
+                     int(jax.device_get(state["step"])))
+        return state
 
 
 def _evaluate(
     evaluator: Tokenizer,
-    state: dict[str, Any],
+    state: TrainState,
     images: np.ndarray,
     config: ml_collections.ConfigDict,
     step: int,
-    stage_dir: str,
-    writer: metric_writers.MetricWriter,
+    outputs: loop.Outputs,
 ) -> dict[str, float]:
     """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines."""
     weights = state["ema"] if state["ema"] else state["params"]
@@ -227,12 +189,8 @@ def _evaluate(
     metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=min(len(images), 64))
     baselines = baseline_psnrs(images, config.model.num_tokens, config.model.quantizer.codebook_size)
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(stage_dir, "images"), exist_ok=True)
-        path = os.path.join(stage_dir, "images", f"reconstructions_{step:07d}.png")
-        upscale = max(1, 96 // config.model.image_size)
-        writer.write_images(step, {"reconstructions": save_grid(path, rows, upscale=upscale)[None]})
+    outputs.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // config.model.image_size))
     logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],
                  {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")},
                  {k: round(v, 2) for k, v in baselines.items()})

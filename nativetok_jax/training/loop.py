@@ -1,0 +1,190 @@
+"""The training loop every trainer runs: :func:`run`.
+
+A trainer (the tokenizer's, the generator's, and every one added later) builds its state with
+``state.build_state``, states its objective (``step.Objective``: a loss, and how extra state
+parts such as a discriminator are updated), and hands both to :func:`run` in a :class:`Task`
+with its batch iterator, the batch shardings and an evaluation callback. The loop then, in one
+place for all of them:
+
+- resumes from the newest checkpoint in ``workdir``, else grows the state (``Task.grow``, e.g.
+  from the previous HNT stage), else starts fresh;
+- runs the one jitted, donated step under the mesh *and* the logical-axis rules;
+- checks that the loss and parameters are finite before every log and every save;
+- logs (``train.log_every``), evaluates (``train.eval_every`` and at the end) and checkpoints
+  (``train.checkpoint_every`` and at the end) on their schedules, with clu's progress report
+  (steps/s, ETA) and an optional profiler window (``train.profile_steps`` from
+  ``train.profile_first_step``);
+- asks at every step whether the run is preempted (``guards.Preemption``: JAX's preemption sync
+  point, agreed across hosts, or a SIGTERM flag) and then saves and raises ``Preempted``.
+
+Example (a new model adds a loss and a config, not a loop)::
+
+    built = build_state(lambda rngs: MyModel(config.model, rngs=rngs), train=config.train,
+                        mesh=mesh, rules=rules)
+
+    def loss(params, batch, context):  # context: step, key, extra parts, constants
+        model = nnx.merge(built.graphdef, params)
+        error = jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+        return error, ({"mse": error}, None)
+
+    def evaluate(state, step, outputs):
+        outputs.grid("samples", step, rows_of_uint8_images)
+        return {"mse": held_out_mse(state["ema"] or state["params"])}
+
+    result = loop.run(loop.Task(
+        built, Objective(loss), batches=grain_iterator,
+        batch_shardings=batch_shardings(mesh, {"x": (256, 32), "y": (256, 1)}), evaluate=evaluate,
+    ), config.train, workdir)
+
+Only process 0 writes events and images; every process takes part in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from nativetok_jax import checkpoints
+from nativetok_jax.evaluation.grids import save_grid
+from nativetok_jax.training.guards import Preempted, Preemption, check_finite
+from nativetok_jax.training.state import BuiltState, TrainState
+from nativetok_jax.training.step import Objective, make_train_step
+
+
+def create_writer(workdir: epath.PathLike, is_main: bool) -> metric_writers.MetricWriter:
+    """The run's TensorBoard (and log) writer: the one place a writer is made."""
+    return metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+
+
+class Outputs:
+    """What an evaluation callback writes through: scalars and PNG grids (process 0 writes)."""
+
+    def __init__(self, workdir: epath.Path, writer: metric_writers.MetricWriter):
+        self.workdir, self.writer = workdir, writer
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.writer.write_scalars(step, values)
+
+    def grid(self, name: str, step: int, rows: list[np.ndarray], upscale: int = 1) -> None:
+        """Writes ``images/<name>_<step>.png`` (rows of uint8 ``[N, H, W, 3]``) and the same
+        image to TensorBoard."""
+        if jax.process_index() != 0:
+            return
+        directory = self.workdir / "images"
+        directory.mkdir(parents=True, exist_ok=True)
+        image = save_grid(str(directory / f"{name}_{step:07d}.png"), rows, upscale=upscale)
+        self.writer.write_images(step, {name: image[None]})
+
+
+@dataclasses.dataclass
+class Task:
+    """What a trainer supplies to :func:`run`.
+
+    Attributes:
+      built: the fresh state from ``build_state`` (with its extra parts added).
+      objective: the loss and extra-part update (``step.Objective``).
+      batches: this process's share of every global batch (numpy dicts); a grain iterator, so
+        checkpoints hold its position and a resumed run sees the very batches it would have.
+      batch_shardings: the global batch arrays' shardings, by name (``step.batch_shardings``).
+      evaluate: ``(state, step, outputs) -> metrics``: held-out evaluation and grids.
+      grow: ``state -> state`` used when there is no checkpoint to resume (HNT growth).
+      before_step: ``(state, step) -> state`` run before each step (the codebook fit).
+      log_scalars: extra scalars logged with the step's metrics.
+      name: for log lines.
+    """
+
+    built: BuiltState
+    objective: Objective
+    batches: Iterator[dict[str, np.ndarray]]
+    batch_shardings: dict[str, jax.sharding.NamedSharding]
+    evaluate: Callable[[TrainState, int, Outputs], dict[str, Any]]
+    grow: Callable[[TrainState], TrainState] | None = None
+    before_step: Callable[[TrainState, int], TrainState] | None = None
+    log_scalars: Callable[[], dict[str, float]] | None = None
+    name: str = "training"
+
+
+@dataclasses.dataclass
+class Result:
+    state: TrainState
+    step: int
+    metrics: dict[str, Any]  # the last evaluation's
+
+
+def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
+    """Trains ``task`` to ``train.num_steps`` in ``workdir`` (resuming, growing or fresh).
+
+    ``train`` holds ``num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, seed,
+    ema_decay`` and optionally ``profile_steps, profile_first_step``. Raises ``Preempted`` after
+    saving when the run is preempted, ``NonFiniteLossError`` before saving a non-finite state.
+    """
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    built = task.built
+    store = checkpoints.Checkpoints(checkpoints.checkpoint_directory(workdir), train.keep_checkpoints)
+    latest = store.latest_step()
+    state = built.state
+    if latest is not None:
+        state = store.restore(latest, built.abstract(), task.batches)
+        logging.info("%s: resumed from %s at step %d", task.name, store.directory, latest)
+    elif task.grow is not None:
+        state = task.grow(state)
+    built.state = None  # the loop owns (and donates) the state from here on
+    step = int(jax.device_get(state["step"]))
+
+    train_step = make_train_step(task.objective, built, task.batch_shardings, seed=train.seed,
+                                 ema_decay=train.ema_decay)
+    writer = create_writer(workdir, is_main)
+    outputs = Outputs(workdir, writer)
+    progress = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer,
+                                               every_steps=train.log_every)
+    profile = None
+    if train.get("profile_steps", 0) and is_main:
+        profile = periodic_actions.Profile(logdir=str(workdir), num_profile_steps=train.profile_steps,
+                                           profile_duration_ms=None, first_profile=train.get("profile_first_step", 10),
+                                           every_secs=None)
+    preemption = Preemption()
+    last_saved = latest
+    metrics: dict[str, Any] = {}
+    try:
+        while step < train.num_steps:
+            if task.before_step is not None:
+                state = task.before_step(state, step)
+            batch = {name: jax.make_array_from_process_local_data(task.batch_shardings[name], value)
+                     for name, value in next(task.batches).items() if name in task.batch_shardings}
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            progress(step)
+            if profile is not None:
+                profile(step)
+            last = step == train.num_steps
+            stop = preemption.reached(step)
+            log = step % train.log_every == 0 or last
+            save = step % train.checkpoint_every == 0 or last or stop
+            if log or save:  # every logged or saved state is checked first
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                check_finite(values, step, store.directory, last_saved)
+            if log:
+                writer.write_scalars(step, dict(values, **(task.log_scalars() if task.log_scalars else {})))
+            if not stop and (step % train.eval_every == 0 or last):
+                with progress.timed("eval"):
+                    metrics = task.evaluate(state, step, outputs)
+            if save:
+                store.save(step, state, task.batches)
+                last_saved = step
+            if stop:
+                raise Preempted(f"preempted at step {step}; checkpoint saved in {store.directory}")
+        if not metrics:  # the run was already complete: evaluate what it left
+            metrics = task.evaluate(state, step, outputs)
+    finally:
+        preemption.restore()
+        writer.flush()
+        store.close()
+    return Result(state, step, metrics)

@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from nativetok_jax import storage
+
 MODEL_KINDS = ("nativetok", "titok")
 DECODER_HEADS = ("pixel", "proxy_codes")
 DTYPES = ("float32", "bfloat16")
@@ -219,7 +221,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     g, train = config.generator, config.train
     _require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
     _require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
-    _require(os.path.isdir(g.tokenizer), "generator.tokenizer", f"no such directory: {g.tokenizer}")
+    _require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
     _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
                                                         mlp_ratio=g.mlp_ratio, remat=g.remat)), "generator")
     for name in ("num_classes", "num_train_examples", "num_eval_examples"):
@@ -372,7 +374,7 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
         if needs:
             _require(bool(path), f"pretrained.{name}", "is needed by this objective: convert the public weights "
                      "with `python -m nativetok_jax.convert` and name the file here")
-            _require(os.path.isfile(path), f"pretrained.{name}", f"file not found: {path}")
+            _require(storage.path(path).is_file(), f"pretrained.{name}", f"file not found: {path}")
 
 
 def _process_count() -> int:

@@ -15,7 +15,6 @@ by ``python -m nativetok_jax.sample``) get gFID against ``--reference_stats`` (c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from nativetok_jax import checkpoints  # noqa: E402
+from nativetok_jax import checkpoints, storage  # noqa: E402
 from nativetok_jax.config import ConfigError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
@@ -130,7 +129,7 @@ def image_batches(source: Any, image_size: int, batch_size: int, num_images: int
 def weights_record(path: str, kind: str) -> dict[str, Any]:
     """Where a pretrained network's weights came from: the file and its recorded header."""
     _, meta = files.load_weights(path, kind=kind)
-    return {"file": os.path.abspath(path), **{k: v for k, v in meta.items() if k != "format_version"}}
+    return {"file": str(storage.path(path)), **{k: v for k, v in meta.items() if k != "format_version"}}
 
 
 def read_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +142,8 @@ def read_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
     stage = checkpoints.final_stage_directory(workdir)
-    steps = [int(name) for name in os.listdir(checkpoints.checkpoint_directory(stage)) if name.isdigit()]
-    return {"workdir": os.path.abspath(workdir), "stage_directory": os.path.abspath(stage),
+    steps = [int(p.name) for p in checkpoints.checkpoint_directory(stage).iterdir() if p.name.isdigit()]
+    return {"workdir": str(storage.path(workdir)), "stage_directory": str(stage),
             "step": max(steps, default=None), "use_ema": use_ema}
 
 
@@ -172,7 +171,7 @@ def run_evaluation(
     if not out.endswith(".json"):
         raise EvaluationError(f"--out: expected a .json file name, got {out!r}")
     for flag, path in (("--lpips", lpips_path), ("--inception", inception_path)):
-        if path and not os.path.isfile(path):
+        if path and not storage.path(path).is_file():
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
@@ -217,16 +216,16 @@ def run_evaluation(
             "inception_score": INCEPTION_SCORE,
         }
         inception = load_inception(inception_path)
-        if reference_stats and os.path.isfile(reference_stats):
+        if reference_stats and storage.path(reference_stats).is_file():
             reference = read_reference_stats(reference_stats)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
-            protocol["inception"]["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+            protocol["inception"]["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
         else:
             write_reference = bool(reference_stats)
             logging.info("rFID reference: computing the statistics of the evaluated originals%s",
                          f" and writing them to {reference_stats}" if reference_stats else "")
             protocol["inception"]["reference_stats"] = (
-                {"file": os.path.abspath(reference_stats), "action": "written"} if reference_stats
+                {"file": str(storage.path(reference_stats)), "action": "written"} if reference_stats
                 else "computed from the evaluated originals")
 
     skipped = SkippedImages()
@@ -248,12 +247,9 @@ def run_evaluation(
                     skipped_examples=skipped.examples, seconds=round(time.time() - start, 1))
     report = {**metrics, "protocol": protocol}
 
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(out, report)
     if prefix:
-        plot_path = os.path.splitext(out)[0] + ".png"
+        plot_path = out.removesuffix(".json") + ".png"
         plot_prefix_curves(metrics["prefix"], plot_path)
         logging.info("wrote %s and the plot %s", out, plot_path)
     else:
@@ -273,7 +269,7 @@ def run_sample_evaluation(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """gFID and Inception Score of the images in ``samples``; returns the JSON written to ``out``."""
-    if not inception_path or not os.path.isfile(inception_path):
+    if not inception_path or not storage.path(inception_path).is_file():
         raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
     if not reference_stats:
         raise EvaluationError("--reference_stats: gFID needs the real images' statistics (an .npz to read, "
@@ -295,9 +291,9 @@ def run_sample_evaluation(
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
                       "inception_score": INCEPTION_SCORE},
     }
-    if os.path.isfile(reference_stats):
+    if storage.path(reference_stats).is_file():
         reference = read_reference_stats(reference_stats)
-        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
     else:
         if not data:
             raise EvaluationError(f"--reference_stats: {reference_stats} does not exist; give --data to compute it")
@@ -306,7 +302,7 @@ def run_sample_evaluation(
             image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, skipped), inception)
         fid.save_statistics(reference_stats, *reference)
         logging.info("wrote the reference statistics of %d images of %s to %s", count, data, reference_stats)
-        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "written", "data": data,
+        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
     skipped = SkippedImages()
     statistics, logits, count = inception_statistics(
@@ -316,9 +312,7 @@ def run_sample_evaluation(
     protocol.update(num_samples=count, skipped_images=skipped.count, inception_score_splits=splits)
     report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(out, report)
     return report
 
 

@@ -18,7 +18,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
-from PIL import Image  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -40,8 +39,8 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "out"])
 
 
-def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
-    """Writes the samples into ``out``; returns them as uint8 ``[N, H, W, 3]``."""
+def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **overrides) -> np.ndarray:
+    """Writes the samples into ``out`` (local or a URL); returns them as uint8 ``[N, H, W, 3]``."""
     from nativetok_jax import checkpoints, sharding
     from nativetok_jax.generation.generate import generate_ids
     from nativetok_jax.layers.partitioning import axis_rules
@@ -83,14 +82,15 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     ids = np.concatenate(ids)
     images = np.concatenate([np.asarray(tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
     if jax.process_index() == 0:
-        from nativetok_jax.evaluation.grids import save_grid
+        from nativetok_jax import storage
+        from nativetok_jax.evaluation.grids import save_grid, save_png
 
-        os.makedirs(out, exist_ok=True)
+        directory = storage.path(out)
         for i, image in enumerate(images):
-            Image.fromarray(image).save(os.path.join(out, f"sample_{i:05d}.png"))
-        np.savez(os.path.join(out, "ids.npz"), ids=ids, labels=labels)
+            save_png(directory / f"sample_{i:05d}.png", image)
+        storage.write_npz(directory / "ids.npz", ids=ids, labels=labels)
         columns = int(np.ceil(np.sqrt(len(images))))
-        save_grid(os.path.join(out, "grid.png"), [images[i : i + columns] for i in range(0, len(images), columns)],
+        save_grid(directory / "grid.png", [images[i : i + columns] for i in range(0, len(images), columns)],
                   upscale=max(1, 96 // tokenizer.image_size))
     logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, step, out)
     return images

@@ -11,10 +11,12 @@ Statistics files are ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], the format o
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 import scipy.special
+
+from nativetok_jax import storage
 
 NEGATIVE_TOLERANCE = 1e-6  # relative to the covariance's scale
 
@@ -121,19 +123,18 @@ class FeatureStatistics:
         return (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path``, exactly that name."""
+def save_statistics(path: storage.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path`` (local or a URL),
+    exactly that name."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_shapes(path, mu, sigma)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
-        np.savez(f, mu=mu, sigma=sigma)
+    storage.write_npz(path, mu=mu, sigma=sigma)
 
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` as float64 from an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D]."""
-    if not os.path.isfile(path):
+def load_statistics(path: storage.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` as float64 from an ``.npz`` (local or a URL) with ``mu`` [D] and ``sigma``
+    [D, D]; ``ValueError`` naming the file when it is missing or not such an archive."""
+    if not storage.path(path).is_file():
         raise ValueError(f"FID statistics file not found: {path}")
     try:
         mu, sigma = _read_npz(path)
@@ -145,8 +146,8 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-    data = np.load(path, allow_pickle=False)
+def _read_npz(path: storage.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError("it holds a single array, not an .npz archive")
     with data:

@@ -153,8 +153,8 @@ def evaluate_tokenizer(
     (the last is the full length). rFID compares the reconstructions with ``reference`` statistics
     when given, else with the originals' own, computed in the same pass and returned as
     ``reference`` (``None`` without Inception) so that they can be saved and reused. ``shown``, a
-    list, receives rows for a picture: the first batch's first ``num_shown`` originals, then
-    their reconstructions from each length. Raises ``ValueError`` for no images, fewer than 2
+    list, receives rows for a picture: the first ``num_shown`` originals, then their
+    reconstructions from each length. Raises ``ValueError`` for no images, fewer than 2
     with Inception, or reference statistics of the wrong size.
     """
     if reference is not None:
@@ -171,6 +171,7 @@ def evaluate_tokenizer(
     totals = {k: _PrefixTotals(k, inception is not None) for k in lengths}
     code_counts = np.zeros((num_tokens, tokenizer.codebook_size), np.int64)  # per token position
     num_images, padded_size = 0, None
+    shown_parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(lengths))]
 
     for batch_index, batch in enumerate(batches):
         batch = np.asarray(batch)
@@ -181,13 +182,13 @@ def evaluate_tokenizer(
         np.add.at(code_counts, (np.arange(num_tokens)[None, :], ids[:count]), 1)
         if originals_features is not None:
             originals_features.add(inception_outputs(images)[0][:count])
-        showing = shown is not None and batch_index == 0
-        if showing:
-            shown.append(batch[:num_shown])
-        for k in lengths:
+        take = min(count, num_shown - num_images) if shown is not None else 0
+        if take > 0:
+            shown_parts[0].append(batch[:take])
+        for row, k in enumerate(lengths, start=1):
             reconstructions = np.asarray(tokenizer.decode(ids[:, :k]))
-            if showing:
-                shown.append(reconstructions[: min(num_shown, count)])
+            if take > 0:
+                shown_parts[row].append(reconstructions[:take])
             totals[k].add(pair_metrics(images, reconstructions), count)
             if inception_outputs is not None:
                 totals[k].add_inception(*inception_outputs(reconstructions), count)
@@ -201,6 +202,8 @@ def evaluate_tokenizer(
         raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
     if originals_features is not None:
         reference = (originals_features.mu, originals_features.sigma)
+    if shown is not None:
+        shown.extend(np.concatenate(parts) for parts in shown_parts)
     rows = [totals[k].row(num_images, code_counts[:k].sum(axis=0), reference) for k in lengths]
     metrics: dict[str, Any] = {key: value for key, value in rows[-1].items() if key != "num_tokens"}
     metrics["num_images"] = num_images

@@ -57,22 +57,29 @@ def extract_tokens(
 ) -> token_store.TokenSource:
     """Encodes ``num_examples`` examples into ``directory`` (resuming, or reusing a finished store).
 
-    On several processes every one calls this with the same arguments: shard ``i`` is encoded
-    and written by process ``i mod process_count`` alone, on its own devices (a copy of the
-    tokenizer on a mesh of them, so no host waits for another while encoding); the processes
-    then meet at a barrier, process 0 marks the store complete, and all open it after a second
-    one. What is left to encode is read from the shard files, and only a shard's owner writes
-    it, so processes resuming an interrupted extraction cannot disagree about the work.
+    Shards hold ``shard_size`` examples (whole batches; fewer when a process's share of
+    ``num_examples`` is smaller, so every process has work; a resumed store keeps its own). On
+    several processes every one calls this with the same arguments: shard ``i`` is encoded and
+    written by process ``i mod process_count`` alone, on its own devices (a copy of the tokenizer
+    on a mesh of them, so no host waits for another while encoding); the processes then meet at
+    a barrier, process 0 marks the store complete, and all open it after a second one. What is
+    left to encode is read from the shard files, and only a shard's owner writes it, so
+    processes resuming an interrupted extraction cannot disagree about the work.
 
     Raises :class:`token_store.TokenStoreError` when ``directory`` holds a store made with
     other settings (every process raises it: they all read the same ``meta.json``).
     """
-    shard_size = max(batch_size, shard_size // batch_size * batch_size)
+    process, num_processes = jax.process_index(), jax.process_count()
+    recorded = token_store.read_meta(directory)
+    if recorded is not None:  # a store keeps the shards it began with, whoever resumes it
+        shard_size = recorded["shard_size"]
+    else:  # whole batches, and at most a process's share, so that every process has work
+        share = -(-num_examples // num_processes)
+        shard_size = max(batch_size, min(shard_size // batch_size, -(-share // batch_size)) * batch_size)
     meta = dict(description, num_examples=num_examples, shard_size=shard_size, seed=seed,
                 num_tokens=tokenizer.num_tokens, codebook_size=tokenizer.codebook_size,
                 image_size=tokenizer.image_size, num_classes=num_classes,
                 crops=[data.crop_min, data.crop_max, bool(data.flip)])
-    process, num_processes = jax.process_index(), jax.process_count()
     existing = token_store.check_meta(directory, meta)
     # Written by process 0 only after the last barrier below, so every process decides alike.
     if existing is not None and existing.get("complete"):

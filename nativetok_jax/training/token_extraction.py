@@ -81,7 +81,8 @@ def extract_tokens(
                 image_size=tokenizer.image_size, num_classes=num_classes,
                 crops=[data.crop_min, data.crop_max, bool(data.flip)])
     existing = token_store.check_meta(directory, meta)
-    # Written by process 0 only after the last barrier below, so every process decides alike.
+    # Process 0 marks a store complete only after every process has passed this point (the first
+    # barrier below), so all processes take the same branch.
     if existing is not None and existing.get("complete"):
         return token_store.TokenSource(directory)
     if existing is None and process == 0:

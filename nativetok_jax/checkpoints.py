@@ -97,7 +97,14 @@ def checkpoint_directory(stage_directory: storage.PathLike) -> epath.Path:
 
 
 def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds)."""
+    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds).
+
+    Raises ``ConfigError`` instead of replacing the config of a run whose checkpoints hold
+    parameters of other shapes (``workdir.check_resume``): they could no longer be loaded.
+    """
+    from nativetok_jax.workdir import check_resume  # it reads checkpoints through this module
+
+    check_resume(config, directory)
     storage.write_text(storage.path(directory) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 

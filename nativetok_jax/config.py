@@ -8,6 +8,7 @@ a ``ConfigError`` that names the field, before anything is built or compiled.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -230,17 +231,52 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     _positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
     p = g.label_drop_probability
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
-    s = g.sample
-    for name in ("num_samples", "num_steps"):
-        _positive_int(s.get(name), f"generator.sample.{name}")
-    _require(s.temperature > 0, "generator.sample.temperature", f"must be > 0, got {s.temperature!r}")
-    _require(isinstance(s.top_k, int) and s.top_k >= 0, "generator.sample.top_k", f"must be an integer >= 0, got {s.top_k!r}")
-    _require(0 < s.top_p <= 1, "generator.sample.top_p", f"must lie in (0, 1], got {s.top_p!r}")
-    _number(s.get("guidance_scale"), "generator.sample.guidance_scale")
+    validate_sampling(g.sample, g.kind)
     for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(train.get(name), f"train.{name}")
     _number(train.get("learning_rate"), "train.learning_rate")
     _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+
+
+def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_size: int | None = None,
+                      names: dict[str, str] | None = None) -> None:
+    """Raises ``ConfigError`` naming the first sampling setting a ``kind`` generator cannot use.
+
+    ``settings`` is ``config.generator.sample`` after any command-line overrides; ``names`` says
+    how an error names a setting (``{"temperature": "--temperature"}`` for a flag; default
+    ``config.generator.sample.<name>``); ``vocab_size`` bounds ``top_k`` when known. Temperature 0
+    is greedy decoding (the limit), not an error; ``num_steps`` and ``choice_temperature`` are
+    checked for MaskGIT, the only kind that uses them.
+    """
+    names = names or {}
+
+    def require(condition: bool, name: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{names.get(name, f'config.generator.sample.{name}')}: {message}")
+
+    def number(name: str, low: float, high: float = math.inf, high_open: bool = False) -> None:
+        value = settings.get(name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and low <= value and (value <= high if not high_open else value < high)
+        span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        require(ok, name, f"must be a finite number {span}, got {value!r}")
+
+    def integer(name: str, low: int, high: int | None = None) -> None:
+        value = settings.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        require(ok, name, f"must be an integer >= {low}{'' if high is None else f' and <= {high}'}, got {value!r}")
+
+    integer("num_samples", 1)
+    integer("seed", 0)
+    number("temperature", 0.0)  # 0: greedy
+    integer("top_k", 0, vocab_size)  # 0: every id
+    top_p = settings.get("top_p")
+    require(isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1, "top_p",
+            f"must lie in (0, 1] (1: off), got {top_p!r}")
+    number("guidance_scale", 0.0)  # 0: the unconditional model, 1: no guidance
+    if kind == "maskgit":
+        integer("num_steps", 1)
+        number("choice_temperature", 0.0)
 
 
 def data_source_ok(data: ml_collections.ConfigDict) -> bool:
@@ -414,3 +450,183 @@ def validate_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str
         _require(fixed == num_devices, "mesh",
                  f"data*fsdp*model = {fixed} but there are {num_devices} devices")
     return sizes
+
+
+# --- DiT (diffusion) models -----------------------------------------------------------------
+
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+AUTOENCODERS = ("sd_vae", "pixels")
+NOISE_SCHEDULES = ("linear", "cosine")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+
+
+def dit_model_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
+    """The ``model`` section of a DiT: DiT-``size``/``patch_size`` on SD-VAE latents at 256 px.
+
+    Fields (facebookresearch/DiT's defaults unless marked [C], our choice):
+      kind: "dit".
+      size: "S", "B", "L" or "XL" (a label; ``width``/``depth``/``num_heads`` are what is built).
+      image_size: pixels per side; the latent side is ``image_size / autoencoder downsampling``.
+      patch_size: latent cells per patch side (2, 4 or 8 in DiT's tables).
+      mlp_ratio, learn_sigma, num_classes (1000; ``num_classes`` itself is the null class).
+      label_drop_probability: 0.1, labels dropped to the null class while training (guidance).
+      dtype: compute dtype; diffusion arithmetic stays float32 whatever it is.
+      remat, unroll_scans: as for the other transformers.
+      autoencoder.kind: "sd_vae" (LDM KL-f8, 4 channels, ``scale_factor`` 0.18215, weights from
+        ``python -m nativetok_jax.convert sd-vae``) or "pixels" (identity, 3 channels in [-1, 1]:
+        the demo's pixel-space diffusion [C]).
+      autoencoder.weights: the converted SD-VAE file ("" only for "pixels").
+      diffusion: the training process: ``schedule`` "linear" (1e-4 .. 0.02) or "cosine",
+        ``num_steps`` 1000.
+      sample: ``method`` "ddpm" (DiT's FID protocol) or "ddim", ``respacing`` "250" (or "ddim50",
+        "100", ...), ``eta`` (DDIM only), ``guidance_scale`` (1.5 for FID, 4.0 for pictures; 1 = off),
+        ``guided_channels`` (0 = all [C]; 3 = DiT's exact FID run), ``clip_denoised`` (pixels only).
+    """
+    if size not in DIT_SIZES:
+        raise ConfigError(f"config.model.size: unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    width, depth, num_heads = DIT_SIZES[size]
+    model = ml_collections.ConfigDict()
+    model.kind = "dit"
+    model.size = size
+    model.image_size = 256
+    model.patch_size = patch_size
+    model.width, model.depth, model.num_heads = width, depth, num_heads
+    model.mlp_ratio = 4.0
+    model.learn_sigma = True
+    model.num_classes = 1000
+    model.label_drop_probability = 0.1
+    model.dtype = "float32"
+    model.remat = False
+    model.unroll_scans = False
+    model.autoencoder = ml_collections.ConfigDict(dict(kind="sd_vae", weights="", scale_factor=0.18215))
+    model.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))
+    model.sample = ml_collections.ConfigDict(dict(method="ddpm", respacing="250", eta=0.0, guidance_scale=1.5,
+                                                  guided_channels=0, clip_denoised=False))
+    return model
+
+
+def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(side, side, channels)`` of what the DiT diffuses: SD-VAE latents (f8, 4) or pixels (3)."""
+    if model.autoencoder.kind == "pixels":
+        return model.image_size, model.image_size, 3
+    return model.image_size // 8, model.image_size // 8, 4
+
+
+def validate_dit_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
+    (files are checked for existence here, not read)."""
+    _require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
+    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "patch_size", "num_classes"):
+        _positive_int(model.get(name), f"model.{name}")
+    _validate_transformer(model, "model")
+    _require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
+    for name in ("learn_sigma", "unroll_scans"):
+        _boolean(model.get(name), f"model.{name}")
+    p = model.get("label_drop_probability")
+    _require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    ae = model.autoencoder
+    _require(ae.get("kind") in AUTOENCODERS, "model.autoencoder.kind",
+             f"must be one of {AUTOENCODERS}, got {ae.get('kind')!r}")
+    if ae.kind == "sd_vae":
+        _require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
+        _number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
+        _require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
+        _require(bool(ae.get("weights")), "model.autoencoder.weights",
+                 "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
+                 "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
+        _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
+    side = dit_latent_shape(model)[0]
+    _require(side % model.patch_size == 0, "model.patch_size",
+             f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
+    d = model.diffusion
+    _require(d.get("schedule") in NOISE_SCHEDULES, "model.diffusion.schedule",
+             f"must be one of {NOISE_SCHEDULES}, got {d.get('schedule')!r}")
+    _positive_int(d.get("num_steps"), "model.diffusion.num_steps")
+    s = model.sample
+    _require(s.get("method") in DIFFUSION_SAMPLERS, "model.sample.method",
+             f"must be one of {DIFFUSION_SAMPLERS}, got {s.get('method')!r}")
+    from nativetok_jax.diffusion.respacing import space_timesteps
+
+    try:
+        space_timesteps(d.num_steps, s.get("respacing"))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.model.sample.respacing: {error}") from None
+    _number(s.get("eta"), "model.sample.eta")
+    _number(s.get("guidance_scale"), "model.sample.guidance_scale")
+    channels = dit_latent_shape(model)[2]
+    g = s.get("guided_channels")
+    _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
+             f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
+    _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")
+
+# ------------------------------------------------------------------------------------- D²iT's Dynamic VAE
+
+DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
+
+
+def dvae_config() -> ml_collections.ConfigDict:
+    """D²iT's Dynamic VAE at 256 px (D2IT.md "Dynamic VAE"; nativetok_jax/models/dvae.py).
+
+    ``model`` is replaced by the DVAE's own fields: a VQGAN-style pyramid whose last level gives the
+    coarse grain (f = 2^(levels-1)) and whose last-but-one gives the fine grain (f/2), the latent
+    width, and ``model.grain``, the router (regions of f x f px; ``routing`` "entropy" reads the
+    thresholds file of ``python -m nativetok_jax.grain_thresholds``; "fine", "coarse" and "random"
+    at ``fine_ratio`` are the fixed-grain comparisons). ``train.losses.kl_weight`` weighs the KL,
+    in which a coarse code counts once.
+    """
+    config = base_config()
+    config.task = "dvae"
+    m = config.model = ml_collections.ConfigDict()
+    m.kind = "dvae"
+    m.image_size = 256
+    m.dtype = "float32"
+    m.filters = 128
+    m.channel_multipliers = (1, 1, 2, 2, 4)  # 5 levels: coarse f16, fine f8
+    m.num_res_blocks = 2
+    m.attention_resolutions = (32, 16)  # encoder feature-map sides with attention after each block
+    m.num_groups = 32
+    m.latent_channels = 4
+    m.grain = ml_collections.ConfigDict(dict(
+        routing="entropy", fine_ratio=0.5, thresholds="",
+        num_bins=0,  # 0: region_size^2 bins
+        sigma=0.01, low=0.0, high=1.0))
+    losses = config.train.losses
+    losses.pixel, losses.perceptual_weight, losses.adversarial_weight = "l1", 1.0, 0.5
+    losses.kl_weight = 1e-6
+    return config
+
+
+def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a DVAE's ``config.model`` that cannot work."""
+    _require(model.get("kind") == "dvae", "model.kind", f"must be 'dvae', got {model.get('kind')!r}")
+    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "filters", "num_res_blocks", "num_groups", "latent_channels"):
+        _positive_int(model.get(name), f"model.{name}")
+    multipliers = tuple(model.get("channel_multipliers") or ())
+    _require(len(multipliers) >= 2 and all(isinstance(v, int) and v >= 1 for v in multipliers),
+             "model.channel_multipliers", f"need at least two positive integers (a fine and a coarse level), got {multipliers!r}")
+    coarse = 2 ** (len(multipliers) - 1)
+    _require(model.image_size % coarse == 0, "model.image_size",
+             f"{model.image_size} is not a multiple of the coarse factor {coarse}")
+    bad = [model.filters * v for v in multipliers if (model.filters * v) % model.num_groups]
+    _require(not bad, "model.num_groups", f"{model.num_groups} groups do not divide the widths {bad}")
+    g = model.grain
+    _require(g.get("routing") in DVAE_ROUTINGS, "model.grain.routing", f"must be one of {DVAE_ROUTINGS}, got {g.get('routing')!r}")
+    ratio = g.get("fine_ratio")
+    _require(isinstance(ratio, (int, float)) and 0 < ratio < 1, "model.grain.fine_ratio", f"must lie in (0, 1), got {ratio!r}")
+    _require(isinstance(g.get("num_bins"), int) and (g.num_bins == 0 or g.num_bins >= 2), "model.grain.num_bins",
+             f"must be 0 (region_size^2) or an integer >= 2, got {g.get('num_bins')!r}")
+    _require(isinstance(g.get("sigma"), (int, float)) and g.sigma > 0, "model.grain.sigma", f"must be > 0, got {g.get('sigma')!r}")
+    _require(g.low < g.high, "model.grain.low", f"need low < high, got {g.low!r} and {g.high!r}")
+    if g.routing == "entropy":
+        _require(bool(g.get("thresholds")), "model.grain.thresholds", "entropy routing needs a thresholds file: make it with "
+                 "`python -m nativetok_jax.grain_thresholds --config C --out T.json`")
+
+
+def validate_dvae(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first DVAE model, data or loss field that cannot work."""
+    validate_dvae_model(config.model)
+    _number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
+    _require(data_source_ok(config.data), "data.source",
+             f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")

@@ -9,6 +9,9 @@ downloaded: the inputs are files you already have.
     inception      pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the FID Inception)
     maskgit-vqgan  google-research/maskgit's tokenizer_imagenet256_checkpoint (Flax msgpack)
                    or the PyTorch port maskgit-vqgan-imagenet-f16-256.bin (TiTok's)
+    sd-vae         stabilityai/sd-vae-ft-ema or sd-vae-ft-mse diffusion_pytorch_model.safetensors
+                   (diffusers AutoencoderKL; DiT's latent space, scale 0.18215), or CompVis'
+                   vae-ft-mse-840000-ema-pruned.safetensors / an SD checkpoint's first_stage_model
 
 PyTorch files are read with ``torch.load(weights_only=True)`` (PyTorch, CPU build, must be
 installed for them); ``.safetensors`` inputs need no PyTorch.
@@ -26,6 +29,7 @@ NETWORKS = {
     "lpips": "1 or 2 inputs: [vgg16.pth] lpips_heads.pth",
     "inception": "1 input: pt_inception-2015-12-05-6726825d.pth",
     "maskgit-vqgan": "1 input: the maskgit Flax checkpoint or the PyTorch port's state dict",
+    "sd-vae": "1 input: diffusers' AutoencoderKL diffusion_pytorch_model.safetensors (or CompVis' VAE file)",
 }
 
 
@@ -45,6 +49,10 @@ def convert(network: str, inputs: list[str], out: str) -> str:
         from nativetok_jax.pretrained.inception import convert_fid_inception
 
         convert_fid_inception(inputs[0], out)
+    elif network == "sd-vae":
+        from nativetok_jax.pretrained.sd_vae import convert_sd_vae
+
+        convert_sd_vae(inputs[0], out)
     else:
         from nativetok_jax.pretrained.maskgit_vqgan import convert_maskgit_vqgan
 

@@ -11,6 +11,10 @@ when the file exists, written when it does not.
 ``--samples DIR`` (instead of ``--workdir``) judges a generator: the images in DIR (e.g. written
 by ``python -m nativetok_jax.sample``) get gFID against ``--reference_stats`` (computed from
 ``--data`` when the file does not exist yet) and the Inception Score; ``--inception`` is needed.
+``--reference_features FILE.npz`` adds improved precision and recall (k = 3, ADM's evaluator):
+the real images' Inception features, read if the file exists, else computed and written.
+``--reference_batch VIRTUAL_imagenet256_labeled.npz`` (ADM's reference batch) supplies the real
+images (``arr_0``) and, converted into ``--reference_stats``, ADM's ``mu`` and ``sigma``.
 """
 
 from __future__ import annotations
@@ -25,14 +29,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 
 from nativetok_jax import checkpoints, storage  # noqa: E402
 from nativetok_jax.config import ConfigError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
-from nativetok_jax.data.sources import DataError, FolderSource, PhotoSource, TfdsSource  # noqa: E402
+from nativetok_jax.data.sources import (  # noqa: E402
+    SAMPLE_IDS_FILE,
+    DataError,
+    FolderSource,
+    PhotoSource,
+    TfdsSource,
+)
 from nativetok_jax.evaluation import fid  # noqa: E402
 from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
+from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
+    load_features,
+    precision_recall,
+    read_adm_reference_batch,
+    save_features,
+)
 from nativetok_jax.evaluation.ssim import K1, K2, SIGMA, WIN_SIZE  # noqa: E402
 from nativetok_jax.evaluation.tokenizer_metrics import (  # noqa: E402
     evaluate_tokenizer,
@@ -45,6 +62,7 @@ from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
 from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
+from nativetok_jax.workdir import check_loadable  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
 # (training, sampling) also define --workdir and --out, and importing two of them into one process
@@ -67,6 +85,12 @@ flags.DEFINE_string("inception", None, "FID InceptionV3 weights file (python -m 
                     "adds rfid and inception_score.", flag_values=FLAGS)
 flags.DEFINE_string("reference_stats", None, "An .npz of the originals' Inception mu and sigma: read if it "
                     "exists, else computed and written there. Needs --inception.", flag_values=FLAGS)
+flags.DEFINE_string("reference_features", None, "With --samples: an .npz of the real images' Inception "
+                    "features for precision and recall: read if it exists, else computed (from "
+                    "--reference_batch or --data) and written.", flag_values=FLAGS)
+flags.DEFINE_string("reference_batch", None, "With --samples: ADM's reference batch .npz (arr_0 images, mu, "
+                    "sigma): its statistics become --reference_stats, its images the real features.",
+                    flag_values=FLAGS)
 flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=FLAGS)
 flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 4, 16, ... tokens) and plot it.",
                   flag_values=FLAGS)
@@ -77,8 +101,10 @@ PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
 INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
 INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
-PREPROCESSING = ("decoded to RGB (grey and RGBA images converted), short side resized to {size} px with "
-                 "PIL bicubic resampling (antialiased), the central {size} x {size} square kept, uint8")
+PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit and float depths scaled, "
+                 "palette/CMYK converted, alpha composited on white; nativetok_jax.data.decoding), short side "
+                 "resized to {size} px with PIL bicubic resampling (antialiased), the central {size} x {size} "
+                 "square kept, uint8")
 
 
 class EvaluationError(ValueError):
@@ -97,7 +123,7 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
     else:
         if not os.path.isdir(spec):
             raise EvaluationError(f"--data: {spec!r} is not an image folder, tfds:NAME:SPLIT or {PHOTOS!r}")
-        factory = lambda: FolderSource.scan(spec)  # noqa: E731
+        factory = lambda: FolderSource.scan(spec, "--data")  # noqa: E731
     try:
         return factory()
     except DataError as error:  # its message names a config field; here the flag is the cause
@@ -105,18 +131,24 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
 
 
 def image_batches(source: Any, image_size: int, batch_size: int, num_images: int | None,
-                  skipped: Any) -> Iterator[np.ndarray]:
+                  skipped: Any, exact_size: str | None = None) -> Iterator[np.ndarray]:
     """uint8 ``[B, image_size, image_size, 3]`` batches of the source's first ``num_images`` readable
-    images, centre-cropped; unreadable ones are skipped and counted in ``skipped``."""
+    images, centre-cropped; unreadable ones are skipped and counted in ``skipped``. With
+    ``exact_size`` (the flag to blame) an image of another size is an ``EvaluationError``, not
+    resized: generated samples all have the model's size."""
     wanted = len(source) if num_images is None else num_images
     batch: list[np.ndarray] = []
     taken = 0
     for index in range(len(source)):
         if taken == wanted:
             break
-        image = decode(source[index]["image"], skipped)
+        element = source[index]
+        image = decode(element["image"], skipped, element.get("name", f"element {index}"))
         if image is None:
             continue
+        if exact_size and image.shape[:2] != (image_size, image_size):
+            raise EvaluationError(f"{exact_size}: {element['image']} is {image.shape[1]} x {image.shape[0]} px, "
+                                  f"expected {image_size} x {image_size} px")
         batch.append(center_crop(image, image_size))
         taken += 1
         if len(batch) == batch_size:
@@ -132,12 +164,34 @@ def weights_record(path: str, kind: str) -> dict[str, Any]:
     return {"file": str(storage.path(path)), **{k: v for k, v in meta.items() if k != "format_version"}}
 
 
-def read_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file is a flag error."""
+def read_reference_stats(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mu, sigma)`` saved in ``--reference_stats``; a broken file, or statistics of images
+    of another size than ``image_size``, is a flag error."""
     try:
-        return fid.load_statistics(path)
+        return fid.load_statistics(path, image_size=image_size)
     except ValueError as error:
         raise EvaluationError(f"--reference_stats: {error}") from None
+
+
+def samples_image_size(samples: str, generated: FolderSource, reference_stats: str | None) -> tuple[int, str]:
+    """The side every sample must have and where it comes from: the generator's tokenizer (as
+    ``sample`` records it in ids.npz), else the reference statistics' record, else the first sample."""
+    ids = epath.Path(samples) / SAMPLE_IDS_FILE
+    if ids.is_file():
+        with ids.open("rb") as f, np.load(f) as recorded:
+            if "image_size" in recorded.files:
+                return int(recorded["image_size"]), f"the generator's tokenizer (recorded in {ids})"
+    if reference_stats and epath.Path(reference_stats).is_file():
+        try:
+            recorded_size = fid.recorded_image_size(reference_stats)
+        except ValueError as error:
+            raise EvaluationError(f"--reference_stats: {error}") from None
+        if recorded_size is not None:
+            return recorded_size, f"the reference statistics {reference_stats}"
+    first = decode(generated[0]["image"], SkippedImages())
+    if first is None:
+        raise EvaluationError(f"--samples: cannot read {generated[0]['image']}")
+    return first.shape[0], f"the first sample {generated[0]['image']}"
 
 
 def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
@@ -175,6 +229,7 @@ def run_evaluation(
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
+    check_loadable(workdir)
     tokenizer = Tokenizer.from_checkpoint(workdir, use_ema=use_ema)
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
@@ -217,7 +272,7 @@ def run_evaluation(
         }
         inception = load_inception(inception_path)
         if reference_stats and storage.path(reference_stats).is_file():
-            reference = read_reference_stats(reference_stats)
+            reference = read_reference_stats(reference_stats, size)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
             protocol["inception"]["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
         else:
@@ -241,10 +296,11 @@ def run_evaluation(
     if inception_path:
         protocol["inception"]["inception_score_splits"] = inception_score_splits(metrics["num_images"])
     if write_reference:
-        fid.save_statistics(reference_stats, *reference)
+        fid.save_statistics(reference_stats, *reference, image_size=size)
         logging.info("wrote the reference statistics to %s", reference_stats)
     protocol.update(num_images=metrics["num_images"], skipped_images=skipped.count,
-                    skipped_examples=skipped.examples, seconds=round(time.time() - start, 1))
+                    skipped_examples=skipped.examples, skipped_files=skipped.names,
+                    seconds=round(time.time() - start, 1))
     report = {**metrics, "protocol": protocol}
 
     storage.write_json(out, report)
@@ -267,8 +323,11 @@ def run_sample_evaluation(
     tfds_data_dir: str | None = None,
     num_images: int | None = None,
     batch_size: int = 64,
+    reference_features: str | None = None,
+    reference_batch: str | None = None,
 ) -> dict[str, Any]:
-    """gFID and Inception Score of the images in ``samples``; returns the JSON written to ``out``."""
+    """gFID and Inception Score (precision and recall with ``reference_features``) of the images in
+    ``samples``; returns the JSON written to ``out``."""
     if not inception_path or not storage.path(inception_path).is_file():
         raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
     if not reference_stats:
@@ -279,41 +338,102 @@ def run_sample_evaluation(
     if not os.path.isdir(samples):
         raise EvaluationError(f"--samples: {samples!r} is not a folder of images")
     try:
-        generated = FolderSource.scan(samples)
+        generated = FolderSource.samples(samples, "--samples")
     except DataError as error:
         raise EvaluationError(f"--samples: {str(error).split(': ', 1)[-1]}") from None
+    size, size_source = samples_image_size(samples, generated, reference_stats)
+    logging.info("--samples: %d images of %d x %d px (the size of %s)", len(generated), size, size, size_source)
     inception = load_inception(inception_path)
-    size = decode(generated[0]["image"], SkippedImages()).shape[0]
     protocol: dict[str, Any] = {
-        "samples": os.path.abspath(samples), "batch_size": batch_size,
+        "samples": os.path.abspath(samples), "batch_size": batch_size, "image_size": size,
+        "image_size_from": size_source,
         "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
                       "input": INCEPTION_INPUT,
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
                       "inception_score": INCEPTION_SCORE},
     }
+    adm_images = _convert_adm_reference_batch(reference_batch, reference_stats, protocol)
     if storage.path(reference_stats).is_file():
-        reference = read_reference_stats(reference_stats)
-        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
+        reference = read_reference_stats(reference_stats, size)
+        protocol.setdefault("reference_stats", {"file": str(storage.path(reference_stats)), "action": "read"})
     else:
         if not data:
             raise EvaluationError(f"--reference_stats: {reference_stats} does not exist; give --data to compute it")
         skipped = SkippedImages()
         reference, _, count = inception_statistics(
             image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, skipped), inception)
-        fid.save_statistics(reference_stats, *reference)
-        logging.info("wrote the reference statistics of %d images of %s to %s", count, data, reference_stats)
+        fid.save_statistics(reference_stats, *reference, image_size=size)
+        logging.info("wrote the reference statistics of %d images of %s (at %d px) to %s", count, data, size,
+                     reference_stats)
         protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
+    real_features = _reference_features(reference_features, reference_batch, adm_images, data, tfds_data_dir,
+                                        num_images, size, batch_size, inception, protocol)
     skipped = SkippedImages()
+    sample_features: list[np.ndarray] = []
     statistics, logits, count = inception_statistics(
-        image_batches(generated, size, batch_size, None, skipped), inception)
+        image_batches(generated, size, batch_size, None, skipped, exact_size="--samples"), inception,
+        features_out=sample_features)
     splits = inception_score_splits(count)
     score, score_std = fid.inception_score(logits, splits=splits)
-    protocol.update(num_samples=count, skipped_images=skipped.count, inception_score_splits=splits)
+    protocol.update(num_samples=count, skipped_images=skipped.count, skipped_files=skipped.names,
+                    inception_score_splits=splits)
     report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
+    if real_features is not None:
+        report["precision"], report["recall"] = precision_recall(real_features, np.concatenate(sample_features))
     storage.write_json(out, report)
     return report
+
+
+def _convert_adm_reference_batch(path: str | None, reference_stats: str, protocol: dict[str, Any]) -> np.ndarray | None:
+    """ADM's reference batch's images (None without one); its ``mu``/``sigma`` are written to
+    ``reference_stats`` when that file does not exist yet."""
+    if not path:
+        return None
+    try:
+        images, statistics = read_adm_reference_batch(path)
+    except ValueError as error:
+        raise EvaluationError(f"--reference_batch: {error}") from None
+    if statistics is not None and not storage.path(reference_stats).is_file():
+        fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1])
+        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "converted",
+                                       "reference_batch": str(storage.path(path))}
+    return images
+
+
+def _reference_features(path: str | None, reference_batch: str | None, adm_images: np.ndarray | None, data: str | None,
+                        tfds_data_dir: str | None, num_images: int | None, size: int, batch_size: int,
+                        inception: Any, protocol: dict[str, Any]) -> np.ndarray | None:
+    """The real images' pool3 features for precision and recall: read from ``path``, or computed from
+    ADM's images (else ``--data``) and written there; None without ``path``."""
+    if not path:
+        return None
+    if storage.path(path).is_file():
+        protocol["reference_features"] = {"file": str(storage.path(path)), "action": "read"}
+        try:
+            return load_features(path)
+        except ValueError as error:
+            raise EvaluationError(f"--reference_features: {error}") from None
+    if adm_images is not None:
+        images = adm_images[:num_images]
+        batches = (np.stack([center_crop(image, size) for image in images[i:i + batch_size]])
+                   for i in range(0, len(images), batch_size))
+        origin = str(storage.path(reference_batch))
+    elif data:
+        batches = image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, SkippedImages())
+        origin = data
+    else:
+        raise EvaluationError(f"--reference_features: {path} does not exist; give --reference_batch or --data "
+                              "to compute it")
+    kept: list[np.ndarray] = []
+    inception_statistics(batches, inception, features_out=kept)
+    features = np.concatenate(kept)
+    save_features(path, features)
+    logging.info("wrote the Inception features of %d real images to %s", len(features), path)
+    protocol["reference_features"] = {"file": str(storage.path(path)), "action": "written", "data": origin,
+                                      "num_images": len(features)}
+    return features
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -339,11 +459,13 @@ def main(argv: list[str]) -> None:
             report = run_sample_evaluation(
                 FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
                 data=FLAGS.data, tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images,
-                batch_size=FLAGS.batch_size)
+                batch_size=FLAGS.batch_size, reference_features=FLAGS.reference_features,
+                reference_batch=FLAGS.reference_batch)
         except (EvaluationError, files.WeightsError, ValueError) as error:
             sys.exit(f"error: {str(error).splitlines()[0]}")
+        extras = "".join(f", {name} {report[name]:.4f}" for name in ("precision", "recall") if name in report)
         print(f"{report['num_samples']} samples: gFID {report['gfid']:.3f}, Inception Score "
-              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}; wrote {FLAGS.out}")
+              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}{extras}; wrote {FLAGS.out}")
         return
     if not FLAGS.data:
         sys.exit("error: --data: which images to reconstruct (a folder, tfds:NAME:SPLIT or 'photos')")

@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.training.hnt import RestoreError
     from nativetok_jax.training.guards import NonFiniteLossError, Preempted
     from nativetok_jax.training.trainer import train_and_evaluate
+    from nativetok_jax.workdir import check_resume
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> None:
     start = time.time()
     generator = FLAGS.config.get("task", "tokenizer") == "generator"
     try:
+        check_resume(FLAGS.config, FLAGS.workdir)  # before anything is written to the workdir
         if generator:
             summary = train_generator(FLAGS.config, FLAGS.workdir)
         else:

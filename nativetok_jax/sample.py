@@ -3,7 +3,8 @@
 Loads the generator's newest checkpoint (EMA weights when kept) and the tokenizer its config
 names, samples class-conditional token ids with the config's settings (``generator.sample``;
 each can be overridden by a flag), decodes them with the tokenizer and writes
-``DIR/sample_00000.png ...``, ``DIR/grid.png`` and ``DIR/ids.npz`` (ids and labels). The
+``DIR/sample_00000.png ...``, ``DIR/grid.png`` and ``DIR/ids.npz`` (ids, labels and the image
+size, which ``evaluate --samples`` checks). The
 samples are seeded: the same command writes the same images.
 """
 
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
+
+from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -30,29 +35,58 @@ def define_flags() -> None:
     flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the classes).")
     flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).")
     flags.DEFINE_integer("batch_size", 64, "Images sampled per call.")
-    flags.DEFINE_float("temperature", None, "Softmax temperature.")
+    flags.DEFINE_float("temperature", None, "Softmax temperature (0: greedy decoding).")
     flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).")
-    flags.DEFINE_float("top_p", None, "Nucleus sampling mass (AR only; 1: off).")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off).")
     flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).")
     flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps.")
+    flags.DEFINE_float("choice_temperature", None, "MaskGIT: scale of the Gumbel noise on the confidences.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
     flags.mark_flags_as_required(["workdir", "out"])
+
+
+SETTINGS = ("temperature", "top_k", "top_p", "guidance_scale", "num_steps", "choice_temperature", "seed",
+            "num_samples")
+MASKGIT_ONLY = ("num_steps", "choice_temperature")
+
+
+def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str, Any], *,
+                      vocab_size: int) -> ml_collections.ConfigDict:
+    """``generator.sample`` with the flags' overrides, validated as a whole (``validate_sampling``):
+    a bad value is a ``ConfigError`` naming the flag that set it, or the config field. A flag the
+    generator's kind does not use (``--num_steps`` for an autoregressive one) is an error too."""
+    settings = ml_collections.ConfigDict(generator.sample.to_dict())
+    names = {}
+    for name in SETTINGS:
+        if overrides.get(name) is None:
+            continue
+        if name in MASKGIT_ONLY and generator.kind != "maskgit":
+            raise ConfigError(f"--{name}: only MaskGIT generators use it; this one is {generator.kind!r}")
+        settings[name] = overrides[name]
+        names[name] = f"--{name}"
+    validate_sampling(settings, generator.kind, vocab_size=vocab_size, names=names)
+    return settings
 
 
 def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **overrides) -> np.ndarray:
     """Writes the samples into ``out`` (local or a URL); returns them as uint8 ``[N, H, W, 3]``."""
     from nativetok_jax import checkpoints, sharding
+    from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
     from nativetok_jax.generation.generate import generate_ids
     from nativetok_jax.layers.partitioning import axis_rules
     from nativetok_jax.models.generators import build_generator
     from nativetok_jax.tokenizer import Tokenizer
+    from nativetok_jax.workdir import check_loadable
 
     config = checkpoints.read_config(workdir)
     g = config.generator
-    settings = g.sample
-    for name in ("temperature", "top_k", "top_p", "guidance_scale", "num_steps", "seed", "num_samples"):
-        if overrides.get(name) is not None:
-            settings[name] = overrides[name]
+    tokenizer_config = checkpoints.read_config(checkpoints.final_stage_directory(g.tokenizer))
+    settings = sampling_settings(g, overrides, vocab_size=tokenizer_config.model.quantizer.codebook_size)
+    batch_size = 64 if overrides.get("batch_size") is None else overrides["batch_size"]
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size: must be a positive integer, got {batch_size}")
+    check_loadable(g.tokenizer)
+    check_loadable(workdir)
     params, step = checkpoints.load_params(workdir, use_ema=overrides.get("use_ema", True))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
@@ -70,7 +104,6 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
         labels = (np.arange(settings.num_samples) % num_classes).astype(np.int32)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    batch_size = overrides.get("batch_size") or 64
     ids = []
     with jax.set_mesh(mesh), axis_rules(rules):
         for start in range(0, len(labels), batch_size):
@@ -87,8 +120,8 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
 
         directory = storage.path(out)
         for i, image in enumerate(images):
-            save_png(directory / f"sample_{i:05d}.png", image)
-        storage.write_npz(directory / "ids.npz", ids=ids, labels=labels)
+            save_png(directory / SAMPLE_FILE.format(index=i), image)
+        storage.write_npz(directory / SAMPLE_IDS_FILE, ids=ids, labels=labels, image_size=tokenizer.image_size)
         columns = int(np.ceil(np.sqrt(len(images))))
         save_grid(directory / "grid.png", [images[i : i + columns] for i in range(0, len(images), columns)],
                   upscale=max(1, 96 // tokenizer.image_size))
@@ -104,7 +137,8 @@ def main(argv: list[str]) -> None:
         images = sample_images(
             FLAGS.workdir, FLAGS.out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-            guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps, use_ema=FLAGS.use_ema)
+            guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
+            choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {str(error).splitlines()[0]}")
     print(f"wrote {len(images)} samples to {FLAGS.out} (grid.png, sample_*.png, ids.npz)")

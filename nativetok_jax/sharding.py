@@ -99,8 +99,9 @@ def summarize(problems: list[str], limit: int = 8) -> str:
 
 def mismatches(expected: Params, given: Params) -> list[str]:
     """Human-readable differences in names and shapes between two parameter trees."""
-    flat_expected = {k: np.shape(v) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-    flat_given = {k: np.shape(v) for k, v in traverse_util.flatten_dict(given, sep="/").items()}
+    # Keys joined as text: nnx.List indices are ints in a live model and strings in a checkpoint.
+    flat_expected = {"/".join(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(expected).items()}
+    flat_given = {"/".join(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(given).items()}
     problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
     problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
     problems += [
@@ -110,3 +111,27 @@ def mismatches(expected: Params, given: Params) -> list[str]:
     ]
     return problems
 
+
+
+def place_params(params: Params, shapes: Params, shardings: Params, what: str) -> Params:
+    """``params`` checked against ``shapes`` (names and shapes, else a one-line ``ValueError``
+    naming ``what``) and placed in ``shardings``."""
+    problems = mismatches(shapes, params)
+    if problems:
+        raise ValueError(f"parameters do not fit this {what}: {summarize(problems)}")
+    return jax.device_put(jax.tree.map(jax.numpy.asarray, params), shardings)
+
+
+def run_batched(fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Rules, params: Params, *arrays: Any,
+                **static: Any) -> Any:
+    """``fn(params, *arrays, **static)`` with each array (``None`` passes through) split over the
+    batch axes, under the mesh and the axis rules; on several hosts every host gets whole results."""
+    from jax.experimental import multihost_utils
+
+    from nativetok_jax.layers.partitioning import axis_rules
+
+    placed = [None if a is None else jax.device_put(a, batch_sharding(mesh, np.shape(a))) for a in arrays]
+    with jax.set_mesh(mesh), axis_rules(rules):
+        result = fn(params, *placed, **static)
+    return jax.tree.map(
+        lambda r: r if r.is_fully_addressable else multihost_utils.process_allgather(r, tiled=True), result)

@@ -21,10 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding
-from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
@@ -191,10 +189,7 @@ class Tokenizer:
 
     def with_params(self, params: sharding.Params) -> Tokenizer:
         """The same tokenizer with other parameters (same names and shapes, else ``ValueError``)."""
-        problems = sharding.mismatches(self._compiled.shapes, params)
-        if problems:
-            raise ValueError(f"parameters do not fit this tokenizer: {sharding.summarize(problems)}")
-        placed = jax.device_put(jax.tree.map(jnp.asarray, params), self._compiled.shardings)
+        placed = sharding.place_params(params, self._compiled.shapes, self._compiled.shardings, "tokenizer")
         return Tokenizer(self._compiled, placed, self._proxy_decoder)
 
     def with_mesh(self, mesh: jax.sharding.Mesh) -> Tokenizer:
@@ -210,11 +205,8 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- encode/decode
 
     def _run(self, fn: Callable[..., jax.Array], array: Any, *args: Any) -> jax.Array:
-        placed = jax.device_put(array, sharding.batch_sharding(self.mesh, np.shape(array)))
-        with jax.set_mesh(self.mesh), axis_rules(self._compiled.rules):
-            result = fn(self._params, placed, *args)
-        # On several hosts the batch is spread over all of them: give every host the whole result.
-        return result if result.is_fully_addressable else multihost_utils.process_allgather(result, tiled=True)
+        return sharding.run_batched(lambda params, batch: fn(params, batch, *args), self.mesh,
+                                    self._compiled.rules, self._params, array)
 
     def encode(self, images: Any) -> jax.Array:
         """uint8 images ``[B, image_size, image_size, 3]`` -> int32 token ids ``[B, num_tokens]``."""

@@ -93,6 +93,8 @@ def test_every_config_file_builds():
         # The token-order experiment holds two tokenizer configs and a generator config.
         runs = [config[arm] for arm in ("native", "order_free", "generator")] if "native" in config else [config]
         for run in runs:
+            if run.get("task") not in ("tokenizer", "generator"):
+                continue  # D²iT's configs are built by their own tests (test_dvae.py, ...)
             assert count_params(run.model) == expected_count(run.model), path
             if run.get("task") == "generator":
                 assert generator_params(run.generator, 64, 2) > 0, path

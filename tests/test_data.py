@@ -9,7 +9,7 @@ from PIL import Image
 
 from nativetok_jax.config import base_config
 from nativetok_jax.data.images import center_crop
-from nativetok_jax.data.pipeline import SkippedImages, eval_images, random_crop, train_iterator
+from nativetok_jax.data.pipeline import SkippedImages, decode, eval_images, random_crop, train_iterator
 from nativetok_jax.data.sources import DataError, FolderSource, open_sources
 
 
@@ -44,6 +44,54 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     batches = [next(iterator) for _ in range(3)]
     assert all(b["image"].shape == (4, 8, 8, 3) and b["image"].dtype == np.uint8 for b in batches)
     assert skipped.count >= 1 and "broken.jpg" in skipped.examples[0]
+
+
+def test_an_unreadable_file_is_counted_and_warned_about_once(tmp_path, caplog):
+    """Issue 17, case 3: one unreadable file among nine, 20 steps: one skipped image, one warning."""
+    write_images(tmp_path, [f"ok{i}.png" for i in range(8)])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    skipped = SkippedImages()
+    iterator = train_iterator(data_config(), FolderSource.scan(str(tmp_path)), image_size=8, batch_size=4, seed=0,
+                              skipped=skipped)
+    with caplog.at_level("WARNING"):
+        for _ in range(20):  # about nine epochs: the broken file comes up again and again
+            next(iterator)
+    assert skipped.count == 1 and skipped.names == [str(tmp_path / "broken.jpg")]
+    assert len(skipped.examples) == 1 and "broken.jpg" in skipped.examples[0]
+    assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 1
+
+
+def test_symlinked_class_folders_are_followed_once_without_cycles(tmp_path, caplog):
+    """Issue 17, case 2: a class folder that is a symbolic link is read like a real one."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_images(root, [f"cats/{i}.png" for i in range(4)])
+    write_images(elsewhere, [f"dogs/{i}.jpg" for i in range(5)])
+    (root / "dogs").symlink_to(elsewhere / "dogs", target_is_directory=True)
+    (root / "cats" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the top
+    (root / "cats" / "again").symlink_to(elsewhere / "dogs", target_is_directory=True)  # a second way in
+    (root / "gone.png").symlink_to(tmp_path / "no_such_file.png")
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / "cats" / "notes.txt").write_text("not an image")
+    with caplog.at_level("INFO"):
+        source = FolderSource.scan(str(root))
+    assert len(source) == 9 and source.class_names == ["cats", "dogs"]
+    assert [source[i]["label"] for i in range(9)] == [0] * 4 + [1] * 5
+    assert source.skipped == {
+        "hidden": [".DS_Store"],
+        "broken link or not a file": ["gone.png"],
+        "not an image file name": ["cats/notes.txt"],
+        "folder already read through another link (or a link cycle)": ["cats/again", "cats/loop"],
+    }
+    assert "9 image files in 2 classes" in caplog.text and "skipped 5:" in caplog.text
+
+
+def test_training_and_evaluation_read_a_sideways_phone_photo_upright(tmp_path):
+    """Issue 17, case 1, through the pipeline: an 80 x 40 photo stored as 40 x 80 with EXIF orientation 6."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((80, 40, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    source = FolderSource.scan(str(tmp_path))
+    assert decode(source[0]["image"], SkippedImages()).shape == (40, 80, 3)
 
 
 def test_iterator_state_round_trips_to_the_same_batches():
@@ -101,7 +149,7 @@ def test_folder_without_eval_path_holds_out_images_it_never_trains_on(tmp_path):
     "overrides, message",
     [
         (dict(source="folder", path="/no/such/folder"), "config.data.path: image folder '/no/such/folder' does not exist"),
-        (dict(source="folder", path="EMPTY"), "config.data.path: no jpg/jpeg/png/webp images under"),
+        (dict(source="folder", path="EMPTY"), "config.data.path: no jpg/jpeg/png/webp/bmp/gif/tif/tiff images under"),
         (dict(source="tfds", tfds_name=""), "config.data.tfds_name: must name a TFDS dataset"),
         (dict(source="tfds", tfds_name="no_such_dataset_xyz", tfds_data_dir="TMP"), "config.data.tfds_name: cannot open"),
     ],
@@ -137,7 +185,9 @@ def test_tfds_dataset_is_read_as_a_random_access_source(tmp_path):
     data = data_config(source="tfds", tfds_name="nativetok_tiny_images", tfds_data_dir=str(tmp_path))
     train, held_out = open_sources(data, 2)
     assert (len(train), len(held_out)) == (5, 2)
-    assert train[1]["image"].shape == (20, 30, 3)
+    # Encoded bytes, decoded like files (EXIF orientation, depth, alpha) and named in skip reports.
+    assert isinstance(train[1]["image"], bytes) and train[1]["name"] == "nativetok_tiny_images:train[1]"
+    assert decode(train[1]["image"], SkippedImages(), train[1]["name"]).shape == (20, 30, 3)
     assert sorted(train[i]["label"] for i in range(5)) == [0, 0, 1, 1, 2]
     batch = next(train_iterator(data, train, image_size=8, batch_size=4, seed=0))
     assert batch["image"].shape == (4, 8, 8, 3)

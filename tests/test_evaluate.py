@@ -244,6 +244,60 @@ def test_generated_samples_get_gfid_and_inception_score(weights, tmp_path):
         "error: --inception: gFID and IS need the FID Inception weights file, got None")
 
 
+def write_sample_folder(directory, images: np.ndarray) -> None:
+    """What ``python -m nativetok_jax.sample`` writes: the samples, a large grid.png and ids.npz."""
+    directory.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(directory / f"sample_{i:05d}.png")
+    Image.fromarray(np.zeros((414, 414, 3), np.uint8)).save(directory / "grid.png")
+    np.savez(directory / "ids.npz", ids=np.zeros((len(images), 8), np.int32), labels=np.zeros(len(images), np.int32),
+             image_size=images.shape[1])
+
+
+def test_samples_scored_against_themselves_give_gfid_zero_at_the_samples_size(weights, tmp_path):
+    """Issue 17, case 5: ``--samples`` on ``sample``'s folder reads only the samples (not grid.png),
+    at their size (not the grid's 414 px), and records that size in the statistics it writes."""
+    _, inception = weights
+    images = np.stack([center_crop(photo, 16) for photo in load_photos("heldout")])
+    write_sample_folder(tmp_path / "samples", images)
+    data = tmp_path / "real"
+    data.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(data / f"{i}.png")
+    stats, out = str(tmp_path / "reference.npz"), str(tmp_path / "gen.json")
+    assert run_entry_point("--samples", str(tmp_path / "samples"), "--inception", inception, "--reference_stats",
+                           stats, "--out", out, "--data", str(data)) == 0
+    with open(out) as f:
+        report = json.load(f)
+    assert report["num_samples"] == 4 and report["protocol"]["image_size"] == 16
+    assert abs(report["gfid"]) < 1e-3  # the same images: distance zero up to rounding (was 4.7-6.3)
+    assert fid.recorded_image_size(stats) == 16
+
+
+def test_reference_statistics_of_another_image_size_are_refused(weights, tmp_path):
+    _, inception = weights
+    images = np.stack([center_crop(photo, 16) for photo in load_photos("heldout")[:2]])
+    write_sample_folder(tmp_path / "samples", images)
+    stats = str(tmp_path / "reference_414.npz")
+    fid.save_statistics(stats, np.zeros(2048), np.eye(2048), image_size=414)
+    code = run_entry_point("--samples", str(tmp_path / "samples"), "--inception", inception, "--reference_stats",
+                           stats, "--out", str(tmp_path / "gen.json"))
+    assert code == (f"error: --reference_stats: {stats} holds statistics of 414 x 414 px images, these are 16 x 16 "
+                    f"px: use (or write) statistics made at 16 px")
+
+
+def test_samples_of_another_size_than_the_model_are_refused(weights, tmp_path):
+    _, inception = weights
+    images = np.stack([center_crop(photo, 16) for photo in load_photos("heldout")[:2]])
+    write_sample_folder(tmp_path / "samples", images)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "samples" / "sample_00002.png")
+    stats = str(tmp_path / "reference.npz")
+    fid.save_statistics(stats, np.zeros(2048), np.eye(2048), image_size=16)
+    code = run_entry_point("--samples", str(tmp_path / "samples"), "--inception", inception, "--reference_stats",
+                           stats, "--out", str(tmp_path / "gen.json"))
+    assert code == f"error: --samples: {tmp_path / 'samples' / 'sample_00002.png'} is 32 x 32 px, expected 16 x 16 px"
+
+
 def test_training_and_evaluate_report_the_per_image_mean_psnr(workdir, tmp_path):
     """Two images the tokenizer reconstructs with different errors: the mean of their PSNRs is
     what the trainer's held-out evaluation and the command report, not the pooled-MSE figure."""

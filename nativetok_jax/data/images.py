@@ -1,22 +1,9 @@
-"""Reading images into uint8 RGB arrays and cropping them to a square resolution."""
+"""Cropping decoded uint8 RGB images to a square resolution (decoding: ``data.decoding``)."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded; the message names the file."""
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """The image at ``path`` as uint8 ``[H, W, 3]`` (grey and RGBA images become RGB)."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UnreadableImageError(f"cannot read image {path}: {error}") from None
+from PIL import Image
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

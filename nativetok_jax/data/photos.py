@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from nativetok_jax.data.images import read_rgb
+from nativetok_jax.data.decoding import read_rgb
 
 TRAIN_PHOTOS = (
     "astronaut.png",

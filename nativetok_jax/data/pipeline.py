@@ -5,7 +5,8 @@ shuffles it with the run's seed (reshuffled every epoch), takes a random square 
 random fraction of the short side) resized to the model resolution, flips it at random, and
 batches. Every random choice is derived from the seed and the element's index, so the iterator's
 state (a position) is all a resumed run needs to see exactly the batches it would have seen.
-Unreadable images are skipped and counted (:class:`SkippedImages`), never fatal.
+Images are decoded as viewers show them (``data.decoding``); unreadable ones are skipped, counted
+and warned about once per file (:class:`SkippedImages`), never fatal.
 
 Evaluation: a fixed set of images: deterministic crops of held-out photographs, or centre crops
 of the first images of the evaluation split.
@@ -13,6 +14,7 @@ of the first images of the evaluation split.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -22,40 +24,67 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from nativetok_jax.data.images import UnreadableImageError, center_crop, read_rgb
+from nativetok_jax.data.decoding import UnreadableImageError, array_to_rgb, decode_rgb, read_rgb
+from nativetok_jax.data.images import center_crop
 
 
 class SkippedImages:
-    """Counts the images a pipeline could not decode (exact with ``worker_count=0``)."""
+    """The images a pipeline could not decode, each counted and warned about once.
+
+    ``count`` is the number of distinct unreadable files (or array elements), however often
+    the epochs revisit them; ``names`` lists them in the order they were found and
+    ``examples`` gives the first few causes, for logs and JSON reports. A file known to be
+    unreadable is not read again. Exact with ``worker_count=0``: worker processes keep their
+    own copies.
+    """
+
+    MAX_EXAMPLES = 5
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.count = 0
+        self._seen: set[str] = set()
+        self.names: list[str] = []
         self.examples: list[str] = []
 
-    def add(self, description: str) -> None:
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._seen
+
+    def add(self, name: str, description: str | None = None) -> None:
+        """Records ``name`` (a file path, or an element's description) as unreadable, once."""
         with self._lock:
-            self.count += 1
-            if len(self.examples) < 5:
-                self.examples.append(description)
-        logging.warning("skipping unreadable image: %s", description)
+            if name in self._seen:
+                return
+            self._seen.add(name)
+            self.names.append(name)
+            if len(self.examples) < self.MAX_EXAMPLES:
+                self.examples.append(description or name)
+        logging.warning("skipping unreadable image (counted once, not read again): %s", description or name)
 
 
-def decode(image: Any, skipped: SkippedImages) -> np.ndarray | None:
-    """An RGB uint8 array from a path or an array; ``None`` (and counted) when it cannot be read."""
-    if isinstance(image, (str, bytes)):
-        try:
-            return read_rgb(image)
-        except UnreadableImageError as error:
-            skipped.add(str(error))
+def decode(image: Any, skipped: SkippedImages, name: str | None = None) -> np.ndarray | None:
+    """A path, encoded bytes or an array as the uint8 RGB image a viewer shows (``data.decoding``);
+    ``None``, and recorded once in ``skipped``, when it cannot be read. ``name`` identifies an
+    element that is not a file (a TFDS record)."""
+    if isinstance(image, (str, os.PathLike)):
+        key = os.fspath(image)
+        if key in skipped:
             return None
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
-        skipped.add(f"array of shape {image.shape} and dtype {image.dtype}")
+        try:
+            return read_rgb(key)
+        except UnreadableImageError as error:
+            skipped.add(key, str(error))
+            return None
+    if name is not None and name in skipped:
         return None
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+    try:
+        return decode_rgb(image, name or "element") if isinstance(image, bytes) else array_to_rgb(image)
+    except UnreadableImageError as error:
+        skipped.add(name or str(error), f"{name}: {error}" if name else str(error))
+        return None
 
 
 def random_crop(
@@ -77,7 +106,7 @@ class _Augment(grain.transforms.RandomMap):
         self.min_fraction, self.max_fraction, self.flip = data.crop_min, data.crop_max, data.flip
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
-        image = decode(element["image"], self.skipped)
+        image = decode(element["image"], self.skipped, element.get("name"))
         if image is None:
             return None  # grain's iterator skips None elements.
         crop = random_crop(image, rng, self.size, self.min_fraction, self.max_fraction, self.flip)
@@ -126,7 +155,8 @@ def eval_images(
     images = []
     index = 0
     while len(images) < num_images and index < len(source) * (num_images if data.source == "photos" else 1):
-        image = decode(source[index % len(source)]["image"], skipped)
+        element = source[index % len(source)]
+        image = decode(element["image"], skipped, element.get("name", f"evaluation element {index % len(source)}"))
         index += 1
         if image is None:
             continue

@@ -8,16 +8,24 @@ checks that it exists and is not empty, so a wrong path fails before anything co
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 
 from nativetok_jax.data.photos import load_photos
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# ``python -m nativetok_jax.sample`` names its images so; the folder also holds grid.png and
+# ids.npz, which are not samples.
+SAMPLE_FILE = "sample_{index:05d}.png"
+SAMPLE_GLOB = "sample_*.png"
+SAMPLE_IDS_FILE = "ids.npz"  # token ids, labels and the image size of the samples
 
 
 class DataError(ValueError):
@@ -40,37 +48,117 @@ class PhotoSource:
 
 
 class FolderSource:
-    """Every jpg/png/webp file under a folder (recursively); sub-folder names become class labels."""
+    """Every image file under a folder (recursively, following links); sub-folder names become class labels.
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str]):
+    A class folder may be a symbolic link (a common way to assemble a dataset from several
+    places): links are followed, each folder and file is taken once, and a link back into a
+    folder already read (a cycle) is skipped. Hidden files (``.DS_Store``, macOS ``._name.jpg``
+    copies), files without an image extension and broken links are skipped. :meth:`scan` logs
+    how many files and classes it found and how many it skipped, and why (``self.skipped``).
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
+                 skipped: dict[str, list[str]] | None = None):
         self.paths, self.labels, self.class_names = list(paths), list(labels), list(class_names)
         self.num_classes = max(1, len(self.class_names))
+        self.skipped = dict(skipped or {})
 
     @classmethod
-    def scan(cls, root: str, field: str = "data.path") -> FolderSource:
-        if not root or not os.path.isdir(root):
-            raise DataError(f"config.{field}: image folder {root!r} does not exist")
-        paths = sorted(
-            os.path.join(directory, name)
-            for directory, _, names in os.walk(root)
-            for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+    def scan(cls, root: str | epath.PathLike, field: str = "data.path") -> FolderSource:
+        """The images under ``root`` (local or ``gs://``). Raises ``DataError`` naming ``field`` (a
+        config field, or a flag such as ``--data``) when the folder does not exist or holds no image."""
+        culprit = field if field.startswith("--") else f"config.{field}"
+        root_path = epath.Path(root) if root else None
+        if root_path is None or not root_path.is_dir():
+            raise DataError(f"{culprit}: image folder {str(root)!r} does not exist")
+        relative_paths, skipped = _list_files(root_path)
+        paths = sorted(relative_paths)
         if not paths:
-            raise DataError(f"config.{field}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images under {root!r}")
-        class_names = sorted({os.path.relpath(os.path.dirname(p), root) for p in paths} - {"."})
+            raise DataError(f"{culprit}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images under "
+                            f"{str(root)!r}{_describe_skipped(skipped, prefix='; skipped ')}")
+        class_names = sorted({os.path.dirname(p) for p in paths} - {""})
         index = {name: i for i, name in enumerate(class_names)}
-        labels = [index.get(os.path.relpath(os.path.dirname(p), root), 0) for p in paths]
-        return cls(paths, labels, class_names)
+        labels = [index.get(os.path.dirname(p), 0) for p in paths]
+        logging.info("%s: %d image files in %d classes under %s%s", field, len(paths), max(1, len(class_names)),
+                     root, _describe_skipped(skipped, prefix="; skipped "))
+        return cls([str(root_path / p) for p in paths], labels, class_names, skipped)
+
+    @classmethod
+    def samples(cls, directory: str | epath.PathLike, field: str = "samples") -> FolderSource:
+        """Generated images: exactly the ``sample_*.png`` files when the folder has any (what
+        ``nativetok_jax.sample`` writes, beside its ``grid.png``), else every image under it."""
+        found = sorted(str(p) for p in epath.Path(directory).glob(SAMPLE_GLOB))
+        if not found:
+            return cls.scan(directory, field)
+        logging.info("%s: %d sample files (%s) in %s", field, len(found), SAMPLE_GLOB, directory)
+        return cls(found, [0] * len(found), [])
 
     def subset(self, indices: Sequence[int]) -> FolderSource:
-        return FolderSource([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.class_names)
+        return FolderSource([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.class_names,
+                            self.skipped)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.paths[index], "label": self.labels[index]}
+
+
+def _list_files(root: epath.Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Image paths relative to ``root``, and the skipped ones (relative too) by reason."""
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
+    if "://" in str(root):  # object stores have no links; their own walk lists a folder per call
+        files = [os.path.join(os.path.relpath(str(d), str(root)), n).removeprefix("./")
+                 for d, _, names in root.walk() for n in names]
+        return [f for f in files if _keep(f, skipped)], dict(skipped)
+    files: list[str] = []
+    seen: set[str] = set()
+    pending = collections.deque([""])  # breadth first: a real folder is met before deeper links to it
+    while pending:
+        relative = pending.popleft()
+        directory = os.path.join(str(root), relative)
+        if os.path.realpath(directory) in seen:
+            skipped["folder already read through another link (or a link cycle)"].append(relative)
+            continue
+        seen.add(os.path.realpath(directory))
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                path = os.path.join(relative, entry.name)
+                if entry.name.startswith("."):
+                    skipped["hidden"].append(path)
+                elif entry.is_dir():  # follows links
+                    pending.append(path)
+                elif not entry.is_file():
+                    skipped["broken link or not a file"].append(path)
+                elif _keep(path, skipped):
+                    target = os.path.realpath(entry.path)
+                    if target in seen:
+                        skipped["file already found through another link"].append(path)
+                    else:
+                        seen.add(target)
+                        files.append(path)
+    return files, dict(skipped)
+
+
+def _keep(path: str, skipped: dict[str, list[str]]) -> bool:
+    name = os.path.basename(path)
+    if name.startswith("."):
+        skipped["hidden"].append(path)
+        return False
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        skipped["not an image file name"].append(path)
+        return False
+    return True
+
+
+def _describe_skipped(skipped: dict[str, list[str]], prefix: str) -> str:
+    """``"; skipped 3 files: 2 hidden (.DS_Store, ...), 1 not an image file name (notes.txt)"``, or ``""``."""
+    if not skipped:
+        return ""
+    total = sum(len(names) for names in skipped.values())
+    parts = [f"{len(names)} {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for reason, names in skipped.items()]
+    return f"{prefix}{total}: {'; '.join(parts)}"
 
 
 class TfdsSource:
@@ -81,8 +169,14 @@ class TfdsSource:
             import tensorflow_datasets as tfds
         except ImportError as error:
             raise DataError(f"config.data.tfds_name: tensorflow-datasets is not importable ({error})") from None
+        self.name, self.split = name, split
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+            if isinstance(_feature(self._source, "image"), tfds.features.Image):
+                # Encoded bytes, decoded by data.decoding like files: TensorFlow's image decoder
+                # ignores EXIF orientation and maps depths and alpha its own way.
+                self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                                decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as error:  # TFDS raises many types for a missing or unprepared dataset.
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(
@@ -90,17 +184,24 @@ class TfdsSource:
             ) from None
         if len(self._source) == 0:
             raise DataError(f"config.data.tfds_name: {name!r} split {split!r} is empty")
-        features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        # FeaturesDict is a mapping without ``get`` in some TFDS releases.
-        label = features["label"] if features is not None and "label" in features.keys() else None
-        self.num_classes = int(getattr(label, "num_classes", 1) or 1)
+        self.num_classes = int(getattr(_feature(self._source, "label"), "num_classes", 1) or 1)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"image": encoded bytes (or an array), "label": int, "name": "NAME:SPLIT[index]"}``."""
         record = self._source[index]
-        return {"image": np.asarray(record["image"]), "label": int(record.get("label", 0))}
+        image = record["image"]
+        return {"image": image if isinstance(image, bytes) else np.asarray(image),
+                "label": int(record.get("label", 0)), "name": f"{self.name}:{self.split}[{index}]"}
+
+
+def _feature(source: Any, key: str) -> Any:
+    """The TFDS feature ``key`` of a data source, or ``None``."""
+    features = getattr(getattr(source, "dataset_info", None), "features", None)
+    # FeaturesDict is a mapping without ``get`` in some TFDS releases.
+    return features[key] if features is not None and key in features.keys() else None
 
 
 def open_sources(data: ml_collections.ConfigDict, num_eval_images: int) -> tuple[Any, Any]:

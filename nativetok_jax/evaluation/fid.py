@@ -6,19 +6,21 @@ Inception Score. Everything here is float64 numpy/scipy, as in the reference too
 matrix square root of two 2048 x 2048 covariances loses digits in float32.
 
 Statistics files are ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], the format of pytorch-fid's
-``--save-stats`` and of the published reference statistics, so they can be exchanged both ways.
+``--save-stats`` and of the published reference statistics, so they can be exchanged both ways;
+ours add ``image_size`` (the images' side before Inception's resize), checked when read back.
 """
 
 from __future__ import annotations
 
-import io
+from typing import Any
 
 import numpy as np
 import scipy.special
-
-from nativetok_jax import storage
+from absl import logging
+from etils import epath
 
 NEGATIVE_TOLERANCE = 1e-6  # relative to the covariance's scale
+IMAGE_SIZE_KEY = "image_size"  # our addition to the pytorch-fid format; readers ignore extra arrays
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -123,38 +125,62 @@ class FeatureStatistics:
         return (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
 
-def save_statistics(path: storage.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path`` (local or a URL),
-    exactly that name."""
+def save_statistics(path: str | epath.PathLike, mu: np.ndarray, sigma: np.ndarray,
+                    image_size: int | None = None) -> None:
+    """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path`` (local or ``gs://``),
+    exactly that name, with ``image_size``: the side in pixels the images had before Inception's
+    own resize, so a later reader can refuse images of another size."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    _check_shapes(path, mu, sigma)
-    storage.write_npz(path, mu=mu, sigma=sigma)
+    _check_shapes(str(path), mu, sigma)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = {} if image_size is None else {IMAGE_SIZE_KEY: np.int64(image_size)}
+    with path.open("wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        np.savez(f, mu=mu, sigma=sigma, **size)
 
 
-def load_statistics(path: storage.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` as float64 from an ``.npz`` (local or a URL) with ``mu`` [D] and ``sigma``
-    [D, D]; ``ValueError`` naming the file when it is missing or not such an archive."""
-    if not storage.path(path).is_file():
-        raise ValueError(f"FID statistics file not found: {path}")
-    try:
-        mu, sigma = _read_npz(path)
-    except Exception as e:  # zipfile, pickle refusal, our own ValueErrors: one line each
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not an FID statistics file: {first_line}") from None
+def load_statistics(path: str | epath.PathLike, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` as float64 from an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D].
+
+    Raises ``ValueError`` (one line, naming the file) for a missing or malformed file, and when
+    ``image_size`` is given and the file records statistics of images of another size. Files
+    that record no size (pytorch-fid's, published ones) are accepted with a logged warning.
+    """
+    mu, sigma, recorded = _read_npz(path, ("mu", "sigma"))
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    _check_shapes(path, mu, sigma)
+    _check_shapes(str(path), mu, sigma)
+    if image_size is not None and recorded is None:
+        logging.warning("%s records no image size: make sure it was computed from %d x %d px images", path,
+                        image_size, image_size)
+    if image_size is not None and recorded is not None and recorded != image_size:
+        raise ValueError(f"{path} holds statistics of {recorded} x {recorded} px images, these are {image_size} x "
+                         f"{image_size} px: use (or write) statistics made at {image_size} px")
     return mu, sigma
 
 
-def _read_npz(path: storage.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    data = np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError("it holds a single array, not an .npz archive")
-    with data:
-        missing = [key for key in ("mu", "sigma") if key not in data.files]
-        if missing:
-            raise ValueError(f"no {' or '.join(repr(k) for k in missing)} array (it has {sorted(data.files)})")
-        return data["mu"], data["sigma"]
+def recorded_image_size(path: str | epath.PathLike) -> int | None:
+    """The image size a statistics file records (read without its arrays), or ``None``."""
+    return _read_npz(path, ())[-1]
+
+
+def _read_npz(path: str | epath.PathLike, keys: tuple[str, ...]) -> tuple[Any, ...]:
+    """The arrays ``keys`` and the recorded image size (or ``None``); one-line ``ValueError``s."""
+    if not epath.Path(path).is_file():
+        raise ValueError(f"FID statistics file not found: {path}")
+    try:
+        with epath.Path(path).open("rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array, not an .npz archive")
+            with data:  # an archive member is read only when indexed
+                missing = [key for key in ("mu", "sigma") if key not in data.files]
+                if missing:
+                    raise ValueError(f"no {' or '.join(repr(k) for k in missing)} array (it has {sorted(data.files)})")
+                size = int(data[IMAGE_SIZE_KEY]) if IMAGE_SIZE_KEY in data.files else None
+                return (*(data[key] for key in keys), size)
+    except Exception as e:  # zipfile, pickle refusal, our own ValueErrors: one line each
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not an FID statistics file: {first_line}") from None
 
 
 def _check_shapes(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

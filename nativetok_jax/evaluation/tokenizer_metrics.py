@@ -212,9 +212,11 @@ def evaluate_tokenizer(
     return metrics, reference
 
 
-def inception_statistics(batches: Iterable[np.ndarray], inception: InceptionV3) -> tuple[Statistics, np.ndarray, int]:
+def inception_statistics(batches: Iterable[np.ndarray], inception: InceptionV3,
+                         features_out: list | None = None) -> tuple[Statistics, np.ndarray, int]:
     """Inception ``(mu, sigma)``, all bias-free logits and the image count of uint8 image batches
-    (each padded to the first batch's size, so one program serves them all)."""
+    (each padded to the first batch's size, so one program serves them all); ``features_out``, a
+    list, also receives each batch's pool3 features (precision and recall need them)."""
     outputs = inception_outputs_fn(inception)
     statistics = FeatureStatistics()
     logits, size = [], None
@@ -222,6 +224,8 @@ def inception_statistics(batches: Iterable[np.ndarray], inception: InceptionV3) 
         size = size or len(batch)
         features, batch_logits = outputs(_pad(batch, size))
         statistics.add(np.asarray(features[: len(batch)], np.float64))
+        if features_out is not None:
+            features_out.append(np.asarray(features[: len(batch)], np.float32))
         logits.append(np.asarray(batch_logits[: len(batch)]))
     if statistics.count < 2:
         raise ValueError(f"Inception statistics need at least 2 images, got {statistics.count}")

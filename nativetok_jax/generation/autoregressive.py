@@ -123,7 +123,7 @@ def sample(
       labels: class ids; ``model.null_class`` samples the unconditional model.
       key: the seed; position i draws with ``fold_in(key, i)``.
       num_tokens: how many tokens (default ``model.num_tokens``, the most it accepts).
-      temperature: > 0; divides the (guided) logits.
+      temperature: >= 0; divides the (guided) logits; 0 is greedy decoding (the limit).
       top_k: keep only the k most likely tokens (0: all; 1: greedy).
       top_p: nucleus filtering, keep the smallest most-likely set with mass >= top_p (1: all).
       guidance_scale: ``uncond + s * (cond - uncond)``; anything but 1 doubles the batch.
@@ -143,8 +143,8 @@ def sample(
         raise ValueError(f"num_tokens must be in 1..{gpt.num_tokens}, got {num_tokens}")
     if jnp.ndim(labels) != 1:
         raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     run = sampler(

@@ -21,4 +21,4 @@ def generate_ids(
                                      top_k=settings.top_k, top_p=settings.top_p, guidance_scale=settings.guidance_scale)
     return masked.sample(model, labels, key=key, num_tokens=num_tokens, num_steps=settings.num_steps,
                          temperature=settings.temperature, choice_temperature=settings.choice_temperature,
-                         guidance_scale=settings.guidance_scale, top_k=settings.top_k or None)
+                         guidance_scale=settings.guidance_scale, top_k=settings.top_k, top_p=settings.top_p)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.generation.sampling import guide, top_k_filter
+from nativetok_jax.generation.sampling import filter_logits, guide
 from nativetok_jax.layers.partitioning import constrain
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 
@@ -85,15 +85,18 @@ def _decode_step(
     choice_temperature: jax.Array,
     guidance_scale: jax.Array,
     guided: bool,
-    top_k: int | None,
+    top_k: int,
+    top_p: jax.Array | None,
 ) -> jax.Array:
     """One MaskGIT step: sample every masked position, keep the most confident, re-mask the rest."""
     unknown = ids == model.mask_id
-    logits = _guided_logits(model, ids, labels, guidance_scale, guided) / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
+    logits = _guided_logits(model, ids, labels, guidance_scale, guided).astype(jnp.float32)
     sample_key, choice_key = jax.random.split(jax.random.fold_in(key, step))
-    sampled = jnp.where(unknown, jax.random.categorical(sample_key, logits), ids)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampled = jnp.where(unknown, jax.random.categorical(sample_key, filtered), ids)
+    # Confidence is the model's own (guided) probability of the sampled id, as in MaskGIT's
+    # reference: not the tempered or filtered one, so that temperature 0 (greedy) still ranks
+    # positions by how sure the model is instead of calling every choice certain.
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     confidence = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
     # Gumbel noise on the confidences, annealed to 0, lets early steps keep less likely tokens.
@@ -106,7 +109,8 @@ def _decode_step(
     return constrain(jnp.where(remask, model.mask_id, sampled), ("batch", "length"))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "num_steps", "top_k", "guided", "return_history"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "num_steps", "top_k", "nucleus", "guided",
+                                             "return_history"))
 def _sample(
     graphdef: nnx.GraphDef,
     params: Any,
@@ -115,18 +119,20 @@ def _sample(
     temperature: jax.Array,
     choice_temperature: jax.Array,
     guidance_scale: jax.Array,
+    top_p: jax.Array,
     *,
     num_tokens: int,
     num_steps: int,
-    top_k: int | None,
+    top_k: int,
+    nucleus: bool,
     guided: bool,
     return_history: bool,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, params)
     if num_tokens != model.num_tokens:
         raise ValueError(f"the model generates {model.num_tokens} tokens, num_tokens is {num_tokens}")
-    if top_k is not None and not 1 <= top_k <= model.vocab_size:
-        raise ValueError(f"top_k must lie in [1, {model.vocab_size}], got {top_k}")
+    if not 0 <= top_k <= model.vocab_size:
+        raise ValueError(f"top_k must lie in [0, {model.vocab_size}] (0: all ids), got {top_k}")
     labels = constrain(labels, ("batch",))
     ids = constrain(jnp.full((labels.shape[0], num_tokens), model.mask_id, jnp.int32), ("batch", "length"))
     decode = functools.partial(
@@ -140,6 +146,7 @@ def _sample(
         guidance_scale=guidance_scale,
         guided=guided,
         top_k=top_k,
+        top_p=top_p if nucleus else None,
     )
 
     def body(ids: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -161,6 +168,7 @@ def sample(
     choice_temperature: float = 4.5,
     guidance_scale: float = 1.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     return_history: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Class-conditional token ids ``int32 [B, num_tokens]`` for ``labels [B]``, by MaskGIT decoding.
@@ -171,18 +179,20 @@ def sample(
       key: the seed; the same key gives the same ids.
       num_tokens: sequence length; must be the model's.
       num_steps: decoding steps (MaskGIT and NativeTok use 8).
-      temperature: divides the logits before sampling each id (> 0).
+      temperature: divides the logits before sampling each id (>= 0; 0 is greedy decoding, the
+        limit). The confidences that rank positions are the model's untempered probabilities.
       choice_temperature: scale of the Gumbel noise added to the log-probability confidences that
         decide which tokens to keep, annealed linearly to 0 at the last step (MaskGIT: 4.5).
       guidance_scale: classifier-free guidance, ``logits = uncond + scale * (cond - uncond)``
         computed on a doubled batch. 1.0 (default) is plain conditional sampling and skips the
         doubled batch; 0.0 samples from the unconditional (null-class) model; > 1 sharpens.
-      top_k: if set, each position samples among its ``top_k`` most likely ids only.
+      top_k: if set (> 0), each position samples among its ``top_k`` most likely ids only.
+      top_p: nucleus filtering of each position's ids, as in the AR sampler (1: off).
       return_history: also return the ids after every step, ``[num_steps, B, L]``, with
         ``model.mask_id`` where a position is still masked.
 
-    Compiled once per model structure, batch shape, ``num_steps``, ``top_k``, whether guidance is
-    on, and ``return_history``; temperatures and the guidance scale are traced. Under a mesh with
+    Compiled once per model structure, batch shape, ``num_steps``, ``top_k``, whether top-p and
+    guidance are on, and ``return_history``; temperatures, top-p and the guidance scale are traced. Under a mesh with
     axis rules active (``jax.set_mesh(mesh)`` and ``axis_rules(rules)``) the batch follows the
     ``batch`` rule.
     """
@@ -190,6 +200,12 @@ def sample(
         graphdef, params = model
     else:
         graphdef, params = nnx.split(model)
+    if not temperature >= 0 or not choice_temperature >= 0:
+        raise ValueError(f"temperature and choice_temperature must be >= 0, got {temperature} and {choice_temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return _sample(
         graphdef,
         params,
@@ -198,9 +214,11 @@ def sample(
         jnp.float32(temperature),
         jnp.float32(choice_temperature),
         jnp.float32(guidance_scale),
+        jnp.float32(top_p),
         num_tokens=num_tokens,
         num_steps=num_steps,
-        top_k=top_k,
+        top_k=int(top_k or 0),
+        nucleus=top_p < 1,
         guided=float(guidance_scale) != 1.0,
         return_history=return_history,
     )

@@ -16,8 +16,14 @@ def guide(conditional: jax.Array, unconditional: jax.Array, scale: jax.Array | f
 
 
 def apply_temperature(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
-    """Divides by ``temperature`` (> 0): below 1 sharpens, above 1 flattens."""
-    return logits / temperature
+    """Divides by ``temperature``: below 1 sharpens, above 1 flattens; 0 is the limit, greedy
+    decoding: only the largest logit (and any tied with it) survives, as ``softmax(logits / t)``
+    does as ``t -> 0``. ``temperature`` may be traced; it must be >= 0."""
+    temperature = jnp.asarray(temperature, logits.dtype)
+    greedy = jnp.where(logits >= logits.max(axis=-1, keepdims=True), jnp.zeros_like(logits), -jnp.inf)
+    # The divisor is never 0, so the unused branch holds no inf or nan either.
+    scaled = logits / jnp.where(temperature > 0, temperature, jnp.ones_like(temperature))
+    return jnp.where(temperature > 0, scaled, greedy)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -50,7 +56,7 @@ def filter_logits(
     top_k: int = 0,
     top_p: jax.Array | float | None = None,
 ) -> jax.Array:
-    """Temperature, then top-k, then top-p (``None`` skips it), in float32."""
+    """Temperature (0: greedy), then top-k, then top-p (``None`` skips it), in float32."""
     logits = apply_temperature(logits.astype(jnp.float32), temperature)
     logits = top_k_filter(logits, top_k)
     return logits if top_p is None else top_p_filter(logits, top_p)

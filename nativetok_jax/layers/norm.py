@@ -10,9 +10,11 @@ from nativetok_jax.layers.partitioning import param
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, width: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6):
-        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",))
-        self.bias = param(rngs, nnx.initializers.zeros, (width,), ("norm",))
+    """``affine=False`` has no scale or bias (DiT's adaLN blocks modulate instead)."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, affine: bool = True):
+        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",)) if affine else None
+        self.bias = param(rngs, nnx.initializers.zeros, (width,), ("norm",)) if affine else None
         self.epsilon = epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -21,7 +23,9 @@ class LayerNorm(nnx.Module):
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * self.scale[...] + self.bias[...]).astype(dtype)
+        if self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
+        return y.astype(dtype)
 
 
 class GroupNorm(nnx.Module):

@@ -77,12 +77,12 @@ class VQGANConfig:
         return cls(**values)
 
 
-def _average_pool_2x2(x: jax.Array) -> jax.Array:
+def average_pool_2x2(x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
@@ -113,7 +113,7 @@ class ResBlock(nnx.Module):
         return h + residual
 
 
-def _res_blocks(in_width: int, out_width: int, config: VQGANConfig, rngs: nnx.Rngs,
+def res_blocks(in_width: int, out_width: int, config: VQGANConfig, rngs: nnx.Rngs,
                 dtype: jnp.dtype) -> nnx.List:
     widths = [in_width] + [out_width] * config.num_res_blocks
     return nnx.List([ResBlock(widths[i], out_width, config, rngs=rngs, dtype=dtype)
@@ -123,13 +123,13 @@ def _res_blocks(in_width: int, out_width: int, config: VQGANConfig, rngs: nnx.Rn
 class DownLevel(nnx.Module):
     def __init__(self, in_width: int, out_width: int, config: VQGANConfig, *, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32):
-        self.block = _res_blocks(in_width, out_width, config, rngs, dtype)
+        self.block = res_blocks(in_width, out_width, config, rngs, dtype)
 
 
 class UpLevel(nnx.Module):
     def __init__(self, in_width: int, out_width: int, upsample: bool, config: VQGANConfig, *,
                  rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
-        self.block = _res_blocks(in_width, out_width, config, rngs, dtype)
+        self.block = res_blocks(in_width, out_width, config, rngs, dtype)
         self.upsample_conv = Conv(out_width, out_width, 3, rngs=rngs, dtype=dtype) if upsample else None
 
 
@@ -142,7 +142,7 @@ class Encoder(nnx.Module):
         self.conv_in = Conv(config.image_channels, config.filters, 3, rngs=rngs, use_bias=False, dtype=dtype)
         in_widths = (config.filters,) + widths[:-1]
         self.down = nnx.List([DownLevel(i, o, config, rngs=rngs, dtype=dtype) for i, o in zip(in_widths, widths)])
-        self.mid = _res_blocks(widths[-1], widths[-1], config, rngs, dtype)
+        self.mid = res_blocks(widths[-1], widths[-1], config, rngs, dtype)
         self.norm_out = GroupNorm(widths[-1], **norm)
         self.conv_out = Conv(widths[-1], config.embedding_dim, 1, rngs=rngs, dtype=dtype)
 
@@ -152,7 +152,7 @@ class Encoder(nnx.Module):
             for block in level.block:
                 x = block(x)
             if index < len(self.down) - 1:
-                x = _average_pool_2x2(x)
+                x = average_pool_2x2(x)
         for block in self.mid:
             x = block(x)
         return self.conv_out(nnx.swish(self.norm_out(x)))
@@ -165,7 +165,7 @@ class Decoder(nnx.Module):
         widths = config.widths
         norm = dict(rngs=rngs, num_groups=config.num_groups, epsilon=config.norm_epsilon)
         self.conv_in = Conv(config.embedding_dim, widths[-1], 3, rngs=rngs, dtype=dtype)
-        self.mid = _res_blocks(widths[-1], widths[-1], config, rngs, dtype)
+        self.mid = res_blocks(widths[-1], widths[-1], config, rngs, dtype)
         # up[i] works at level i's resolution; levels run coarsest first, so up[-1] comes first.
         in_widths = widths[1:] + widths[-1:]
         self.up = nnx.List([
@@ -187,7 +187,7 @@ class Decoder(nnx.Module):
             for block in level.block:
                 x = block(x)
             if level.upsample_conv is not None:
-                x = level.upsample_conv(_upsample_nearest_2x(x))
+                x = level.upsample_conv(upsample_nearest_2x(x))
         return nnx.swish(self.norm_out(x))
 
     def readout(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -180,3 +180,28 @@ def load_into(model: nnx.Module, flat: Mapping[str, np.ndarray], *, source: str)
         key = "/".join(map(str, path))
         variable[...] = np.asarray(flat[key], dtype=variable[...].dtype)
     nnx.update(model, state)
+
+
+def build_loaded(build: Callable[[], nnx.Module], flat: Mapping[str, np.ndarray], *, source: str) -> nnx.Module:
+    """``build()``'s module holding ``flat`` (checked as :func:`load_into` does), on the default device.
+
+    The module is built abstractly and filled with zeros first: random initialisation of tens of
+    millions of parameters would cost seconds only to be overwritten.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
+    load_into(model, flat, source=source)
+    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))  # numpy -> device arrays
+    return model
+
+
+def header_config(meta: Mapping[str, Any], from_dict: Callable[[Mapping[str, Any]], Any], *, source: str,
+                  what: str) -> Any:
+    """``from_dict(meta["config"])``; a header that does not fit is a one-line ``WeightsError``."""
+    try:
+        return from_dict(meta.get("config") or {})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: bad {what} config in the header ({e})") from None

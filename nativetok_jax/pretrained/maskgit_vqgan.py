@@ -28,7 +28,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -190,7 +189,7 @@ def _is_conv_kernel(key: str) -> bool:
 
 def _map(source: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
          name_of: Callable[[str], str], transform: Callable[[str, np.ndarray], np.ndarray],
-         path: str, label: str) -> dict[str, np.ndarray]:
+         path: str, label: str, model: str = "a MaskGIT VQGAN") -> dict[str, np.ndarray]:
     """Gathers every expected parameter from ``source``; all problems in one error line."""
     flat: dict[str, np.ndarray] = {}
     missing, misshaped = [], []
@@ -212,7 +211,7 @@ def _map(source: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...
             shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
             problems.append(f"{len(names)} {what}: {shown}")
     if problems:
-        raise files.WeightsError(f"{path} ({label}) does not fit a MaskGIT VQGAN: " + "; ".join(problems))
+        raise files.WeightsError(f"{path} ({label}) does not fit {model}: " + "; ".join(problems))
     return flat
 
 
@@ -245,14 +244,5 @@ def load_maskgit_vqgan(path: str, *, dtype: Any = jnp.float32) -> VQGAN:
     """A :class:`VQGAN` with the weights of a file written by :func:`convert_maskgit_vqgan`;
     ``dtype`` is the convolutions' compute dtype (parameters stay float32)."""
     flat, meta = files.load_weights(path, kind=KIND)
-    try:
-        config = VQGANConfig.from_dict(meta.get("config") or {})
-    except (TypeError, ValueError) as e:
-        raise files.WeightsError(f"{path}: bad VQGAN config in the header ({e})") from None
-    # Built abstractly and filled with zeros: random initialisation of 54 M parameters would
-    # cost seconds only to be overwritten.
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: VQGAN(config, rngs=nnx.Rngs(0), dtype=dtype)))
-    model = nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
-    files.load_into(model, flat, source=path)
-    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))  # numpy -> device arrays
-    return model
+    config = files.header_config(meta, VQGANConfig.from_dict, source=path, what="VQGAN")
+    return files.build_loaded(lambda: VQGAN(config, rngs=nnx.Rngs(0), dtype=dtype), flat, source=path)

@@ -31,7 +31,7 @@ def example_image(source: Any, index: int, data: ml_collections.ConfigDict, imag
                   skipped: SkippedImages) -> tuple[np.ndarray, int] | None:
     """Example ``index``'s crop and label (``None`` when the image cannot be read)."""
     element = source[index % len(source)]
-    image = decode(element["image"], skipped)
+    image = decode(element["image"], skipped, element.get("name", f"element {index % len(source)}"))
     if image is None:
         return None
     if data.crop_min < 1.0 or data.flip:

@@ -1,0 +1,52 @@
+"""A tiny D²iT Dynamic VAE for a 2-core CPU: 32 px crops, fine grain f4 (8 x 8 latent), coarse f8,
+entropy regions of S = 8 px (16 per crop), half of them fine.
+
+The network has D2IT.md's structure (dual-grain VQGAN-style encoder with a mid stack and a
+mean/log-variance head per grain, neighbour copying, position embeddings, fine-grid decoder)
+with widths for a laptop; the crops are those of configs/demo.py (5-20 % of a bundled
+photograph's short side). The entropy thresholds for these crops ship beside this file
+(``dvae_demo_thresholds.json``, made by ``python -m nativetok_jax.grain_thresholds --config
+configs/dvae_demo.py --out configs/dvae_demo_thresholds.json``); rerun that after changing the
+data, the image size or ``model.grain``'s entropy fields, since a file measured with other
+settings is refused.
+"""
+
+import os
+
+from nativetok_jax.config import dvae_config
+
+
+def get_config():
+    config = dvae_config()
+    m = config.model
+    m.image_size = 32
+    m.filters = 32
+    m.channel_multipliers = (1, 2, 2, 4)  # 4 levels: coarse f8, fine f4
+    m.num_res_blocks = 1
+    m.attention_resolutions = ()  # the two mid stacks still attend (4 x 4 and 8 x 8 positions)
+    m.num_groups = 8
+    m.latent_channels = 4
+    m.grain.thresholds = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dvae_demo_thresholds.json")
+
+    d = config.data
+    d.source = "photos"
+    d.crop_min, d.crop_max = 0.05, 0.2
+    d.num_eval_images = 64
+
+    t = config.train
+    t.num_steps = 2000
+    t.batch_size = 32
+    t.learning_rate = 1e-3
+    t.warmup_steps = 100
+    t.weight_decay = 0.0
+    t.ema_decay = 0.99
+    # No pretrained files in the demo: L1 + KL only (LPIPS and the patch GAN need converted weights).
+    t.losses.pixel = "l1"
+    t.losses.perceptual_weight = 0.0
+    t.losses.adversarial_weight = 0.0
+    t.losses.kl_weight = 1e-6
+    t.log_every = 50
+    t.eval_every = 1000
+    t.checkpoint_every = 500
+    config.mesh.update(data=-1, fsdp=1, model=1)
+    return config

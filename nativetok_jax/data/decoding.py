@@ -1,0 +1,136 @@
+"""Images as viewers show them: any file or array to uint8 RGB ``[H, W, 3]`` by its meaning.
+
+Every image that enters training or evaluation passes through :func:`to_viewed_rgb`, so a photo
+looks to the model as it looks to the person who took it:
+
+- **Orientation.** The EXIF orientation tag (1-8) is applied (``PIL.ImageOps.exif_transpose``):
+  a phone photo stored sideways with orientation 6 is read upright, as every viewer shows it.
+- **Depth by meaning.** 16-bit samples (``I;16*`` grey, 48-bit RGB) are scaled to 8 bits,
+  ``round(v * 255 / 65535)``, never clipped at 255 (what ``Image.convert`` does to ``I;16``,
+  turning a 16-bit photo almost white). ``I`` (32-bit integer) images are read as 16-bit too
+  (values outside [0, 65535] clipped): PIL opens 16-bit PGM/PNG/TIFF files of some kinds as ``I``,
+  and 32-bit integer images have no agreed brightness scale.
+  ``F`` (32-bit float) images are taken to span [0, 1], the convention of float TIFFs; values
+  outside are clipped. 48-bit RGB PNGs are read by PIL as 8-bit RGB (their high bytes): already
+  the meaning.
+- **Colour.** Palette (``P``), bilevel (``1``), grey (``L``), ``CMYK``, ``YCbCr``, ``LAB`` and
+  ``HSV`` are converted with PIL's own rules (``Image.convert("RGB")``; CMYK without an ICC
+  transform, as PIL does).
+- **Alpha is composited on white.** ``LA``, ``RGBA``, ``PA`` and palette images with a
+  transparent entry are blended over an opaque white background. White, not black, because
+  transparent images are mostly logos, icons and line art drawn dark on nothing, which viewers
+  and web pages show over a light background; composited on black they would vanish, and
+  dropping alpha would expose whatever colour the encoder left under transparent pixels.
+
+TFDS ``Image`` features are read undecoded and decoded here too (TensorFlow's decoder ignores
+EXIF orientation). Arrays follow the same rules by dtype: ``uint8`` as is, ``uint16`` scaled,
+floats taken to span [0, 1]; ``[H, W]`` and ``[H, W, 1]`` are grey, ``[H, W, 2]`` grey + alpha,
+``[H, W, 4]`` RGBA.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from etils import epath
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+WHITE = 255
+ORIENTATION = 0x0112  # the EXIF tag
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
+# PIL raises SyntaxError for some malformed headers (a broken PNG chunk), DecompressionBombError
+# for images over twice Image.MAX_IMAGE_PIXELS.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def read_rgb(path: str | epath.PathLike) -> np.ndarray:
+    """The image file at ``path`` (local or ``gs://``) as a viewer shows it: uint8 ``[H, W, 3]``.
+
+    Raises:
+      UnreadableImageError: the file is missing, not an image, truncated, or of a mode this
+        module cannot map (the message names the file and the cause).
+    """
+    try:
+        with epath.Path(path).open("rb") as file:
+            return _decode_file(file)
+    except DECODE_ERRORS as error:
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from None
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (a TFDS ``Image`` feature left undecoded) as :func:`read_rgb` reads a
+    file; ``name`` identifies them in the ``UnreadableImageError``."""
+    try:
+        return _decode_file(io.BytesIO(data))
+    except DECODE_ERRORS as error:
+        raise UnreadableImageError(f"cannot read image {name}: {error}") from None
+
+
+def _decode_file(file: Any) -> np.ndarray:
+    with Image.open(file) as image:
+        return to_viewed_rgb(image)
+
+
+def to_viewed_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image, orientation applied and every mode mapped to uint8 RGB ``[H, W, 3]`` (module doc)."""
+    if image.getexif().get(ORIENTATION, 1) != 1:  # copies only images that need turning
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return _grey_to_rgb(_scale(np.asarray(image), 65535))
+    if mode == "F":
+        return _grey_to_rgb(_scale(np.asarray(image), 1.0))
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return _on_white(np.asarray(image.convert("RGBA")))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def array_to_rgb(array: Any) -> np.ndarray:
+    """An image array (uint8, uint16 or float; grey, grey + alpha, RGB or RGBA) as uint8 RGB.
+
+    Raises:
+      UnreadableImageError: an array of another rank, channel count or dtype (the message
+        names its shape and dtype).
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4) or 0 in array.shape:
+        raise UnreadableImageError(f"cannot read an image array of shape {array.shape} and dtype {array.dtype}")
+    if array.dtype == np.uint8:
+        pixels = array
+    elif array.dtype == np.uint16:
+        pixels = _scale(array, 65535)
+    elif np.issubdtype(array.dtype, np.floating):
+        pixels = _scale(array, 1.0)
+    else:
+        raise UnreadableImageError(f"cannot read an image array of shape {array.shape} and dtype {array.dtype} "
+                                   "(expected uint8, uint16 or float)")
+    if pixels.shape[-1] in (2, 4):
+        colour = pixels[..., :-1]
+        return _on_white(np.concatenate([np.repeat(colour, 3 // colour.shape[-1], -1), pixels[..., -1:]], -1))
+    return np.ascontiguousarray(np.repeat(pixels, 3 // pixels.shape[-1], axis=-1))
+
+
+def _scale(values: np.ndarray, full_scale: float) -> np.ndarray:
+    """``values`` in [0, full_scale] to uint8 [0, 255] by rounding (out-of-range values clipped)."""
+    scaled = np.asarray(values, np.float64) * (255.0 / full_scale)
+    return np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 4]`` blended over opaque white, rounded as PIL's ``alpha_composite``."""
+    background = Image.new("RGBA", (rgba.shape[1], rgba.shape[0]), (WHITE, WHITE, WHITE, 255))
+    return np.asarray(Image.alpha_composite(background, Image.fromarray(np.ascontiguousarray(rgba), "RGBA"))
+                      .convert("RGB"), dtype=np.uint8)

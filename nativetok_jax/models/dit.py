@@ -1,0 +1,301 @@
+"""DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"): a transformer that
+predicts the noise (and the variance) of a noised latent, conditioned on the step and the class.
+
+Source: facebookresearch/DiT ``models.py``. The image ``[B, H, W, C]`` (a VAE latent: 32 x 32 x 4
+at 256 px) is cut into ``p x p`` patches, linearly embedded, and given fixed 2-D sin-cos
+positions. The conditioning vector is ``c = MLP(sinusoid_256(t)) + label_embedding(y)``; the label
+table has a *null* row (index ``num_classes``) that label dropout swaps in, so one network is
+both the conditional and the unconditional model that guidance mixes. Each block is adaLN-Zero:
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c))          (zero-initialised)
+    x = x + gate1 * Attn(LN(x) * (1 + scale1) + shift1)
+    x = x + gate2 * MLP(LN(x) * (1 + scale2) + shift2)
+
+with LayerNorm without affine parameters (epsilon 1e-6), MLP ratio 4 with tanh-GELU. A final
+adaLN layer (shift and scale only) and a zero-initialised linear map give ``p*p*2C`` values per
+patch (noise then variance values, ``learn_sigma``), so the output is exactly zero at
+initialisation. The blocks' parameters are stacked along ``layers`` and applied with ``lax.scan``.
+
+Sizes (at 256 px, patch 2, i.e. 32 x 32 x 4 latents: 256 tokens); the parameter counts are
+DiT's (:func:`parameter_count`), which include the fixed positions (a frozen ``nn.Parameter`` there,
+a constant here, not part of the state):
+
+| name | depth | width | heads | parameters (p=2) |
+| --- | --- | --- | --- | --- |
+| DiT-S | 12 | 384 | 6 | 32,963,360 |
+| DiT-B | 12 | 768 | 12 | 130,512,416 |
+| DiT-L | 24 | 1024 | 16 | 458,102,816 |
+| DiT-XL | 28 | 1152 | 16 | 675,129,632 |
+
+Initialisation follows DiT's ``initialize_weights``: Xavier-uniform linear layers (the attention
+projections as one fused ``qkv`` map, as timm's), zero biases, N(0, 0.02) label table and timestep
+MLP, zero modulation and output layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from nativetok_jax.config import DIT_SIZES, dit_latent_shape, validate_dit_model
+from nativetok_jax.layers.attention import Attention
+from nativetok_jax.layers.dense import Dense
+from nativetok_jax.layers.mlp import Mlp
+from nativetok_jax.layers.norm import LayerNorm
+from nativetok_jax.layers.partitioning import constrain, param
+from nativetok_jax.layers.patches import patchify, unpatchify
+from nativetok_jax.layers.transformer import stacked
+
+FREQUENCY_DIM = 256
+ROW_AXES = ("batch", "length", "embed")
+
+XAVIER = nnx.initializers.xavier_uniform()
+EMBEDDING_INIT = nnx.initializers.normal(stddev=0.02)
+# timm's fused qkv Linear(W, 3W) under Xavier-uniform: limit sqrt(6 / (W + 3W)); per projection the
+# fans are (W, W), so the variance scale is 0.5 of "fan_avg".
+QKV_INIT = nnx.initializers.variance_scaling(0.5, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+ATTENTION_OUT_INIT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+
+
+def timestep_embedding(t: jax.Array, dim: int = FREQUENCY_DIM, max_period: float = 10_000.0) -> jax.Array:
+    """``[cos(t f_k), sin(t f_k)]`` with ``f_k = max_period^(-k / (dim/2))``: float32 ``[B, dim]``."""
+    half = dim // 2
+    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = t.astype(jnp.float32)[:, None] * frequencies[None]
+    embedding = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    return jnp.pad(embedding, ((0, 0), (0, dim % 2)))
+
+
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10_000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = positions.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_2d_positions(dim: int, grid: int) -> np.ndarray:
+    """DiT's fixed positions, float32 ``[grid*grid, dim]`` in row-major patch order: the first half
+    of the channels encodes the column, the second half the row (MAE's ``get_2d_sincos_pos_embed``).
+
+    Raises:
+      ValueError: ``dim`` not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    rows, columns = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    return np.concatenate([_sincos_1d(dim // 2, columns), _sincos_1d(dim // 2, rows)], axis=1).astype(np.float32)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * (1 + scale) + shift`` with per-sample ``shift``/``scale`` ``[B, W]`` over rows ``[B, T, W]``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nnx.Module):
+    """Step ``t [B]`` -> ``Linear(SiLU(Linear(sinusoid_256(t))))`` ``[B, W]``."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.fc1 = Dense(FREQUENCY_DIM, width, axes=("frequency", "embed"), rngs=rngs, dtype=dtype,
+                         kernel_init=EMBEDDING_INIT)
+        self.fc2 = Dense(width, width, axes=("mlp", "embed"), rngs=rngs, dtype=dtype, kernel_init=EMBEDDING_INIT)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.fc2(nnx.silu(self.fc1(timestep_embedding(t))))
+
+
+class DiTBlock(nnx.Module):
+    """An adaLN-Zero transformer block (see the module docstring)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
+                 dtype: jnp.dtype = jnp.float32):
+        self.attention_norm = LayerNorm(width, rngs=rngs, affine=False)
+        self.attention = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+        head_dim = width // num_heads
+        in_axes = ("embed", "heads", "head_dim")
+        for name in ("query", "key", "value"):
+            setattr(self.attention, name, param(rngs, QKV_INIT, (width, num_heads, head_dim), in_axes))
+        self.attention.out = param(rngs, ATTENTION_OUT_INIT, (num_heads, head_dim, width),
+                                   ("heads", "head_dim", "embed"))
+        self.mlp_norm = LayerNorm(width, rngs=rngs, affine=False)
+        self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype, approximate_gelu=True,
+                       kernel_init=XAVIER)
+        self.modulation = Dense(width, 6 * width, axes=("embed", "mlp"), rngs=rngs, dtype=dtype,
+                                kernel_init=nnx.initializers.zeros)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        """Rows ``x [B, T, W]``, conditioning ``c [B, W]`` -> ``[B, T, W]``."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(c)), 6, axis=-1)
+        x = x + gate1[:, None] * self.attention(modulate(self.attention_norm(x), shift1, scale1))
+        x = x + gate2[:, None] * self.mlp(modulate(self.mlp_norm(x), shift2, scale2))
+        return constrain(x, ROW_AXES)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) then a zero-initialised linear map to ``p*p*out_channels`` per row."""
+
+    def __init__(self, width: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs,
+                 dtype: jnp.dtype = jnp.float32):
+        self.norm = LayerNorm(width, rngs=rngs, affine=False)
+        self.modulation = Dense(width, 2 * width, axes=("embed", "mlp"), rngs=rngs, dtype=dtype,
+                                kernel_init=nnx.initializers.zeros)
+        self.linear = Dense(width, patch_size * patch_size * out_channels, axes=("embed", "patch"), rngs=rngs,
+                            dtype=dtype, kernel_init=nnx.initializers.zeros)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    """``model(x [B, H, W, C], t [B], labels [B]) -> float32 [B, H, W, 2C]`` (``C`` without learned sigma).
+
+    Channels-last: the noise prediction is ``[..., :C]``, the variance values ``[..., C:]``, the
+    layout :class:`nativetok_jax.diffusion.gaussian.GaussianDiffusion` reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+        num_classes: int,
+        mlp_ratio: float = 4.0,
+        learn_sigma: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+        remat: bool = False,
+        unroll: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        """
+        Args:
+          input_size: the latent's side (32 for 256 px images through an f8 VAE).
+          in_channels: latent channels (4 for SD-VAE; 3 for pixel-space diffusion).
+          patch_size: 2, 4 or 8 in DiT's tables; must divide ``input_size``.
+          width, depth, num_heads: the transformer (:data:`DIT_SIZES`).
+          num_classes: labels ``0 .. num_classes-1``; ``num_classes`` is the null class.
+          learn_sigma: also predict the variance (doubles the output channels).
+          dtype: compute dtype (parameters float32; norms, softmax and the output float32).
+          remat: recompute each block's activations in the backward pass.
+          unroll: unroll the block scan (XLA's cost analysis counts a loop body once).
+
+        Raises:
+          ValueError: a patch size that does not divide the input, a width not divisible by the
+            heads or by 4, depth < 1.
+        """
+        if input_size % patch_size:
+            raise ValueError(f"DiT: patch_size {patch_size} does not divide input_size {input_size}")
+        if depth < 1:
+            raise ValueError(f"DiT: depth must be >= 1, got {depth}")
+        if width % num_heads or width % 4:
+            raise ValueError(f"DiT: width {width} must be divisible by num_heads {num_heads} and by 4")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.width = width
+        self.depth = depth
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.dtype = dtype
+        self.remat = remat
+        self.unroll = unroll
+        self.patch_embedding = Dense(patch_size * patch_size * in_channels, width, axes=("patch", "embed"),
+                                     rngs=rngs, dtype=dtype, kernel_init=XAVIER)
+        self.timestep_embedder = TimestepEmbedder(width, rngs=rngs, dtype=dtype)
+        self.label_embedding = param(rngs, EMBEDDING_INIT, (num_classes + 1, width), ("classes", "embed"))
+        self.blocks = stacked(lambda r: DiTBlock(width, num_heads, mlp_ratio, rngs=r, dtype=dtype),
+                              depth, "layers", rngs)
+        self.final_layer = FinalLayer(width, patch_size, self.out_channels, rngs=rngs, dtype=dtype)
+
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional model (classifier-free guidance)."""
+        return self.num_classes
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    def drop_labels(self, labels: jax.Array, key: jax.Array, probability: float = 0.1) -> jax.Array:
+        """Replaces each label by the null class with ``probability`` (DiT trains with 0.1)."""
+        return jnp.where(jax.random.bernoulli(key, probability, labels.shape), self.null_class, labels)
+
+    def embed(self, x: jax.Array) -> jax.Array:
+        """Image ``[B, H, W, C]`` -> rows ``[B, T, W]`` with the fixed positions added."""
+        rows = self.patch_embedding(patchify(x, self.patch_size))
+        positions = jnp.asarray(sincos_2d_positions(self.width, self.grid_size), rows.dtype)
+        return constrain(rows + positions, ROW_AXES)
+
+    def condition(self, t: jax.Array, labels: jax.Array) -> jax.Array:
+        """``c = timestep embedding + label embedding`` ``[B, W]``."""
+        labels = jnp.take(self.label_embedding[...], labels, axis=0, mode="clip").astype(self.dtype)
+        return self.timestep_embedder(t) + labels
+
+    def trunk(self, rows: jax.Array, c: jax.Array) -> jax.Array:
+        """The scanned adaLN-Zero blocks."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def layer(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, c), None
+
+        if self.remat:
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        rows, _ = jax.lax.scan(layer, rows, state, unroll=self.unroll)
+        return rows
+
+    def readout(self, rows: jax.Array, c: jax.Array) -> jax.Array:
+        """Final layer and un-patching: float32 ``[B, H, W, out_channels]``."""
+        patches = self.final_layer(rows, c).astype(jnp.float32)
+        return unpatchify(patches, self.patch_size, self.grid_size, self.out_channels)
+
+    def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+        """Noised input ``x [B, H, W, C]``, steps ``t [B]`` (the original process's indices),
+        int ``labels [B]`` -> float32 ``[B, H, W, out_channels]``.
+
+        Raises:
+          ValueError: ``x`` of the wrong shape, or ``t``/``labels`` not ``[B]``.
+        """
+        expected = (self.input_size, self.input_size, self.in_channels)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"DiT: x must be [B, {', '.join(map(str, expected))}], got {x.shape}")
+        if t.shape != x.shape[:1] or labels.shape != x.shape[:1]:
+            raise ValueError(f"DiT: t and labels must be [{x.shape[0]}], got {t.shape} and {labels.shape}")
+        c = self.condition(t, labels)
+        return self.readout(self.trunk(self.embed(x.astype(self.dtype)), c), c)
+
+
+def dit(size: str, *, patch_size: int = 2, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+        rngs: nnx.Rngs, **kwargs) -> DiT:
+    """DiT-``size``/``patch_size`` (``size`` in :data:`DIT_SIZES`); defaults: ImageNet 256 px on SD-VAE latents."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    width, depth, heads = DIT_SIZES[size]
+    return DiT(input_size=input_size, in_channels=in_channels, patch_size=patch_size, width=width, depth=depth,
+               num_heads=heads, num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
+    """The DiT a config's ``model`` section (:func:`nativetok_jax.config.dit_model_config`) describes;
+    the section is validated first (ConfigError naming the field)."""
+    validate_dit_model(model)
+    side, _, channels = dit_latent_shape(model)
+    return DiT(input_size=side, in_channels=channels, patch_size=model.patch_size, width=model.width,
+               depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
+               mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, dtype=jnp.dtype(model.dtype),
+               remat=model.remat, unroll=model.unroll_scans, rngs=rngs)
+
+
+def parameter_count(model: DiT) -> int:
+    """Parameters as DiT reports them: the trainable ones plus the ``T x W`` fixed positions."""
+    trainable = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return trainable + model.grid_size**2 * model.width

@@ -1,0 +1,315 @@
+"""D²iT's Dynamic VAE (arXiv 2504.09454, Sec. 3.1; D2IT.md "Dynamic VAE"): a KL autoencoder whose
+latent holds smooth regions at a coarse grain and detailed ones at a fine grain.
+
+- **Dual-grain encoder** [A: DQ-VAE ``DualGrainEncoder``]: a VQGAN-style pyramid (maskgit's
+  residual blocks and 2x2 average pooling, :mod:`nativetok_jax.models.vqgan`, plus VQGAN's
+  single-head spatial attention at the feature sides ``attention_resolutions``). The fine branch
+  is taken after the last-but-one level (factor ``f/2``), the coarse one after the last (factor
+  ``f = 2^(levels-1)``); each has its own mid stack (res block, attention, res block) and head
+  (GroupNorm, swish, 3x3 convolution) emitting a mean and a log-variance of ``latent_channels``.
+- **Routing** by a grain map from :mod:`nativetok_jax.models.grain` (region side S = ``f``): in a
+  coarse region the coarse code's mean and log-variance are copied onto its 2x2 fine cells
+  (neighbour copying [P]); posterior samples draw their noise on each grain's own grid and copy it
+  too, so a coarse region's four cells always hold one code.
+- **Decoder** [A: DQ-VAE ``DecoderPositional``, "learned"]: learned row + column position
+  embeddings added to the fine-grid latent, then maskgit's VQGAN decoder (no attention) on the
+  fine grid, whose ``readout`` accepts a replacement output kernel for the GAN's adaptive weight.
+- **KL** against N(0, I) per code, each fine cell weighted ``1 / copies`` so a coarse code counts
+  once (:func:`kl_divergence`).
+
+Images are NHWC floats in [-1, 1] (:mod:`nativetok_jax.models.pixels`); latents ``[B, h, w, C]``
+on the fine grid (h = H / (f/2)). ``DVAEConfig`` holds every size; ``configs/dvae.py`` records
+which are the paper's [P], an ancestor's [A] or ours [C].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nativetok_jax.layers.attention import Attention
+from nativetok_jax.layers.conv import Conv
+from nativetok_jax.layers.norm import GroupNorm
+from nativetok_jax.layers.partitioning import param
+from nativetok_jax.models import grain
+from nativetok_jax.models.vqgan import Decoder, ResBlock, VQGANConfig, average_pool_2x2, res_blocks
+
+# Log-variance range of the posterior, as LDM's DiagonalGaussianDistribution clamps it.
+LOGVAR_RANGE = (-30.0, 20.0)
+POSITION_INIT = nnx.initializers.truncated_normal(stddev=0.02)  # DQ-VAE's trunc_normal_
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAEConfig:
+    """Sizes of a Dynamic VAE and its router; the defaults are D2IT.md's choices at 256 px."""
+
+    image_size: int = 256
+    filters: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16)
+    num_groups: int = 32
+    latent_channels: int = 4
+    dtype: str = "float32"
+    # Router: see nativetok_jax.models.grain.
+    routing: str = "entropy"
+    fine_ratio: float = 0.5
+    thresholds: str = ""  # thresholds file (entropy routing)
+    num_bins: int = 0
+    sigma: float = 0.01
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self):
+        for name in ("channel_multipliers", "attention_resolutions"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if len(self.channel_multipliers) < 2:
+            raise ValueError(f"DVAEConfig: need at least two levels (a fine and a coarse grain), "
+                             f"got channel_multipliers={self.channel_multipliers}")
+        if self.image_size % self.coarse_factor:
+            raise ValueError(f"DVAEConfig: image_size {self.image_size} is not a multiple of the coarse "
+                             f"factor {self.coarse_factor}")
+        self.pyramid  # noqa: B018  (VQGANConfig checks the widths against num_groups)
+
+    @classmethod
+    def from_model_config(cls, model: Mapping[str, Any]) -> DVAEConfig:
+        """From ``config.model`` of :func:`nativetok_jax.config.dvae_config`."""
+        values = {f.name: model[f.name] for f in dataclasses.fields(cls) if f.name in model}
+        values.update({f.name: model["grain"][f.name] for f in dataclasses.fields(cls) if f.name in model.get("grain", {})})
+        return cls(**values)
+
+    @property
+    def coarse_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def fine_factor(self) -> int:
+        return self.coarse_factor // 2
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        """Grain factors, coarsest first (grain 0 coarse, 1 fine)."""
+        return (self.coarse_factor, self.fine_factor)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the fine latent grid."""
+        return self.image_size // self.fine_factor
+
+    @property
+    def entropy_settings(self) -> grain.EntropySettings:
+        return grain.EntropySettings(self.coarse_factor, self.num_bins, self.sigma, self.low, self.high)
+
+    @property
+    def pyramid(self) -> VQGANConfig:
+        """The encoder's levels as a VQGAN config (its blocks are maskgit's)."""
+        return VQGANConfig(filters=self.filters, num_res_blocks=self.num_res_blocks,
+                           channel_multipliers=self.channel_multipliers, embedding_dim=self.latent_channels,
+                           num_groups=self.num_groups)
+
+    @property
+    def decoder_pyramid(self) -> VQGANConfig:
+        """The decoder's levels: all but the coarsest, so it starts on the fine grid."""
+        return dataclasses.replace(self.pyramid, channel_multipliers=self.channel_multipliers[:-1])
+
+    def router(self) -> grain.GrainRouter:
+        """The router this config names; entropy routing reads (and checks) the thresholds file."""
+        thresholds: tuple[float, ...] = ()
+        if self.routing == "entropy":
+            if not self.thresholds:
+                raise grain.GrainError("entropy routing needs a thresholds file (model.grain.thresholds)")
+            thresholds = grain.GrainThresholds.load(self.thresholds, self.entropy_settings).thresholds(self.fine_ratio)
+        return grain.GrainRouter(self.factors, self.entropy_settings, self.routing, thresholds, (self.fine_ratio,))
+
+
+class AttentionBlock(nnx.Module):
+    """VQGAN's spatial self-attention: ``x + attention(GroupNorm(x))`` over all H*W positions, one head."""
+
+    def __init__(self, width: int, config: VQGANConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.norm = GroupNorm(width, rngs=rngs, num_groups=config.num_groups, epsilon=config.norm_epsilon)
+        self.attention = Attention(width, 1, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        y = self.attention(self.norm(x).reshape(b, h * w, c)).reshape(b, h, w, c)
+        return x + y.astype(x.dtype)
+
+
+class EncoderLevel(nnx.Module):
+    """One resolution of the pyramid: residual blocks, each followed by attention where asked."""
+
+    def __init__(self, in_width: int, out_width: int, attend: bool, config: VQGANConfig, *, rngs: nnx.Rngs,
+                 dtype: jnp.dtype):
+        self.block = res_blocks(in_width, out_width, config, rngs, dtype)
+        self.attn = nnx.List([AttentionBlock(out_width, config, rngs=rngs, dtype=dtype)
+                              for _ in range(config.num_res_blocks)]) if attend else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for index, block in enumerate(self.block):
+            x = block(x)
+            if self.attn is not None:
+                x = self.attn[index](x)
+        return x
+
+
+class GrainBranch(nnx.Module):
+    """A grain's mid stack (res block, attention, res block) and head: features -> ``2 C`` moments."""
+
+    def __init__(self, width: int, config: VQGANConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.block_1 = ResBlock(width, width, config, rngs=rngs, dtype=dtype)
+        self.attn_1 = AttentionBlock(width, config, rngs=rngs, dtype=dtype)
+        self.block_2 = ResBlock(width, width, config, rngs=rngs, dtype=dtype)
+        self.norm_out = GroupNorm(width, rngs=rngs, num_groups=config.num_groups, epsilon=config.norm_epsilon)
+        self.conv_out = Conv(width, 2 * config.embedding_dim, 3, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.block_2(self.attn_1(self.block_1(x)))
+        return self.conv_out(nnx.swish(self.norm_out(x)))
+
+
+class DualGrainEncoder(nnx.Module):
+    """Images ``[B, H, W, 3]`` in [-1, 1] -> (coarse moments ``[B, H/f, W/f, 2C]``, fine moments
+    ``[B, 2H/f, 2W/f, 2C]``), means first then log-variances along the last axis."""
+
+    def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        pyramid = config.pyramid
+        widths = pyramid.widths
+        self.conv_in = Conv(pyramid.image_channels, pyramid.filters, 3, rngs=rngs, use_bias=False, dtype=dtype)
+        in_widths = (pyramid.filters,) + widths[:-1]
+        sides = [config.image_size // 2**i for i in range(len(widths))]
+        self.down = nnx.List([
+            EncoderLevel(i, o, side in config.attention_resolutions, pyramid, rngs=rngs, dtype=dtype)
+            for i, o, side in zip(in_widths, widths, sides)
+        ])
+        self.coarse = GrainBranch(widths[-1], pyramid, rngs=rngs, dtype=dtype)
+        self.fine = GrainBranch(widths[-2], pyramid, rngs=rngs, dtype=dtype)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.conv_in(images)
+        last = len(self.down) - 1
+        fine = x
+        for index, level in enumerate(self.down):
+            x = level(x)
+            if index == last - 1:
+                fine = x  # taken one level before the coarsest, before pooling [A]
+            if index < last:
+                x = average_pool_2x2(x)
+        return self.coarse(x), self.fine(fine)
+
+
+class Posterior(NamedTuple):
+    """A routed diagonal Gaussian on the fine grid: ``mean``, ``logvar`` float32 ``[B, h, w, C]``."""
+
+    mean: jax.Array
+    logvar: jax.Array
+
+
+class DVAEOutput(NamedTuple):
+    reconstruction: jax.Array  # float32 [B, H, W, 3], unclipped, model range [-1, 1]
+    posterior: Posterior
+    latents: jax.Array  # the decoded latents (a posterior sample, or its mean)
+
+
+def _split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+
+def sample_latents(posterior: Posterior, grains: jax.Array, key: jax.Array) -> jax.Array:
+    """A posterior sample whose noise is drawn on each grain's grid and neighbour-copied, so a
+    coarse region's cells hold one code (for the two grains of a Dynamic VAE)."""
+    b, h, w, c = posterior.mean.shape
+    coarse_key, fine_key = jax.random.split(key)
+    noise = grain.neighbour_copy([jax.random.normal(coarse_key, (b, h // 2, w // 2, c)),
+                                  jax.random.normal(fine_key, (b, h, w, c))], grains)
+    return posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise
+
+
+def kl_divergence(posterior: Posterior, grains: jax.Array, factors: tuple[int, ...] = (2, 1)) -> jax.Array:
+    """KL(q || N(0, I)) in nats per image ``[B]``: summed over channels and codes, each fine cell
+    weighted ``1 / copies`` (:func:`grain.code_weights`), so a coarse code counts once.
+
+    Per code: ``0.5 * sum_c (mean^2 + exp(logvar) - 1 - logvar)`` (LDM's closed form).
+    """
+    per_cell = 0.5 * jnp.sum(jnp.square(posterior.mean) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar, axis=-1)
+    return jnp.sum(per_cell * grain.code_weights(grains, factors), axis=(1, 2))
+
+
+class DynamicVAE(nnx.Module):
+    """The Dynamic VAE's networks (the router has no parameters and lives in :mod:`grain`).
+
+    ``posterior(images, grains)`` -> routed mean and log-variance; ``decode(latents, grains)`` ->
+    images; ``__call__`` does both (sampling when given a key).
+    """
+
+    def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype | None = None):
+        dtype = jnp.dtype(config.dtype) if dtype is None else dtype
+        self.config = config
+        self.encoder = DualGrainEncoder(config, rngs=rngs, dtype=dtype)
+        size, channels = config.latent_size, config.latent_channels
+        self.position_rows = param(rngs, POSITION_INIT, (size, channels), ("position", "latent"))
+        self.position_cols = param(rngs, POSITION_INIT, (size, channels), ("position", "latent"))
+        self.decoder = Decoder(config.decoder_pyramid, rngs=rngs, dtype=dtype)
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        return self.config.factors
+
+    def branch_moments(self, images: jax.Array) -> tuple[Posterior, Posterior]:
+        """Each grain's own posterior, unrouted: (coarse ``[B, H/f, W/f, C]``, fine ``[B, 2H/f, 2W/f, C]``)."""
+        coarse, fine = self.encoder(images)
+        return Posterior(*_split_moments(coarse)), Posterior(*_split_moments(fine))
+
+    def posterior(self, images: jax.Array, grains: jax.Array) -> Posterior:
+        """Images ``[B, H, W, 3]`` in [-1, 1] and grain map ``[B, H/f, W/f]`` -> the routed
+        posterior on the fine grid (coarse codes neighbour-copied)."""
+        coarse, fine = self.branch_moments(images)
+        return Posterior(grain.neighbour_copy([coarse.mean, fine.mean], grains),
+                         grain.neighbour_copy([coarse.logvar, fine.logvar], grains))
+
+    def decoder_features(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
+        """Latents ``[B, h, w, C]`` -> the decoder's activations before its output convolution.
+
+        Each coarse code's copies are first replaced by their mean, so latents that are not exact
+        copies (a diffusion model's output) decode as the nearest ones that are."""
+        latents = grain.average_copies(latents.astype(jnp.float32), grains, self.factors)
+        positions = self.position_rows[...][:, None, :] + self.position_cols[...][None, :, :]
+        return self.decoder.features(latents + positions)
+
+    def decoder_readout(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """The output convolution (optionally with a replacement kernel): float32 images."""
+        return self.decoder.readout(features, kernel).astype(jnp.float32)
+
+    @property
+    def last_kernel(self) -> jax.Array:
+        return self.decoder.conv_out.kernel[...]
+
+    def decode(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
+        """Latents ``[B, h, w, C]`` on the fine grid -> float32 images ``[B, H, W, 3]``, unclipped."""
+        return self.decoder_readout(self.decoder_features(latents, grains))
+
+    def __call__(self, images: jax.Array, grains: jax.Array, key: jax.Array | None = None) -> DVAEOutput:
+        """Encode, route, sample (with ``key``; else the mean) and decode."""
+        posterior = self.posterior(images, grains)
+        latents = posterior.mean if key is None else sample_latents(posterior, grains, key)
+        return DVAEOutput(self.decode(latents, grains), posterior, latents)
+
+
+def latent_scale_of(latents: jax.Array, grains: jax.Array, factors: tuple[int, ...] = (2, 1)) -> float:
+    """``1 / std`` of routed latents, every code counted once (coarse copies weighted 1/4): the
+    global scale that gives diffusion unit-variance inputs (SD-VAE's 0.18215 is the same idea)."""
+    weights = grain.code_weights(grains, factors)[..., None] * jnp.ones_like(latents[..., :1])
+    total = jnp.sum(weights) * latents.shape[-1]
+    mean = jnp.sum(weights * latents) / total
+    variance = jnp.sum(weights * jnp.square(latents - mean)) / total
+    return float(1.0 / jnp.sqrt(variance))
+
+
+def build_dvae(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> DynamicVAE:
+    """The Dynamic VAE ``config.model`` describes (see :func:`nativetok_jax.config.dvae_config`)."""
+    return DynamicVAE(DVAEConfig.from_model_config(model_config), rngs=rngs)

@@ -1,0 +1,142 @@
+"""A run's directory: whether a config may resume in it, checked before anything is written.
+
+A training run's directory (its ``--workdir``, and under it one directory per Hierarchical Native
+Training stage, ``training.hnt.stage_directory``) holds the ``config.json`` the run was made
+with and orbax checkpoints of that model. Rerunning the same command resumes; rerunning with a
+model of other parameter shapes (``--config.model.quantizer.codebook_size=1024`` on a finished
+run) cannot, and must not touch the run: were ``config.json`` rewritten, ``evaluate``, ``sample``
+and ``Tokenizer.from_checkpoint`` could no longer load the intact checkpoints.
+
+:func:`check_resume` compares the parameter shapes the requested config builds
+(``nnx.eval_shape``, nothing allocated or compiled) with the shapes recorded in the newest
+checkpoint's orbax metadata (nothing restored), in every directory the run would write, and
+raises a one-line ``ConfigError`` naming the config fields that differ from the stored
+``config.json`` and the parameters that differ. Settings that leave the shapes alone (steps,
+learning rate, logging) may change between runs. ``main`` calls it first, and
+``checkpoints.write_config`` calls it before replacing a ``config.json``. :func:`check_loadable`
+applies the same comparison to a run's own ``config.json``, for ``evaluate`` and ``sample``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx, traverse_util
+
+from nativetok_jax import checkpoints, sharding
+from nativetok_jax.config import ConfigError, validate_generator, validate_model
+
+ARCHITECTURE_FIELDS = ("model", "generator")  # where the fields that shape parameters live
+MAX_LISTED = 4
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> None:
+    """Raises ``ConfigError`` when ``config`` cannot resume from the checkpoints under ``workdir``.
+
+    Directories without a finished checkpoint accept any config. Tokenizer runs are checked
+    stage by stage (each stage's config against its own directory); generator runs against the
+    workdir, their vocabulary and token count taken from the tokenizer their config names.
+    """
+    for directory, run_config in run_directories(config, workdir):
+        problem = checkpoint_mismatch(directory, run_config)
+        if problem:
+            raise ConfigError(f"{directory} holds checkpoints {problem}. Resume with the stored values, or give a new "
+                              "--workdir")
+
+
+def check_loadable(path: str | epath.PathLike) -> None:
+    """Raises ``ConfigError`` when a run's ``config.json`` (of ``path`` or its final stage) does not
+    describe its own checkpoints, e.g. a workdir whose config an older version overwrote: one
+    line instead of a shape error deep inside the restore."""
+    stage = checkpoints.final_stage_directory(str(path))
+    problem = checkpoint_mismatch(epath.Path(stage), checkpoints.read_config(stage))
+    if problem:
+        raise ConfigError(f"{stage}/{checkpoints.CONFIG_FILE} does not describe the checkpoints there, which are "
+                          f"{problem}. Restore the config the run was trained with")
+
+
+def checkpoint_mismatch(directory: epath.Path, config: ml_collections.ConfigDict) -> str | None:
+    """``"(step 2) of another model: <fields>; parameters differ: <parameters>"``, or ``None`` when
+    ``directory`` has no finished checkpoint or its parameters have the shapes ``config`` builds."""
+    saved = saved_parameter_shapes(directory)
+    if saved is None:
+        return None
+    step, shapes = saved
+    problems = sharding.mismatches(requested_parameter_shapes(config, shapes), shapes)
+    if not problems:
+        return None
+    return (f"(step {step}) of another model: {changed_fields(directory, config)}; parameters differ: "
+            f"{sharding.summarize(problems, 3)}")
+
+
+def run_directories(config: ml_collections.ConfigDict,
+                    workdir: str | epath.PathLike) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
+    """Every ``(directory, config)`` a run of ``config`` in ``workdir`` writes checkpoints to."""
+    workdir = epath.Path(workdir)
+    if config.get("task") == "generator" or not config.hnt.stages:  # one stage: the workdir itself
+        return [(workdir, config)]
+    from nativetok_jax.training import hnt  # training imports this module's callers
+
+    return [(epath.Path(hnt.stage_directory(str(workdir), stage, True)), hnt.stage_config(config, stage))
+            for stage in hnt.stage_list(config)]
+
+
+def saved_parameter_shapes(directory: str | epath.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """``(step, {"a/b": shape-like})`` of the newest finished checkpoint's parameters, from orbax
+    metadata alone; ``None`` when the directory has none."""
+    path = epath.Path(checkpoints.checkpoint_directory(str(directory)))
+    if not path.is_dir():
+        return None
+    steps = ocp.utils.checkpoint_steps(path)  # finished saves only: a killed one leaves a tmp directory
+    if not steps:
+        return None
+    step = max(steps)
+    metadata = ocp.PyTreeCheckpointHandler().metadata(path / str(step) / "state")
+    return step, traverse_util.flatten_dict(dict(metadata["params"]), sep="/")
+
+
+def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": ShapeDtypeStruct}`` of the model ``config`` builds (abstract: nothing allocated);
+    a config that cannot build one is the ``ConfigError`` its validation raises."""
+    if config.get("task") == "generator":
+        from nativetok_jax.models.generators import build_generator
+
+        validate_generator(config)
+        g = config.generator
+        tokenizer = checkpoints.read_config(checkpoints.final_stage_directory(g.tokenizer)).model
+        # 0 classes means "as many as the data has": the checkpoint's count is the data's.
+        num_classes = g.num_classes or (saved["class_embedding"].shape[0] - 1 if "class_embedding" in saved else 1)
+        abstract = nnx.eval_shape(lambda: build_generator(
+            g, vocab_size=tokenizer.quantizer.codebook_size, num_tokens=tokenizer.num_tokens,
+            num_classes=num_classes, rngs=nnx.Rngs(0), dtype=config.model.dtype))
+    else:
+        from nativetok_jax.models import build_model
+
+        validate_model(config.model)
+        abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+    return traverse_util.flatten_dict(sharding.params_of(abstract), sep="/")
+
+
+def changed_fields(directory: epath.Path, config: ml_collections.ConfigDict) -> str:
+    """``"config.model.quantizer.codebook_size is 1024, config.json has 64"`` for the architecture
+    fields that differ from the stored ``config.json`` (or why they cannot be listed)."""
+    if not (directory / checkpoints.CONFIG_FILE).exists():
+        return f"no {checkpoints.CONFIG_FILE} to compare with"
+    stored = _flat(checkpoints.read_config(str(directory)))
+    requested = _flat(config)
+    differing = [key for key in sorted(set(stored) | set(requested))
+                 if key.split(".")[0] in ARCHITECTURE_FIELDS and stored.get(key) != requested.get(key)]
+    if not differing:
+        return f"its {checkpoints.CONFIG_FILE} has the requested model fields, the checkpoints do not"
+    listed = [f"config.{key} is {requested.get(key)!r}, {checkpoints.CONFIG_FILE} has {stored.get(key)!r}"
+              for key in differing[:MAX_LISTED]]
+    more = f" and {len(differing) - MAX_LISTED} more fields" if len(differing) > MAX_LISTED else ""
+    return ", ".join(listed) + more
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in flat.items()}

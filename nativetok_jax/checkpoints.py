@@ -11,7 +11,6 @@ the newest ``keep`` steps, and leftovers of a save killed half-way are cleaned u
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -20,7 +19,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from nativetok_jax import storage
 from nativetok_jax.config import base_config, generator_config
 
 CONFIG_FILE = "config.json"
@@ -51,10 +52,11 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 class Checkpoints:
-    """Save, find and restore the checkpoints of one stage directory."""
+    """Save, find and restore the checkpoints of one stage directory (local, or a URL such as
+    ``gs://bucket/run/checkpoints``, which orbax writes to directly)."""
 
-    def __init__(self, directory: str, keep: int):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: storage.PathLike, keep: int):
+        self.directory = storage.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
         )
@@ -90,11 +92,11 @@ class Checkpoints:
         self._manager.close()
 
 
-def checkpoint_directory(stage_directory: str) -> str:
-    return os.path.join(stage_directory, "checkpoints")
+def checkpoint_directory(stage_directory: storage.PathLike) -> epath.Path:
+    return storage.path(stage_directory) / "checkpoints"
 
 
-def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
+def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:
     """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds).
 
     Raises ``ConfigError`` instead of replacing the config of a run whose checkpoints hold
@@ -103,17 +105,14 @@ def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
     from nativetok_jax.workdir import check_resume  # it reads checkpoints through this module
 
     check_resume(config, directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    storage.write_text(storage.path(directory) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def read_config(directory: str) -> ml_collections.ConfigDict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory!r}: not a training run's directory")
-    with open(path) as f:
-        stored = json.load(f)
+def read_config(directory: storage.PathLike) -> ml_collections.ConfigDict:
+    path = storage.path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {str(directory)!r}: not a training run's directory")
+    stored = json.loads(path.read_text())
     # Runs written before a field existed get its default, so old workdirs keep loading.
     defaults = generator_config() if stored.get("task") == "generator" else base_config()
     return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
@@ -128,35 +127,34 @@ def _fill_defaults(stored: Any, defaults: Any) -> Any:
     return merged
 
 
-def final_stage_directory(path: str) -> str:
+def final_stage_directory(path: storage.PathLike) -> epath.Path:
     """``path`` itself if it holds checkpoints, else its last training stage that does."""
-    if os.path.isdir(checkpoint_directory(path)):
-        return path
-    config = read_config(path)
+    directory = storage.path(path)
+    if checkpoint_directory(directory).is_dir():
+        return directory
+    config = read_config(directory)
     stages = [s["name"] for s in (config.get("hnt", {}) or {}).get("stages", ()) or ()]
-    with_checkpoints = [
-        os.path.join(path, name) for name in stages if os.path.isdir(checkpoint_directory(os.path.join(path, name)))
-    ]
+    with_checkpoints = [directory / name for name in stages if checkpoint_directory(directory / name).is_dir()]
     if not with_checkpoints:
-        raise FileNotFoundError(f"no checkpoints under {path!r} or its training stages")
+        raise FileNotFoundError(f"no checkpoints under {str(path)!r} or its training stages")
     return with_checkpoints[-1]
 
 
-def load_params(stage_directory: str, use_ema: bool = True, step: int | None = None) -> tuple[dict, int]:
+def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: int | None = None) -> tuple[dict, int]:
     """Host copies (numpy) of the parameters in a stage directory's newest checkpoint.
 
     Returns ``(params, step)``; the EMA weights when the run kept them and ``use_ema``.
     """
     directory = checkpoint_directory(stage_directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints under {stage_directory!r} (expected {directory!r})")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints under {str(stage_directory)!r} (expected {str(directory)!r})")
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers=_handlers(),
     ) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
+            raise FileNotFoundError(f"no finished checkpoint in {str(directory)!r}")
         metadata = manager.item_metadata(step)["state"]
         key = "ema" if use_ema and "ema" in metadata and metadata["ema"] else "params"
         wanted = {key: metadata[key]}

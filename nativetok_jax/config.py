@@ -13,6 +13,8 @@ import os
 
 import ml_collections
 
+from nativetok_jax import storage
+
 MODEL_KINDS = ("nativetok", "titok")
 DECODER_HEADS = ("pixel", "proxy_codes")
 DTYPES = ("float32", "bfloat16")
@@ -239,7 +241,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     g, train = config.generator, config.train
     _require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
     _require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
-    _require(os.path.isdir(g.tokenizer), "generator.tokenizer", f"no such directory: {g.tokenizer}")
+    _require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
     _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
                                                         mlp_ratio=g.mlp_ratio, remat=g.remat)), "generator")
     _require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
@@ -459,7 +461,7 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
         if needs:
             _require(bool(path), f"pretrained.{name}", "is needed by this objective: convert the public weights "
                      "with `python -m nativetok_jax.convert` and name the file here")
-            _require(os.path.isfile(path), f"pretrained.{name}", f"file not found: {path}")
+            _require(storage.path(path).is_file(), f"pretrained.{name}", f"file not found: {path}")
 
 
 def _process_count() -> int:
@@ -584,7 +586,7 @@ def validate_dit_model(model: ml_collections.ConfigDict) -> None:
         _require(bool(ae.get("weights")), "model.autoencoder.weights",
                  "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
                  "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
-        _require(os.path.isfile(ae.weights), "model.autoencoder.weights", f"file not found: {ae.weights}")
+        _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
     side = dit_latent_shape(model)[0]
     _require(side % model.patch_size == 0, "model.patch_size",
              f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")

@@ -19,7 +19,6 @@ images (``arr_0``) and, converted into ``--reference_stats``, ADM's ``mu`` and `
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from nativetok_jax import checkpoints  # noqa: E402
+from nativetok_jax import checkpoints, storage  # noqa: E402
 from nativetok_jax.config import ConfigError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
@@ -163,7 +162,7 @@ def image_batches(source: Any, image_size: int, batch_size: int, num_images: int
 def weights_record(path: str, kind: str) -> dict[str, Any]:
     """Where a pretrained network's weights came from: the file and its recorded header."""
     _, meta = files.load_weights(path, kind=kind)
-    return {"file": os.path.abspath(path), **{k: v for k, v in meta.items() if k != "format_version"}}
+    return {"file": str(storage.path(path)), **{k: v for k, v in meta.items() if k != "format_version"}}
 
 
 def read_reference_stats(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,8 +197,8 @@ def samples_image_size(samples: str, generated: FolderSource, reference_stats: s
 
 def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
     stage = checkpoints.final_stage_directory(workdir)
-    steps = [int(name) for name in os.listdir(checkpoints.checkpoint_directory(stage)) if name.isdigit()]
-    return {"workdir": os.path.abspath(workdir), "stage_directory": os.path.abspath(stage),
+    steps = [int(p.name) for p in checkpoints.checkpoint_directory(stage).iterdir() if p.name.isdigit()]
+    return {"workdir": str(storage.path(workdir)), "stage_directory": str(stage),
             "step": max(steps, default=None), "use_ema": use_ema}
 
 
@@ -227,7 +226,7 @@ def run_evaluation(
     if not out.endswith(".json"):
         raise EvaluationError(f"--out: expected a .json file name, got {out!r}")
     for flag, path in (("--lpips", lpips_path), ("--inception", inception_path)):
-        if path and not os.path.isfile(path):
+        if path and not storage.path(path).is_file():
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
@@ -273,16 +272,16 @@ def run_evaluation(
             "inception_score": INCEPTION_SCORE,
         }
         inception = load_inception(inception_path)
-        if reference_stats and os.path.isfile(reference_stats):
+        if reference_stats and storage.path(reference_stats).is_file():
             reference = read_reference_stats(reference_stats, size)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
-            protocol["inception"]["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "read"}
+            protocol["inception"]["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
         else:
             write_reference = bool(reference_stats)
             logging.info("rFID reference: computing the statistics of the evaluated originals%s",
                          f" and writing them to {reference_stats}" if reference_stats else "")
             protocol["inception"]["reference_stats"] = (
-                {"file": os.path.abspath(reference_stats), "action": "written"} if reference_stats
+                {"file": str(storage.path(reference_stats)), "action": "written"} if reference_stats
                 else "computed from the evaluated originals")
 
     skipped = SkippedImages()
@@ -305,12 +304,9 @@ def run_evaluation(
                     seconds=round(time.time() - start, 1))
     report = {**metrics, "protocol": protocol}
 
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(out, report)
     if prefix:
-        plot_path = os.path.splitext(out)[0] + ".png"
+        plot_path = out.removesuffix(".json") + ".png"
         plot_prefix_curves(metrics["prefix"], plot_path)
         logging.info("wrote %s and the plot %s", out, plot_path)
     else:
@@ -333,7 +329,7 @@ def run_sample_evaluation(
 ) -> dict[str, Any]:
     """gFID and Inception Score (precision and recall with ``reference_features``) of the images in
     ``samples``; returns the JSON written to ``out``."""
-    if not inception_path or not os.path.isfile(inception_path):
+    if not inception_path or not storage.path(inception_path).is_file():
         raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
     if not reference_stats:
         raise EvaluationError("--reference_stats: gFID needs the real images' statistics (an .npz to read, "
@@ -358,9 +354,9 @@ def run_sample_evaluation(
                       "inception_score": INCEPTION_SCORE},
     }
     adm_images = _convert_adm_reference_batch(reference_batch, reference_stats, protocol)
-    if os.path.isfile(reference_stats):
+    if storage.path(reference_stats).is_file():
         reference = read_reference_stats(reference_stats, size)
-        protocol.setdefault("reference_stats", {"file": os.path.abspath(reference_stats), "action": "read"})
+        protocol.setdefault("reference_stats", {"file": str(storage.path(reference_stats)), "action": "read"})
     else:
         if not data:
             raise EvaluationError(f"--reference_stats: {reference_stats} does not exist; give --data to compute it")
@@ -370,7 +366,7 @@ def run_sample_evaluation(
         fid.save_statistics(reference_stats, *reference, image_size=size)
         logging.info("wrote the reference statistics of %d images of %s (at %d px) to %s", count, data, size,
                      reference_stats)
-        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "written", "data": data,
+        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
     real_features = _reference_features(reference_features, reference_batch, adm_images, data, tfds_data_dir,
                                         num_images, size, batch_size, inception, protocol)
@@ -387,9 +383,7 @@ def run_sample_evaluation(
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
     if real_features is not None:
         report["precision"], report["recall"] = precision_recall(real_features, np.concatenate(sample_features))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(out, report)
     return report
 
 
@@ -402,10 +396,10 @@ def _convert_adm_reference_batch(path: str | None, reference_stats: str, protoco
         images, statistics = read_adm_reference_batch(path)
     except ValueError as error:
         raise EvaluationError(f"--reference_batch: {error}") from None
-    if statistics is not None and not os.path.isfile(reference_stats):
+    if statistics is not None and not storage.path(reference_stats).is_file():
         fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1])
-        protocol["reference_stats"] = {"file": os.path.abspath(reference_stats), "action": "converted",
-                                       "reference_batch": os.path.abspath(path)}
+        protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "converted",
+                                       "reference_batch": str(storage.path(path))}
     return images
 
 
@@ -416,8 +410,8 @@ def _reference_features(path: str | None, reference_batch: str | None, adm_image
     ADM's images (else ``--data``) and written there; None without ``path``."""
     if not path:
         return None
-    if os.path.isfile(path):
-        protocol["reference_features"] = {"file": os.path.abspath(path), "action": "read"}
+    if storage.path(path).is_file():
+        protocol["reference_features"] = {"file": str(storage.path(path)), "action": "read"}
         try:
             return load_features(path)
         except ValueError as error:
@@ -426,7 +420,7 @@ def _reference_features(path: str | None, reference_batch: str | None, adm_image
         images = adm_images[:num_images]
         batches = (np.stack([center_crop(image, size) for image in images[i:i + batch_size]])
                    for i in range(0, len(images), batch_size))
-        origin = os.path.abspath(reference_batch)
+        origin = str(storage.path(reference_batch))
     elif data:
         batches = image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, SkippedImages())
         origin = data
@@ -438,7 +432,7 @@ def _reference_features(path: str | None, reference_batch: str | None, adm_image
     features = np.concatenate(kept)
     save_features(path, features)
     logging.info("wrote the Inception features of %d real images to %s", len(features), path)
-    protocol["reference_features"] = {"file": os.path.abspath(path), "action": "written", "data": origin,
+    protocol["reference_features"] = {"file": str(storage.path(path)), "action": "written", "data": origin,
                                       "num_images": len(features)}
     return features
 

@@ -21,7 +21,6 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
 
@@ -69,8 +68,8 @@ def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str,
     return settings
 
 
-def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
-    """Writes the samples into ``out``; returns them as uint8 ``[N, H, W, 3]``."""
+def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **overrides) -> np.ndarray:
+    """Writes the samples into ``out`` (local or a URL); returns them as uint8 ``[N, H, W, 3]``."""
     from nativetok_jax import checkpoints, sharding
     from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
     from nativetok_jax.generation.generate import generate_ids
@@ -116,14 +115,15 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     ids = np.concatenate(ids)
     images = np.concatenate([np.asarray(tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
     if jax.process_index() == 0:
-        from nativetok_jax.evaluation.grids import save_grid
+        from nativetok_jax import storage
+        from nativetok_jax.evaluation.grids import save_grid, save_png
 
-        os.makedirs(out, exist_ok=True)
+        directory = storage.path(out)
         for i, image in enumerate(images):
-            Image.fromarray(image).save(os.path.join(out, SAMPLE_FILE.format(index=i)))
-        np.savez(os.path.join(out, SAMPLE_IDS_FILE), ids=ids, labels=labels, image_size=tokenizer.image_size)
+            save_png(directory / SAMPLE_FILE.format(index=i), image)
+        storage.write_npz(directory / SAMPLE_IDS_FILE, ids=ids, labels=labels, image_size=tokenizer.image_size)
         columns = int(np.ceil(np.sqrt(len(images))))
-        save_grid(os.path.join(out, "grid.png"), [images[i : i + columns] for i in range(0, len(images), columns)],
+        save_grid(directory / "grid.png", [images[i : i + columns] for i in range(0, len(images), columns)],
                   upscale=max(1, 96 // tokenizer.image_size))
     logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, step, out)
     return images

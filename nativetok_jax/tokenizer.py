@@ -12,6 +12,7 @@ sharded by its logical-axis rules; ``tok.params`` is a plain nested dict of arra
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -134,13 +135,14 @@ class Tokenizer:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str,
+        path: str | os.PathLike,
         *,
         use_ema: bool = True,
         mesh: jax.sharding.Mesh | None = None,
         proxy_decoder: ProxyDecoder | None = None,
     ) -> Tokenizer:
-        """The tokenizer in the newest checkpoint of a training workdir or of one stage's directory.
+        """The tokenizer in the newest checkpoint of a training workdir or of one stage's directory
+        (local, or a URL such as ``gs://bucket/run``).
 
         Uses the EMA weights when the run kept them (and ``use_ema``); the architecture comes from
         the ``config.json`` the run wrote beside its checkpoints. A proxy-code model loads its
@@ -189,6 +191,16 @@ class Tokenizer:
         """The same tokenizer with other parameters (same names and shapes, else ``ValueError``)."""
         placed = sharding.place_params(params, self._compiled.shapes, self._compiled.shardings, "tokenizer")
         return Tokenizer(self._compiled, placed, self._proxy_decoder)
+
+    def with_mesh(self, mesh: jax.sharding.Mesh) -> Tokenizer:
+        """The same tokenizer with its parameters placed on ``mesh`` (e.g. this process's own
+        devices, to encode without the other hosts). Gathers every parameter to the host first:
+        on several processes every one of them must call this together."""
+        params = self._params
+        if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+            params = multihost_utils.process_allgather(params, tiled=True)
+        return Tokenizer.from_params(self.config, jax.device_get(params), mesh=mesh,
+                                     proxy_decoder=self._proxy_decoder)
 
     # ----------------------------------------------------------------------------- encode/decode
 

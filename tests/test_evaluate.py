@@ -296,3 +296,36 @@ def test_samples_of_another_size_than_the_model_are_refused(weights, tmp_path):
     code = run_entry_point("--samples", str(tmp_path / "samples"), "--inception", inception, "--reference_stats",
                            stats, "--out", str(tmp_path / "gen.json"))
     assert code == f"error: --samples: {tmp_path / 'samples' / 'sample_00002.png'} is 32 x 32 px, expected 16 x 16 px"
+
+
+def test_training_and_evaluate_report_the_per_image_mean_psnr(workdir, tmp_path):
+    """Two images the tokenizer reconstructs with different errors: the mean of their PSNRs is
+    what the trainer's held-out evaluation and the command report, not the pooled-MSE figure."""
+    from nativetok_jax.evaluation.metrics import psnr
+    from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
+
+    tokenizer = Tokenizer.from_checkpoint(workdir)
+    size = tokenizer.image_size
+    photo = center_crop(load_photos("heldout")[0], size)
+    images = np.stack([photo, np.full_like(photo, 255)])
+    reconstructions = np.asarray(tokenizer.reconstruct(images), np.float64)
+    mse = np.mean(np.square(images.astype(np.float64) - reconstructions), axis=(1, 2, 3))
+    per_image = float(np.mean(10 * np.log10(255.0**2 / mse)))
+    pooled = float(10 * np.log10(255.0**2 / mse.mean()))
+    assert per_image - pooled > 0.1, (per_image, pooled)  # the two conventions really differ here
+
+    for batch_size in (1, 2):  # batching cannot change a per-image mean
+        metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=batch_size)
+        assert metrics["psnr"] == pytest.approx(per_image, abs=1e-3)
+        assert metrics[f"psnr_first_{tokenizer.num_tokens}"] == metrics["psnr"]
+        assert len(rows) == 1 + len(preview_lengths(tokenizer.num_tokens)) and len(rows[0]) == 2
+    assert psnr(images, reconstructions.astype(np.uint8)) == pytest.approx(per_image, abs=1e-3)
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index}.png")
+    out = str(tmp_path / "two.json")
+    assert run_entry_point("--workdir", workdir, "--data", str(folder), "--out", out, "--noprefix") == 0
+    with open(out) as f:
+        assert json.load(f)["psnr"] == pytest.approx(per_image, abs=1e-3)

@@ -1,14 +1,17 @@
 """Generators on a tokenizer's ids: token extraction round-trips and resumes, a tiny generator
-trains through the same entry point as the tokenizer, and `sample` writes seeded PNGs."""
+trains through the same entry point as the tokenizer, and `sample` writes seeded PNGs; on two
+processes each encodes its own share of the tokens and a resumed run redoes only what is missing."""
 
 import os
+import socket
 
 import jax
 import numpy as np
 import pytest
 
-from test_training import train_config
-from nativetok_jax import Tokenizer, checkpoints
+import conftest
+from test_training import finish, start_main, train_config
+from nativetok_jax import Tokenizer, checkpoints, storage
 from nativetok_jax.config import ConfigError, generator_config, validate_generator
 from nativetok_jax.data import token_store
 from nativetok_jax.data.pipeline import SkippedImages
@@ -102,3 +105,47 @@ def test_generator_config_errors_name_the_field(tmp_path):
     config.generator.kind = "diffusion"
     with pytest.raises(ConfigError, match="generator.kind: must be one of"):
         validate_generator(config)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(config_file: str, workdir: str, *flags: str) -> None:
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
+    processes = [start_main(config_file, workdir, *flags, f"--coordinator_address=localhost:{port}",
+                            "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+    for process in processes:
+        code, stderr = finish(process)
+        assert code == 0, stderr[-3000:]
+
+
+def test_two_processes_share_token_extraction_and_resume(tokenizer_dir, tmp_path):
+    config_file = conftest.write_config_file(tmp_path, "test_generator_training.tiny_generator_config",
+                                             tokenizer_dir=tokenizer_dir)
+    workdir = str(tmp_path / "generator")
+    train = os.path.join(workdir, "tokens", "train")
+    steps = ("--config.train.eval_every=1000", "--config.train.checkpoint_every=1", "--config.train.log_every=1")
+    run_two_processes(config_file, workdir, "--config.train.num_steps=1", *steps)
+
+    # 96 examples over 2 processes: two shards of 48 (whole batches of 16), one per process.
+    meta = token_store.read_meta(train)
+    assert meta["complete"] and meta["num_written"] == 96 and meta["shard_size"] == 48
+    ids_0, ids_1 = (np.load(token_store.shard_paths(train, i)[0]) for i in (0, 1))
+    assert ids_0.shape == ids_1.shape == (48, 8)
+
+    # An extraction interrupted after process 0's shard: only process 1 (its owner) can redo
+    # shard 1; the run then resumes training from its checkpoint.
+    os.remove(token_store.shard_paths(train, 1)[0])
+    token_store.write_meta(train, dict(meta, complete=False))
+    written_0 = os.path.getmtime(token_store.shard_paths(train, 0)[0])
+    run_two_processes(config_file, workdir, "--config.train.num_steps=2", *steps)
+    assert token_store.read_meta(train)["complete"]
+    np.testing.assert_array_equal(np.load(token_store.shard_paths(train, 1)[0]), ids_1)
+    assert os.path.getmtime(token_store.shard_paths(train, 0)[0]) == written_0
+    assert storage.read_json(os.path.join(workdir, "eval.json"))["step"] == 2
+    assert checkpoints.load_params(workdir, use_ema=False)[1] == 2

@@ -9,8 +9,6 @@ records compile time, median step time, and the forward pass's FLOPs from XLA's 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from typing import Any
@@ -25,6 +23,7 @@ from nativetok_jax import sharding
 from nativetok_jax.config import load_config_file
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import build_model
+from nativetok_jax.storage import write_json  # also what the other benchmarks write their JSON with
 
 
 def reconstruction_loss(model, images: jax.Array) -> jax.Array:
@@ -116,12 +115,6 @@ def run(argv: list[str]) -> dict[str, Any]:
             write_json(args.out, report)  # after every row: a long run keeps what it measured
     print(f"wrote {args.out}")
     return report
-
-
-def write_json(path: str, report: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
 
 
 COLUMNS = (  # key, title, format

@@ -4,19 +4,23 @@
     DIR/ids-00000.npy         int32 [shard_size, num_tokens]
     DIR/labels-00000.npy      int32 [shard_size]
 
-Shards are written whole (a temporary file, then a rename), so an interrupted extraction keeps
-the shards it finished and resumes after them; a complete store whose ``meta.json`` matches is
-reused as it is. :class:`TokenSource` is a random-access source that grain reads (memory-mapped).
+``DIR`` may be local or a URL (``gs://...``). Shards are written whole
+(:func:`nativetok_jax.storage.write_bytes`), so an interrupted extraction keeps the shards it
+finished and resumes after them; a complete store whose ``meta.json`` matches is reused as it is.
+:class:`TokenSource` is a random-access source that grain reads (local shards memory-mapped,
+remote ones read whole into host memory).
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from nativetok_jax import storage
 
 META = "meta.json"
 
@@ -25,36 +29,41 @@ class TokenStoreError(ValueError):
     """A token store that cannot be used as asked; the message says why and what to do."""
 
 
-def shard_paths(directory: str, index: int) -> tuple[str, str]:
-    return (os.path.join(directory, f"ids-{index:05d}.npy"), os.path.join(directory, f"labels-{index:05d}.npy"))
+def shard_paths(directory: storage.PathLike, index: int) -> tuple[epath.Path, epath.Path]:
+    directory = storage.path(directory)
+    return directory / f"ids-{index:05d}.npy", directory / f"labels-{index:05d}.npy"
 
 
-def _save_atomically(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _save(path: epath.Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    storage.write_bytes(path, buffer.getvalue())
 
 
-def read_meta(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, META)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def _load(path: epath.Path) -> np.ndarray:
+    """A shard: memory-mapped when local, read whole from an object store."""
+    if storage.is_local(path):
+        return np.load(path, mmap_mode="r")
+    return np.load(io.BytesIO(path.read_bytes()))
 
 
-def write_meta(directory: str, meta: dict[str, Any]) -> None:
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f"{META}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(directory, META))
+def _shard_files(directory: storage.PathLike, kind: str) -> list[epath.Path]:
+    return sorted(storage.path(directory).glob(f"{kind}-*.npy"))
 
 
-def open_for_writing(directory: str, meta: dict[str, Any]) -> list[int]:
-    """Prepares ``directory`` for an extraction described by ``meta``; returns the shard indices
-    still to write (none when a matching store is complete). A store made with other settings
-    is never mixed with new shards: that is an error naming the differing fields."""
+def read_meta(directory: storage.PathLike) -> dict[str, Any] | None:
+    path = storage.path(directory) / META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_meta(directory: storage.PathLike, meta: dict[str, Any]) -> None:
+    storage.write_json(storage.path(directory) / META, meta)
+
+
+def check_meta(directory: storage.PathLike, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The store's recorded ``meta.json`` (``None`` when there is none yet), checked against
+    ``meta``: a store made with other settings is never mixed with new shards, that is an error
+    naming the differing fields."""
     existing = read_meta(directory)
     if existing is not None:
         described = {k: v for k, v in existing.items() if k not in ("complete", "num_written")}
@@ -63,22 +72,26 @@ def open_for_writing(directory: str, meta: dict[str, Any]) -> list[int]:
             raise TokenStoreError(
                 f"{directory} holds tokens made with other settings ({', '.join(differing)}); "
                 "delete it or choose another directory")
-    else:
-        write_meta(directory, dict(meta, complete=False))
+    return existing
+
+
+def missing_shards(directory: storage.PathLike, meta: dict[str, Any]) -> list[int]:
+    """The shard indices of the extraction ``meta`` describes that are not on disk yet."""
     num_shards = -(-meta["num_examples"] // meta["shard_size"])
-    return [i for i in range(num_shards) if not all(map(os.path.isfile, shard_paths(directory, i)))]
+    return [i for i in range(num_shards) if not all(p.is_file() for p in shard_paths(directory, i))]
 
 
-def write_shard(directory: str, index: int, ids: np.ndarray, labels: np.ndarray) -> None:
+def write_shard(directory: storage.PathLike, index: int, ids: np.ndarray, labels: np.ndarray) -> None:
+    """Writes one shard (its labels first: a shard counts as written once its ids exist)."""
     ids_path, labels_path = shard_paths(directory, index)
-    _save_atomically(labels_path, np.asarray(labels, np.int32))
-    _save_atomically(ids_path, np.asarray(ids, np.int32))
+    _save(labels_path, np.asarray(labels, np.int32))
+    _save(ids_path, np.asarray(ids, np.int32))
 
 
-def mark_complete(directory: str) -> int:
+def mark_complete(directory: storage.PathLike) -> int:
     """Records the store as complete; returns the number of examples written (unreadable images
     are left out of their shard, so it can be fewer than asked for)."""
-    count = sum(len(np.load(p, mmap_mode="r")) for p in glob.glob(os.path.join(directory, "labels-*.npy")))
+    count = sum(len(_load(p)) for p in _shard_files(directory, "labels"))
     write_meta(directory, dict(read_meta(directory), complete=True, num_written=count))
     return count
 
@@ -86,13 +99,13 @@ def mark_complete(directory: str) -> int:
 class TokenSource:
     """Random access to a complete store: ``source[i] -> {"ids": int32 [L], "label": int32}``."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: storage.PathLike):
         meta = read_meta(directory)
         if meta is None or not meta.get("complete"):
             raise TokenStoreError(f"{directory} is not a complete token store (no finished extraction)")
         self.meta = meta
-        self._ids = [np.load(p, mmap_mode="r") for p in sorted(glob.glob(os.path.join(directory, "ids-*.npy")))]
-        self._labels = [np.load(p) for p in sorted(glob.glob(os.path.join(directory, "labels-*.npy")))]
+        self._ids = [_load(p) for p in _shard_files(directory, "ids")]
+        self._labels = [np.asarray(_load(p)) for p in _shard_files(directory, "labels")]
         self._offsets = np.cumsum([0] + [len(x) for x in self._ids])
         if self._offsets[-1] != meta["num_written"] or not len(self):
             raise TokenStoreError(f"{directory}: {self._offsets[-1]} examples on disk, meta.json says "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
+
+from nativetok_jax import storage
 
 
 def image_grid(rows: list[np.ndarray], padding: int = 2) -> np.ndarray:
@@ -20,13 +24,18 @@ def image_grid(rows: list[np.ndarray], padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(path: str, rows: list[np.ndarray], upscale: int = 1) -> np.ndarray:
-    """Writes :func:`image_grid` of ``rows`` to ``path`` as PNG, nearest-upscaled by ``upscale``.
+def save_png(path: storage.PathLike, image: np.ndarray) -> None:
+    """Writes uint8 ``[H, W, 3]`` ``image`` to ``path`` (local or a URL) as PNG, parents created."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
 
-    Returns the written image.
-    """
-    image = Image.fromarray(image_grid(rows))
+
+def save_grid(path: storage.PathLike, rows: list[np.ndarray], upscale: int = 1) -> np.ndarray:
+    """Writes :func:`image_grid` of ``rows`` to ``path`` (local or a URL) as PNG, nearest-upscaled
+    by ``upscale``, creating its directory. Returns the written image, uint8 ``[H, W, 3]``."""
+    grid = image_grid(rows)
     if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.Resampling.NEAREST)
-    image.save(path)
-    return np.asarray(image)
+        grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)  # nearest-neighbour
+    save_png(path, grid)
+    return grid

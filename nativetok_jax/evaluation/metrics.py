@@ -1,8 +1,10 @@
-"""PSNR of uint8 images, in its two conventions.
+"""PSNR of uint8 images: one convention everywhere, the per-image mean.
 
-Training's held-out evaluation pools the squared error over the whole batch (:func:`psnr`);
-``python -m nativetok_jax.evaluate`` averages per-image PSNRs (:func:`psnr_per_image`), as the
-papers' tables do. The pooled figure is the lower of the two when images differ in error.
+Every PSNR the project reports (training's held-out evaluation and its ``eval.json``, the
+no-model baselines, ``python -m nativetok_jax.evaluate``) is the mean over images of each
+image's PSNR, as the papers' tables report it (TiTok, MaskGIT, skimage's ``peak_signal_noise_ratio``
+averaged over a set). Pooling the squared error over a batch first gives a different, lower
+number whenever images differ in error; it is not used.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB over a batch of uint8 images (MSE pooled over the batch)."""
-    error = np.mean(np.square(np.asarray(reference, np.float64) - np.asarray(reconstruction, np.float64)))
-    return float("inf") if error == 0 else float(10.0 * np.log10(255.0**2 / error))
+PEAK = 255.0
 
 
 def psnr_per_image(reference: jax.Array, reconstruction: jax.Array) -> jax.Array:
-    """PSNR in dB ``[B]`` of each uint8 image pair (``inf`` for an exact reconstruction); jittable."""
+    """PSNR in dB ``[B]`` of each uint8 image pair ``[B, H, W, C]``: ``10 log10(255^2 / MSE)``
+    with the MSE over pixels and channels (``inf`` for an exact reconstruction); jittable."""
     error = jnp.square(reference.astype(jnp.float32) - reconstruction.astype(jnp.float32))
     mse = jnp.mean(error, axis=(1, 2, 3))
-    return jnp.where(mse > 0, 10.0 * jnp.log10(255.0**2 / jnp.where(mse > 0, mse, 1.0)), jnp.inf)
+    return jnp.where(mse > 0, 10.0 * jnp.log10(PEAK**2 / jnp.where(mse > 0, mse, 1.0)), jnp.inf)
+
+
+def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
+    """Mean over images of :func:`psnr_per_image`, in dB, for uint8 ``[B, H, W, C]`` batches."""
+    return float(np.mean(np.asarray(psnr_per_image(jnp.asarray(reference), jnp.asarray(reconstruction)), np.float64)))

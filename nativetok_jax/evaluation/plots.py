@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from nativetok_jax import storage
 
 # Panel titles, in panel order; a metric not listed here comes last, titled by its key.
 TITLES = {
@@ -23,8 +25,8 @@ TITLES = {
 _SPREAD_SUFFIX = "_std"
 
 
-def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: str, columns: int = 3) -> None:
-    """Writes a PNG to ``path`` with one panel per metric against the number of tokens decoded.
+def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.PathLike, columns: int = 3) -> None:
+    """Writes a PNG to ``path`` (local or a URL) with one panel per metric against the number of tokens decoded.
 
     ``prefix_rows`` are ``{"num_tokens": k, "<metric>": value, ...}``, one per prefix length (the
     ``prefix`` list of the evaluation JSON). The x axis is log2, as the lengths grow 1, 4, 16, ...
@@ -56,6 +58,6 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: str, colu
         axes.set_xlabel("tokens decoded")
         axes.set_title(TITLES.get(metric, metric), fontsize=10)
         axes.grid(True, alpha=0.3)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    storage.write_bytes(path, buffer.getvalue())

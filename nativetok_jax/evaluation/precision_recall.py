@@ -18,11 +18,13 @@ Reference features are kept in an ``.npz`` with ``features [N, D]`` (float32), b
 from __future__ import annotations
 
 import functools
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nativetok_jax import storage
 
 NEIGHBOURHOOD = 3  # ADM's nhood_sizes=[3]
 BLOCK = 10_000  # ADM's row and column batch size
@@ -106,19 +108,18 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = NEIGHBOUR
     return float(precision), float(recall)
 
 
-def save_features(path: str, features: np.ndarray) -> None:
-    """Writes ``features [N, D]`` (float32) to the ``.npz`` file ``path``, exactly that name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, features=_as_features(features, path))
+def save_features(path: storage.PathLike, features: np.ndarray) -> None:
+    """Writes ``features [N, D]`` (float32) to the ``.npz`` file ``path`` (local or a URL), exactly
+    that name."""
+    storage.write_npz(path, features=_as_features(features, str(path)))
 
 
-def _read_npz(path: str, what: str, read):
+def _read_npz(path: storage.PathLike, what: str, read):
     """``read(npz)`` of the file at ``path``; any failure is one ValueError line naming the file."""
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise ValueError(f"{what} not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as data:
             return read(data)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -131,7 +132,7 @@ def _require_arrays(data, names: tuple[str, ...]) -> None:
         raise ValueError(f"no {' or '.join(repr(n) for n in missing)} array (it has {sorted(data.files)})")
 
 
-def load_features(path: str) -> np.ndarray:
+def load_features(path: storage.PathLike) -> np.ndarray:
     """``features [N, D]`` float32 from a file written by :func:`save_features`; ValueError naming the file."""
     def read(data):
         _require_arrays(data, ("features",))

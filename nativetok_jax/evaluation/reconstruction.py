@@ -1,35 +1,29 @@
-"""Reconstruction quality of a tokenizer on a fixed image set, for all tokens and for prefixes."""
+"""Training's held-out reconstruction quality, through the evaluation ``python -m
+nativetok_jax.evaluate`` runs (:func:`nativetok_jax.evaluation.tokenizer_metrics.evaluate_tokenizer`),
+so a run's ``eval.json`` and the command report the same numbers for the same images."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from nativetok_jax.evaluation.metrics import psnr
-from nativetok_jax.models.quantizer import code_statistics
-from nativetok_jax.tokenizer import Tokenizer, preview_lengths
+from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
+from nativetok_jax.tokenizer import Tokenizer
 
 
 def evaluate_reconstruction(
     tokenizer: Tokenizer, images: np.ndarray, batch_size: int, num_shown: int = 8
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """PSNR for every preview length, codebook statistics, and grid rows of the first images.
+    """Metrics for every preview length, and grid rows of the first images.
 
-    Returns ``(metrics, rows)``: ``metrics`` has ``psnr`` (all tokens), ``psnr_first_{k}``,
-    ``codebook_usage`` and ``perplexity`` (of the evaluation set's ids); ``rows`` are the inputs
-    and their reconstructions from each preview length, ``num_shown`` images each.
+    ``images``: uint8 ``[N, S, S, 3]`` at the tokenizer's image size. Returns ``(metrics,
+    rows)``: ``metrics`` has ``psnr`` (all tokens; per image, averaged over images),
+    ``psnr_first_{k}`` for every preview length k, ``ssim`` (images of at least 11 px),
+    ``codebook_usage`` and ``perplexity`` (of all the set's ids); ``rows`` are the first
+    ``num_shown`` inputs and their reconstructions from each preview length.
     """
-    ids = np.concatenate(
-        [np.asarray(tokenizer.encode(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    )
-    metrics: dict[str, float] = {}
-    rows = [images[:num_shown]]
-    for k in preview_lengths(tokenizer.num_tokens):
-        reconstruction = np.concatenate(
-            [np.asarray(tokenizer.decode(ids[i : i + batch_size, :k])) for i in range(0, len(ids), batch_size)]
-        )
-        metrics[f"psnr_first_{k}"] = psnr(images, reconstruction)
-        rows.append(reconstruction[:num_shown])
-    metrics["psnr"] = metrics[f"psnr_first_{tokenizer.num_tokens}"]
-    perplexity, usage = code_statistics(ids, tokenizer.codebook_size)
-    metrics.update(perplexity=float(perplexity), codebook_usage=float(usage))
+    rows: list[np.ndarray] = []
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    evaluation, _ = evaluate_tokenizer(tokenizer, batches, prefix=True, shown=rows, num_shown=num_shown)
+    metrics = {f"psnr_first_{row['num_tokens']}": row["psnr"] for row in evaluation["prefix"]}
+    metrics.update({key: value for key, value in evaluation.items() if key not in ("prefix", "num_images")})
     return metrics, rows

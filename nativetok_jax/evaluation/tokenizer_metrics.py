@@ -5,7 +5,8 @@ every preview length k (1, 4, 16, ..., L), and every reconstruction is compared 
 original. Per length:
 
 - ``psnr``: per image (MSE over pixels and channels, peak 255), averaged over images;
-- ``ssim``: per image (:mod:`nativetok_jax.evaluation.ssim`), averaged over images;
+- ``ssim``: per image (:mod:`nativetok_jax.evaluation.ssim`), averaged over images (for images of
+  at least its 11 x 11 window; left out for smaller ones);
 - ``lpips``: per image, averaged (with an LPIPS module);
 - ``codebook_usage``: distinct codes among the first k tokens of every image / codebook size;
 - ``perplexity``: ``exp`` of the entropy of those codes' histogram over the whole set;
@@ -51,7 +52,7 @@ def inception_score_splits(num_images: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_pair_metrics(lpips_graphdef: nnx.GraphDef | None) -> Callable[..., dict[str, jax.Array]]:
+def _jitted_pair_metrics(lpips_graphdef: nnx.GraphDef | None, with_ssim: bool) -> Callable[..., dict[str, jax.Array]]:
     """``(lpips_state, originals, reconstructions) -> {metric: [B]}`` on uint8 batches, jitted.
 
     Cached by the LPIPS graph, so evaluating again (another checkpoint, say) compiles nothing new.
@@ -59,7 +60,9 @@ def _jitted_pair_metrics(lpips_graphdef: nnx.GraphDef | None) -> Callable[..., d
 
     @jax.jit
     def pair_metrics(lpips_state: Any, originals: jax.Array, reconstructions: jax.Array) -> dict[str, jax.Array]:
-        out = {"psnr": psnr_per_image(originals, reconstructions), "ssim": ssim(originals, reconstructions)}
+        out = {"psnr": psnr_per_image(originals, reconstructions)}
+        if with_ssim:
+            out["ssim"] = ssim(originals, reconstructions)
         if lpips_graphdef is not None:
             to_signed = lambda images: images.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
             lpips = nnx.merge(lpips_graphdef, lpips_state)
@@ -81,9 +84,9 @@ def _jitted_inception(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, 
     return outputs
 
 
-def _pair_metrics_fn(lpips: LPIPS | None) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+def _pair_metrics_fn(lpips: LPIPS | None, with_ssim: bool) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
     graphdef, state = nnx.split(lpips) if lpips is not None else (None, None)
-    jitted = _jitted_pair_metrics(graphdef)
+    jitted = _jitted_pair_metrics(graphdef, with_ssim)
     return lambda originals, reconstructions: jax.device_get(jitted(state, originals, reconstructions))
 
 
@@ -138,6 +141,8 @@ def evaluate_tokenizer(
     inception: InceptionV3 | None = None,
     reference: Statistics | None = None,
     prefix: bool = True,
+    shown: list[np.ndarray] | None = None,
+    num_shown: int = 8,
 ) -> tuple[dict[str, Any], Statistics | None]:
     """Reconstruction metrics of ``tokenizer`` on uint8 ``[B, S, S, 3]`` batches (S = its image size).
 
@@ -147,11 +152,11 @@ def evaluate_tokenizer(
     ``prefix``, a ``prefix`` list with ``num_tokens`` and the same metrics for every preview length
     (the last is the full length). rFID compares the reconstructions with ``reference`` statistics
     when given, else with the originals' own, computed in the same pass and returned as
-    ``reference`` (``None`` without Inception) so that they can be saved and reused.
+    ``reference`` (``None`` without Inception) so that they can be saved and reused. ``shown``, a
+    list, receives rows for a picture: the first ``num_shown`` originals, then their
+    reconstructions from each length. Raises ``ValueError`` for no images, fewer than 2
+    with Inception, or reference statistics of the wrong size.
     """
-    if tokenizer.image_size < WIN_SIZE:
-        raise ValueError(f"SSIM needs images of at least {WIN_SIZE} x {WIN_SIZE} pixels; this tokenizer "
-                         f"works at {tokenizer.image_size} x {tokenizer.image_size}")
     if reference is not None:
         if inception is None:
             raise ValueError("reference statistics are only used for rFID, which needs an Inception network")
@@ -160,12 +165,13 @@ def evaluate_tokenizer(
                              f"features have {FEATURE_DIM} dimensions")
     num_tokens = tokenizer.num_tokens
     lengths = preview_lengths(num_tokens) if prefix else [num_tokens]
-    pair_metrics = _pair_metrics_fn(lpips)
+    pair_metrics = _pair_metrics_fn(lpips, with_ssim=tokenizer.image_size >= WIN_SIZE)
     inception_outputs = inception_outputs_fn(inception) if inception is not None else None
     originals_features = FeatureStatistics() if inception is not None and reference is None else None
     totals = {k: _PrefixTotals(k, inception is not None) for k in lengths}
     code_counts = np.zeros((num_tokens, tokenizer.codebook_size), np.int64)  # per token position
     num_images, padded_size = 0, None
+    shown_parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(lengths))]
 
     for batch_index, batch in enumerate(batches):
         batch = np.asarray(batch)
@@ -176,8 +182,13 @@ def evaluate_tokenizer(
         np.add.at(code_counts, (np.arange(num_tokens)[None, :], ids[:count]), 1)
         if originals_features is not None:
             originals_features.add(inception_outputs(images)[0][:count])
-        for k in lengths:
+        take = min(count, num_shown - num_images) if shown is not None else 0
+        if take > 0:
+            shown_parts[0].append(batch[:take])
+        for row, k in enumerate(lengths, start=1):
             reconstructions = np.asarray(tokenizer.decode(ids[:, :k]))
+            if take > 0:
+                shown_parts[row].append(reconstructions[:take])
             totals[k].add(pair_metrics(images, reconstructions), count)
             if inception_outputs is not None:
                 totals[k].add_inception(*inception_outputs(reconstructions), count)
@@ -191,6 +202,8 @@ def evaluate_tokenizer(
         raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
     if originals_features is not None:
         reference = (originals_features.mu, originals_features.sigma)
+    if shown is not None:
+        shown.extend(np.concatenate(parts) for parts in shown_parts)
     rows = [totals[k].row(num_images, code_counts[:k].sum(axis=0), reference) for k in lengths]
     metrics: dict[str, Any] = {key: value for key, value in rows[-1].items() if key != "num_tokens"}
     metrics["num_images"] = num_images

@@ -14,7 +14,6 @@ per token, overall and by position) beside each tokenizer's held-out PSNR. Every
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ ARMS = ("native", "order_free")
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and measures both arms; returns (and writes) the report."""
+    from nativetok_jax import storage
     from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.trainer import train_and_evaluate
 
@@ -52,13 +52,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if len({(t.model.quantizer.codebook_size, t.train.num_steps, t.train.batch_size) for t in tokenizers}) > 1:
         raise ValueError("both tokenizers need the same codebook size, steps and batch size (the same budget)")
     report: dict[str, Any] = {}
+    root = storage.path(workdir)
     for arm, tokenizer_config in zip(ARMS, tokenizers):
         start = time.time()
-        tokenizer_dir = os.path.join(workdir, arm, "tokenizer")
-        tokenizer = train_and_evaluate(tokenizer_config, tokenizer_dir)
+        tokenizer_dir = root / arm / "tokenizer"
+        tokenizer = train_and_evaluate(tokenizer_config, os.fspath(tokenizer_dir))
         generator_config = ml_collections.ConfigDict(config.generator.to_dict())
-        generator_config.generator.tokenizer = tokenizer_dir
-        generator = train_generator(generator_config, os.path.join(workdir, arm, "generator"))
+        generator_config.generator.tokenizer = os.fspath(tokenizer_dir)
+        generator = train_generator(generator_config, os.fspath(root / arm / "generator"))
         report[arm] = dict(
             nll_per_token=generator["nll_per_token"],
             nll_by_position=generator["nll_by_position"],
@@ -66,25 +67,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             num_tokens=tokenizer_config.model.num_tokens,
             tokenizer_kind=tokenizer_config.model.kind,
             codebook_usage=tokenizer.get("codebook_usage"),
-            nll_unigram=unigram_nll(os.path.join(workdir, arm, "generator", "tokens")),
+            nll_unigram=unigram_nll(root / arm / "generator" / "tokens"),
             seconds=round(time.time() - start, 1),
         )
         logging.info("%s: held-out NLL %.4f nats/token, tokenizer PSNR %.2f dB", arm,
                      report[arm]["nll_per_token"], report[arm]["psnr"])
-    with open(os.path.join(workdir, "token_order.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot_nll_by_position(report, os.path.join(workdir, "nll_by_position.png"))
+    storage.write_json(root / "token_order.json", report)
+    plot_nll_by_position(report, root / "nll_by_position.png")
     return report
 
 
-def unigram_nll(tokens_dir: str) -> float:
+def unigram_nll(tokens_dir: str | os.PathLike) -> float:
     """Held-out NLL under the training set's code frequencies at each position (add-one smoothed):
     the no-context baseline, since a tokenizer that uses fewer codes is easier to model anyway."""
     import numpy as np
 
     from nativetok_jax.data.token_store import TokenSource
 
-    train, held_out = (TokenSource(os.path.join(tokens_dir, split)) for split in ("train", "eval"))
+    from nativetok_jax import storage
+
+    train, held_out = (TokenSource(storage.path(tokens_dir) / split) for split in ("train", "eval"))
     train_ids, _ = train.arrays()
     eval_ids, _ = held_out.arrays()
     total = 0.0
@@ -94,11 +96,15 @@ def unigram_nll(tokens_dir: str) -> float:
     return float(total / train_ids.shape[1])
 
 
-def plot_nll_by_position(report: dict[str, Any], path: str) -> None:
+def plot_nll_by_position(report: dict[str, Any], path: str | os.PathLike) -> None:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from nativetok_jax import storage
 
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
     for arm, label in (("native", "NativeTok (causal order)"), ("order_free", "TiTok-style (order-free)")):
@@ -110,8 +116,10 @@ def plot_nll_by_position(report: dict[str, Any], path: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def main(argv: list[str]) -> None:

@@ -10,14 +10,16 @@ by their own (pickle-free) parsers.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from nativetok_jax import storage
 
 FORMAT_VERSION = 1
 _META_KEY = "__meta__"
@@ -41,27 +43,29 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def save_weights(path: str, flat: Mapping[str, np.ndarray], *, kind: str, **meta: Any) -> None:
-    """Writes ``flat`` and a JSON header to ``path`` atomically (a temporary file, then rename)."""
+def save_weights(path: storage.PathLike, flat: Mapping[str, np.ndarray], *, kind: str, **meta: Any) -> None:
+    """Writes ``flat`` and a JSON header to ``path`` (local or a URL) whole."""
     header = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
     arrays = {k: np.asarray(v) for k, v in flat.items()}
     if _META_KEY in arrays:
         raise WeightsError(f"'{_META_KEY}' is reserved and cannot be a parameter name")
     arrays[_META_KEY] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    storage.write_npz(path, **arrays)
 
 
-def load_weights(path: str, *, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Reads a file written by :func:`save_weights`; checks its ``kind`` when one is asked for."""
-    if not os.path.isfile(path):
+def _read_bytes(path: storage.PathLike) -> bytes:
+    """The bytes of a weights file, local or a URL (``WeightsError`` when there is none)."""
+    file = storage.path(path)
+    if not file.is_file():
         raise WeightsError(f"weights file not found: {path}")
+    return file.read_bytes()
+
+
+def load_weights(path: storage.PathLike, *, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a file written by :func:`save_weights`; checks its ``kind`` when one is asked for."""
+    raw = _read_bytes(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:  # zipfile, ValueError, OSError: all mean "not our format"
         raise WeightsError(f"{path} is not a nativetok_jax weights file (.npz): {e}") from None
@@ -73,16 +77,15 @@ def load_weights(path: str, *, kind: str | None = None) -> tuple[dict[str, np.nd
     return arrays, meta
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
+def read_state_dict(path: storage.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch state dict (``.pth``/``.pt``/``.bin``/``.ckpt``) or a ``.safetensors`` file as numpy.
 
     PyTorch files are read with ``weights_only=True`` (tensors and plain containers only); a
     checkpoint that wraps its state dict (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped.
     """
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
+    if str(path).endswith(".safetensors"):
         return read_safetensors(path)
+    data = _read_bytes(path)
     try:
         import torch
     except ImportError:
@@ -91,7 +94,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             "or give the weights as .safetensors"
         ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"cannot read {path} as a PyTorch state dict: {first_line}") from None
@@ -110,10 +113,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: storage.PathLike) -> dict[str, np.ndarray]:
     """Parses a safetensors file (8-byte header size, JSON header, raw little-endian data)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     try:
         (header_size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_size])
@@ -138,14 +140,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_flax_msgpack(path: str) -> dict[str, Any]:
+def read_flax_msgpack(path: storage.PathLike) -> dict[str, Any]:
     """A Flax checkpoint file written by ``flax.serialization`` (msgpack; no pickle)."""
     from flax import serialization
 
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     try:
         return serialization.msgpack_restore(data)
     except Exception as e:

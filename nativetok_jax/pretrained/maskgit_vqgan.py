@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
+from nativetok_jax import storage
 from nativetok_jax.pretrained import files
 
 KIND = "maskgit_vqgan"
@@ -53,7 +54,7 @@ def _read(path: str) -> tuple[str, dict[str, np.ndarray]]:
     try:
         tree = files.read_flax_msgpack(path)
     except files.WeightsError as msgpack_error:
-        if not os.path.isfile(path):
+        if not storage.path(path).is_file():
             raise
         try:
             return "port", files.read_state_dict(path)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from nativetok_jax import storage
 from nativetok_jax.config import ConfigError
 from nativetok_jax.models.proxy import ProxyPixelDecoder
 from nativetok_jax.pretrained.maskgit_vqgan import load_maskgit_vqgan
@@ -17,7 +16,7 @@ def weights_path(config: ml_collections.ConfigDict, name: str, why: str) -> str:
     if not path:
         raise ConfigError(f"config.pretrained.{name}: {why} needs a weights file; convert one with "
                           f"`python -m nativetok_jax.convert` and name it here")
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise ConfigError(f"config.pretrained.{name}: file not found: {path}")
     return path
 

@@ -15,11 +15,16 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from nativetok_jax import sharding, storage
 from nativetok_jax.data import token_store
 from nativetok_jax.data.images import center_crop
 from nativetok_jax.data.pipeline import SkippedImages, decode, random_crop
 from nativetok_jax.tokenizer import Tokenizer
+
+# Each process encodes its shards on its own devices, data-parallel.
+LOCAL_MESH = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
 
 
 def example_image(source: Any, index: int, data: ml_collections.ConfigDict, image_size: int, seed: int,
@@ -40,7 +45,7 @@ def example_image(source: Any, index: int, data: ml_collections.ConfigDict, imag
 def extract_tokens(
     tokenizer: Tokenizer,
     source: Any,
-    directory: str,
+    directory: storage.PathLike,
     *,
     data: ml_collections.ConfigDict,
     num_examples: int,
@@ -50,29 +55,62 @@ def extract_tokens(
     batch_size: int = 64,
     shard_size: int = 4096,
 ) -> token_store.TokenSource:
-    """Encodes ``num_examples`` examples into ``directory`` (resuming, or reusing a finished store)."""
-    shard_size = max(batch_size, shard_size // batch_size * batch_size)
+    """Encodes ``num_examples`` examples into ``directory`` (resuming, or reusing a finished store).
+
+    Shards hold ``shard_size`` examples (whole batches; fewer when a process's share of
+    ``num_examples`` is smaller, so every process has work; a resumed store keeps its own). On
+    several processes every one calls this with the same arguments: shard ``i`` is encoded and
+    written by process ``i mod process_count`` alone, on its own devices (a copy of the tokenizer
+    on a mesh of them, so no host waits for another while encoding); the processes then meet at
+    a barrier, process 0 marks the store complete, and all open it after a second one. What is
+    left to encode is read from the shard files, and only a shard's owner writes it, so
+    processes resuming an interrupted extraction cannot disagree about the work.
+
+    Raises :class:`token_store.TokenStoreError` when ``directory`` holds a store made with
+    other settings (every process raises it: they all read the same ``meta.json``).
+    """
+    process, num_processes = jax.process_index(), jax.process_count()
+    recorded = token_store.read_meta(directory)
+    if recorded is not None:  # a store keeps the shards it began with, whoever resumes it
+        shard_size = recorded["shard_size"]
+    else:  # whole batches, and at most a process's share, so that every process has work
+        share = -(-num_examples // num_processes)
+        shard_size = max(batch_size, min(shard_size // batch_size, -(-share // batch_size)) * batch_size)
     meta = dict(description, num_examples=num_examples, shard_size=shard_size, seed=seed,
                 num_tokens=tokenizer.num_tokens, codebook_size=tokenizer.codebook_size,
                 image_size=tokenizer.image_size, num_classes=num_classes,
                 crops=[data.crop_min, data.crop_max, bool(data.flip)])
-    todo = token_store.open_for_writing(directory, meta)
-    if todo:
-        logging.info("encoding %d examples into %s (%d shards to write)", num_examples, directory, len(todo))
+    existing = token_store.check_meta(directory, meta)
+    # Process 0 marks a store complete only after every process has passed this point (the first
+    # barrier below), so all processes take the same branch.
+    if existing is not None and existing.get("complete"):
+        return token_store.TokenSource(directory)
+    if existing is None and process == 0:
+        token_store.write_meta(directory, dict(meta, complete=False))
+    mine = [i for i in token_store.missing_shards(directory, meta) if i % num_processes == process]
+    encoder = tokenizer
+    if num_processes > 1:  # collective: every process gathers the parameters, even with nothing to do
+        encoder = tokenizer.with_mesh(sharding.make_mesh(LOCAL_MESH, jax.local_devices()))
+    if mine:
+        logging.info("encoding %s of %d examples into %s (%d shards)", "all" if num_processes == 1 else
+                     f"process {process}'s share", num_examples, directory, len(mine))
     skipped = SkippedImages()
-    for shard in todo:
+    for shard in mine:
         indices = range(shard * shard_size, min((shard + 1) * shard_size, num_examples))
         examples = [example_image(source, i, data, tokenizer.image_size, seed, skipped) for i in indices]
         examples = [e for e in examples if e is not None]
-        images = np.stack([e[0] for e in examples]) if examples else np.zeros((0,) + (tokenizer.image_size,) * 2 + (3,), np.uint8)
-        ids = [_encode_padded(tokenizer, images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
-        if jax.process_index() == 0:
-            token_store.write_shard(directory, shard,
-                                    np.concatenate(ids) if ids else np.zeros((0, tokenizer.num_tokens), np.int32),
-                                    np.array([e[1] for e in examples], np.int32))
-    if jax.process_index() == 0 and (todo or not token_store.read_meta(directory).get("complete")):
+        ids = [_encode_padded(encoder, np.stack([e[0] for e in examples[i : i + batch_size]]), batch_size)
+               for i in range(0, len(examples), batch_size)]
+        token_store.write_shard(directory, shard,
+                                np.concatenate(ids) if ids else np.zeros((0, tokenizer.num_tokens), np.int32),
+                                np.array([e[1] for e in examples], np.int32))
+    if num_processes > 1:
+        multihost_utils.sync_global_devices(f"token store {directory}: shards written")
+    if process == 0:
         written = token_store.mark_complete(directory)
         logging.info("token store %s complete: %d examples", directory, written)
+    if num_processes > 1:
+        multihost_utils.sync_global_devices(f"token store {directory}: complete")
     return token_store.TokenSource(directory)
 
 

@@ -1,0 +1,66 @@
+"""Files through ``etils.epath``: every path the project reads or writes may be local or a URL.
+
+Runs on TPU pods write their workdir to ``gs://`` (any scheme epath knows works the same way:
+``s3://``, ``az://``, and whatever a test registers). Local paths are made absolute, so the logs
+and orbax see where a run writes; URLs are kept as they are (``os.path.abspath("gs://b/run")``
+would name a local directory ``gs:``). Writes are whole: a local file is written beside its
+target and renamed over it, so a killed process never leaves half a file; an object store's
+objects appear whole on their own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_local(path: PathLike) -> bool:
+    """Whether ``path`` is on this machine's file system (not a ``scheme://`` URL)."""
+    return not _URL.match(os.fspath(path))
+
+
+def path(path: PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: absolute when local, the URL unchanged otherwise."""
+    resolved = epath.Path(path)
+    return resolved.absolute() if is_local(path) else resolved
+
+
+def write_bytes(target: PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``target`` whole, creating its parent directories."""
+    target = path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(target):
+        target.write_bytes(data)
+        return
+    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+
+
+def write_text(target: PathLike, text: str) -> None:
+    write_bytes(target, text.encode())
+
+
+def write_json(target: PathLike, value: Any) -> None:
+    """``value`` as indented JSON in ``target`` (written whole, parents created)."""
+    write_text(target, json.dumps(value, indent=2))
+
+
+def read_json(source: PathLike) -> Any:
+    return json.loads(path(source).read_text())
+
+
+def write_npz(target: PathLike, **arrays: Any) -> None:
+    """An uncompressed ``.npz`` of ``arrays`` at exactly ``target`` (no ``.npz`` appended)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(target, buffer.getvalue())

@@ -33,6 +33,7 @@ from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators import build_generator
 from nativetok_jax.tokenizer import Tokenizer
+from nativetok_jax.training import tensorboard
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.optimizer import ema_update, make_optimizer
 from nativetok_jax.training.state import init_state, state_shardings
@@ -136,7 +137,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> dict[str
     step_fn = jax.jit(train_step, in_shardings=(shardings, {"ids": ids_sharding, "label": labels_sharding}),
                       out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = HeldOutLikelihood(graphdef, g, eval_tokens, mesh, rules)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    writer = tensorboard.create_writer(workdir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_steps=train.log_every)
     preemption = Preemption()
     summary: dict[str, Any] = {}

@@ -28,7 +28,7 @@ from nativetok_jax.evaluation.grids import save_grid
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
-from nativetok_jax.training import hnt
+from nativetok_jax.training import hnt, tensorboard
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.codebook import batches_needed, fit_codebook
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
@@ -147,7 +147,7 @@ def _train_stage(
     proxy_decoder = networks.module(networks.arrays, "proxy") if "proxy" in networks else None
     # Shares the arrays, no host copy.
     evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
-    writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main)
+    writer = tensorboard.create_writer(stage_dir, just_logging=not is_main)
     progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
                                                every_steps=train.log_every)
     preemption = Preemption()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+import conftest
 from nativetok_jax.training import tensorboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,8 @@ def test_without_tensorflow_the_writer_writes_events_tensorboard_reads(tmp_path)
     result = run_without_tensorflow(f"""
         import numpy as np
         from absl import logging
-        from nativetok_jax.training import tensorboard
+        import conftest
+from nativetok_jax.training import tensorboard
         logging.set_verbosity(logging.INFO)
         try:
             import clu.metric_writers
@@ -88,6 +90,28 @@ def test_without_tensorflow_the_writer_writes_events_tensorboard_reads(tmp_path)
     assert (image.step, image.width, image.height) == (3, 12, 8)
     assert "codes" in events.Tags()["histograms"]
     assert any("hparams" in tag or "note" in tag for tag in events.Tags()["tensors"])
+
+
+def test_without_tensorflow_training_writes_its_events_and_checkpoints(tmp_path):
+    """The README's install has no TensorFlow: the trainer imports nothing that needs it."""
+    config_file = conftest.write_config_file(tmp_path, "test_training.train_config", num_steps=2, log_every=1,
+                                             checkpoint_every=2)
+    workdir = str(tmp_path / "run")
+    result = run_without_tensorflow(f"""
+        import runpy
+        sys.argv = ["main", "--config", {config_file!r}, "--workdir", {workdir!r}]
+        try:
+            runpy.run_module("nativetok_jax.main", run_name="__main__")
+        except SystemExit as exit:
+            assert not exit.code, exit.code
+        print("tensorflow" in sys.modules)
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    events = read_events(workdir)
+    assert [e.step for e in events.Scalars("l2_loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("steps_per_sec")] == [2]
+    assert os.path.exists(os.path.join(workdir, "eval.json"))
 
 
 def test_just_logging_writes_no_event_files(tmp_path, caplog):

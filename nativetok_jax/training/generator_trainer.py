@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
@@ -36,6 +35,7 @@ from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import tensorboard
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.optimizer import ema_update, make_optimizer
+from nativetok_jax.training.progress import ReportProgress
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
 
@@ -138,7 +138,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> dict[str
                       out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = HeldOutLikelihood(graphdef, g, eval_tokens, mesh, rules)
     writer = tensorboard.create_writer(workdir, just_logging=not is_main)
-    progress = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_steps=train.log_every)
+    progress = ReportProgress(num_train_steps=train.num_steps, writer=writer, every_steps=train.log_every)
     preemption = Preemption()
     summary: dict[str, Any] = {}
     last_saved = latest
@@ -224,7 +224,7 @@ class HeldOutLikelihood:
 
 def _evaluate(evaluate: HeldOutLikelihood, state: dict[str, Any], tokenizer: Tokenizer, graphdef: nnx.GraphDef,
               config: ml_collections.ConfigDict, num_classes: int, step: int, workdir: str,
-              writer: metric_writers.MetricWriter) -> dict[str, Any]:
+              writer: tensorboard.MetricWriter) -> dict[str, Any]:
     """Held-out NLL, and a PNG grid of samples (one row per class, cycling) decoded by the tokenizer."""
     params = state["ema"] if state["ema"] else state["params"]
     result = evaluate(params)

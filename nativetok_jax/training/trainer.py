@@ -17,7 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
@@ -34,6 +33,7 @@ from nativetok_jax.training.codebook import batches_needed, fit_codebook
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.optimizer import make_optimizer
+from nativetok_jax.training.progress import ReportProgress
 from nativetok_jax.training.state import init_state, state_shardings
 from nativetok_jax.training.step import label_sharding, make_train_step
 
@@ -148,7 +148,7 @@ def _train_stage(
     # Shares the arrays, no host copy.
     evaluator = Tokenizer.from_params(config, state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
     writer = tensorboard.create_writer(stage_dir, just_logging=not is_main)
-    progress = periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer,
+    progress = ReportProgress(num_train_steps=stage.num_steps, writer=writer,
                                                every_steps=train.log_every)
     preemption = Preemption()
     last_saved = latest
@@ -219,7 +219,7 @@ def _evaluate(
     config: ml_collections.ConfigDict,
     step: int,
     stage_dir: str,
-    writer: metric_writers.MetricWriter,
+    writer: tensorboard.MetricWriter,
 ) -> dict[str, float]:
     """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines."""
     weights = state["ema"] if state["ema"] else state["params"]

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from nativetok_jax.config import base_config, generator_config
+from nativetok_jax.config import config_from_dict
 
 CONFIG_FILE = "config.json"
 # orbax splits the writing of a replicated array across its replicas, which costs one small XLA
@@ -107,18 +107,7 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory!r}: not a training run's directory")
     with open(path) as f:
         stored = json.load(f)
-    # Runs written before a field existed get its default, so old workdirs keep loading.
-    defaults = generator_config() if stored.get("task") == "generator" else base_config()
-    return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
-
-
-def _fill_defaults(stored: Any, defaults: Any) -> Any:
-    if not isinstance(stored, dict) or not isinstance(defaults, dict):
-        return stored
-    merged = {key: _fill_defaults(value, defaults.get(key)) for key, value in stored.items()}
-    for key, value in defaults.items():
-        merged.setdefault(key, value)
-    return merged
+    return config_from_dict(stored)  # runs written before a field existed get its default
 
 
 def final_stage_directory(path: str) -> str:

@@ -17,7 +17,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -42,28 +41,14 @@ def define_flags() -> None:
 
 def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
     """Writes the samples into ``out``; returns them as uint8 ``[N, H, W, 3]``."""
-    from nativetok_jax import checkpoints, sharding
-    from nativetok_jax.generation.generate import generate_ids
-    from nativetok_jax.layers.partitioning import axis_rules
-    from nativetok_jax.models.generators import build_generator
-    from nativetok_jax.tokenizer import Tokenizer
+    from nativetok_jax.generation.pretrained import TrainedGenerator
 
-    config = checkpoints.read_config(workdir)
-    g = config.generator
-    settings = g.sample
+    generator = TrainedGenerator.from_checkpoint(workdir, use_ema=overrides.get("use_ema", True))
+    tokenizer, num_classes = generator.tokenizer, generator.num_classes
+    settings = generator.config.generator.sample
     for name in ("temperature", "top_k", "top_p", "guidance_scale", "num_steps", "seed", "num_samples"):
         if overrides.get(name) is not None:
             settings[name] = overrides[name]
-    params, step = checkpoints.load_params(workdir, use_ema=overrides.get("use_ema", True))
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_of(config)
-    tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
-    num_classes = int(params["class_embedding"].shape[0]) - 1
-    abstract = nnx.eval_shape(lambda: build_generator(
-        g, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens, num_classes=num_classes,
-        rngs=nnx.Rngs(0), dtype=config.model.dtype))
-    graphdef, _ = nnx.split(abstract)
-    params = jax.device_put(params, sharding.param_shardings(abstract, mesh, rules))
     wanted = overrides.get("labels")
     if wanted:
         labels = np.resize(np.asarray(wanted, np.int32), settings.num_samples)
@@ -73,13 +58,11 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     batch_size = overrides.get("batch_size") or 64
     ids = []
-    with jax.set_mesh(mesh), axis_rules(rules):
-        for start in range(0, len(labels), batch_size):
-            chunk = labels[start : start + batch_size]
-            padded = np.resize(chunk, batch_size) if len(labels) > batch_size else chunk
-            key = jax.random.fold_in(jax.random.key(settings.seed), start)
-            ids.append(np.asarray(generate_ids(g.kind, (graphdef, params), padded, key, tokenizer.num_tokens,
-                                               settings))[: len(chunk)])
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start : start + batch_size]
+        padded = np.resize(chunk, batch_size) if len(labels) > batch_size else chunk
+        key = jax.random.fold_in(jax.random.key(settings.seed), start)
+        ids.append(np.asarray(generator.sample_ids(padded, key, settings))[: len(chunk)])
     ids = np.concatenate(ids)
     images = np.concatenate([np.asarray(tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
     if jax.process_index() == 0:
@@ -92,7 +75,7 @@ def sample_images(workdir: str, out: str, **overrides) -> np.ndarray:
         columns = int(np.ceil(np.sqrt(len(images))))
         save_grid(os.path.join(out, "grid.png"), [images[i : i + columns] for i in range(0, len(images), columns)],
                   upscale=max(1, 96 // tokenizer.image_size))
-    logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, step, out)
+    logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, generator.step, out)
     return images
 
 

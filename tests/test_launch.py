@@ -126,3 +126,98 @@ def test_manual_nodes_pass_the_coordinator_and_rank(probe):
     given = json.loads(result.stdout)
     assert (given["coordinator"], given["num_processes"], given["process_id"]) == ("10.0.0.1:12345", 2, 1)
     assert given["local_device_ids"] == list(range(8))  # all of the node's GPUs, not SLURM_LOCALID's
+
+
+# Stands in for gcloud: records every call (one JSON list per line) and plays a slice of four
+# workers. Training on worker $FAIL_WORKER fails after a second; the others train until stopped,
+# or finish at once with FINISH=1.
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+printf '%s\n' "$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@")" >> "$CALLS"
+worker=""; command=""
+for arg in "$@"; do
+  case "$arg" in --worker=*) worker="${arg#--worker=}" ;; --command=*) command="${arg#--command=}" ;; esac
+done
+case "$4" in
+  describe) echo "10.0.0.1;10.0.0.2;10.0.0.3;10.0.0.4" ;;
+  ssh)
+    if [ "$worker" = all ]; then exit 0; fi
+    echo "worker $worker: starting"
+    if [ "$worker" = "${FAIL_WORKER:-}" ]; then sleep 1; echo "worker $worker: RuntimeError: out of memory"; exit 7; fi
+    if [ -n "${FINISH:-}" ]; then echo "worker $worker: done"; exit 0; fi
+    echo $$ > "$CALLS.worker-$worker.pid"
+    exec sleep 120 ;;
+esac
+exit 0
+'''
+
+
+@pytest.fixture
+def gcloud(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "gcloud", FAKE_GCLOUD)
+    return dict(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls.jsonl"))
+
+
+def run_tpu_pod(gcloud, tmp_path, *args, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    result = subprocess.run(["bash", TPU_POD, *args], env=clean_env(**gcloud, LOG_DIR=str(tmp_path / "logs"), **env),
+                            capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    calls = []
+    if os.path.exists(gcloud["CALLS"]):
+        with open(gcloud["CALLS"]) as f:
+            calls = [json.loads(line) for line in f]
+    return result, calls
+
+
+def option(call: list[str], name: str) -> str:
+    return next(arg.split("=", 1)[1] for arg in call if arg.startswith(f"--{name}="))
+
+
+def test_tpu_pod_train_runs_every_worker_with_its_own_log_after_freeing_the_tpu(gcloud, tmp_path):
+    result, calls = run_tpu_pod(gcloud, tmp_path, "train", "--config.train.batch_size=512",
+                                WORKDIR="gs://bucket/nt32", FINISH="1")
+    assert result.returncode == 0, result.stderr
+    ssh = [c for c in calls if c[3] == "ssh"]
+    assert sorted(option(c, "worker") for c in ssh) == ["0", "1", "2", "3"]  # from `describe`
+    command = option(ssh[0], "command")
+    assert command.index("sudo rm -f /tmp/libtpu_lockfile") < command.index("nativetok_jax.main")
+    assert "sudo lsof -t /dev/accel*" in command
+    assert (".venv/bin/python -m nativetok_jax.main --multihost --config=configs/nativetok.py:32 "
+            "--workdir=gs://bucket/nt32 --config.train.batch_size=512") in command
+    for worker in range(4):
+        with open(tmp_path / "logs" / f"worker-{worker}.log") as f:
+            assert f.read() == f"worker {worker}: starting\nworker {worker}: done\n"
+
+
+def test_tpu_pod_stops_every_worker_when_one_fails(gcloud, tmp_path):
+    start = time.monotonic()
+    result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="gs://bucket/nt32", FAIL_WORKER="2")
+    assert result.returncode == 1
+    assert time.monotonic() - start < 60  # the others train "forever" (120 s) unless stopped
+    assert "error: worker 2 failed (exit 7); stopping the other workers" in result.stderr
+    assert "worker 2: RuntimeError: out of memory" in result.stderr  # the failed worker's log tail
+    stop = [c for c in calls if c[3] == "ssh" and option(c, "worker") == "all"]
+    assert len(stop) == 1 and "sudo rm -f /tmp/libtpu_lockfile" in option(stop[0], "command")
+    with open(tmp_path / "logs" / "worker-2.log") as f:
+        assert "out of memory" in f.read()
+    for worker in (0, 1, 3):  # their ssh sessions were ended, not left running
+        with open(f"{gcloud['CALLS']}.worker-{worker}.pid") as f:
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(f.read()), 0)
+
+
+def test_tpu_pod_train_refuses_a_workdir_the_workers_do_not_share(gcloud, tmp_path):
+    result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="/home/me/run")
+    assert result.returncode == 2 and calls == []
+    assert result.stderr.strip() == "error: WORKDIR must be a gs:// path that all workers share (got '/home/me/run')"
+
+
+def test_tpu_pod_setup_installs_the_tested_versions_into_a_venv(gcloud, tmp_path):
+    result, calls = run_tpu_pod(gcloud, tmp_path, "setup", NUM_WORKERS="4")
+    assert result.returncode == 0, result.stderr
+    scp, ssh = calls
+    assert scp[3] == "scp" and option(scp, "worker") == "all" and scp[4].endswith("nativetok_jax.tar.gz")
+    command = option(ssh, "command")
+    assert "python3 -m venv .venv" in command
+    assert ".venv/bin/pip install -q -e '.[tpu,gcs]' -c requirements.txt" in command
+    assert "python3 -m pip" not in command  # the image's system Python is left alone

@@ -180,3 +180,33 @@ def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert json.loads(lines[-2]) == [[0, [6, 5, 3], 0], [40, [6, 5, 3], 1], [80, [6, 5, 3], 0]]
     assert lines[-1] == "False"
+
+
+def test_progress_reports_rate_and_eta_every_few_steps_and_at_the_end(monkeypatch, caplog):
+    from nativetok_jax.training import progress as progress_module
+
+    clock = iter([100.0, 101.0, 102.0, 103.0, 104.0, 104.5, 106.0, 106.5, 108.0, 110.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+
+    class Recorder:
+        def __init__(self):
+            self.scalars = []
+
+        def write_scalars(self, step, scalars):
+            self.scalars.append((step, scalars))
+
+    writer = Recorder()
+    report = progress_module.ReportProgress(num_train_steps=5, writer=writer, every_steps=2)  # t=100 start
+    with caplog.at_level("INFO"):
+        report(1)  # t=101: the reference point (compilation is behind it)
+        report(2)  # t=102: 1 step in 1 s
+        with report.timed("eval"):  # 103 -> 104
+            pass
+        report(3)  # t=104.5: not a multiple of 2
+        report(4)  # t=106: 2 steps in 4 s
+        report(5)  # t=106.5: the last step, 1 step in 0.5 s
+    assert [(step, round(s["steps_per_sec"], 3), s["uptime"]) for step, s in writer.scalars] == [
+        (2, 1.0, 2.0), (4, 0.5, 6.0), (5, 2.0, 6.5)]
+    assert "step 2/5 (40.0%), 1 steps/s, ETA 3s" in caplog.text
+    assert "step 4/5 (80.0%), 0.5 steps/s, ETA 2s (6s: 16.7% eval)" in caplog.text
+    assert progress_module.format_seconds(4321) == "1h12m" and progress_module.format_seconds(429) == "7m09s"

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -55,34 +54,26 @@ def save_pretrained(directory: str, *, kind: str, config: ml_collections.ConfigD
     process must call it. Each file is written to a temporary name and renamed, so a crash never
     leaves a half-written model under the final name.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     arrays = host_arrays(params)
     if jax.process_index() != 0:
         return
-    os.makedirs(directory, exist_ok=True)
+    root = epath.Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **meta,
               "config": json.loads(config.to_json_best_effort())}
-    _atomic_write(directory, WEIGHTS_FILE, lambda path: save_file(arrays, path, metadata={"format": FORMAT, "kind": kind}))
-    _atomic_write(directory, CONFIG_FILE, lambda path: _write_json(path, header))
+    _atomic_write(root / WEIGHTS_FILE, save(arrays, metadata={"format": FORMAT, "kind": kind}))
+    _atomic_write(root / CONFIG_FILE, json.dumps(header, indent=2, sort_keys=True).encode())
 
 
-def _write_json(path: str, value: Mapping[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-
-
-def _atomic_write(directory: str, name: str, write: Any) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _atomic_write(path: epath.Path, data: bytes) -> None:
+    """A temporary file beside ``path``, renamed over it: readers never see half a file."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def load_pretrained(directory: str, *, kind: str) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
@@ -94,13 +85,13 @@ def load_pretrained(directory: str, *, kind: str) -> tuple[ml_collections.Config
     """
     from nativetok_jax.pretrained.files import read_safetensors
 
-    config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    root = epath.Path(directory)
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     for path in (config_path, weights_path):
-        if not os.path.isfile(path):
+        if not path.exists():
             raise WeightsError(f"{path} not found: {directory!r} is not an exported model (save_pretrained)")
     try:
-        with open(config_path) as f:
-            header = json.load(f)
+        header = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise WeightsError(f"{config_path} is not readable JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or "config" not in header:
@@ -111,7 +102,13 @@ def load_pretrained(directory: str, *, kind: str) -> tuple[ml_collections.Config
     if header.get("kind") != kind:
         raise WeightsError(f"{config_path} holds a {header.get('kind')!r}, expected a {kind!r}")
     config = config_from_dict(header.pop("config"))
-    params = traverse_util.unflatten_dict(read_safetensors(weights_path), sep="/")
+    if "://" in str(weights_path):  # gs:// and the like: the safetensors library reads local files
+        with tempfile.TemporaryDirectory() as local:
+            weights_path.copy(os.path.join(local, WEIGHTS_FILE))
+            arrays = read_safetensors(os.path.join(local, WEIGHTS_FILE))
+    else:
+        arrays = read_safetensors(os.fspath(weights_path))
+    params = traverse_util.unflatten_dict(arrays, sep="/")
     return config, params, header
 
 

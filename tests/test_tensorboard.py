@@ -56,8 +56,7 @@ def test_without_tensorflow_the_writer_writes_events_tensorboard_reads(tmp_path)
     result = run_without_tensorflow(f"""
         import numpy as np
         from absl import logging
-        import conftest
-from nativetok_jax.training import tensorboard
+        from nativetok_jax.training import tensorboard
         logging.set_verbosity(logging.INFO)
         try:
             import clu.metric_writers

@@ -48,8 +48,8 @@ class EventFileWriter:
 
     Scalars are logged (``[step] name=value, ...``, as clu's ``LoggingWriter``) and written as
     TensorBoard scalars; images are uint8 or float in [0, 1], ``[H, W, C]`` or ``[N, H, W, C]``
-    (C = 1 or 3); ``logdir=None`` only logs. Writing happens on tensorboardX's background thread;
-    ``flush`` waits until everything is on disk.
+    (C = 1 or 3); ``logdir=None`` only logs. Events are written by tensorboardX's background
+    thread, at the latest every 30 s; ``close`` writes everything still queued.
     """
 
     def __init__(self, logdir: str | os.PathLike[str] | None):

@@ -123,3 +123,17 @@ def test_export_command_on_a_directory_without_a_run_is_one_error_line(tmp_path,
     assert export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no config.json in")
+
+
+def test_export_command_exports_a_trained_run_as_it_loads_from_its_checkpoint(tmp_path, capsys):
+    from test_training import train_config
+
+    from nativetok_jax.training.trainer import train_and_evaluate
+
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+    train_and_evaluate(train_config(num_steps=2, checkpoint_every=2), workdir)
+    assert export.main(["--workdir", workdir, "--out", out]) == 0
+    assert capsys.readouterr().out.strip() == f"exported the tokenizer of {workdir} to {out}"
+    batch = images(4, seed=1)
+    np.testing.assert_array_equal(np.asarray(Tokenizer.from_pretrained(out).encode(batch)),
+                                  np.asarray(Tokenizer.from_checkpoint(workdir).encode(batch)))

@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 
 from nativetok_jax import storage
-from nativetok_jax.config import base_config, generator_config
+from nativetok_jax.config import config_from_dict
 
 CONFIG_FILE = "config.json"
 # orbax splits the writing of a replicated array across its replicas, which costs one small XLA
@@ -112,19 +112,7 @@ def read_config(directory: storage.PathLike) -> ml_collections.ConfigDict:
     path = storage.path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {str(directory)!r}: not a training run's directory")
-    stored = json.loads(path.read_text())
-    # Runs written before a field existed get its default, so old workdirs keep loading.
-    defaults = generator_config() if stored.get("task") == "generator" else base_config()
-    return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
-
-
-def _fill_defaults(stored: Any, defaults: Any) -> Any:
-    if not isinstance(stored, dict) or not isinstance(defaults, dict):
-        return stored
-    merged = {key: _fill_defaults(value, defaults.get(key)) for key, value in stored.items()}
-    for key, value in defaults.items():
-        merged.setdefault(key, value)
-    return merged
+    return config_from_dict(json.loads(path.read_text()))  # runs written before a field existed get its default
 
 
 def final_stage_directory(path: storage.PathLike) -> epath.Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -234,6 +235,22 @@ def generator_config() -> ml_collections.ConfigDict:
     t.num_steps, t.batch_size = 300_000, 256
     t.eval_every, t.checkpoint_every = 5_000, 5_000
     return config
+
+
+def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config stored as JSON (a run's ``config.json``, an exported model's), with the default
+    of every field added since it was written, so older runs and exports keep loading."""
+    defaults = generator_config() if stored.get("task") == "generator" else base_config()
+    return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
+
+
+def _fill_defaults(stored: Any, defaults: Any) -> Any:
+    if not isinstance(stored, dict) or not isinstance(defaults, dict):
+        return stored
+    merged = {key: _fill_defaults(value, defaults.get(key)) for key, value in stored.items()}
+    for key, value in defaults.items():
+        merged.setdefault(key, value)
+    return merged
 
 
 def validate_generator(config: ml_collections.ConfigDict) -> None:

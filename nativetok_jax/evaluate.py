@@ -108,8 +108,25 @@ PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit
                  "square kept, uint8")
 
 
+# Below this many images the 2048-d pool3 covariance is rank-deficient and FID is strongly
+# biased upward (Chong & Forsyth 2020); published FIDs use 10,000 to 50,000 images.
+FID_MIN_IMAGES = 2048
+
+
 class EvaluationError(ValueError):
     """A flag or input the evaluation cannot use; the message names it."""
+
+
+def inception_caveats(num_images: int, protocol: dict[str, Any]) -> None:
+    """Records the Inception Score's splits (how many, images in each) in ``protocol``; warns (log
+    and ``protocol["warnings"]``) when ``num_images`` is below :data:`FID_MIN_IMAGES`."""
+    splits = inception_score_splits(num_images)
+    protocol.update(inception_score_splits=splits, inception_score_split_size=num_images // splits)
+    if num_images < FID_MIN_IMAGES:
+        warning = (f"FID on {num_images} images (fewer than {FID_MIN_IMAGES:,}, the pool3 feature size) is biased "
+                   f"upward and not comparable to published values, which use 10,000-50,000 images")
+        protocol.setdefault("warnings", []).append(warning)
+        logging.warning("%s", warning)
 
 
 def open_source(spec: str, tfds_data_dir: str | None) -> Any:
@@ -295,7 +312,7 @@ def run_evaluation(
         raise EvaluationError(f"--data {data}: {str(error).strip().splitlines()[0]} "
                               f"({skipped.count} unreadable)") from None
     if inception_path:
-        protocol["inception"]["inception_score_splits"] = inception_score_splits(metrics["num_images"])
+        inception_caveats(metrics["num_images"], protocol["inception"])
     if write_reference:
         fid.save_statistics(reference_stats, *reference, image_size=size)
         logging.info("wrote the reference statistics to %s", reference_stats)
@@ -375,10 +392,9 @@ def run_sample_evaluation(
     statistics, logits, count = inception_statistics(
         image_batches(generated, size, batch_size, None, skipped, exact_size="--samples"), inception,
         features_out=sample_features)
-    splits = inception_score_splits(count)
-    score, score_std = fid.inception_score(logits, splits=splits)
-    protocol.update(num_samples=count, skipped_images=skipped.count, skipped_files=skipped.names,
-                    inception_score_splits=splits)
+    inception_caveats(count, protocol)
+    score, score_std = fid.inception_score(logits, splits=protocol["inception_score_splits"])
+    protocol.update(num_samples=count, skipped_images=skipped.count, skipped_files=skipped.names)
     report = {"gfid": fid.frechet_distance(*statistics, *reference), "inception_score": score,
               "inception_score_std": score_std, "num_samples": count, "protocol": protocol}
     if real_features is not None:
@@ -465,9 +481,12 @@ def main(argv: list[str]) -> None:
                 reference_batch=FLAGS.reference_batch)
         except (EvaluationError, files.WeightsError, ValueError) as error:
             sys.exit(f"error: {str(error).splitlines()[0]}")
+        protocol = report["protocol"]
         extras = "".join(f", {name} {report[name]:.4f}" for name in ("precision", "recall") if name in report)
         print(f"{report['num_samples']} samples: gFID {report['gfid']:.3f}, Inception Score "
-              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f}{extras}; wrote {FLAGS.out}")
+              f"{report['inception_score']:.3f} +- {report['inception_score_std']:.3f} over "
+              f"{protocol['inception_score_splits']} splits of {protocol['inception_score_split_size']}{extras}; "
+              f"wrote {FLAGS.out}")
         return
     if not FLAGS.data:
         sys.exit("error: --data: which images to reconstruct (a folder, tfds:NAME:SPLIT or 'photos')")
@@ -482,6 +501,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     extras = "".join(f", {name} {report[name]:.4g}" for name in ("lpips", "rfid", "inception_score")
                      if name in report)
+    if "inception_score" in report:
+        inception = report["protocol"]["inception"]
+        extras += f" ({inception['inception_score_splits']} splits of {inception['inception_score_split_size']})"
     print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{extras}, "
           f"codebook usage {report['codebook_usage']:.3f}, perplexity {report['perplexity']:.1f}; "
           f"wrote {FLAGS.out}")

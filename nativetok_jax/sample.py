@@ -20,7 +20,6 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
 
@@ -70,12 +69,9 @@ def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str,
 
 def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **overrides) -> np.ndarray:
     """Writes the samples into ``out`` (local or a URL); returns them as uint8 ``[N, H, W, 3]``."""
-    from nativetok_jax import checkpoints, sharding
+    from nativetok_jax import checkpoints
     from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
-    from nativetok_jax.generation.generate import generate_ids
-    from nativetok_jax.layers.partitioning import axis_rules
-    from nativetok_jax.models.generators import build_generator
-    from nativetok_jax.tokenizer import Tokenizer
+    from nativetok_jax.generation.pretrained import TrainedGenerator
     from nativetok_jax.workdir import check_loadable
 
     config = checkpoints.read_config(workdir)
@@ -87,16 +83,8 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
         raise ConfigError(f"--batch_size: must be a positive integer, got {batch_size}")
     check_loadable(g.tokenizer)
     check_loadable(workdir)
-    params, step = checkpoints.load_params(workdir, use_ema=overrides.get("use_ema", True))
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_of(config)
-    tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
-    num_classes = int(params["class_embedding"].shape[0]) - 1
-    abstract = nnx.eval_shape(lambda: build_generator(
-        g, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens, num_classes=num_classes,
-        rngs=nnx.Rngs(0), dtype=g.dtype))
-    graphdef, _ = nnx.split(abstract)
-    params = jax.device_put(params, sharding.param_shardings(abstract, mesh, rules))
+    generator = TrainedGenerator.from_checkpoint(workdir, use_ema=overrides.get("use_ema", True))
+    tokenizer, num_classes = generator.tokenizer, generator.num_classes
     wanted = overrides.get("labels")
     if wanted:
         labels = np.resize(np.asarray(wanted, np.int32), settings.num_samples)
@@ -105,13 +93,11 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     ids = []
-    with jax.set_mesh(mesh), axis_rules(rules):
-        for start in range(0, len(labels), batch_size):
-            chunk = labels[start : start + batch_size]
-            padded = np.resize(chunk, batch_size) if len(labels) > batch_size else chunk
-            key = jax.random.fold_in(jax.random.key(settings.seed), start)
-            ids.append(np.asarray(generate_ids(g.kind, (graphdef, params), padded, key, tokenizer.num_tokens,
-                                               settings))[: len(chunk)])
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start : start + batch_size]
+        padded = np.resize(chunk, batch_size) if len(labels) > batch_size else chunk
+        key = jax.random.fold_in(jax.random.key(settings.seed), start)
+        ids.append(np.asarray(generator.sample_ids(padded, key, settings))[: len(chunk)])
     ids = np.concatenate(ids)
     images = np.concatenate([np.asarray(tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
     if jax.process_index() == 0:
@@ -125,7 +111,7 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
         columns = int(np.ceil(np.sqrt(len(images))))
         save_grid(directory / "grid.png", [images[i : i + columns] for i in range(0, len(images), columns)],
                   upscale=max(1, 96 // tokenizer.image_size))
-    logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, step, out)
+    logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, generator.step, out)
     return images
 
 

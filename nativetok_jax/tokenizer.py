@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.models import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
+from nativetok_jax.pretrained import export
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
 
 # Maps proxy-code logits [B, h, w, K] to images [B, H, W, 3] in [-1, 1]: an NNX module such as
@@ -154,6 +156,31 @@ class Tokenizer:
         if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
             proxy_decoder = load_proxy_decoder(config)
         return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        proxy_decoder: ProxyDecoder | None = None,
+    ) -> Tokenizer:
+        """The tokenizer that :meth:`save_pretrained` wrote to ``directory`` (``config.json`` and
+        ``model.safetensors``; no orbax checkpoint, no run directory). A proxy-code model loads
+        its VQGAN from the file its config names, unless one is given. Raises ``WeightsError``
+        (one line) for a missing or foreign file and ``ValueError`` for parameters that do not fit."""
+        config, params, _ = export.load_pretrained(directory, kind="tokenizer")
+        if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
+            proxy_decoder = load_proxy_decoder(config)
+        return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes ``directory/config.json`` (this tokenizer's config) and ``model.safetensors``
+        (its parameters, float32, named ``mit/...``, ``experts/...``): what :meth:`from_pretrained`
+        and any safetensors reader load. On several hosts every process calls it; process 0 writes."""
+        export.save_pretrained(directory, kind="tokenizer", config=self.config, params=self._params,
+                               image_size=self.image_size, num_tokens=self.num_tokens,
+                               codebook_size=self.codebook_size)
 
     # ----------------------------------------------------------------------------- properties
 

@@ -192,3 +192,14 @@ def test_tfds_dataset_is_read_as_a_random_access_source(tmp_path):
     batch = next(train_iterator(data, train, image_size=8, batch_size=4, seed=0))
     assert batch["image"].shape == (4, 8, 8, 3)
     assert eval_images(data, held_out, image_size=8, num_images=2).shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("num_threads", [1, 4, 16])
+def test_the_training_pipeline_keeps_every_reading_thread_busy_without_a_grain_warning(tmp_path, caplog, num_threads):
+    write_images(tmp_path, [f"ok{i}.png" for i in range(4)])
+    data = data_config()
+    data.num_threads = num_threads  # the default is 4
+    with caplog.at_level("WARNING"):
+        iterator = train_iterator(data, FolderSource.scan(str(tmp_path)), image_size=8, batch_size=2, seed=0)
+        next(iterator)
+    assert "prefetch_buffer_size" not in caplog.text

@@ -149,6 +149,9 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
     assert protocol["inception"]["weights"]["source"] == "random (tests)"
     assert protocol["lpips"]["weights"]["file"] == os.path.abspath(lpips)
     assert protocol["inception"]["reference_stats"]["action"] == "written"
+    assert (protocol["inception"]["inception_score_splits"], protocol["inception"]["inception_score_split_size"]) == (4, 1)
+    assert protocol["inception"]["warnings"][0].startswith("FID on 4 images (fewer than 2,048")
+    assert "FID on 4 images" in caplog.text
     with Image.open(str(tmp_path / "eval.png")) as plot:
         plot.verify()
         assert plot.format == "PNG" and min(plot.size) > 100
@@ -234,6 +237,7 @@ def test_generated_samples_get_gfid_and_inception_score(weights, tmp_path):
     with open(out) as f:
         report = json.load(f)
     assert report["num_samples"] == 4 and report["protocol"]["reference_stats"]["action"] == "written"
+    assert report["protocol"]["inception_score_split_size"] == 1 and "FID on 4 images" in report["protocol"]["warnings"][0]
     assert np.isfinite(report["gfid"]) and report["gfid"] > 0 and report["inception_score"] >= 1.0 - 1e-6
     assert run_entry_point(*common) == 0  # the statistics are read back: no --data needed now
     with open(out) as f:
@@ -329,3 +333,12 @@ def test_training_and_evaluate_report_the_per_image_mean_psnr(workdir, tmp_path)
     assert run_entry_point("--workdir", workdir, "--data", str(folder), "--out", out, "--noprefix") == 0
     with open(out) as f:
         assert json.load(f)["psnr"] == pytest.approx(per_image, abs=1e-3)
+
+
+@pytest.mark.parametrize("num_images, splits, split_size, warns", [
+    (4, 4, 1, True), (2047, 10, 204, True), (2048, 10, 204, False), (50_000, 10, 5_000, False)])
+def test_inception_protocol_names_the_split_size_and_warns_below_2048_images(num_images, splits, split_size, warns):
+    protocol = {}
+    evaluate.inception_caveats(num_images, protocol)
+    assert (protocol["inception_score_splits"], protocol["inception_score_split_size"]) == (splits, split_size)
+    assert ("warnings" in protocol) == warns

@@ -206,3 +206,30 @@ def test_bad_files_give_one_line_errors(reference, tmp_path):
 def test_rejects_mismatched_inputs(flax_model):
     with pytest.raises(ValueError, match="NHWC RGB"):
         flax_model(np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 8, 8, 4), np.float32))
+
+
+def test_convert_on_a_truncated_safetensors_file_prints_one_error_line(reference, tmp_path, capsys):
+    from nativetok_jax import convert
+
+    _, full_state, paths = reference
+    whole = str(tmp_path / "lpips.safetensors")
+    _write_safetensors(whole, full_state)
+    data = open(whole, "rb").read()
+    truncated = str(tmp_path / "truncated.safetensors")
+    with open(truncated, "wb") as f:
+        f.write(data[: len(data) // 2])  # an interrupted download
+    assert convert.main(["lpips", truncated, "--out", str(tmp_path / "out.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {truncated} is not a readable safetensors file: ")
+    assert "incomplete metadata" in err  # the safetensors library's reason
+
+
+def test_safetensors_bfloat16_tensors_are_read_as_exact_float32(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    values = np.array([[1.0, -2.5, 3.140625], [0.0, 1e-3, 65280.0]], dtype=ml_dtypes.bfloat16)
+    save_file({"w": values, "step": np.array([7], np.int64)}, str(tmp_path / "w.safetensors"))
+    read = files.read_state_dict(str(tmp_path / "w.safetensors"))
+    assert read["w"].dtype == np.float32 and read["step"].dtype == np.int64
+    np.testing.assert_array_equal(read["w"], values.astype(np.float32))

@@ -129,7 +129,8 @@ def train_iterator(
     if len(dataset) == 0:
         raise ValueError(f"process {process_index} of {process_count} has no training images")
     dataset = dataset.seed(seed).shuffle().repeat().random_map(_Augment(data, image_size, skipped or SkippedImages()))
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, data.num_threads), prefetch_buffer_size=2))
+    threads = max(1, data.num_threads)  # a buffer smaller than the thread count idles threads (grain warns)
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads)))
     iterable = iterable.batch(batch_size, drop_remainder=True)
     if data.worker_count > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))

@@ -4,15 +4,14 @@ The project's format is a plain ``.npz`` whose keys are '/'-joined NNX state pat
 (``features/0/kernel``) and whose ``__meta__`` entry is a JSON header (``kind``, ``source``,
 ``format_version``, anything else the converter records). It is read with
 ``allow_pickle=False``, so loading a file can never run code. Foreign files are read the same
-way: PyTorch files only through ``torch.load(weights_only=True)``, safetensors and Flax msgpack
-by their own (pickle-free) parsers.
+way: PyTorch files only through ``torch.load(weights_only=True)``, safetensors through the
+``safetensors`` library and Flax msgpack through ``flax.serialization`` (both pickle-free).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -107,37 +106,24 @@ def read_state_dict(path: storage.PathLike) -> dict[str, np.ndarray]:
             for k, v in state.items() if hasattr(v, "numpy")}
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
 def read_safetensors(path: storage.PathLike) -> dict[str, np.ndarray]:
-    """Parses a safetensors file (8-byte header size, JSON header, raw little-endian data)."""
+    """A ``.safetensors`` file (local or a URL) as numpy arrays, read by the ``safetensors``
+    library (no PyTorch).
+
+    bfloat16 tensors come back as float32 (exact). A truncated or malformed file raises
+    :class:`WeightsError` with the library's reason on one line.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load  # bfloat16 comes back as ml_dtypes.bfloat16
+
     data = _read_bytes(path)
     try:
-        (header_size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_size])
-    except Exception:
-        raise WeightsError(f"{path} is not a safetensors file") from None
-    body = memoryview(data)[8 + header_size :]
-    out: dict[str, np.ndarray] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = entry["dtype"]
-        if dtype == "BF16":
-            start, stop = entry["data_offsets"]
-            raw = np.frombuffer(body[start:stop], dtype=np.uint16).astype(np.uint32) << 16
-            out[name] = raw.view(np.float32).reshape(entry["shape"])
-            continue
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        start, stop = entry["data_offsets"]
-        array = np.frombuffer(body[start:stop], dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
-        out[name] = array.reshape(entry["shape"]).astype(_SAFETENSORS_DTYPES[dtype])
-    return out
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path} is not a readable safetensors file: {reason}") from None
+    return {name: array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+            for name, array in tensors.items()}
 
 
 def read_flax_msgpack(path: storage.PathLike) -> dict[str, Any]:

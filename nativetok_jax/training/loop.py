@@ -11,7 +11,7 @@ place for all of them:
 - runs the one jitted, donated step under the mesh *and* the logical-axis rules;
 - checks that the loss and parameters are finite before every log and every save;
 - logs (``train.log_every``), evaluates (``train.eval_every`` and at the end) and checkpoints
-  (``train.checkpoint_every`` and at the end) on their schedules, with clu's progress report
+  (``train.checkpoint_every`` and at the end) on their schedules, with a progress report
   (steps/s, ETA) and an optional profiler window (``train.profile_steps`` from
   ``train.profile_first_step``);
 - asks at every step whether the run is preempted (``guards.Preemption``: JAX's preemption sync
@@ -48,25 +48,28 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from nativetok_jax import checkpoints
 from nativetok_jax.evaluation.grids import save_grid
+from nativetok_jax.training import tensorboard
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
+from nativetok_jax.training.profiler import ProfileWindow
+from nativetok_jax.training.progress import ReportProgress
 from nativetok_jax.training.state import BuiltState, TrainState
 from nativetok_jax.training.step import Objective, make_train_step
 
 
-def create_writer(workdir: epath.PathLike, is_main: bool) -> metric_writers.MetricWriter:
-    """The run's TensorBoard (and log) writer: the one place a writer is made."""
-    return metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+def create_writer(workdir: epath.PathLike, is_main: bool) -> tensorboard.MetricWriter:
+    """The run's TensorBoard (and log) writer: the one place a writer is made (clu's with
+    TensorFlow installed, tensorboardX's without)."""
+    return tensorboard.create_writer(workdir, just_logging=not is_main)
 
 
 class Outputs:
     """What an evaluation callback writes through: scalars and PNG grids (process 0 writes)."""
 
-    def __init__(self, workdir: epath.Path, writer: metric_writers.MetricWriter):
+    def __init__(self, workdir: epath.Path, writer: tensorboard.MetricWriter):
         self.workdir, self.writer = workdir, writer
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -143,13 +146,11 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
                                  ema_decay=train.ema_decay)
     writer = create_writer(workdir, is_main)
     outputs = Outputs(workdir, writer)
-    progress = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer,
-                                               every_steps=train.log_every)
+    progress = ReportProgress(num_train_steps=train.num_steps, writer=writer, every_steps=train.log_every)
     profile = None
     if train.get("profile_steps", 0) and is_main:
-        profile = periodic_actions.Profile(logdir=str(workdir), num_profile_steps=train.profile_steps,
-                                           profile_duration_ms=None, first_profile=train.get("profile_first_step", 10),
-                                           every_secs=None)
+        profile = ProfileWindow(workdir, num_steps=train.profile_steps,
+                                first_step=train.get("profile_first_step", 10))
     preemption = Preemption()
     last_saved = latest
     metrics: dict[str, Any] = {}
@@ -185,6 +186,8 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
             metrics = task.evaluate(state, step, outputs)
     finally:
         preemption.restore()
+        if profile is not None:
+            profile.close()
         writer.flush()
         store.close()
     return Result(state, step, metrics)

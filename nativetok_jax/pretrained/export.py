@@ -1,0 +1,153 @@
+"""Exported models: a directory with the config as JSON and the parameters as safetensors.
+
+    DIR/config.json        {"format": "nativetok_jax", "format_version": 1, "kind": "tokenizer",
+                            "config": {...the run's resolved config...}, ...}
+    DIR/model.safetensors  every parameter, named by its '/'-joined path ("mit/embed/kernel")
+
+This is what TiTok and Hugging Face users expect of a released model: two plain files that any
+safetensors reader (PyTorch, NumPy, JAX) opens, no orbax checkpoint, no training state, no
+pickle. ``Tokenizer.save_pretrained`` / ``Tokenizer.from_pretrained`` and the generators'
+``Sampler.save_pretrained`` / ``Sampler.from_pretrained`` use it; a generator directory holds its
+tokenizer in ``DIR/tokenizer``. From a training workdir::
+
+    python -m nativetok_jax.pretrained.export --workdir workdirs/demo --out exported/demo
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from nativetok_jax.config import config_from_dict
+from nativetok_jax.pretrained.files import WeightsError
+
+FORMAT = "nativetok_jax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+KINDS = ("tokenizer", "generator")
+
+
+def host_arrays(params: Any) -> dict[str, np.ndarray]:
+    """``{"a/b/c": numpy array}`` of a nested dict of (possibly sharded, multi-host) arrays."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in flat.values()):
+        flat = multihost_utils.process_allgather(flat, tiled=True)
+    return {key: np.ascontiguousarray(jax.device_get(value)) for key, value in flat.items()}
+
+
+def save_pretrained(directory: str, *, kind: str, config: ml_collections.ConfigDict, params: Any,
+                    **meta: Any) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (created; files replaced).
+
+    ``params`` is a nested dict of arrays (sharded ones are gathered); ``meta`` goes into the JSON
+    beside the config (JSON-serialisable values). On several hosts only process 0 writes; every
+    process must call it. Each file is written to a temporary name and renamed, so a crash never
+    leaves a half-written model under the final name.
+    """
+    from safetensors.numpy import save
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    arrays = host_arrays(params)
+    if jax.process_index() != 0:
+        return
+    root = epath.Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **meta,
+              "config": json.loads(config.to_json_best_effort())}
+    _atomic_write(root / WEIGHTS_FILE, save(arrays, metadata={"format": FORMAT, "kind": kind}))
+    _atomic_write(root / CONFIG_FILE, json.dumps(header, indent=2, sort_keys=True).encode())
+
+
+def _atomic_write(path: epath.Path, data: bytes) -> None:
+    """A temporary file beside ``path``, renamed over it: readers never see half a file."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def load_pretrained(directory: str, *, kind: str) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
+    """``(config, params, meta)`` from a directory :func:`save_pretrained` wrote.
+
+    ``params`` is a nested dict of numpy arrays; ``meta`` is the JSON header without the config.
+    Raises :class:`~nativetok_jax.pretrained.files.WeightsError` (one line, naming the file) for a
+    missing or unreadable file, another format, or a model of another ``kind``.
+    """
+    from nativetok_jax.pretrained.files import read_safetensors
+
+    root = epath.Path(directory)
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise WeightsError(f"{path} not found: {directory!r} is not an exported model (save_pretrained)")
+    try:
+        header = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{config_path} is not readable JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or "config" not in header:
+        raise WeightsError(f"{config_path} is not a {FORMAT} export (no 'format': '{FORMAT}' and 'config')")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise WeightsError(f"{config_path} has format_version {header['format_version']}; this version reads "
+                           f"up to {FORMAT_VERSION}: update nativetok_jax")
+    if header.get("kind") != kind:
+        raise WeightsError(f"{config_path} holds a {header.get('kind')!r}, expected a {kind!r}")
+    config = config_from_dict(header.pop("config"))
+    if "://" in str(weights_path):  # gs:// and the like: the safetensors library reads local files
+        with tempfile.TemporaryDirectory() as local:
+            weights_path.copy(os.path.join(local, WEIGHTS_FILE))
+            arrays = read_safetensors(os.path.join(local, WEIGHTS_FILE))
+    else:
+        arrays = read_safetensors(os.fspath(weights_path))
+    params = traverse_util.unflatten_dict(arrays, sep="/")
+    return config, params, header
+
+
+def export_run(workdir: str, out: str, *, use_ema: bool = True) -> str:
+    """Exports the newest checkpoint of a training workdir (tokenizer or generator) to ``out``;
+    returns the kind written."""
+    from nativetok_jax import checkpoints
+
+    config = checkpoints.read_config(checkpoints.final_stage_directory(workdir))
+    if config.get("task") == "generator":
+        from nativetok_jax.generation.pretrained import Sampler
+
+        Sampler.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
+        return "generator"
+    from nativetok_jax.tokenizer import Tokenizer
+
+    Tokenizer.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
+    return "tokenizer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m nativetok_jax.pretrained.export",
+                                     description="Export a training run's newest checkpoint as config.json + "
+                                                 "model.safetensors.")
+    parser.add_argument("--workdir", required=True, help="a tokenizer's or generator's training workdir")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA ones")
+    args = parser.parse_args(argv)
+    try:
+        kind = export_run(args.workdir, args.out, use_ema=not args.no_ema)
+    except (WeightsError, FileNotFoundError, ValueError) as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"exported the {kind} of {args.workdir} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,6 @@ token data and the evaluation.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -24,8 +23,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from nativetok_jax import checkpoints, sharding
+from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_generator
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.data.token_store import TokenSource
@@ -57,7 +57,7 @@ def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     train_source, eval_source = open_sources(data, data.num_eval_images)
     num_classes = g.num_classes or getattr(train_source, "num_classes", 1)
     directory = epath.Path(g.tokens_dir) if g.tokens_dir else epath.Path(workdir) / "tokens"
-    description = dict(tokenizer=os.path.abspath(g.tokenizer), use_ema=g.use_ema, source=data.source,
+    description = dict(tokenizer=str(storage.path(g.tokenizer)), use_ema=g.use_ema, source=data.source,
                        path=data.path or data.tfds_name)
     train = extract_tokens(tokenizer, train_source, directory / "train", data=data,
                            num_examples=g.num_train_examples or len(train_source), num_classes=num_classes,
@@ -162,7 +162,10 @@ class HeldOutLikelihood:
                 pad = self.batch_size - len(ids)
                 ids = np.concatenate([ids, np.zeros((pad,) + ids.shape[1:], ids.dtype)])
                 labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-                nll = np.asarray(self._batch_nll(params, ids, labels, jax.random.key(start)))[: self.batch_size - pad]
+                # The batch spans every process's devices: each process needs all of it.
+                nll = multihost_utils.process_allgather(self._batch_nll(params, ids, labels, jax.random.key(start)),
+                                                        tiled=True)
+                nll = np.asarray(nll)[: self.batch_size - pad]
                 rows.append(nll)
         nll = np.concatenate(rows)
         return dict(nll_per_token=float(nll.mean()), nll_by_position=nll.mean(0).tolist())
@@ -179,7 +182,7 @@ def _evaluate(evaluate: HeldOutLikelihood, state: dict[str, Any], tokenizer: Tok
     with jax.set_mesh(evaluate.mesh), axis_rules(evaluate.rules):
         ids = generate_ids(config.generator.kind, (graphdef, params), labels, jax.random.key(s.seed),
                            tokenizer.num_tokens, s)
-    images = np.asarray(tokenizer.decode(np.asarray(ids)))
+    images = np.asarray(tokenizer.decode(np.asarray(multihost_utils.process_allgather(ids, tiled=True))))
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]
     outputs.grid("samples", step, rows, upscale=max(1, 96 // tokenizer.image_size))

@@ -166,7 +166,7 @@ def torch_step(config: ml_collections.ConfigDict, batch_size: int, device: str, 
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     return step, sum(p.numel() for p in model.parameters())
 

@@ -233,6 +233,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--chunks", type=int, default=None, help="model.experts.chunks (default: the config's)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long size instead of the prototype's")
     parser.add_argument("--torch_device", default="", help="cpu or cuda (default: cuda when JAX runs on a GPU)")
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="PyTorch CPU threads (default: every core, as XLA:CPU uses); on a machine "
+                             "shared with other jobs, PyTorch's spinning OpenMP threads slow down far more "
+                             "than XLA's, so compare there with 1 thread or not at all")
     parser.add_argument("--out", default="bench_results/compare.json")
     args = parser.parse_args(argv)
 
@@ -240,7 +244,7 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     device = args.torch_device or ("cuda" if jax.default_backend() == "gpu" else "cpu")
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # the cores XLA:CPU uses too
+        torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)  # the cores XLA:CPU uses too
     sizes = TINY if args.tiny else PROTOTYPE
     report: dict[str, Any] = dict(
         benchmark="compare", sizes=dict(sizes), batch_size=args.batch_size, device=jax.devices()[0].device_kind,

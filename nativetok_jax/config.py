@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     # The experts run in this many scans, each with a slot buffer of only the slots its experts
     # can see (models/experts.py): fewer masked rows computed, compile time growing with chunks.
     # 4: the expert stack's forward FLOPs at the prototype's sizes fall 13 % (L = 32) and 27 %
-    # (L = 128) against 1 chunk; 8 saves only 2 % and 6 % more for twice the compiled scans.
+    # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
     config.model.experts.chunks = 4
     config.model.quantizer = ml_collections.ConfigDict(
         dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)

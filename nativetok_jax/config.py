@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     # scan=False runs the prototype's unrolled Python loop instead of the scanned stack: same
     # numbers, compile time growing with num_tokens. For tests and benchmarks only.
     config.model.experts.scan = True
+    # The experts run in this many scans, each with a slot buffer of only the slots its experts
+    # can see (models/experts.py): fewer masked rows computed, compile time growing with chunks.
+    # 4: the expert stack's forward FLOPs at the prototype's sizes fall 13 % (L = 32) and 27 %
+    # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
+    config.model.experts.chunks = 4
     config.model.quantizer = ml_collections.ConfigDict(
         dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)
     )
@@ -399,6 +404,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     if model.kind == "nativetok":
         _validate_transformer(model.experts, "model.experts")
         _boolean(model.experts.get("scan"), "model.experts.scan")
+        _positive_int(model.experts.get("chunks"), "model.experts.chunks")
     _positive_int(model.quantizer.get("codebook_size"), "model.quantizer.codebook_size")
     _positive_int(model.quantizer.get("token_dim"), "model.quantizer.token_dim")
     weight = model.quantizer.get("commitment_weight")

@@ -1,12 +1,14 @@
 """The causal expert stack: causality, equality with the unrolled prototype, flat compile size."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from nativetok_jax.models.experts import CausalExperts
+from nativetok_jax.models.experts import CausalExperts, chunk_bounds
 
 WIDTH, CONTEXT, BATCH = 16, 5, 2
 
@@ -58,28 +60,68 @@ def test_token_depends_on_earlier_tokens_and_not_later_ones():
     np.testing.assert_array_equal(token(3, changed), token(3, slots))
 
 
-@pytest.mark.parametrize("num_experts", [1, 5, 32])
-def test_scanned_stack_equals_unrolled_unpadded_reference(num_experts):
+def _outputs_and_gradients(module: CausalExperts, how: str):
+    def run(module, x):
+        return module.reference(x) if how == "reference" else module(x)
+
+    def loss(module, x):
+        tokens, slots = run(module, x)
+        return jnp.sum(jnp.sin(tokens)) + jnp.sum(jnp.cos(slots))
+
+    return jax.jit(run)(module, x_latent()), jax.jit(jax.grad(loss, argnums=(0, 1)))(module, x_latent())
+
+
+@functools.cache
+def single_scan_and_reference(num_experts: int):
+    """(outputs, gradients) of the single scan and of the unrolled reference, computed once per L."""
     experts = make_experts(num_experts)
+    return _outputs_and_gradients(experts, "single"), _outputs_and_gradients(experts, "reference")
+
+
+@pytest.mark.parametrize("num_experts", [1, 5, 32])
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_chunked_stack_equals_single_scan_and_reference(num_experts, chunks):
+    """Values, slots and gradients (parameters and X_latent) of the chunked stack equal the single
+    scan's and the unrolled unpadded loop's; L = 5 gives uneven chunks ([0, 3, 5] and [0, 2, 3, 4, 5])."""
+    outputs, grads = _outputs_and_gradients(make_experts(num_experts, chunks=chunks), "chunked")
+    for other_outputs, other_grads in single_scan_and_reference(num_experts):
+        for a, b in zip(outputs, other_outputs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_bounds_are_even_and_clamped():
+    assert chunk_bounds(32, 4) == [0, 8, 16, 24, 32]
+    assert chunk_bounds(5, 2) == [0, 3, 5]
+    assert chunk_bounds(5, 4) == [0, 2, 3, 4, 5]
+    assert chunk_bounds(1, 4) == [0, 1]
+    with pytest.raises(ValueError, match="chunks"):
+        chunk_bounds(4, 0)
+
+
+@pytest.mark.parametrize("frozen", [2, 3, 5])
+def test_chunked_ranges_across_chunk_bounds_equal_one_pass(frozen):
+    """Hierarchical training runs [0, frozen) then [frozen, L); a split inside a chunk or on its
+    boundary gives the one-pass tokens and slots, and frozen experts still pass X_latent's gradient."""
+    experts = make_experts(8, chunks=3)
     x = x_latent()
-    scanned, scanned_slots = jax.jit(lambda m, x: m(x))(experts, x)
-    reference, reference_slots = jax.jit(lambda m, x: m.reference(x))(experts, x)
-    assert scanned.shape == (BATCH, num_experts, WIDTH)
-    np.testing.assert_allclose(scanned, reference, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(scanned_slots, reference_slots, rtol=1e-5, atol=1e-5)
+    full, full_slots = experts(x)
+    first, slots = experts(x, stop=frozen, frozen=True)
+    second, slots = experts(x, start=frozen, slots=slots)
+    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(slots, full_slots, rtol=1e-6, atol=1e-6)
 
+    def loss(module, x):
+        head, slots = module(x, stop=frozen, frozen=True)
+        tail, _ = module(x, start=frozen, slots=slots)
+        return jnp.sum(jnp.sin(head)) + jnp.sum(jnp.sin(tail))
 
-def test_scanned_gradients_equal_reference_gradients():
-    experts = make_experts(5)
-    x = x_latent()
-
-    def loss(module, x, unrolled):
-        tokens = module.reference(x)[0] if unrolled else module(x)[0]
-        return jnp.sum(jnp.sin(tokens))
-
-    grads = [jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(experts, x, u) for u in (False, True)]
-    for scanned, reference in zip(*(jax.tree.leaves(g) for g in grads)):
-        np.testing.assert_allclose(scanned, reference, rtol=1e-4, atol=1e-5)
+    module_grad, x_grad = jax.grad(loss, argnums=(0, 1))(experts, x)
+    for leaf in jax.tree.leaves(nnx.state(module_grad)):
+        np.testing.assert_array_equal(leaf[:frozen], 0.0)
+        assert np.abs(leaf[frozen:]).max() > 0
+    assert np.abs(x_grad).max() > 0
 
 
 def test_split_range_with_slots_equals_one_pass():
@@ -126,9 +168,11 @@ def test_compiled_program_size_does_not_grow_with_token_count():
                         total += count(inner)
         return total
 
-    def equations(num_experts: int, scan: bool) -> int:
-        experts = make_experts(num_experts, scan=scan)
+    def equations(num_experts: int, scan: bool, chunks: int = 1) -> int:
+        experts = make_experts(num_experts, scan=scan, chunks=chunks)
         return count(jax.make_jaxpr(jax.grad(lambda m, x: jnp.sum(m(x)[0])))(experts, x_latent()).jaxpr)
 
     assert equations(32, scan=True) == equations(4, scan=True)
+    assert equations(64, scan=True, chunks=4) == equations(8, scan=True, chunks=4)
+    assert equations(8, scan=True, chunks=4) > equations(8, scan=True, chunks=2)  # grows with chunks
     assert equations(8, scan=False) > 1.8 * equations(4, scan=False)

@@ -106,6 +106,21 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, steps: int, froz
                 optimizer_state_mb=opt_bytes / 2**20)
 
 
+def largest_batch(config: ml_collections.ConfigDict, batch_size: int) -> int:
+    """The largest ``batch_size * 2**k`` whose step compiles and runs (XLA reports running out of
+    device memory as RESOURCE_EXHAUSTED); ``batch_size`` itself must fit."""
+    while True:
+        try:
+            measure(config, 2 * batch_size, steps=1, count_flops=False)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors end the search
+            if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+                raise
+            print(f"batch {2 * batch_size} does not fit: {str(error).splitlines()[0][:120]}", flush=True)
+            return batch_size
+        batch_size *= 2
+        print(f"batch {batch_size} fits", flush=True)
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench train", description=__doc__)
     parser.add_argument("--configs", default="configs/demo.py,configs/nativetok_base.py",
@@ -114,6 +129,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--growth_config", default="configs/demo.py", help="config for the growth-stage timing")
     parser.add_argument("--growth_tokens", default="32,64", help="old,new token counts of the growth stage")
+    parser.add_argument("--dtype", default="", help="override model.dtype of every config (float32, bfloat16)")
+    parser.add_argument("--largest_batch", action="store_true",
+                        help="double each config's batch size while the step still fits in memory, and "
+                             "report the largest (the first config's growth stage uses the given batch)")
+    parser.add_argument("--no_growth", action="store_true", help="skip the growth-stage timing")
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
 
@@ -128,7 +148,13 @@ def run(argv: list[str]) -> dict[str, Any]:
     print(f"{'config':>32} {'batch':>6} {'step ms':>9} {'img/s':>8} {'GFLOP/step':>11} {'MFU':>6} {'peak MB':>8} "
           f"{'opt MB':>7}")
     for spec, batch_size in zip(args.configs.split(","), (int(b) for b in args.batch_sizes.split(","))):
-        row = dict(config=spec, batch_size=batch_size, **measure(load_config_file(spec), batch_size, args.steps))
+        config = load_config_file(spec)
+        if args.dtype:
+            config.model.dtype = args.dtype
+        if args.largest_batch:
+            batch_size = largest_batch(config, batch_size)
+        row = dict(config=spec, dtype=config.model.dtype, batch_size=batch_size,
+                   **measure(config, batch_size, args.steps))
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
         report["rows"].append(row)
         memory = "n/a" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
@@ -136,6 +162,9 @@ def run(argv: list[str]) -> dict[str, Any]:
               f"{row['step_gflops']:>11.2f} {row['mfu']:>6.1%} {memory:>8} {row['optimizer_state_mb']:>7.1f}", flush=True)
         write_json(args.out, report)
 
+    if args.no_growth:
+        print(f"wrote {args.out}")
+        return report
     old, new = (int(t) for t in args.growth_tokens.split(","))
     config = load_config_file(args.growth_config)
     config.model.num_tokens = new

@@ -143,6 +143,7 @@ class NativeTok(Autoencoder):
             remat=x.remat,
             scan=x.scan,
             unroll=model.unroll_scans,
+            chunks=x.chunks,
         )
         self._build_shared(model, x.width, rngs, dtype)
 

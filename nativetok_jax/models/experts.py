@@ -5,11 +5,18 @@ Expert ``i`` (0-based here) is a small transformer that reads
 so token ``i`` depends on the image and the earlier tokens only. There is no gating: expert ``i``
 runs for token ``i`` alone.
 
-The experts' parameters are stacked along a leading ``experts`` axis and applied with one
+The experts' parameters are stacked along a leading ``experts`` axis and applied with
 ``lax.scan``. To give every scan step the same shapes, the earlier tokens live in a fixed buffer
-of ``L`` slots and the attention mask hides the slots not yet written, which is exactly running
+of slots and the attention mask hides the slots not yet written, which is exactly running
 expert ``i`` on the unpadded sequence (:meth:`CausalExperts.reference` does that, in a Python
 loop, for tests and benchmarks). Compile time therefore does not grow with ``L``.
+
+One buffer of all ``L`` slots would make every expert compute over ``L`` slot rows, most of them
+masked (at L = 128 with 65 context rows: 194 rows where the prototype's expert ``i`` has
+``65 + i + 1``). So the experts run in ``chunks`` consecutive groups, one scan each, whose buffer
+holds only the slots that group can see: with 4 chunks of L/4 experts the buffers hold L/4, L/2,
+3L/4 and L slots, and the expected row count falls from ``C + L + 1`` to ``C + 5L/8 + 1``
+(prototype: ``C + L/2 + 1``). Compile time grows with the number of chunks, never with ``L``.
 
 Each expert also owns a ``slot_position`` vector added to its token when it enters the buffer,
 so later experts know which position a prior token came from (full attention is otherwise
@@ -68,8 +75,23 @@ class Expert(nnx.Module):
         return token + self.slot_position[...].astype(token.dtype)
 
 
+def chunk_bounds(num_experts: int, chunks: int) -> list[int]:
+    """Expert indices where the chunks start, plus ``num_experts``: ``chunks`` (at most
+    ``num_experts``) consecutive groups whose sizes differ by at most one, the larger ones first
+    (early chunks have the short buffers, so that is where extra experts cost least).
+
+    >>> chunk_bounds(5, 2)
+    [0, 3, 5]
+    """
+    if chunks < 1:
+        raise ValueError(f"the experts need chunks >= 1, got {chunks}")
+    chunks = min(chunks, num_experts)
+    return [-(-num_experts * k // chunks) for k in range(chunks + 1)]
+
+
 class CausalExperts(nnx.Module):
-    """``num_experts`` experts with stacked parameters, applied position by position with a scan."""
+    """``num_experts`` experts with stacked parameters, applied position by position with a scan
+    per chunk (see the module docstring)."""
 
     def __init__(
         self,
@@ -84,7 +106,9 @@ class CausalExperts(nnx.Module):
         remat: bool = False,
         scan: bool = True,
         unroll: bool = False,
+        chunks: int = 1,
     ):
+        self.bounds = chunk_bounds(num_experts, chunks)
         self.stack = stacked(
             lambda r: Expert(width, depth, num_heads, mlp_ratio, rngs=r, dtype=dtype, unroll=unroll),
             num_experts,
@@ -116,7 +140,7 @@ class CausalExperts(nnx.Module):
           start, stop: the expert range; a range that does not start at 0 needs the ``slots``
             written by the experts before it (hierarchical training runs the frozen experts
             first, then the trainable ones).
-          slots: ``[B, num_experts, width]`` buffer of earlier tokens.
+          slots: ``[B, num_experts, width]`` buffer of earlier tokens (only slots ``< start`` are read).
           frozen: these experts' parameters get no gradient (hierarchical training freezes the
             previous stage's experts), so XLA computes no weight gradients for them; gradients
             still flow through them to ``x_latent`` and the earlier slots, so a trainable MIT
@@ -148,10 +172,21 @@ class CausalExperts(nnx.Module):
 
         if self.remat:
             step = jax.checkpoint(step, prevent_cse=False)
-        ranged = jax.tree.map(lambda a: a[start:stop], state)
         if frozen:  # their own parameters only (see the docstring)
-            ranged = jax.lax.stop_gradient(ranged)
-        slots, tokens = jax.lax.scan(step, slots, (ranged, jnp.arange(start, stop)), unroll=self.unroll)
+            state = jax.lax.stop_gradient(state)
+        tokens = []
+        for first, last in zip(self.bounds, self.bounds[1:]):
+            first, last = max(first, start), min(last, stop)
+            if first >= last:
+                continue
+            # This chunk's experts see slots < last only: its buffer holds just those.
+            ranged = jax.tree.map(lambda a: a[first:last], state)
+            buffer, chunk_tokens = jax.lax.scan(
+                step, slots[:, :last], (ranged, jnp.arange(first, last)), unroll=self.unroll
+            )
+            slots = jnp.concatenate([buffer, slots[:, last:]], axis=1)
+            tokens.append(chunk_tokens)
+        tokens = jnp.concatenate(tokens, axis=0) if len(tokens) > 1 else tokens[0]
         return constrain(jnp.swapaxes(tokens, 0, 1), ("batch", "length", "embed")), slots
 
     def reference(self, x_latent: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -31,7 +31,7 @@ from flax import nnx
 from nativetok_jax.layers.conv import Conv
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import GroupNorm
-from nativetok_jax.models.vqgan import _upsample_nearest_2x
+from nativetok_jax.models.vqgan import upsample_nearest_2x
 
 SD_SCALE_FACTOR = 0.18215
 LOG_VARIANCE_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
@@ -126,7 +126,7 @@ class Resample(nnx.Module):
         self.down = down
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x if self.down else _upsample_nearest_2x(x))
+        return self.conv(x if self.down else upsample_nearest_2x(x))
 
 
 class Level(nnx.Module):

@@ -1,4 +1,4 @@
-"""``python -m nativetok_jax.bench {model,train,generate} [options]``."""
+"""``python -m nativetok_jax.bench {model,train,generate,diffusion} [options]``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import sys
 
 import jax
 
-from nativetok_jax.bench import generate, model, train
+from nativetok_jax.bench import diffusion, generate, model, train
 
-BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run}
+BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run, "diffusion": diffusion.run}
 
 
 def main(argv: list[str]) -> None:

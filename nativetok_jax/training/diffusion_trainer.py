@@ -62,17 +62,25 @@ def moments_shape(model: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def latent_encoder(autoencoder: Autoencoder, deterministic: bool):
     """``encode(uint8 [B, H, W, 3]) -> float32 [B, 2, K, h, w, c]``: the posterior moments of each
-    image and of its horizontal flip (one jitted program; the autoencoder's weights are an argument)."""
+    image and of its horizontal flip (one jitted program; the autoencoder's weights are an argument;
+    pixel space on the host, exactly: XLA turns a division by 255 into a product with its rounded
+    reciprocal)."""
     graphdef, state = nnx.split(autoencoder)
 
     @jax.jit
     def encode(state, images):
         ae = nnx.merge(graphdef, state)
         x = images.astype(jnp.float32) / 255.0
-        both = jnp.concatenate([x, x[:, :, ::-1]])  # [2B, H, W, 3]
-        mean, log_variance = ae.encode(both)
+        mean, log_variance = ae.encode(jnp.concatenate([x, x[:, :, ::-1]]))  # [2B, h, w, c] each
         moments = mean[:, None] if deterministic else jnp.stack([mean, log_variance], axis=1)
         return jnp.stack(jnp.split(moments, 2), axis=1)  # [B, 2, K, h, w, c]
+
+    if isinstance(autoencoder, PixelSpace):  # on the host, exact: the float32 nearest to v / 127.5 - 1
+        def pixels(images: np.ndarray) -> np.ndarray:
+            x = (images.astype(np.float32) * 2 - 255) / np.float32(255)
+            return np.stack([x, x[:, :, ::-1]], axis=1)[:, :, None]
+
+        return pixels
 
     return lambda images: np.asarray(encode(state, images))
 

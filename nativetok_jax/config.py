@@ -581,9 +581,10 @@ def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return model.image_size // 8, model.image_size // 8, 4
 
 
-def validate_dit_model(model: ml_collections.ConfigDict) -> None:
+def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = True) -> None:
     """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
-    (files are checked for existence here, not read)."""
+    (files are checked for existence here, not read; ``check_files=False`` leaves the SD-VAE file
+    out, for what builds the network alone)."""
     _require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
     _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
     for name in ("image_size", "patch_size", "num_classes"):
@@ -601,10 +602,11 @@ def validate_dit_model(model: ml_collections.ConfigDict) -> None:
         _require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
         _number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
         _require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
-        _require(bool(ae.get("weights")), "model.autoencoder.weights",
-                 "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
-                 "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
-        _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
+        if check_files:
+            _require(bool(ae.get("weights")), "model.autoencoder.weights",
+                     "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
+                     "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
+            _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
     side = dit_latent_shape(model)[0]
     _require(side % model.patch_size == 0, "model.patch_size",
              f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")

@@ -27,6 +27,7 @@ from nativetok_jax.training.diffusion_trainer import (build_dit_state, diffusion
                                                       draw_latents, latent_encoder, latent_stores, train_diffusion)
 from nativetok_jax.training.step import make_train_step
 from nativetok_jax.training.token_extraction import encode_into_store, example_image
+from nativetok_jax.workdir import check_resume
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
@@ -141,6 +142,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_and_samples(tmp_path):
     summary = json.loads(open(os.path.join(runs["straight"], "eval.json")).read())
     assert {"eps_mse_t100", "eps_mse_t500", "eps_mse_t900"} <= set(summary) and summary["step"] == 10
     assert os.listdir(os.path.join(runs["straight"], "images")) == ["samples_0000010.png"]
+    wider = tiny_dit_config(num_steps=10)
+    wider.model.width = 64  # other parameter shapes: refused in one line before anything is written
+    with pytest.raises(ConfigError, match=r"config\.model\.width is 64, config\.json has 32"):
+        check_resume(wider, runs["straight"])
 
     # The sample CLI on the finished run: a grid, one PNG per sample, ADM's npz; batch-independent.
     out = str(tmp_path / "samples")

@@ -142,7 +142,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         config = load_config_file(spec)
         checked = ml_collections.ConfigDict(config.to_dict())
         checked.model.autoencoder.kind = "pixels"  # the step sees latents: no SD-VAE file is needed
-        validate_dit(checked)
+        validate_dit(checked)  # the training fields (the model's are checked when it is built)
         latent = "x".join(map(str, dit_latent_shape(config.model)))
         row = dict(config=spec, latent=latent, batch_size=batch_size, **measure_train(config, batch_size, args.steps))
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak

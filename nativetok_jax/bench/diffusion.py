@@ -162,7 +162,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                                                       method, respacing, scale, count, timed))
             report["samplers"].append(row)
             print(f"{spec:>24} {method:>8} {row['steps']:>6} {row['timed_steps']:>6} {scale:>9.1f} {count:>7} "
-                  f"{row['seconds']:>9.2f} {row['images_per_s']:>9.3f}", flush=True)
+                  f"{row['seconds']:>9.2f} {row['images_per_s']:>9.3g}", flush=True)
             write_json(args.out, report)
     write_json(args.out, report)
     print(f"wrote {args.out}")

@@ -245,7 +245,8 @@ def generator_config() -> ml_collections.ConfigDict:
 def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config stored as JSON (a run's ``config.json``, an exported model's), with the default
     of every field added since it was written, so older runs and exports keep loading."""
-    defaults = generator_config() if stored.get("task") == "generator" else base_config()
+    task = stored.get("task")
+    defaults = generator_config() if task == "generator" else dit_config() if task == "diffusion" else base_config()
     return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
 
 
@@ -586,9 +587,10 @@ def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return model.image_size // 8, model.image_size // 8, 4
 
 
-def validate_dit_model(model: ml_collections.ConfigDict) -> None:
+def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = True) -> None:
     """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
-    (files are checked for existence here, not read)."""
+    (files are checked for existence here, not read; ``check_files=False`` leaves the SD-VAE file
+    out, for what builds the network alone)."""
     _require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
     _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
     for name in ("image_size", "patch_size", "num_classes"):
@@ -606,10 +608,11 @@ def validate_dit_model(model: ml_collections.ConfigDict) -> None:
         _require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
         _number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
         _require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
-        _require(bool(ae.get("weights")), "model.autoencoder.weights",
-                 "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
-                 "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
-        _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
+        if check_files:
+            _require(bool(ae.get("weights")), "model.autoencoder.weights",
+                     "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
+                     "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
+            _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
     side = dit_latent_shape(model)[0]
     _require(side % model.patch_size == 0, "model.patch_size",
              f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
@@ -633,6 +636,96 @@ def validate_dit_model(model: ml_collections.ConfigDict) -> None:
     _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
              f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
     _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")
+
+# What the tokenizer's schema holds that a diffusion run does not use.
+DIFFUSION_UNUSED_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
+
+
+def dit_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
+    """A whole DiT training run (``task="diffusion"``): DiT-``size``/``patch_size`` on SD-VAE latents
+    of ImageNet 256 px with DiT's recipe (facebookresearch/DiT ``train.py``).
+
+    ``model`` is :func:`dit_model_config`'s. ``data`` means what it means for the tokenizer
+    (ImageNet from TFDS, centre crops; ``data.flip`` stores each image's flip beside it and trains
+    on a random one of the two); ``data.photo_labels`` gives the bundled photographs one class per
+    photograph (the demo's). ``latents``: where the store of encoded images lives ("" is
+    ``<workdir>/latents``), how many training examples it holds (0: one per image; crops of the
+    photographs: any number), and the encoding batch. ``train``: AdamW at a constant 1e-4, betas
+    (0.9, 0.999), no weight decay, no clipping, batch 256, EMA 0.9999 (DiT's); ``eval_timesteps``:
+    the held-out epsilon-MSE's steps, each measured with fixed noise so the curve compares across
+    steps [C]; ``preview``: the class-conditional grid written at every evaluation, DDIM-50 with
+    guidance 4.0 (DiT's picture setting) [C].
+    """
+    config = base_config()
+    config.task = "diffusion"
+    for name in TOKENIZER_ONLY:
+        del config[name]
+    for name in DIFFUSION_UNUSED_TRAIN:
+        del config.train[name]
+    config.model = dit_model_config(size, patch_size)
+    d = config.data
+    d.source, d.tfds_name = "tfds", "imagenet2012"
+    d.crop_min = d.crop_max = 1.0
+    d.flip = True
+    d.photo_labels = False
+    d.num_eval_images = 1000
+    config.latents = ml_collections.ConfigDict(dict(directory="", num_train_examples=0, batch_size=64))
+    t = config.train
+    t.learning_rate, t.beta1, t.beta2, t.weight_decay, t.grad_clip_norm = 1e-4, 0.9, 0.999, 0.0, 0.0
+    t.warmup_steps, t.final_learning_rate_ratio = 0, 1.0
+    t.ema_decay = 0.9999
+    t.batch_size, t.num_steps = 256, 400_000  # DiT-B/2's FID is reported at 400K steps
+    t.log_every, t.eval_every, t.checkpoint_every = 100, 10_000, 10_000
+    t.eval_timesteps = (100, 500, 900)
+    t.eval_batch_size = 64
+    t.preview = ml_collections.ConfigDict(dict(num_samples=16, respacing="ddim50", eta=0.0, guidance_scale=4.0,
+                                               seed=0))
+    return config
+
+
+def validate_dit(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first model, data, latent-store or training field of a
+    diffusion run that cannot work."""
+    validate_dit_model(config.model)
+    train, data = config.train, config.data
+    validate_loop(train)
+    _require(train.batch_size % _process_count() == 0, "train.batch_size",
+             f"{train.batch_size} is not divisible by the {_process_count()} processes")
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
+        _number(train.get(name), f"train.{name}")
+    _require(isinstance(train.get("warmup_steps"), int) and train.warmup_steps >= 0, "train.warmup_steps",
+             f"must be an integer >= 0, got {train.get('warmup_steps')!r}")
+    for name in ("beta1", "beta2", "ema_decay"):
+        value = train.get(name)
+        _require(isinstance(value, (int, float)) and 0 <= value < 1, f"train.{name}", f"must lie in [0, 1), got {value!r}")
+    steps = tuple(train.get("eval_timesteps") or ())
+    num_steps = config.model.diffusion.num_steps
+    _require(bool(steps) and all(isinstance(s, int) and 0 <= s < num_steps for s in steps), "train.eval_timesteps",
+             f"must be steps in [0, {num_steps}), got {steps!r}")
+    _positive_int(train.get("eval_batch_size"), "train.eval_batch_size")
+    p = train.preview
+    _require(isinstance(p.get("num_samples"), int) and p.num_samples >= 0, "train.preview.num_samples",
+             f"must be an integer >= 0, got {p.get('num_samples')!r}")
+    from nativetok_jax.diffusion.respacing import space_timesteps
+
+    try:
+        space_timesteps(num_steps, p.get("respacing"))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.train.preview.respacing: {error}") from None
+    _number(p.get("eta"), "train.preview.eta")
+    _number(p.get("guidance_scale"), "train.preview.guidance_scale")
+    _require(data_source_ok(data), "data.source",
+             f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
+    _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
+             f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
+    _boolean(data.get("flip"), "data.flip")
+    _boolean(data.get("photo_labels", False), "data.photo_labels")
+    _positive_int(data.get("num_eval_images"), "data.num_eval_images")
+    latents = config.latents
+    _require(isinstance(latents.get("num_train_examples"), int) and latents.num_train_examples >= 0,
+             "latents.num_train_examples", f"must be an integer >= 0, got {latents.get('num_train_examples')!r}")
+    _positive_int(latents.get("batch_size"), "latents.batch_size")
+
 
 # ------------------------------------------------------------------------------------- D²iT's Dynamic VAE
 

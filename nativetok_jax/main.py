@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.data.sources import DataError
     from nativetok_jax.data.token_store import TokenStoreError
     from nativetok_jax.pretrained.files import WeightsError
+    from nativetok_jax.training.diffusion_trainer import train_diffusion
     from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.hnt import RestoreError
     from nativetok_jax.training.guards import NonFiniteLossError, ends_preempted_runs
@@ -62,11 +63,14 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     checkpoints.quiet_orbax_logs()
     start = time.time()
-    generator = FLAGS.config.get("task", "tokenizer") == "generator"
+    task = FLAGS.config.get("task", "tokenizer")
+    generator = task == "generator"
     try:
         check_resume(FLAGS.config, FLAGS.workdir)  # before anything is written to the workdir
         with ends_preempted_runs():
-            if generator:
+            if task == "diffusion":
+                summary = train_diffusion(FLAGS.config, FLAGS.workdir)
+            elif generator:
                 summary = train_generator(FLAGS.config, FLAGS.workdir)
             else:
                 summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -74,6 +78,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
         sys.exit(f"error: {error}")
+    if task == "diffusion":
+        mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
+        print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse} after {summary['step']} steps; "
+              f"samples in {FLAGS.workdir}/images")
+        return
     if generator:
         print(f"done in {time.time() - start:.0f} s: held-out NLL {summary['nll_per_token']:.4f} nats/token "
               f"after {summary['step']} steps; samples in {FLAGS.workdir}/images")

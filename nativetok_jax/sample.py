@@ -1,4 +1,5 @@
-"""``python -m nativetok_jax.sample --workdir GEN_DIR --out DIR``: images from a trained generator.
+"""``python -m nativetok_jax.sample --workdir GEN_DIR --out DIR``: images from a trained generator
+(token generators, and diffusion models: see :func:`sample_diffusion`).
 
 Loads the generator's newest checkpoint (EMA weights when kept) and the tokenizer its config
 names, samples class-conditional token ids with the config's settings (``generator.sample``;
@@ -29,7 +30,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Command-line flags, defined only when run as a program (the functions stay importable)."""
     flags.DEFINE_string("workdir", None, "A generator's training directory.")
-    flags.DEFINE_string("out", None, "Directory for the PNGs and ids.npz.")
+    flags.DEFINE_string("out", None, "Directory for the PNGs and ids.npz (samples.npz for diffusion); "
+                        "default WORKDIR/samples.")
     flags.DEFINE_integer("num_samples", None, "How many images (default: the config's).")
     flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the classes).")
     flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).")
@@ -38,10 +40,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).")
     flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off).")
     flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).")
-    flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps.")
+    flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps; diffusion: sampler steps (respaced).")
+    flags.DEFINE_string("sampler", None, "Diffusion only: ddpm (DiT's FID protocol) or ddim (default: the config's).")
     flags.DEFINE_float("choice_temperature", None, "MaskGIT: scale of the Gumbel noise on the confidences.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
-    flags.mark_flags_as_required(["workdir", "out"])
+    flags.mark_flags_as_required(["workdir"])
 
 
 SETTINGS = ("temperature", "top_k", "top_p", "guidance_scale", "num_steps", "choice_temperature", "seed",
@@ -115,22 +118,151 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     return images
 
 
+TOKEN_ONLY = ("temperature", "top_k", "top_p", "choice_temperature")
+SAMPLES_NPZ = "samples.npz"  # uint8 [N, H, W, 3] as arr_0, labels as arr_1: ADM's evaluator layout
+
+
+def _is_diffusion(workdir: str) -> bool:
+    from nativetok_jax import checkpoints
+
+    return checkpoints.read_config(workdir).get("task") == "diffusion"
+
+
+def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None = None, num_steps: int | None = None,
+                       guidance_scale: float | None = None, seed: int | None = None, num_samples: int | None = None,
+                       batch_size: int | None = None, unused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sampling settings of a diffusion run: ``model.sample`` with the flags' overrides.
+
+    ``num_steps`` respaces the process (DDPM: ``"N"``; DDIM: ``"ddimN"``, evenly strided); without it
+    the config's ``respacing`` is kept when it suits the sampler, else 250 (DDPM) or 50 (DDIM) steps.
+
+    Raises:
+      ConfigError: a bad value, named by its flag (one line), or a token-generator flag
+        (``unused``: ``{"temperature": value, ...}``, set ones are errors).
+    """
+    from nativetok_jax.config import DIFFUSION_SAMPLERS
+    from nativetok_jax.diffusion.respacing import space_timesteps
+
+    for name, value in (unused or {}).items():
+        if value is not None:
+            raise ConfigError(f"--{name}: token generators use it; this workdir holds a diffusion model")
+    s = model.sample
+    method = s.method if sampler is None else sampler
+    if method not in DIFFUSION_SAMPLERS:
+        raise ConfigError(f"--sampler: must be one of {DIFFUSION_SAMPLERS}, got {method!r}")
+    if num_steps is not None:
+        if num_steps < 1 or num_steps > model.diffusion.num_steps:
+            raise ConfigError(f"--num_steps: must lie in [1, {model.diffusion.num_steps}], got {num_steps}")
+        respacing = f"ddim{num_steps}" if method == "ddim" else str(num_steps)
+    elif str(s.respacing).startswith("ddim") == (method == "ddim"):
+        respacing = str(s.respacing)
+    else:
+        respacing = "ddim50" if method == "ddim" else "250"
+    try:
+        space_timesteps(model.diffusion.num_steps, respacing)
+    except ValueError as error:
+        raise ConfigError(f"--num_steps: {error}") from None
+    scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    if scale < 0:
+        raise ConfigError(f"--guidance_scale: must be >= 0, got {scale}")
+    count = 16 if num_samples is None else num_samples
+    if count < 1:
+        raise ConfigError(f"--num_samples: must be a positive integer, got {count}")
+    batch = 64 if batch_size is None else batch_size
+    if batch < 1:
+        raise ConfigError(f"--batch_size: must be a positive integer, got {batch}")
+    return dict(method=method, respacing=respacing, eta=s.eta, guidance_scale=float(scale),
+                seed=0 if seed is None else seed, num_samples=count, batch_size=batch)
+
+
+def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labels: list[int] | None = None,
+                     use_ema: bool = True, **flags_given) -> np.ndarray:
+    """Samples a diffusion run (``task="diffusion"``) into ``out``; returns uint8 ``[N, H, W, 3]``.
+
+    Writes ``sample_00000.png ...`` (what ``evaluate --samples`` reads), ``grid.png`` and
+    ``samples.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``, ``arr_1``: int labels; the layout of ADM's
+    ``evaluator.py`` and DiT's ``sample_ddp.py``). Sample ``i`` draws its noise from
+    ``fold_in(key(seed), i)``, so the same command writes the same images whatever ``--batch_size``.
+    Labels cycle ``0, 1, 2, ...`` over the classes, or over ``labels``.
+
+    Raises:
+      ConfigError: bad settings (:func:`diffusion_settings`) or labels outside ``[0, num_classes)``.
+    """
+    from nativetok_jax import checkpoints, sharding, storage
+    from nativetok_jax.data.sources import SAMPLE_FILE
+    from nativetok_jax.evaluation.grids import save_grid, save_png
+    from nativetok_jax.layers.partitioning import axis_rules
+    from nativetok_jax.models.dit import dit_from_config
+    from nativetok_jax.pretrained.sd_vae import latent_space
+    from nativetok_jax.training.diffusion_trainer import diffusion_sampler, image_decoder
+    from nativetok_jax.workdir import check_loadable
+
+    config = checkpoints.read_config(workdir)
+    model = config.model
+    settings = diffusion_settings(model, **flags_given)
+    n, num_classes = settings["num_samples"], model.num_classes
+    labels = np.resize(np.asarray(labels if labels else np.arange(num_classes), np.int32), n)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    check_loadable(workdir)
+    autoencoder = latent_space(model.autoencoder)  # before the sampling: a missing VAE file fails fast
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_of(config)
+    from flax import nnx
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: dit_from_config(model, nnx.Rngs(0))))
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    sample = diffusion_sampler(graphdef, model, mesh, method=settings["method"], respacing=settings["respacing"],
+                               eta=settings["eta"], guidance_scale=settings["guidance_scale"])
+    decode = image_decoder(autoencoder)
+    key, batch = jax.random.key(settings["seed"]), settings["batch_size"]
+    images = []
+    with jax.set_mesh(mesh), axis_rules(rules):
+        for start in range(0, n, batch):
+            indices = np.resize(np.arange(start, min(start + batch, n)), min(batch, n))  # last batch padded
+            latents = sample(params, labels[indices], key, indices.astype(np.int32))
+            images.append(decode(np.asarray(latents))[: min(batch, n - start)])
+    images = np.concatenate(images)
+    if jax.process_index() == 0:
+        directory = storage.path(out)
+        for i, image in enumerate(images):
+            save_png(directory / SAMPLE_FILE.format(index=i), image)
+        storage.write_npz(directory / SAMPLES_NPZ, arr_0=images, arr_1=labels)
+        columns = min(num_classes, n) if num_classes <= 16 else int(np.ceil(np.sqrt(n)))
+        save_grid(directory / "grid.png", [images[i : i + columns] for i in range(0, n, columns)],
+                  upscale=max(1, 96 // model.image_size))
+    logging.info("wrote %d samples of %s (step %d, %s %s, guidance %.2f) to %s", n, workdir, step,
+                 settings["method"], settings["respacing"], settings["guidance_scale"], out)
+    return images
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     labels = [int(x) for x in FLAGS.labels.split(",")] if FLAGS.labels else None
     from nativetok_jax.training.guards import ends_preempted_runs
 
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
     try:
         with ends_preempted_runs():
+            if _is_diffusion(FLAGS.workdir):
+                images = sample_diffusion(
+                    FLAGS.workdir, out, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+                    guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
+                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
+                    unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
+                print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})")
+                return
+            if FLAGS.sampler is not None:
+                raise ConfigError("--sampler: only diffusion models use it")
             images = sample_images(
-                FLAGS.workdir, FLAGS.out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
+                FLAGS.workdir, out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
                 batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                 guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
                 choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         sys.exit(f"error: {str(error).splitlines()[0]}")
-    print(f"wrote {len(images)} samples to {FLAGS.out} (grid.png, sample_*.png, ids.npz)")
+    print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, ids.npz)")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def run_directories(config: ml_collections.ConfigDict,
                     workdir: str | epath.PathLike) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
     """Every ``(directory, config)`` a run of ``config`` in ``workdir`` writes checkpoints to."""
     workdir = epath.Path(workdir)
-    if config.get("task") == "generator" or not config.hnt.stages:  # one stage: the workdir itself
+    if config.get("task") in ("generator", "diffusion") or not config.hnt.stages:  # one stage: the workdir itself
         return [(workdir, config)]
     from nativetok_jax.training import hnt  # training imports this module's callers
 
@@ -112,6 +112,10 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
         abstract = nnx.eval_shape(lambda: build_generator(
             g, vocab_size=tokenizer.quantizer.codebook_size, num_tokens=tokenizer.num_tokens,
             num_classes=num_classes, rngs=nnx.Rngs(0), dtype=g.dtype))
+    elif config.get("task") == "diffusion":
+        from nativetok_jax.models.dit import dit_from_config  # validates the model section
+
+        abstract = nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))
     else:
         from nativetok_jax.models import build_model
 

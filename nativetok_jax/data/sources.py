@@ -33,18 +33,22 @@ class DataError(ValueError):
 
 
 class PhotoSource:
-    """The photographs bundled with scikit-image, decoded once and kept in memory."""
+    """The photographs bundled with scikit-image, decoded once and kept in memory.
 
-    num_classes = 1  # the photographs carry no labels
+    They carry no labels: every one is class 0, or with ``labelled`` photograph ``i`` is class
+    ``i`` (a class-conditional demo: the model learns which photograph a crop comes from).
+    """
 
-    def __init__(self, split: str):
+    def __init__(self, split: str, labelled: bool = False):
         self._photos = load_photos(split)
+        self.labelled = labelled
+        self.num_classes = len(self._photos) if labelled else 1
 
     def __len__(self) -> int:
         return len(self._photos)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self._photos[index], "label": 0}
+        return {"image": self._photos[index], "label": index if self.labelled else 0}
 
 
 class FolderSource:

@@ -4,6 +4,9 @@
     DIR/ids-00000.npy         int32 [shard_size, num_tokens]
     DIR/labels-00000.npy      int32 [shard_size]
 
+The same files hold any per-example array (``array`` names it: the diffusion trainer's latent
+store, :mod:`nativetok_jax.data.latent_store`, keeps ``moments-00000.npy``).
+
 ``DIR`` may be local or a URL (``gs://...``). Shards are written whole
 (:func:`nativetok_jax.storage.write_bytes`), so an interrupted extraction keeps the shards it
 finished and resumes after them; a complete store whose ``meta.json`` matches is reused as it is.
@@ -29,9 +32,10 @@ class TokenStoreError(ValueError):
     """A token store that cannot be used as asked; the message says why and what to do."""
 
 
-def shard_paths(directory: storage.PathLike, index: int) -> tuple[epath.Path, epath.Path]:
+def shard_paths(directory: storage.PathLike, index: int, array: str = "ids") -> tuple[epath.Path, epath.Path]:
+    """``(values, labels)`` file paths of shard ``index`` (``array`` names the values)."""
     directory = storage.path(directory)
-    return directory / f"ids-{index:05d}.npy", directory / f"labels-{index:05d}.npy"
+    return directory / f"{array}-{index:05d}.npy", directory / f"labels-{index:05d}.npy"
 
 
 def _save(path: epath.Path, array: np.ndarray) -> None:
@@ -75,17 +79,19 @@ def check_meta(directory: storage.PathLike, meta: dict[str, Any]) -> dict[str, A
     return existing
 
 
-def missing_shards(directory: storage.PathLike, meta: dict[str, Any]) -> list[int]:
+def missing_shards(directory: storage.PathLike, meta: dict[str, Any], array: str = "ids") -> list[int]:
     """The shard indices of the extraction ``meta`` describes that are not on disk yet."""
     num_shards = -(-meta["num_examples"] // meta["shard_size"])
-    return [i for i in range(num_shards) if not all(p.is_file() for p in shard_paths(directory, i))]
+    return [i for i in range(num_shards) if not all(p.is_file() for p in shard_paths(directory, i, array))]
 
 
-def write_shard(directory: storage.PathLike, index: int, ids: np.ndarray, labels: np.ndarray) -> None:
-    """Writes one shard (its labels first: a shard counts as written once its ids exist)."""
-    ids_path, labels_path = shard_paths(directory, index)
+def write_shard(directory: storage.PathLike, index: int, ids: np.ndarray, labels: np.ndarray,
+                array: str = "ids") -> None:
+    """Writes one shard (its labels first: a shard counts as written once its values exist); token
+    ids as int32, any other ``array`` in its own dtype."""
+    values_path, labels_path = shard_paths(directory, index, array)
     _save(labels_path, np.asarray(labels, np.int32))
-    _save(ids_path, np.asarray(ids, np.int32))
+    _save(values_path, np.asarray(ids, np.int32) if array == "ids" else np.asarray(ids))
 
 
 def mark_complete(directory: storage.PathLike) -> int:
@@ -97,14 +103,19 @@ def mark_complete(directory: storage.PathLike) -> int:
 
 
 class TokenSource:
-    """Random access to a complete store: ``source[i] -> {"ids": int32 [L], "label": int32}``."""
+    """Random access to a complete store: ``source[i] -> {"ids": int32 [L], "label": int32}``
+    (``{array: values[i], "label": ...}`` for a store of another ``array``)."""
+
+    array = "ids"
+    dtype: Any = np.int32
+    kind = "token"
 
     def __init__(self, directory: storage.PathLike):
         meta = read_meta(directory)
         if meta is None or not meta.get("complete"):
-            raise TokenStoreError(f"{directory} is not a complete token store (no finished extraction)")
+            raise TokenStoreError(f"{directory} is not a complete {self.kind} store (no finished extraction)")
         self.meta = meta
-        self._ids = [_load(p) for p in _shard_files(directory, "ids")]
+        self._ids = [_load(p) for p in _shard_files(directory, self.array)]
         self._labels = [np.asarray(_load(p)) for p in _shard_files(directory, "labels")]
         self._offsets = np.cumsum([0] + [len(x) for x in self._ids])
         if self._offsets[-1] != meta["num_written"] or not len(self):
@@ -129,8 +140,8 @@ class TokenSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         row = index - self._offsets[shard]
-        return {"ids": np.asarray(self._ids[shard][row], np.int32), "label": np.int32(self._labels[shard][row])}
+        return {self.array: np.asarray(self._ids[shard][row], self.dtype), "label": np.int32(self._labels[shard][row])}
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """All ids ``[N, L]`` and labels ``[N]`` (for evaluation sets, which are small)."""
+        """All values (ids ``[N, L]``) and labels ``[N]`` (for evaluation sets, which are small)."""
         return np.concatenate([np.asarray(x) for x in self._ids]), np.concatenate(self._labels)

@@ -1,6 +1,7 @@
 """Token extraction: encode a dataset once with a trained tokenizer, for generator training.
 
-Example ``i`` is image ``i mod len(source)`` cropped as the tokenizer's training data is
+:func:`encode_into_store` is the part every store shares (the diffusion trainer's latent store
+uses it with its autoencoder). Example ``i`` is image ``i mod len(source)`` cropped as the tokenizer's training data is
 (``config.data``: a random square of ``crop_min``..``crop_max`` of the short side and a random
 flip, drawn from ``(seed, i)``; or the centre square when crops are whole), so the store is the
 same whoever makes it and whenever an interrupted extraction resumes. See
@@ -9,6 +10,7 @@ same whoever makes it and whenever an interrupted extraction resumes. See
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,19 +59,62 @@ def extract_tokens(
 ) -> token_store.TokenSource:
     """Encodes ``num_examples`` examples into ``directory`` (resuming, or reusing a finished store).
 
-    Shards hold ``shard_size`` examples (whole batches; fewer when a process's share of
-    ``num_examples`` is smaller, so every process has work; a resumed store keeps its own). On
-    several processes every one calls this with the same arguments: shard ``i`` is encoded and
-    written by process ``i mod process_count`` alone, on its own devices (a copy of the tokenizer
-    on a mesh of them, so no host waits for another while encoding); the processes then meet at
-    a barrier, process 0 marks the store complete, and all open it after a second one. What is
-    left to encode is read from the shard files, and only a shard's owner writes it, so
-    processes resuming an interrupted extraction cannot disagree about the work.
+    See :func:`encode_into_store`; the store records the tokenizer's sizes besides ``description``.
+    On several processes every one gathers a copy of the tokenizer onto its own devices first
+    (collective: every process takes part, even one with nothing left to encode).
 
     Raises :class:`token_store.TokenStoreError` when ``directory`` holds a store made with
     other settings (every process raises it: they all read the same ``meta.json``).
     """
+    meta = dict(description, num_tokens=tokenizer.num_tokens, codebook_size=tokenizer.codebook_size,
+                image_size=tokenizer.image_size, num_classes=num_classes)
+    encoder = tokenizer
+    if jax.process_count() > 1:
+        encoder = tokenizer.with_mesh(sharding.make_mesh(LOCAL_MESH, jax.local_devices()))
+    return encode_into_store(
+        lambda images: np.asarray(encoder.encode(images)), source, directory, data=data,
+        image_size=tokenizer.image_size, num_examples=num_examples, seed=seed, description=meta,
+        batch_size=batch_size, shard_size=shard_size, value_shape=(tokenizer.num_tokens,), value_dtype=np.int32,
+        store=token_store.TokenSource)
+
+
+def encode_into_store(
+    encode: Callable[[np.ndarray], np.ndarray],
+    source: Any,
+    directory: storage.PathLike,
+    *,
+    data: ml_collections.ConfigDict,
+    image_size: int,
+    num_examples: int,
+    seed: int,
+    description: dict[str, Any],
+    value_shape: tuple[int, ...],
+    value_dtype: Any,
+    store: type[token_store.TokenSource] = token_store.TokenSource,
+    batch_size: int = 64,
+    shard_size: int = 4096,
+) -> token_store.TokenSource:
+    """Encodes ``num_examples`` crops of ``source`` with ``encode`` into the store ``directory``
+    (resuming, or reusing a finished store), and opens it as ``store``.
+
+    ``encode`` maps uint8 images ``[batch_size, image_size, image_size, 3]`` (the last batch of a
+    shard zero-padded, so one compiled program serves every call) to ``[batch_size, *value_shape]``;
+    the values are kept as ``store.array`` files of ``value_dtype``.
+
+    Shards hold ``shard_size`` examples (whole batches; fewer when a process's share of
+    ``num_examples`` is smaller, so every process has work; a resumed store keeps its own). On
+    several processes every one calls this with the same arguments: shard ``i`` is encoded and
+    written by process ``i mod process_count`` alone, on its own devices (so no host waits for
+    another while encoding); the processes then meet at a barrier, process 0 marks the store
+    complete, and all open it after a second one. What is left to encode is read from the shard
+    files, and only a shard's owner writes it, so processes resuming an interrupted extraction
+    cannot disagree about the work.
+
+    Raises :class:`token_store.TokenStoreError` when ``directory`` holds a store made with
+    other settings (``description``, the crops, the seed and the sizes; every process raises it).
+    """
     process, num_processes = jax.process_index(), jax.process_count()
+    array = store.array
     recorded = token_store.read_meta(directory)
     if recorded is not None:  # a store keeps the shards it began with, whoever resumes it
         shard_size = recorded["shard_size"]
@@ -77,44 +122,39 @@ def extract_tokens(
         share = -(-num_examples // num_processes)
         shard_size = max(batch_size, min(shard_size // batch_size, -(-share // batch_size)) * batch_size)
     meta = dict(description, num_examples=num_examples, shard_size=shard_size, seed=seed,
-                num_tokens=tokenizer.num_tokens, codebook_size=tokenizer.codebook_size,
-                image_size=tokenizer.image_size, num_classes=num_classes,
                 crops=[data.crop_min, data.crop_max, bool(data.flip)])
     existing = token_store.check_meta(directory, meta)
     # Process 0 marks a store complete only after every process has passed this point (the first
     # barrier below), so all processes take the same branch.
     if existing is not None and existing.get("complete"):
-        return token_store.TokenSource(directory)
+        return store(directory)
     if existing is None and process == 0:
         token_store.write_meta(directory, dict(meta, complete=False))
-    mine = [i for i in token_store.missing_shards(directory, meta) if i % num_processes == process]
-    encoder = tokenizer
-    if num_processes > 1:  # collective: every process gathers the parameters, even with nothing to do
-        encoder = tokenizer.with_mesh(sharding.make_mesh(LOCAL_MESH, jax.local_devices()))
+    mine = [i for i in token_store.missing_shards(directory, meta, array) if i % num_processes == process]
     if mine:
         logging.info("encoding %s of %d examples into %s (%d shards)", "all" if num_processes == 1 else
                      f"process {process}'s share", num_examples, directory, len(mine))
     skipped = SkippedImages()
     for shard in mine:
         indices = range(shard * shard_size, min((shard + 1) * shard_size, num_examples))
-        examples = [example_image(source, i, data, tokenizer.image_size, seed, skipped) for i in indices]
+        examples = [example_image(source, i, data, image_size, seed, skipped) for i in indices]
         examples = [e for e in examples if e is not None]
-        ids = [_encode_padded(encoder, np.stack([e[0] for e in examples[i : i + batch_size]]), batch_size)
-               for i in range(0, len(examples), batch_size)]
+        values = [_encode_padded(encode, np.stack([e[0] for e in examples[i : i + batch_size]]), batch_size)
+                  for i in range(0, len(examples), batch_size)]
         token_store.write_shard(directory, shard,
-                                np.concatenate(ids) if ids else np.zeros((0, tokenizer.num_tokens), np.int32),
-                                np.array([e[1] for e in examples], np.int32))
+                                np.concatenate(values) if values else np.zeros((0, *value_shape), value_dtype),
+                                np.array([e[1] for e in examples], np.int32), array)
     if num_processes > 1:
-        multihost_utils.sync_global_devices(f"token store {directory}: shards written")
+        multihost_utils.sync_global_devices(f"store {directory}: shards written")
     if process == 0:
         written = token_store.mark_complete(directory)
-        logging.info("token store %s complete: %d examples", directory, written)
+        logging.info("%s store %s complete: %d examples", store.kind, directory, written)
     if num_processes > 1:
-        multihost_utils.sync_global_devices(f"token store {directory}: complete")
-    return token_store.TokenSource(directory)
+        multihost_utils.sync_global_devices(f"store {directory}: complete")
+    return store(directory)
 
 
-def _encode_padded(tokenizer: Tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
+def _encode_padded(encode: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
     """Encodes a batch padded to ``batch_size``, so every call reuses one compiled program."""
     padded = np.concatenate([images, np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)])
-    return np.asarray(tokenizer.encode(padded))[: len(images)]
+    return np.asarray(encode(padded))[: len(images)]

@@ -1,0 +1,169 @@
+"""``python -m nativetok_jax.bench diffusion``: DiT's train step and samplers.
+
+For each config (default: DiT-B/2 at 256 px on 32 x 32 x 4 latents, and the pixel-space demo): the
+real train step of the diffusion trainer (``diffusion_objective`` on ``build_state``'s state: a
+random flip, a posterior draw, label dropout, DiT's loss, AdamW and the EMA) on random latents:
+step time, images per second, the process's CPU seconds per step (what a shared machine cannot
+disturb much), model FLOPs per step (XLA's cost analysis of the step with the layer scan
+unrolled) and MFU against the FLOP/s of a large matrix product timed in the same run. Then the
+samplers' images per second: DDPM-250 and DDIM-50, each without guidance and with guidance 4.0
+(a doubled batch).
+
+A sampler's cost is linear in its steps (one network call each; guidance doubles the batch), so
+where a full run would take minutes (DiT-B/2 on a CPU: about a second per image and step) the
+sampler is timed over ``--sampler_steps`` respaced steps and its images per second given for the
+full step count, ``timed_steps`` saying so in the JSON. The defaults (batch 2 for DiT-B/2, 4 timed
+sampler steps for it, all steps for the demo) keep the whole benchmark to a few minutes on a 2-core
+CPU; on an accelerator raise ``--batch_sizes`` and set ``--sampler_steps 0`` (all steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nativetok_jax import sharding
+from nativetok_jax.bench.model import write_json
+from nativetok_jax.bench.train import matmul_flops_per_second
+from nativetok_jax.config import dit_latent_shape, load_config_file, validate_dit
+from nativetok_jax.diffusion.gaussian import build_diffusion
+from nativetok_jax.diffusion.respacing import space_timesteps
+from nativetok_jax.layers.partitioning import axis_rules
+from nativetok_jax.training.diffusion_trainer import (build_dit_state, diffusion_batch_shardings, diffusion_objective,
+                                                      diffusion_sampler, moments_shape)
+from nativetok_jax.training.step import make_train_step
+
+SAMPLERS = (("ddpm", "250", 1.0), ("ddpm", "250", 4.0), ("ddim", "ddim50", 1.0), ("ddim", "ddim50", 4.0))
+
+
+def _step(config: ml_collections.ConfigDict, batch_size: int):
+    mesh = sharding.make_mesh(config.mesh)
+    built = build_dit_state(config, mesh, sharding.rules_of(config))
+    diffusion = build_diffusion(config.model.diffusion.schedule, config.model.diffusion.num_steps,
+                                learn_sigma=config.model.learn_sigma)
+    shardings = diffusion_batch_shardings(mesh, config.model, batch_size)
+    step = make_train_step(diffusion_objective(built.graphdef, diffusion, config.model.label_drop_probability),
+                           built, shardings, seed=0, ema_decay=config.train.ema_decay)
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((batch_size, *moments_shape(config.model)), np.float32)
+    batch = {"moments": jax.device_put(moments, shardings["moments"]),
+             "label": jax.device_put(rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
+                                     shardings["label"])}
+    return step, built, batch
+
+
+def measure_train(config: ml_collections.ConfigDict, batch_size: int, steps: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    step, built, batch = _step(config, batch_size)
+    compiled = step.compile(built.state, batch)
+    compile_s = time.perf_counter() - start
+    state = built.state
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times, cpu = [], time.process_time()
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    cpu_s = (time.process_time() - cpu) / steps
+    step_s = statistics.median(times)
+    counting = ml_collections.ConfigDict(config.to_dict())
+    counting.model.unroll_scans = True
+    step_c, built_c, batch_c = _step(counting, batch_size)
+    analysis = step_c.compile(built_c.state, batch_c).executable.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+    return dict(step_s=step_s, images_per_s=batch_size / step_s, cpu_s_per_step=cpu_s, compile_s=compile_s,
+                step_gflops=flops / 1e9)
+
+
+def measure_sampler(config: ml_collections.ConfigDict, state: Any, graphdef: Any, mesh: Any, rules: Any,
+                    method: str, respacing: str, guidance_scale: float, num_images: int,
+                    timed_steps: int) -> dict[str, Any]:
+    """Images per second of a full ``respacing`` run, timed over ``timed_steps`` steps (0: all)."""
+    full = len(space_timesteps(config.model.diffusion.num_steps, respacing))
+    steps = full if not timed_steps else min(timed_steps, full)
+    timed = respacing if steps == full else (f"ddim{steps}" if respacing.startswith("ddim") else str(steps))
+    sample = diffusion_sampler(graphdef, config.model, mesh, method=method, respacing=timed,
+                               guidance_scale=guidance_scale)
+    labels = np.arange(num_images, dtype=np.int32) % config.model.num_classes
+    with jax.set_mesh(mesh), axis_rules(rules):
+        jax.block_until_ready(sample(state, labels, jax.random.key(0)))  # compile
+        start = time.perf_counter()
+        jax.block_until_ready(sample(state, labels, jax.random.key(1)))
+        seconds = (time.perf_counter() - start) * full / steps
+    return dict(sampler=method, steps=full, timed_steps=steps, guidance_scale=guidance_scale, num_images=num_images,
+                seconds=seconds, images_per_s=num_images / seconds)
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench diffusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="configs/dit.py:B,configs/dit_demo.py",
+                        help="comma-separated diffusion config files[:arg]")
+    parser.add_argument("--batch_sizes", default="2,32", help="one global train batch size per config")
+    parser.add_argument("--sample_images", default="1,8", help="images per sampler run, one per config")
+    parser.add_argument("--sampler_steps", default="4,0",
+                        help="sampler steps timed per config (0: all; fewer are scaled to the full count)")
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up step")
+    parser.add_argument("--out", default="bench_results/diffusion.json")
+    args = parser.parse_args(argv)
+    specs = args.configs.split(",")
+
+    def per_config(value: str, name: str) -> list[int]:
+        numbers = [int(v) for v in value.split(",")]
+        if len(numbers) != len(specs):
+            raise SystemExit(f"error: --{name} needs one value per config ({len(specs)}), got {value!r}")
+        return numbers
+
+    batch_sizes = per_config(args.batch_sizes, "batch_sizes")
+    images = per_config(args.sample_images, "sample_images")
+    sampler_steps = per_config(args.sampler_steps, "sampler_steps")
+    dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    peak = matmul_flops_per_second(dtype)
+    report: dict[str, Any] = dict(benchmark="diffusion", device=jax.devices()[0].device_kind,
+                                  num_devices=jax.device_count(), jax_version=jax.__version__,
+                                  matmul_dtype=jnp.dtype(dtype).name, matmul_gflops_per_s=peak / 1e9,
+                                  train=[], samplers=[])
+    print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: {jnp.dtype(dtype).name} matmul "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print(f"{'config':>24} {'latent':>10} {'batch':>6} {'step ms':>9} {'img/s':>8} {'CPU s':>7} {'GFLOP/step':>11} "
+          f"{'MFU':>6}")
+    samplers = []
+    for spec, batch_size in zip(specs, batch_sizes):
+        config = load_config_file(spec)
+        checked = ml_collections.ConfigDict(config.to_dict())
+        checked.model.autoencoder.kind = "pixels"  # the step sees latents: no SD-VAE file is needed
+        validate_dit(checked)  # the training fields (the model's are checked when it is built)
+        latent = "x".join(map(str, dit_latent_shape(config.model)))
+        row = dict(config=spec, latent=latent, batch_size=batch_size, **measure_train(config, batch_size, args.steps))
+        row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
+        report["train"].append(row)
+        print(f"{spec:>24} {latent:>10} {batch_size:>6} {row['step_s'] * 1e3:>9.1f} {row['images_per_s']:>8.2f} "
+              f"{row['cpu_s_per_step']:>7.2f} {row['step_gflops']:>11.1f} {row['mfu']:>6.1%}", flush=True)
+        write_json(args.out, report)
+        samplers.append(config)
+    print(f"{'config':>24} {'sampler':>8} {'steps':>6} {'timed':>6} {'guidance':>9} {'images':>7} {'s':>9} "
+          f"{'img/s':>9}")
+    for spec, config, count, timed in zip(specs, samplers, images, sampler_steps):
+        mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules_of(config)
+        built = build_dit_state(config, mesh, rules)
+        for method, respacing, scale in SAMPLERS:
+            row = dict(config=spec, **measure_sampler(config, built.state["params"], built.graphdef, mesh, rules,
+                                                      method, respacing, scale, count, timed))
+            report["samplers"].append(row)
+            print(f"{spec:>24} {method:>8} {row['steps']:>6} {row['timed_steps']:>6} {scale:>9.1f} {count:>7} "
+                  f"{row['seconds']:>9.2f} {row['images_per_s']:>9.3g}", flush=True)
+            write_json(args.out, report)
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return report

@@ -1,0 +1,322 @@
+"""The diffusion trainer (``task="diffusion"``): ``train_diffusion(config, workdir)``, read top to
+bottom.
+
+Open the latent space the config names (the SD-VAE, or pixel space); encode the training and
+held-out images once into latent stores (:mod:`nativetok_jax.data.latent_store`: each image and its
+flip, resumable, reused when present, refused when made with other settings); build the DiT on
+the mesh; train with the shared loop (``training/loop.py``: resume, checkpoints, SIGTERM, finite
+checks, logging) on DiT's objective; at every evaluation measure the held-out epsilon-MSE at
+fixed steps (``train.eval_timesteps``, DiT's noisy loss made comparable: fixed noise per
+example) and write a PNG grid of class-conditional DDIM samples. What is here is the loss, the
+latent data and the evaluation; the loop, the step and the state builder are every trainer's.
+
+Each step (DiT ``train.py``): a random one of the two stored flips of every example, a latent
+drawn from its posterior (``mean + exp(logvar / 2) z``; the mean itself in pixel space), labels
+dropped to the null class with ``model.label_drop_probability``, then DiT's loss (epsilon MSE plus
+the stop-gradient variational-bound term; ``diffusion.losses``). All randomness comes from the
+step's key, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from nativetok_jax import checkpoints, sharding
+from nativetok_jax.config import ConfigError, dit_latent_shape, validate_dit
+from nativetok_jax.data.latent_store import LatentSource
+from nativetok_jax.data.sources import PhotoSource, open_sources
+from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
+from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
+from nativetok_jax.diffusion.samplers import make_sampler
+from nativetok_jax.layers.partitioning import axis_rules
+from nativetok_jax.models.dit import dit_from_config
+from nativetok_jax.models.kl_autoencoder import KLAutoencoder, PixelSpace, sample_latents
+from nativetok_jax.pretrained.sd_vae import latent_space
+from nativetok_jax.training import loop
+from nativetok_jax.training.generator_trainer import token_iterator
+from nativetok_jax.training.state import BuiltState, build_state
+from nativetok_jax.training.step import Objective, StepContext, batch_shardings
+from nativetok_jax.training.token_extraction import encode_into_store
+
+Batch = dict[str, jax.Array]
+Autoencoder = KLAutoencoder | PixelSpace
+
+
+# --------------------------------------------------------------------------------- the latent store
+
+def moments_shape(model: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``(2, K, h, w, c)`` of one stored example: flips, moments (2, or 1 in pixel space), latent."""
+    return (2, 1 if model.autoencoder.kind == "pixels" else 2, *dit_latent_shape(model))
+
+
+def latent_encoder(autoencoder: Autoencoder, deterministic: bool):
+    """``encode(uint8 [B, H, W, 3]) -> float32 [B, 2, K, h, w, c]``: the posterior moments of each
+    image and of its horizontal flip (one jitted program; the autoencoder's weights are an argument;
+    pixel space on the host, exactly: XLA turns a division by 255 into a product with its rounded
+    reciprocal)."""
+    graphdef, state = nnx.split(autoencoder)
+
+    @jax.jit
+    def encode(state, images):
+        ae = nnx.merge(graphdef, state)
+        x = images.astype(jnp.float32) / 255.0
+        mean, log_variance = ae.encode(jnp.concatenate([x, x[:, :, ::-1]]))  # [2B, h, w, c] each
+        moments = mean[:, None] if deterministic else jnp.stack([mean, log_variance], axis=1)
+        return jnp.stack(jnp.split(moments, 2), axis=1)  # [B, 2, K, h, w, c]
+
+    if isinstance(autoencoder, PixelSpace):  # on the host, exact: the float32 nearest to v / 127.5 - 1
+        def pixels(images: np.ndarray) -> np.ndarray:
+            x = (images.astype(np.float32) * 2 - 255) / np.float32(255)
+            return np.stack([x, x[:, :, ::-1]], axis=1)[:, :, None]
+
+        return pixels
+
+    return lambda images: np.asarray(encode(state, images))
+
+
+def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
+                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
+    """The (train, held-out) latent stores, encoded now unless finished matching stores exist.
+
+    Training example ``i`` is a crop of image ``i mod len(source)`` (``config.data``'s crops,
+    drawn from ``(seed, i)``; centre crops when whole); held-out ones are centre crops of the
+    evaluation split, or, for photographs labelled by photograph, other crops of the same
+    photographs (the held-out photographs have no class of their own).
+
+    Raises:
+      ConfigError: the data has more classes than ``model.num_classes``.
+      TokenStoreError: a store directory holds latents made with other settings.
+    """
+    model, data, latents = config.model, config.data, config.latents
+    photo_labels = data.source == "photos" and data.get("photo_labels", False)
+    if photo_labels:
+        train_source = PhotoSource("train", labelled=True)
+        eval_source = train_source
+    else:
+        train_source, eval_source = open_sources(data, data.num_eval_images)
+    data_classes = int(getattr(train_source, "num_classes", 1))
+    if data_classes > model.num_classes:
+        raise ConfigError(f"config.model.num_classes: {model.num_classes}, but the data has {data_classes} classes")
+    ae = model.autoencoder
+    description = dict(autoencoder=ae.kind, weights=os.path.abspath(ae.weights) if ae.weights else "",
+                       scale_factor=ae.scale_factor if ae.kind != "pixels" else 1.0, source=data.source,
+                       path=data.path or data.tfds_name, photo_labels=bool(photo_labels), image_size=model.image_size,
+                       moments_shape=list(moments_shape(model)), num_classes=model.num_classes)
+    shape = moments_shape(model)
+    encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
+    directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
+    encoding = ml_collections.ConfigDict(data.to_dict())
+    encoding.flip = False  # both flips are stored
+    common = dict(image_size=model.image_size, value_shape=shape, value_dtype=np.float32, store=LatentSource,
+                  batch_size=latents.batch_size)
+    train = encode_into_store(encode, train_source, directory / "train", data=encoding,
+                              num_examples=latents.num_train_examples or len(train_source), seed=config.train.seed,
+                              description=description, **common)
+    if data.source != "photos":  # held-out images: centre crops
+        encoding.update(crop_min=1.0, crop_max=1.0)
+    num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
+    held_out = encode_into_store(encode, eval_source, directory / "eval", data=encoding, num_examples=num_eval,
+                                 seed=config.train.seed + 1, description=description, **common)
+    return train, held_out
+
+
+# ------------------------------------------------------------------------------------ the objective
+
+def draw_latents(moments: jax.Array, key: jax.Array) -> jax.Array:
+    """``moments [B, 2, K, ...]`` -> float32 ``x0 [B, ...]``: a random flip of each example, then a
+    draw from its posterior (``K = 2``) or its mean (``K = 1``, exact: pixel space)."""
+    flip_key, noise_key = jax.random.split(key)
+    flip = jax.random.bernoulli(flip_key, 0.5, moments.shape[:1]).reshape((-1,) + (1,) * (moments.ndim - 2))
+    chosen = jnp.where(flip, moments[:, 1], moments[:, 0]).astype(jnp.float32)  # [B, K, ...]
+    if moments.shape[2] == 1:
+        return chosen[:, 0]
+    return sample_latents(chosen[:, 0], chosen[:, 1], noise_key)
+
+
+def diffusion_objective(graphdef: nnx.GraphDef, diffusion: GaussianDiffusion,
+                        label_drop_probability: float) -> Objective:
+    """DiT's training objective on a batch ``{"moments": [B, 2, K, h, w, c], "label": [B]}``."""
+
+    def loss(params: Any, batch: Batch, context: StepContext):
+        model = nnx.merge(graphdef, params)
+        latent_key, drop_key, diffusion_key = jax.random.split(context.key, 3)
+        x0 = draw_latents(batch["moments"], latent_key)
+        labels = model.drop_labels(batch["label"], drop_key, label_drop_probability)
+        value, metrics = diffusion_loss(model, diffusion, x0, labels, diffusion_key)
+        return value, ({"mse": metrics["mse"], "vb": metrics["vb"]}, None)
+
+    return Objective(loss)
+
+
+def diffusion_batch_shardings(mesh: jax.sharding.Mesh, model: ml_collections.ConfigDict,
+                              batch_size: int) -> dict[str, jax.sharding.NamedSharding]:
+    return batch_shardings(mesh, {"moments": (batch_size, *moments_shape(model)), "label": (batch_size,)})
+
+
+def build_dit_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any) -> BuiltState:
+    """The DiT's sharded train state (``build_state``: AdamW, EMA) for ``config``."""
+    return build_state(lambda r: dit_from_config(config.model, r), train=config.train, mesh=mesh, rules=rules)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
+    """Trains the DiT ``config`` describes in ``workdir``; returns the final evaluation
+    (``eps_mse_t100`` ...; ``step``, store sizes), also written to ``eval.json``."""
+    validate_dit(config)
+    model_config, train = config.model, config.train
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_of(config)
+    autoencoder = latent_space(model_config.autoencoder)
+    train_latents, eval_latents = latent_stores(config, autoencoder, workdir)
+    if is_main:
+        checkpoints.write_config(workdir, config)
+    logging.info("DiT on %d training examples (%s latents %s), %d held out", len(train_latents),
+                 model_config.autoencoder.kind, train_latents.moments_shape[2:], len(eval_latents))
+
+    built = build_dit_state(config, mesh, rules)
+    graphdef = built.graphdef
+    logging.info("DiT parameters: %.2f M", sum(x.size for x in jax.tree.leaves(built.state["params"])) / 1e6)
+    diffusion = build_diffusion(model_config.diffusion.schedule, model_config.diffusion.num_steps,
+                                learn_sigma=model_config.learn_sigma)
+    held_out = HeldOutEpsMSE(graphdef, diffusion, eval_latents, mesh, rules, train.eval_timesteps,
+                             batch_size=train.eval_batch_size, seed=train.seed)
+    preview = Preview(graphdef, config, autoencoder, mesh, rules)
+    task = loop.Task(
+        built, diffusion_objective(graphdef, diffusion, model_config.label_drop_probability),
+        batches=token_iterator(train_latents, train.batch_size // jax.process_count(), train.seed),
+        batch_shardings=diffusion_batch_shardings(mesh, model_config, train.batch_size),
+        evaluate=lambda state, step, outputs: _evaluate(held_out, preview, state, step, outputs),
+        name="diffusion",
+    )
+    result = loop.run(task, train, workdir)
+    summary = dict(result.metrics, step=result.step, num_train_examples=len(train_latents),
+                   num_eval_examples=len(eval_latents))
+    if is_main:
+        (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+class HeldOutEpsMSE:
+    """The held-out epsilon-MSE at fixed steps ``t`` (e.g. 100, 500, 900).
+
+    Example ``i``'s latent is its (unflipped) posterior mean and its noise at step ``t`` comes from
+    ``fold_in(fold_in(key(seed), t), i)``: the same numbers at every evaluation, whatever the batch,
+    so the curve measures the model alone (DiT's training loss, at random steps, is noisy). Labels
+    are the examples' own (the conditional model).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, diffusion: GaussianDiffusion, latents: LatentSource,
+                 mesh: jax.sharding.Mesh, rules: Any, timesteps: Sequence[int], *, batch_size: int = 64,
+                 seed: int = 0):
+        moments, self.labels = latents.arrays()
+        self.x0 = np.asarray(moments[:, 0, 0], np.float32)  # unflipped posterior means
+        self.timesteps = tuple(int(t) for t in timesteps)
+        self.batch_size = min(batch_size, len(self.x0))
+        self.mesh, self.rules = mesh, rules
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        @jax.jit(static_argnums=4, out_shardings=replicated)
+        def batch_mse(params, x0, labels, indices, step):
+            model = nnx.merge(graphdef, params)
+            base = jax.random.fold_in(jax.random.key(seed), step)
+
+            def one(x, label, index):
+                return eps_mse_at(model, diffusion, x[None], label[None], jax.random.fold_in(base, index), step)
+
+            return jax.vmap(one)(x0, labels, indices)
+
+        self._batch_mse = batch_mse
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        """``{"eps_mse_t100": ..., ...}`` (float means over the held-out examples)."""
+        n, b = len(self.x0), self.batch_size
+        result = {}
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            for step in self.timesteps:
+                values = []
+                for start in range(0, n, b):
+                    index = np.resize(np.arange(start, min(start + b, n)), b)  # the last batch padded
+                    mse = self._batch_mse(params, self.x0[index], self.labels[index], index.astype(np.int32), step)
+                    values.append(np.asarray(mse)[: min(b, n - start)])
+                result[f"eps_mse_t{step}"] = float(np.concatenate(values).mean())
+        return result
+
+
+class Preview:
+    """Class-conditional samples for the grids: ``train.preview`` (DDIM with guidance), labels
+    ``0, 1, 2, ...`` cycling the classes, a fixed key, decoded by the autoencoder to uint8."""
+
+    def __init__(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, autoencoder: Autoencoder,
+                 mesh: jax.sharding.Mesh, rules: Any):
+        p, model = config.train.preview, config.model
+        self.num_samples, self.seed, self.mesh, self.rules = p.num_samples, p.seed, mesh, rules
+        self.labels = (np.arange(p.num_samples) % model.num_classes).astype(np.int32)
+        # One column per class when they are few (a column shows what a class became), else square.
+        few = model.num_classes <= 16
+        self.columns = min(model.num_classes, p.num_samples) if few else int(np.ceil(np.sqrt(p.num_samples)))
+        self.image_size = model.image_size
+        self.sample = diffusion_sampler(graphdef, model, mesh, method="ddim", respacing=p.respacing, eta=p.eta,
+                                        guidance_scale=p.guidance_scale)
+        self.decode = image_decoder(autoencoder)
+
+    def __call__(self, params: Any) -> np.ndarray:
+        """uint8 ``[num_samples, H, W, 3]``."""
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            latents = self.sample(params, self.labels, jax.random.key(self.seed))
+        return self.decode(np.asarray(latents))
+
+
+def diffusion_sampler(graphdef: nnx.GraphDef, model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                      method: str, respacing: str, eta: float = 0.0, guidance_scale: float = 1.0):
+    """``sample(params, labels [B], key, sample_indices=None) -> float32 latents [B, h, w, c]``, replicated
+    (every process may read them): ``make_sampler`` on the DiT of ``model`` with the respaced process,
+    guidance on every channel unless ``model.sample.guided_channels`` says otherwise, and clipping
+    as ``model.sample.clip_denoised``."""
+    diffusion = build_diffusion(model.diffusion.schedule, model.diffusion.num_steps, respacing,
+                                learn_sigma=model.learn_sigma)
+    sampler = make_sampler(lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y), diffusion,
+                           dit_latent_shape(model), method=method, eta=eta, guidance_scale=guidance_scale,
+                           null_label=model.num_classes, guided_channels=model.sample.guided_channels or None,
+                           clip_denoised=model.sample.clip_denoised)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(sampler, out_shardings=replicated)
+
+
+def image_decoder(autoencoder: Autoencoder):
+    """``decode(latents [B, h, w, c]) -> uint8 [B, H, W, 3]`` (one jitted program)."""
+    graphdef, state = nnx.split(autoencoder)
+
+    @jax.jit
+    def decode(state, latents):
+        images = nnx.merge(graphdef, state).decode(latents)
+        return jnp.round(images * 255.0).astype(jnp.uint8)
+
+    return lambda latents: np.asarray(decode(state, latents))
+
+
+def _evaluate(held_out: HeldOutEpsMSE, preview: Preview, state: dict[str, Any], step: int,
+              outputs: loop.Outputs) -> dict[str, Any]:
+    """Held-out epsilon-MSE (EMA weights when kept) and a PNG grid of preview samples."""
+    params = state["ema"] if state["ema"] else state["params"]
+    result = held_out(params)
+    outputs.scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    if preview.num_samples:
+        images, columns = preview(params), max(1, preview.columns)
+        outputs.grid("samples", step, [images[i : i + columns] for i in range(0, len(images), columns)],
+                     upscale=max(1, 96 // preview.image_size))
+    logging.info("step %d: held-out eps-MSE %s", step, ", ".join(f"{k[8:]} {v:.4f}" for k, v in result.items()))
+    return result

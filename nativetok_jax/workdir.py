@@ -112,6 +112,12 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
         abstract = nnx.eval_shape(lambda: build_generator(
             g, vocab_size=tokenizer.quantizer.codebook_size, num_tokens=tokenizer.num_tokens,
             num_classes=num_classes, rngs=nnx.Rngs(0), dtype=g.dtype))
+    elif config.get("task") == "dvae":
+        from nativetok_jax.config import validate_dvae_model
+        from nativetok_jax.models.dvae import build_dvae
+
+        validate_dvae_model(config.model)
+        abstract = nnx.eval_shape(lambda: build_dvae(config.model, nnx.Rngs(0)))
     else:
         from nativetok_jax.models import build_model
 

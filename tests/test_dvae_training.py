@@ -1,0 +1,133 @@
+"""The Dynamic VAE trainer (task="dvae") on the shared loop: the loss falls, a SIGKILLed run
+resumes to the uninterrupted run's parameters, the workdir loads back through
+``DVAE.from_checkpoint`` with its latent scale, ``evaluate`` judges it, and bad input stops with
+one line."""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import conftest
+from nativetok_jax import checkpoints
+from nativetok_jax.config import ConfigError, dvae_config
+from nativetok_jax.dvae import DVAE
+from nativetok_jax.models import grain
+from flax import traverse_util
+from test_training import finish, start_main
+
+
+def flat(tree) -> dict:
+    """``{"a/0/b": array}``: list layers' keys as strings, whether restored (strings) or built (ints)."""
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def dvae_train_config(num_steps: int = 8, routing: str = "random", thresholds: str = "", **train):
+    """16 px photo crops, coarse f4 / fine f2, 8 fake devices sharing batches of 8."""
+    config = dvae_config()
+    config.model.update(image_size=16, filters=8, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(), num_groups=4, latent_channels=4)
+    config.model.grain.update(routing=routing, thresholds=thresholds)
+    config.data.update(source="photos", crop_min=0.1, crop_max=0.3, num_eval_images=8, num_threads=1)
+    config.train.losses.update(pixel="l1", perceptual_weight=0.0, adversarial_weight=0.0)
+    defaults = dict(batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=2, eval_every=1000,
+                    checkpoint_every=4, keep_checkpoints=5, ema_decay=0.9, latent_scale_batches=2)
+    config.train.update(num_steps=num_steps, **{**defaults, **train})
+    return config
+
+
+def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
+    from nativetok_jax.training.dvae_trainer import train_dvae
+
+    workdir = str(tmp_path / "run")
+    config = dvae_train_config(num_steps=30, eval_every=30, log_every=1, ema_decay=0.0)
+    summary = train_dvae(config, workdir)
+    assert summary["step"] == 30 and np.isfinite(summary["psnr"])
+    assert {"psnr_fine", "psnr_coarse", "fine_fraction", "latent_scale", "train_fine_fraction_per_class"} <= set(summary)
+    assert 0.2 < summary["fine_fraction"] < 0.8  # random routing at r = 0.5 on 8 x 16 regions
+    files = set(os.listdir(workdir))
+    assert {"config.json", "eval.json", "latent_scale.json", "checkpoints", "images"} <= files
+    assert os.listdir(os.path.join(workdir, "images")) == ["reconstructions_0000030.png"]
+
+    losses = _scalars(workdir, "l1_loss")
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+
+    dvae = DVAE.from_checkpoint(workdir)
+    stored = json.loads(open(os.path.join(workdir, "latent_scale.json")).read())
+    assert dvae.latent_scale == pytest.approx(stored["latent_scale"]) and stored["latent_scale"] > 0
+    params, _ = checkpoints.load_params(workdir)
+    for name, value in flat(params).items():
+        np.testing.assert_array_equal(flat(jax.device_get(dvae.params))[name], value)
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+    latents, grains = dvae.encode(images)
+    assert latents.shape == (2, 8, 8, 4) and grains.shape == (2, 4, 4)
+    assert dvae.decode(latents, grains).dtype == np.uint8
+
+
+def _scalars(workdir: str, name: str) -> list[float]:
+    """One logged scalar's values in step order, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tensorboard.util.tensor_util import make_ndarray
+
+    events = EventAccumulator(workdir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    if name in events.Tags()["scalars"]:
+        return [e.value for e in events.Scalars(name)]
+    return [float(make_ndarray(e.tensor_proto)) for e in events.Tensors(name)]  # clu writes tensors
+
+
+def write_config_file(directory, **train) -> str:
+    return conftest.write_config_file(directory, "test_dvae_training.dvae_train_config", **train)
+
+
+def test_a_sigkilled_dvae_run_resumes_to_the_uninterrupted_runs_parameters(tmp_path):
+    config_file = write_config_file(str(tmp_path), checkpoint_every=2)
+    runs = {name: str(tmp_path / name) for name in ("straight", "killed")}
+    processes = {name: start_main(config_file, runs[name], "--config.train.num_steps=10") for name in runs}
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.isdir(os.path.join(runs["killed"], "checkpoints", "2")):
+        time.sleep(0.05)
+    processes["killed"].send_signal(signal.SIGKILL)
+    code, stderr = finish(processes["straight"])
+    assert code == 0, stderr[-3000:]
+    assert finish(processes["killed"])[0] == -signal.SIGKILL
+    saved = sorted(int(s) for s in os.listdir(os.path.join(runs["killed"], "checkpoints")) if s.isdigit())
+    assert saved and saved[-1] < 10
+    code, stderr = finish(start_main(config_file, runs["killed"], "--config.train.num_steps=10"))
+    assert code == 0, stderr[-3000:]
+    for use_ema in (False, True):
+        expected, step = checkpoints.load_params(runs["straight"], use_ema=use_ema)
+        resumed, resumed_step = checkpoints.load_params(runs["killed"], use_ema=use_ema)
+        assert step == resumed_step == 10
+        for key, value in flat(expected).items():
+            np.testing.assert_array_equal(flat(resumed)[key], value, err_msg=key)
+    assert (json.loads(open(os.path.join(runs["killed"], "latent_scale.json")).read())
+            == json.loads(open(os.path.join(runs["straight"], "latent_scale.json")).read()))
+
+
+def test_bad_dvae_inputs_are_one_line_errors(tmp_path):
+    from nativetok_jax.training.dvae_trainer import train_dvae
+
+    with pytest.raises(ConfigError, match=r"train.losses.pixel"):
+        config = dvae_train_config()
+        config.train.losses.pixel = "l3"
+        train_dvae(config, str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"model.grain.fine_ratio"):
+        config = dvae_train_config()
+        config.model.grain.fine_ratio = 1.5
+        train_dvae(config, str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match=r"model.grain.thresholds"):
+        train_dvae(dvae_train_config(routing="entropy"), str(tmp_path / "c"))
+    other = tmp_path / "other.json"
+    grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), grain.EntropySettings(8)).save(str(other))
+    with pytest.raises(grain.GrainError, match="other"):
+        train_dvae(dvae_train_config(routing="entropy", thresholds=str(other)), str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="not a Dynamic VAE"):
+        os.makedirs(tmp_path / "e")
+        checkpoints.write_config(str(tmp_path / "e"), conftest.tiny_config())
+        DVAE.from_checkpoint(str(tmp_path / "e"))

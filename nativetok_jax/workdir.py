@@ -123,7 +123,9 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
 
         validate_model(config.model)
         abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
-    return traverse_util.flatten_dict(sharding.params_of(abstract), sep="/")
+    # List layers (the DVAE's) have integer keys; orbax's metadata has them as strings.
+    flat = traverse_util.flatten_dict(sharding.params_of(abstract))
+    return {"/".join(map(str, key)): value for key, value in flat.items()}
 
 
 def changed_fields(directory: epath.Path, config: ml_collections.ConfigDict) -> str:

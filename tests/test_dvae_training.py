@@ -67,6 +67,17 @@ def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     assert latents.shape == (2, 8, 8, 4) and grains.shape == (2, 4, 4)
     assert dvae.decode(latents, grains).dtype == np.uint8
 
+    from nativetok_jax.evaluate import run_evaluation  # the command's whole path, on the DVAE workdir
+
+    out = str(tmp_path / "eval" / "dvae.json")
+    report = run_evaluation(workdir, "photos", out, num_images=4, batch_size=3)
+    assert report["num_images"] == 4 and np.isfinite(report["psnr"]) and 0 < report["ssim"] <= 1
+    assert 0 <= report["fine_fraction"] <= 1 and set(report["fine_fraction_per_class"]) == {"0"}
+    assert {"psnr_fine", "psnr_coarse"} <= set(report) and "codebook_usage" not in report
+    protocol = report["protocol"]
+    assert protocol["routing"]["mode"] == "random" and protocol["latent_scale"] == dvae.latent_scale
+    assert json.loads(open(out).read())["psnr"] == report["psnr"]
+
 
 def _scalars(workdir: str, name: str) -> list[float]:
     """One logged scalar's values in step order, from the run's TensorBoard events."""
@@ -131,3 +142,68 @@ def test_bad_dvae_inputs_are_one_line_errors(tmp_path):
         os.makedirs(tmp_path / "e")
         checkpoints.write_config(str(tmp_path / "e"), conftest.tiny_config())
         DVAE.from_checkpoint(str(tmp_path / "e"))
+
+
+def test_the_grain_latent_store_resumes_and_refuses_other_settings(tmp_path):
+    from nativetok_jax.data.grain_latent_store import GrainLatentSource
+    from nativetok_jax.data.sources import open_sources
+    from nativetok_jax.data.token_store import TokenStoreError, read_meta, write_meta
+    from nativetok_jax.training.grain_latent_extraction import extract_grain_latents
+
+    config = dvae_train_config()
+    dvae = DVAE.from_config(config, seed=0)
+    source, _ = open_sources(config.data, 4)
+    directory = str(tmp_path / "latents")
+
+    def extract(seed=0):
+        return extract_grain_latents(dvae, source, directory, data=config.data, num_examples=5, seed=seed,
+                                     description={"dvae": "fresh"}, batch_size=2, shard_size=2)
+
+    complete = extract()
+    assert len(complete) == 5 and sorted(os.listdir(directory)).count("meta.json") == 1
+    example = complete[4]
+    assert example["mean"].shape == example["logvar"].shape == (2, 8, 8, 4)
+    assert example["grains"].shape == (2, 4, 4) and example["label"] == 0
+    expected = [complete[i] for i in range(5)]
+    # The image and its flip are encoded on their own: the flip's latents are not flipped latents.
+    images = np.stack([np.asarray(dvae.decode(e["mean"], e["grains"])) for e in expected[:1]])[0]
+    assert images.shape == (2, 16, 16, 3)
+
+    os.remove(os.path.join(directory, "mean-00001.npy"))  # killed while writing shard 1
+    write_meta(directory, dict(read_meta(directory), complete=False))
+    with pytest.raises(TokenStoreError, match="not a complete"):
+        GrainLatentSource(directory)
+    resumed = extract()
+    for i in range(5):
+        for name, value in expected[i].items():
+            np.testing.assert_array_equal(resumed[i][name], value)
+    with pytest.raises(TokenStoreError, match="seed"):
+        extract(seed=1)
+
+
+def test_the_routing_experiment_reports_every_arm(tmp_path):
+    from nativetok_jax.data.pipeline import eval_images
+    from nativetok_jax.data.sources import open_sources
+    from nativetok_jax.experiments.grain_routing import ARMS, arm_config, run, table
+
+    settings = grain.EntropySettings(4)
+    config = dvae_train_config(num_steps=2, checkpoint_every=2)
+    source, _ = open_sources(config.data, 4)
+    crops = eval_images(config.data, source, image_size=16, num_images=16, seed=3)
+    thresholds = str(tmp_path / "thresholds.json")
+    grain.GrainThresholds.from_entropies(np.asarray(grain.region_entropy(crops, settings)), settings).save(thresholds)
+    config.model.grain.update(routing="entropy", thresholds=thresholds)
+    assert arm_config(config, "single_grain").model.latent_channels == 10  # 4 (4 r + 1 - r) at r = 0.5
+
+    report = run(config, str(tmp_path / "experiment"), steps=1)
+    assert set(report["arms"]) == set(ARMS) and report["budget"]["num_steps"] == 1
+    for arm, row in report["arms"].items():
+        assert np.isfinite(row["psnr"]) and np.isfinite(row["psnr_entropy_fine_regions"] or 0.0), arm
+    assert report["arms"]["fine"]["fine_fraction"] == 1 and report["arms"]["coarse"]["psnr_fine_regions"] is None
+    floats = {arm: row["latent_floats_per_image"] for arm, row in report["arms"].items()}
+    assert floats["single_grain"] == 16 * 10 and floats["fine"] == 16 * 4 * 4 and floats["coarse"] == 16 * 4
+    assert set(report["model_free"]["arms"]) == {"entropy", "random", "fine", "coarse"}
+    saved = json.loads(open(tmp_path / "experiment" / "grain_routing.json").read())
+    assert saved["arms"]["entropy"]["psnr"] == report["arms"]["entropy"]["psnr"]
+    assert os.path.getsize(tmp_path / "experiment" / "grain_routing.png") > 0
+    assert "single_grain" in table(report)

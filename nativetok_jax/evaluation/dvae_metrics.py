@@ -144,3 +144,19 @@ def evaluate_dvae(
     if shown is not None:
         shown.extend(np.concatenate(parts) for parts in shown_parts)
     return metrics, reference
+
+
+def dvae_protocol(dvae: Any) -> dict[str, Any]:
+    """What ``evaluate`` records about how a Dynamic VAE was judged."""
+    config = dvae.model_config
+    return {
+        "reconstruction": "decode(encode(x)) in uint8: the posterior mean of the routed latents, decoded",
+        "routing": {"mode": config.routing, "fine_ratio": config.fine_ratio, "thresholds": config.thresholds,
+                    "region_size": config.coarse_factor, "entropy": config.entropy_settings.to_dict(),
+                    "random_seed": "batch index (random routing only)"},
+        "grains": {"coarse_factor": config.coarse_factor, "fine_factor": config.fine_factor},
+        "latent_scale": dvae.latent_scale,
+        "psnr_by_grain": "10 log10(255^2 / MSE), MSE pooled over every pixel and channel of the regions routed "
+                         "fine (coarse) in the whole set; null when no region had that grain",
+        "fine_fraction": "regions routed fine / all regions; per class by label",
+    }

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
-from nativetok_jax.evaluation.metrics import PEAK
+from nativetok_jax.evaluation.metrics import psnr_of_squared_error
 from nativetok_jax.evaluation.ssim import WIN_SIZE
 from nativetok_jax.evaluation.tokenizer_metrics import (
     PAIR_METRICS,
@@ -54,14 +54,6 @@ def region_squared_errors(originals: np.ndarray, reconstructions: np.ndarray, gr
     channels = originals.shape[-1]
     return {"fine": (float(error[fine].sum()), int(fine.sum()) * channels),
             "coarse": (float(error[~fine].sum()), int((~fine).sum()) * channels)}
-
-
-def pooled_psnr(squared_error: float, count: int) -> float | None:
-    """PSNR (dB) of a pooled MSE; None when there were no values, inf for an exact match."""
-    if count == 0:
-        return None
-    mse = squared_error / count
-    return float("inf") if mse == 0 else float(10.0 * np.log10(PEAK**2 / mse))
 
 
 def evaluate_dvae(
@@ -130,7 +122,7 @@ def evaluate_dvae(
     if inception is not None and num_images < 2:
         raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
     metrics: dict[str, Any] = {name: sums[name] / num_images for name in PAIR_METRICS if name in sums}
-    metrics.update({f"psnr_{name}": pooled_psnr(*totals) for name, totals in regions.items()})
+    metrics.update({f"psnr_{name}": psnr_of_squared_error(*totals) for name, totals in regions.items()})
     fine = sum(v[0] for v in fine_by_class.values())
     metrics["fine_fraction"] = fine / sum(v[1] for v in fine_by_class.values())
     metrics["fine_fraction_per_class"] = {str(k): v[0] / v[1] for k, v in sorted(fine_by_class.items())}

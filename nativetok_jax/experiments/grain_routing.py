@@ -115,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0) -> dict
 
 def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, batch_size: int = 64) -> dict[str, Any]:
     """One arm's held-out PSNRs (pooled), its fine fraction and latent floats per image."""
-    from nativetok_jax.evaluation.dvae_metrics import pooled_psnr, region_squared_errors
+    from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
+    from nativetok_jax.evaluation.metrics import psnr_of_squared_error
     from nativetok_jax.models import grain
 
     totals = {name: [0.0, 0] for name in ("fine", "coarse", "entropy_fine", "entropy_coarse")}
@@ -131,8 +132,8 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
         fine.append(grains.mean())
         floats.append(np.asarray(grain.code_weights(grains, (2, 1))).sum(axis=(1, 2)) * dvae.latent_shape[-1])
     overall = (totals["fine"][0] + totals["coarse"][0], totals["fine"][1] + totals["coarse"][1])
-    return {"psnr": pooled_psnr(*overall),
-            **{f"psnr_{name}_regions": pooled_psnr(*value) for name, value in totals.items()},
+    return {"psnr": psnr_of_squared_error(*overall),
+            **{f"psnr_{name}_regions": psnr_of_squared_error(*value) for name, value in totals.items()},
             "fine_fraction": float(np.mean(fine)), "latent_floats_per_image": float(np.concatenate(floats).mean()),
             "latent_scale": dvae.latent_scale}
 

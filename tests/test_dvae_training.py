@@ -99,17 +99,24 @@ def write_config_file(directory, **train) -> str:
 def test_a_sigkilled_dvae_run_resumes_to_the_uninterrupted_runs_parameters(tmp_path):
     config_file = write_config_file(str(tmp_path), checkpoint_every=2)
     runs = {name: str(tmp_path / name) for name in ("straight", "killed")}
-    processes = {name: start_main(config_file, runs[name], "--config.train.num_steps=10") for name in runs}
-    deadline = time.time() + 240
-    while time.time() < deadline and not os.path.isdir(os.path.join(runs["killed"], "checkpoints", "2")):
-        time.sleep(0.05)
+
+    def wait_for_first_checkpoint(name):
+        deadline = time.time() + 600
+        while time.time() < deadline and not os.path.isdir(os.path.join(runs[name], "checkpoints", "2")):
+            time.sleep(0.05)
+
+    # The second run starts once the first has compiled, so it loads the programs from the cache.
+    processes = {"straight": start_main(config_file, runs["straight"], "--config.train.num_steps=10")}
+    wait_for_first_checkpoint("straight")
+    processes["killed"] = start_main(config_file, runs["killed"], "--config.train.num_steps=10")
+    wait_for_first_checkpoint("killed")
     processes["killed"].send_signal(signal.SIGKILL)
-    code, stderr = finish(processes["straight"])
+    code, stderr = finish(processes["straight"], timeout=900)
     assert code == 0, stderr[-3000:]
     assert finish(processes["killed"])[0] == -signal.SIGKILL
     saved = sorted(int(s) for s in os.listdir(os.path.join(runs["killed"], "checkpoints")) if s.isdigit())
     assert saved and saved[-1] < 10
-    code, stderr = finish(start_main(config_file, runs["killed"], "--config.train.num_steps=10"))
+    code, stderr = finish(start_main(config_file, runs["killed"], "--config.train.num_steps=10"), timeout=900)
     assert code == 0, stderr[-3000:]
     for use_ema in (False, True):
         expected, step = checkpoints.load_params(runs["straight"], use_ema=use_ema)

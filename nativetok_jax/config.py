@@ -245,8 +245,8 @@ def generator_config() -> ml_collections.ConfigDict:
 def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config stored as JSON (a run's ``config.json``, an exported model's), with the default
     of every field added since it was written, so older runs and exports keep loading."""
-    task = stored.get("task")
-    defaults = generator_config() if task == "generator" else dit_config() if task == "diffusion" else base_config()
+    defaults = {"generator": generator_config, "diffusion": dit_config, "dvae": dvae_config}.get(
+        stored.get("task"), base_config)()
     return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
 
 
@@ -452,7 +452,7 @@ def _number(value, field: str, low: float = 0.0) -> None:
 
 def _validate_objective(config: ml_collections.ConfigDict) -> None:
     """The loss weights, the discriminator, and the pretrained files the objective needs."""
-    losses, head = config.train.losses, config.model.decoder.head
+    losses, head = config.train.losses, (config.model.get("decoder") or {}).get("head", "pixel")
     for name in ("pixel_weight", "quantizer_weight", "perceptual_weight", "proxy_weight",
                  "adversarial_weight", "lecam_weight", "max_adaptive_weight"):
         _number(losses.get(name), f"train.losses.{name}")
@@ -761,6 +761,7 @@ def dvae_config() -> ml_collections.ConfigDict:
     losses = config.train.losses
     losses.pixel, losses.perceptual_weight, losses.adversarial_weight = "l1", 1.0, 0.5
     losses.kl_weight = 1e-6
+    config.train.latent_scale_batches = 8  # training batches the final latent scale is measured on
     return config
 
 
@@ -794,6 +795,11 @@ def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
 def validate_dvae(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first DVAE model, data or loss field that cannot work."""
     validate_dvae_model(config.model)
+    validate_loop(config.train)
     _number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
+    _positive_int(config.train.get("latent_scale_batches"), "train.latent_scale_batches")
+    _require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
+             f"must be 'l1' or 'l2', got {config.train.losses.get('pixel')!r}")
+    _validate_objective(config)
     _require(data_source_ok(config.data), "data.source",
              f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")

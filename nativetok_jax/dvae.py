@@ -1,6 +1,7 @@
 """The public Dynamic VAE: uint8 images in, fine-grid latents and a grain map out, and back.
 
     vae = DVAE.from_config(config, seed=0)        # config: nativetok_jax.config.dvae_config()
+    vae = DVAE.from_checkpoint(workdir)           # a trained run (task="dvae"), its latent scale included
     latents, grains = vae.encode(images)          # uint8 [B, H, W, 3] -> float32 [B, h, w, C], int32 [B, H/S, W/S]
     images = vae.decode(latents, grains)          # -> uint8 [B, H, W, 3]
     z = latents * vae.latent_scale               # what a diffusion model sees (unit variance)
@@ -15,6 +16,7 @@ file ``model.grain.thresholds`` names, or a fixed-grain mode ("fine", "coarse", 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +26,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding
+from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_dvae_model
 from nativetok_jax.models import grain
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
+
+LATENT_SCALE_FILE = "latent_scale.json"  # written by the trainer beside the checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,14 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
     )
 
 
+def _list_keys(tree: Any) -> Any:
+    """A restored parameter tree with the integer keys of ``nnx.List`` layers back (orbax stores
+    every dict key as a string)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _list_keys(v) for k, v in tree.items()}
+
+
 def _key(seed: int | jax.Array) -> jax.Array:
     return jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
 
@@ -106,6 +118,21 @@ class DVAE:
                     mesh: jax.sharding.Mesh | None = None) -> DVAE:
         """A DVAE for ``config`` with the given parameters (checked, then placed on the mesh)."""
         return cls(_compile(config, mesh), None, latent_scale).with_params(params)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Any, *, use_ema: bool = True,
+                        mesh: jax.sharding.Mesh | None = None) -> DVAE:
+        """The DVAE in the newest checkpoint of a ``task="dvae"`` workdir (local or a URL), with the
+        latent scale the trainer stored beside it (``latent_scale.json``; 1.0 when the run has not
+        finished). EMA weights when the run kept them and ``use_ema``. Raises ``FileNotFoundError``
+        for a directory without a config or checkpoints, ``ValueError`` for a run of another task."""
+        config = checkpoints.read_config(path)
+        if config.get("task") != "dvae":
+            raise ValueError(f"{path} holds a {config.get('task', 'tokenizer')!r} run, not a Dynamic VAE (task='dvae')")
+        params, _ = checkpoints.load_params(path, use_ema=use_ema)
+        scale_file = storage.path(path) / LATENT_SCALE_FILE
+        scale = json.loads(scale_file.read_text())["latent_scale"] if scale_file.is_file() else 1.0
+        return cls.from_params(config, _list_keys(params), latent_scale=scale, mesh=mesh)
 
     # ----------------------------------------------------------------------------- properties
 

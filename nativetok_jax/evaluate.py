@@ -1,4 +1,6 @@
-"""``python -m nativetok_jax.evaluate --workdir DIR --data SOURCE --out FILE.json``: judge a tokenizer.
+"""``python -m nativetok_jax.evaluate --workdir DIR --data SOURCE --out FILE.json``: judge a tokenizer
+(or a Dynamic VAE: a ``task="dvae"`` workdir also gets PSNR over fine- and coarse-routed regions and
+the realised fine fraction, and no token prefixes).
 
 Reconstructs every image of SOURCE (an image folder, ``tfds:NAME:SPLIT``, or ``photos``: the
 held-out photographs bundled with scikit-image) with the newest checkpoint in DIR, from all tokens
@@ -42,7 +44,9 @@ from nativetok_jax.data.sources import (  # noqa: E402
     PhotoSource,
     TfdsSource,
 )
+from nativetok_jax.dvae import DVAE  # noqa: E402
 from nativetok_jax.evaluation import fid  # noqa: E402
+from nativetok_jax.evaluation.dvae_metrics import dvae_protocol, evaluate_dvae  # noqa: E402
 from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
 from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
     load_features,
@@ -248,7 +252,10 @@ def run_evaluation(
 
     source = open_source(data, tfds_data_dir)
     check_loadable(workdir)
-    tokenizer = Tokenizer.from_checkpoint(workdir, use_ema=use_ema)
+    is_dvae = checkpoints.read_config(checkpoints.final_stage_directory(workdir)).get("task") == "dvae"
+    # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
+    tokenizer = (DVAE if is_dvae else Tokenizer).from_checkpoint(workdir, use_ema=use_ema)
+    prefix = prefix and not is_dvae
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
@@ -262,17 +269,17 @@ def run_evaluation(
         "image_size": size,
         "batch_size": batch_size,
         "preprocessing": PREPROCESSING.format(size=size),
-        "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
         "checkpoint": _checkpoint_record(workdir, use_ema),
-        "num_tokens": tokenizer.num_tokens,
-        "codebook_size": tokenizer.codebook_size,
+        **(dvae_protocol(tokenizer) if is_dvae else {
+            "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
+            "num_tokens": tokenizer.num_tokens, "codebook_size": tokenizer.codebook_size,
+            "codebook": "usage: distinct codes over all images' tokens / codebook size; perplexity: exp(entropy) "
+                        "of that code histogram"}),
         "psnr": "per image (MSE over pixels and channels, peak 255), averaged over images",
         "ssim": (f"per image on uint8 RGB, Wang et al. 2004: Gaussian window {WIN_SIZE} x {WIN_SIZE} "
                  f"(sigma {SIGMA}), population covariance, K1 {K1}, K2 {K2}, data range 255, border of "
                  f"{(WIN_SIZE - 1) // 2} px excluded, mean over channels (skimage structural_similarity); "
                  f"averaged over images"),
-        "codebook": "usage: distinct codes over all images' tokens / codebook size; perplexity: exp(entropy) "
-                    "of that code histogram",
     }
 
     lpips = inception = reference = None
@@ -306,8 +313,11 @@ def run_evaluation(
     start = time.time()
     logging.info("evaluating %d images of %s in batches of %d", expected_images, data, batch_size)
     try:
-        metrics, reference = evaluate_tokenizer(tokenizer, batches, lpips=lpips, inception=inception,
-                                                reference=reference, prefix=prefix)
+        if is_dvae:
+            metrics, reference = evaluate_dvae(tokenizer, batches, lpips=lpips, inception=inception, reference=reference)
+        else:
+            metrics, reference = evaluate_tokenizer(tokenizer, batches, lpips=lpips, inception=inception,
+                                                    reference=reference, prefix=prefix)
     except ValueError as error:  # no readable image, or too few for rFID: the data's fault
         raise EvaluationError(f"--data {data}: {str(error).strip().splitlines()[0]} "
                               f"({skipped.count} unreadable)") from None
@@ -504,6 +514,12 @@ def main(argv: list[str]) -> None:
     if "inception_score" in report:
         inception = report["protocol"]["inception"]
         extras += f" ({inception['inception_score_splits']} splits of {inception['inception_score_split_size']})"
+    if "fine_fraction" in report:  # a Dynamic VAE
+        grains = ", ".join(f"{g} regions {report[f'psnr_{g}']:.2f} dB" for g in ("fine", "coarse")
+                           if report[f"psnr_{g}"] is not None)
+        print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB ({grains}), SSIM {report['ssim']:.4f}"
+              f"{extras}, fine fraction {report['fine_fraction']:.3f}; wrote {FLAGS.out}")
+        return
     print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{extras}, "
           f"codebook usage {report['codebook_usage']:.3f}, perplexity {report['perplexity']:.1f}; "
           f"wrote {FLAGS.out}")

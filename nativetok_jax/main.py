@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
     from nativetok_jax.data.token_store import TokenStoreError
+    from nativetok_jax.models.grain import GrainError
     from nativetok_jax.pretrained.files import WeightsError
     from nativetok_jax.training.diffusion_trainer import train_diffusion
     from nativetok_jax.training.generator_trainer import train_generator
@@ -70,11 +71,16 @@ def main(argv: list[str]) -> None:
         with ends_preempted_runs():
             if task == "diffusion":
                 summary = train_diffusion(FLAGS.config, FLAGS.workdir)
+            elif task == "dvae":
+                from nativetok_jax.training.dvae_trainer import train_dvae
+
+                summary = train_dvae(FLAGS.config, FLAGS.workdir)
             elif generator:
                 summary = train_generator(FLAGS.config, FLAGS.workdir)
             else:
                 summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, RestoreError, NonFiniteLossError, WeightsError, TokenStoreError) as error:
+    except (ConfigError, DataError, RestoreError, NonFiniteLossError, WeightsError, TokenStoreError,
+            GrainError) as error:
         sys.exit(f"error: {error}")
     except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
         sys.exit(f"error: {error}")
@@ -82,6 +88,11 @@ def main(argv: list[str]) -> None:
         mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
         print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse} after {summary['step']} steps; "
               f"samples in {FLAGS.workdir}/images")
+        return
+    if task == "dvae":
+        print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB, fine fraction "
+              f"{summary['train_fine_fraction']:.3f} on training crops, latent scale {summary['latent_scale']:.4f}; "
+              f"outputs in {FLAGS.workdir}")
         return
     if generator:
         print(f"done in {time.time() - start:.0f} s: held-out NLL {summary['nll_per_token']:.4f} nats/token "

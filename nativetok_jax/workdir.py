@@ -116,12 +116,20 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
         from nativetok_jax.models.dit import dit_from_config  # validates the model section
 
         abstract = nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))
+    elif config.get("task") == "dvae":
+        from nativetok_jax.config import validate_dvae_model
+        from nativetok_jax.models.dvae import build_dvae
+
+        validate_dvae_model(config.model)
+        abstract = nnx.eval_shape(lambda: build_dvae(config.model, nnx.Rngs(0)))
     else:
         from nativetok_jax.models import build_model
 
         validate_model(config.model)
         abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
-    return traverse_util.flatten_dict(sharding.params_of(abstract), sep="/")
+    # List layers (the DVAE's) have integer keys; orbax's metadata has them as strings.
+    flat = traverse_util.flatten_dict(sharding.params_of(abstract))
+    return {"/".join(map(str, key)): value for key, value in flat.items()}
 
 
 def changed_fields(directory: epath.Path, config: ml_collections.ConfigDict) -> str:

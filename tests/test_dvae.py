@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from nativetok_jax import sharding
-from nativetok_jax.config import ConfigError, dvae_config, load_config_file, validate_dvae
+from nativetok_jax.config import ConfigError, dvae_config, load_config_file, validate_dvae, validate_dvae_model
 from nativetok_jax.dvae import DVAE
 from nativetok_jax.models import grain
 from nativetok_jax.models.dvae import (DVAEConfig, DynamicVAE, Posterior, kl_divergence, latent_scale_of,
@@ -248,7 +248,9 @@ def test_dvae_configs_validate_and_build():
     assert sum(x.size for x in jax.tree.leaves(sharding.params_of(model))) < 3_000_000  # sized for 2 cores
     for arg in ("imagenet", "ffhq"):
         full = load_config_file(os.path.join(CONFIG_DIR, f"dvae.py:{arg}"))
-        validate_dvae(full)
+        validate_dvae_model(full.model)
+        with pytest.raises(ConfigError, match="pretrained.lpips: is needed"):  # L1 + LPIPS + GAN: name the weights
+            validate_dvae(full)
         model_config = DVAEConfig.from_model_config(full.model)
         assert (model_config.factors, model_config.latent_size, model_config.entropy_settings.num_bins) == ((16, 8), 32, 256)
 

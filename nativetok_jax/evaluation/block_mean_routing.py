@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nativetok_jax.evaluation.metrics import psnr
+from nativetok_jax.evaluation.metrics import pooled_psnr
 from nativetok_jax.models import grain
 
 ARMS = ("entropy", "random", "fine", "coarse")
@@ -50,7 +50,8 @@ def shuffled_grains(grains: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _psnr_where(images: np.ndarray, rebuilt: np.ndarray, pixel_mask: np.ndarray) -> float | None:
-    return psnr(images[pixel_mask], rebuilt[pixel_mask]) if pixel_mask.any() else None
+    # Pooled, as the protocol says (metrics.psnr is a per-image mean and needs whole images).
+    return pooled_psnr(images[pixel_mask], rebuilt[pixel_mask])
 
 
 def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
         fine_pixels = np.broadcast_to(fine_pixels[..., None], images.shape)
         codes = np.asarray(grain.code_weights(grains, router.factors)).sum(axis=(1, 2))
         arms[arm] = dict(
-            psnr=psnr(images, rebuilt),
+            psnr=pooled_psnr(images, rebuilt),
             psnr_fine_regions=_psnr_where(images, rebuilt, fine_pixels),
             psnr_coarse_regions=_psnr_where(images, rebuilt, ~fine_pixels),
             fine_fraction=float(grains.mean()),

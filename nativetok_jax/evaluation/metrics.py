@@ -24,6 +24,22 @@ def psnr_per_image(reference: jax.Array, reconstruction: jax.Array) -> jax.Array
     return jnp.where(mse > 0, 10.0 * jnp.log10(PEAK**2 / jnp.where(mse > 0, mse, 1.0)), jnp.inf)
 
 
+def psnr_of_squared_error(squared_error: float, count: int) -> float | None:
+    """PSNR (dB, peak 255) of a squared error summed over ``count`` values: None when there were
+    none, inf for an exact match."""
+    if count == 0:
+        return None
+    mse = squared_error / count
+    return float("inf") if mse == 0 else float(10.0 * np.log10(PEAK**2 / mse))
+
+
+def pooled_psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float | None:
+    """PSNR (dB) of the MSE pooled over every value of two uint8 arrays of any (equal) shape, e.g.
+    the pixels of some regions of a set; None for empty arrays."""
+    error = np.square(np.asarray(reference, np.float64) - np.asarray(reconstruction, np.float64))
+    return psnr_of_squared_error(float(error.sum()), error.size)
+
+
 def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
     """Mean over images of :func:`psnr_per_image`, in dB, for uint8 ``[B, H, W, C]`` batches."""
     return float(np.mean(np.asarray(psnr_per_image(jnp.asarray(reference), jnp.asarray(reconstruction)), np.float64)))

@@ -52,7 +52,7 @@ def needs_lpips(config: ml_collections.ConfigDict) -> bool:
 
 
 def needs_vqgan(config: ml_collections.ConfigDict) -> bool:
-    return config.model.decoder.head == "proxy_codes"
+    return (config.model.get("decoder") or {}).get("head") == "proxy_codes"  # a DVAE has no proxy head
 
 
 def load_networks(config: ml_collections.ConfigDict, *, random_weights: bool = False) -> FrozenNetworks:

@@ -91,49 +91,82 @@ def tokenizer_objective(
             return sum(terms.values()), (dict(metrics, **terms), None)
 
         last_input, last_kernel, readout = pixel_readout(model, nets, features)
-        reconstruction = readout(last_input, None)
-
-        def reconstruction_terms(pixels: jax.Array) -> dict[str, jax.Array]:
-            out = {f"{weights.pixel}_loss": weights.pixel_weight * L.pixel_loss(weights.pixel, pixels, images)}
-            if "lpips" in networks:
-                lpips = networks.module(nets, "lpips")
-                out["perceptual_loss"] = weights.perceptual_weight * jnp.mean(lpips(pixels, images))
-            return out
-
-        terms.update(reconstruction_terms(reconstruction))
-        if discriminator is not None:
-            critic_params = jax.lax.stop_gradient(context.extra["discriminator"]["params"])
-
-            def adversarial_term(reconstruction):
-                critic = nnx.merge(discriminator.graphdef, critic_params)
-                weight = jnp.float32(weights.adversarial_weight)
-                if weights.adaptive_adversarial_weight:
-                    fixed_input = jax.lax.stop_gradient(last_input)
-                    weight = weight * L.adaptive_weight(
-                        lambda w: sum(reconstruction_terms(readout(fixed_input, w)).values()),
-                        lambda w: L.hinge_generator_loss(critic(readout(fixed_input, w))),
-                        last_kernel,
-                        weights.max_adaptive_weight,
-                    )
-                return weight * L.hinge_generator_loss(critic(reconstruction)), weight
-
-            def off(reconstruction):
-                return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-
-            adversarial_on = context.step >= weights.adversarial_start_step
-            terms["adversarial_loss"], metrics["adversarial_weight"] = jax.lax.cond(
-                adversarial_on, adversarial_term, off, reconstruction)
+        pixel_terms, pixel_metrics, reconstruction = reconstruction_terms(
+            weights, images, last_input, last_kernel, readout, context, networks, discriminator)
+        terms.update(pixel_terms)
+        metrics.update(pixel_metrics)
         return sum(terms.values()), (dict(metrics, **terms), reconstruction)
 
-    update_extra = None
-    if discriminator is not None:
-        def update_extra(context: StepContext, batch: dict[str, jax.Array], reconstruction: jax.Array):
-            active = context.step >= weights.adversarial_start_step
-            state, metrics = discriminator.update(context.extra["discriminator"], images_to_model(batch["image"]),
-                                                  reconstruction, active)
-            return {"discriminator": state}, metrics
+    return Objective(loss, discriminator_update(discriminator, weights.adversarial_start_step),
+                     networks.arrays if networks.arrays else None)
 
-    return Objective(loss, update_extra, networks.arrays if networks.arrays else None)
+
+def reconstruction_terms(
+    weights: ml_collections.ConfigDict,
+    images: jax.Array,
+    last_input: jax.Array,
+    last_kernel: jax.Array,
+    readout: Readout,
+    context: StepContext,
+    networks: FrozenNetworks,
+    discriminator: Discriminator | None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """The loss terms of any model that makes pixels (the tokenizer, the Dynamic VAE): the pixel
+    loss, LPIPS (with an ``"lpips"`` network), and the hinge generator term (with a discriminator,
+    from ``adversarial_start_step``, scaled by VQGAN's adaptive weight at ``last_kernel``).
+
+    ``images``: the targets in [-1, 1]; ``readout(last_input, kernel)`` makes the reconstruction.
+    Returns ``(terms, metrics, reconstruction)``.
+    """
+    nets = context.constants
+    reconstruction = readout(last_input, None)
+
+    def pixel_terms(pixels: jax.Array) -> dict[str, jax.Array]:
+        out = {f"{weights.pixel}_loss": weights.pixel_weight * L.pixel_loss(weights.pixel, pixels, images)}
+        if "lpips" in networks:
+            lpips = networks.module(nets, "lpips")
+            out["perceptual_loss"] = weights.perceptual_weight * jnp.mean(lpips(pixels, images))
+        return out
+
+    terms, metrics = pixel_terms(reconstruction), {}
+    if discriminator is not None:
+        critic_params = jax.lax.stop_gradient(context.extra["discriminator"]["params"])
+
+        def adversarial_term(reconstruction):
+            critic = nnx.merge(discriminator.graphdef, critic_params)
+            weight = jnp.float32(weights.adversarial_weight)
+            if weights.adaptive_adversarial_weight:
+                fixed_input = jax.lax.stop_gradient(last_input)
+                weight = weight * L.adaptive_weight(
+                    lambda w: sum(pixel_terms(readout(fixed_input, w)).values()),
+                    lambda w: L.hinge_generator_loss(critic(readout(fixed_input, w))),
+                    last_kernel,
+                    weights.max_adaptive_weight,
+                )
+            return weight * L.hinge_generator_loss(critic(reconstruction)), weight
+
+        def off(reconstruction):
+            return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+        adversarial_on = context.step >= weights.adversarial_start_step
+        terms["adversarial_loss"], metrics["adversarial_weight"] = jax.lax.cond(
+            adversarial_on, adversarial_term, off, reconstruction)
+    return terms, metrics, reconstruction
+
+
+def discriminator_update(discriminator: Discriminator | None, start_step: int):
+    """``Objective.update_extra`` for a discriminator trained on the step's reconstructions (the
+    loss's ``aux``) from ``start_step``; None without one."""
+    if discriminator is None:
+        return None
+
+    def update_extra(context: StepContext, batch: dict[str, jax.Array], reconstruction: jax.Array):
+        active = context.step >= start_step
+        state, metrics = discriminator.update(context.extra["discriminator"], images_to_model(batch["image"]),
+                                              reconstruction, active)
+        return {"discriminator": state}, metrics
+
+    return update_extra
 
 
 def tokenizer_train_step(

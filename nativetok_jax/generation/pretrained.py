@@ -47,7 +47,7 @@ class TrainedGenerator:
         mesh, rules = tokenizer.mesh, sharding.rules_of(config)
         abstract = nnx.eval_shape(lambda: build_generator(
             config.generator, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens,
-            num_classes=self.num_classes, rngs=nnx.Rngs(0), dtype=config.model.dtype))
+            num_classes=self.num_classes, rngs=nnx.Rngs(0), dtype=config.generator.dtype))
         self.graphdef, _ = nnx.split(abstract)
         problems = sharding.mismatches(sharding.params_of(abstract), params)
         if problems:

@@ -113,12 +113,19 @@ def read_safetensors(path: storage.PathLike) -> dict[str, np.ndarray]:
     bfloat16 tensors come back as float32 (exact). A truncated or malformed file raises
     :class:`WeightsError` with the library's reason on one line.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load  # bfloat16 comes back as ml_dtypes.bfloat16
+    import tempfile
 
-    data = _read_bytes(path)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file  # reads bfloat16 (as ml_dtypes.bfloat16); ``load(bytes)`` does not
+
     try:
-        tensors = load(data)
+        if storage.is_local(path):
+            tensors = load_file(str(storage.path(path)))
+        else:  # the library reads local files only: a remote file goes through a temporary copy
+            with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
+                local.write(_read_bytes(path))
+                local.flush()
+                tensors = load_file(local.name)
     except (SafetensorError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{path} is not a readable safetensors file: {reason}") from None

@@ -166,13 +166,15 @@ def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
     result = run_without_tensorflow(f"""
         import json
         from nativetok_jax.config import base_config
+        from nativetok_jax.data.decoding import decode_rgb
         from nativetok_jax.data.sources import open_sources
         data = base_config().data
         data.source, data.tfds_name, data.tfds_data_dir = "tfds", "nativetok_tfds_reading", {str(tmp_path)!r}
         data.eval_split = "train"
         train, _ = open_sources(data, 1)
-        examples = [train[i] for i in range(len(train))]
-        print(json.dumps(sorted((int(e["image"][0, 0, 0]), list(e["image"].shape), int(e["label"])) for e in examples)))
+        examples = [train[i] for i in range(len(train))]  # encoded bytes, decoded as the pipeline does
+        images = [decode_rgb(e["image"], e["name"]) for e in examples]
+        print(json.dumps(sorted((int(x[0, 0, 0]), list(x.shape), int(e["label"])) for x, e in zip(images, examples))))
         print("tensorflow" in sys.modules)
     """, tmp_path)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""``python -m nativetok_jax.bench {model,train,generate,compare,diffusion} [options]``."""
+"""``python -m nativetok_jax.bench {model,train,generate,compare,profile,diffusion} [options]``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import sys
 
 import jax
 
-from nativetok_jax.bench import compare, diffusion, generate, model, train
+from nativetok_jax.bench import compare, diffusion, generate, model, profile, train
 
 BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run,
-              "compare": compare.run, "diffusion": diffusion.run}
+              "compare": compare.run, "profile": profile.run,
+              "diffusion": diffusion.run}
 
 
 def main(argv: list[str]) -> None:

@@ -78,3 +78,129 @@ def test_unigram_nll_of_a_token_directory(tmp_path):
 def test_bad_input_is_named(held_out, model_nll, message):
     with pytest.raises(ValueError, match=message):
         context_decomposition(np.array([[0, 1], [2, 2]]), held_out, model_nll, 3)
+
+
+# Per-token NLLs of trained generators (one tiny model of each kind, shared by the tests below).
+
+VOCAB, LENGTH, CLASSES = 16, 8, 2
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    rng = np.random.default_rng(4)
+    return rng.integers(0, VOCAB, size=(12, LENGTH)).astype(np.int32), rng.integers(0, CLASSES, size=12).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    from flax import nnx
+
+    from nativetok_jax.models.gpt import GPT
+
+    # A non-zero head, so that the NLLs differ from token to token.
+    return GPT(vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES, width=32, depth=1, num_heads=2,
+               mlp_hidden=64, zero_head=False, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def maskgit():
+    from flax import nnx
+
+    from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+
+    return MaskedTokenTransformer(vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES, width=32, depth=1,
+                                  num_heads=2, mlp_ratio=2.0, rngs=nnx.Rngs(1))
+
+
+def test_next_token_nll_is_what_the_generator_trainer_reports(gpt, held_out):
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from nativetok_jax import sharding
+    from nativetok_jax.config import generator_config
+    from nativetok_jax.evaluation.token_likelihood import next_token_nll
+    from nativetok_jax.layers.partitioning import axis_rules
+    from nativetok_jax.training.generator_trainer import HeldOutLikelihood
+
+    ids, labels = held_out
+    config = generator_config()
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_of(config)
+    graphdef, params = nnx.split(gpt)
+
+    class Store:  # the part of a TokenSource the trainer's evaluation reads
+        def arrays(self):
+            return ids, labels
+
+    trainer = HeldOutLikelihood(graphdef, ml_collections.ConfigDict(dict(kind="ar")), Store(), mesh, rules)(params)
+    with jax.set_mesh(mesh), axis_rules(rules):
+        nll = next_token_nll((graphdef, params), ids, labels, batch_size=8)  # 12 crops: a padded second batch
+    assert nll.shape == (12, LENGTH) and nll.dtype == np.float32
+    assert float(nll.mean()) == pytest.approx(trainer["nll_per_token"], rel=1e-6)
+    np.testing.assert_allclose(nll.mean(0), trainer["nll_by_position"], rtol=1e-6)
+    assert nll.std() > 0.1  # the comparison is not between two constants
+    # A zero head predicts every id with probability 1 / VOCAB (same program: only the values change).
+    uniform = jax.tree.map(lambda x: x, params)  # new Variables: the fixture's model keeps its head
+    uniform["head"][...] = np.zeros_like(uniform["head"][...])
+    np.testing.assert_allclose(next_token_nll((graphdef, uniform), ids, labels, batch_size=8), math.log(VOCAB),
+                               rtol=1e-6)
+
+
+def test_decoding_mask_rates_follow_the_samplers_cosine_schedule():
+    from nativetok_jax.evaluation.token_likelihood import decoding_mask_rates
+
+    # ceil(cos(pi/2 * t/8) * 32), each step committing at least one token: 32, 31, 30, 27, 23, 18, 13, 7.
+    assert decoding_mask_rates(8, 32) == tuple(c / 32 for c in (32, 31, 30, 27, 23, 18, 13, 7))
+
+
+def test_rate_masks_hide_ceil_rate_times_length_and_depend_only_on_the_crop():
+    import jax
+
+    from nativetok_jax.evaluation.token_likelihood import rate_masks
+
+    key = jax.random.key(0)
+    masks = rate_masks(key, 5, 30, (1.0, 0.1, 0.5, 0.01))
+    np.testing.assert_array_equal(masks.sum(-1), np.tile([30, 3, 15, 1], (5, 1)))  # 0.1 * 30 is 3, not 4
+    np.testing.assert_array_equal(rate_masks(key, 3, 30, (1.0, 0.1, 0.5, 0.01)), masks[:3])
+    assert not (masks[0, 2] == masks[1, 2]).all()  # crops get different positions
+    with pytest.raises(ValueError, match=r"mask_rates must be one or more fractions in \(0, 1\]"):
+        rate_masks(key, 5, 30, (0.5, 0.0))
+
+
+def test_masked_token_nll_is_maskgits_loss_at_fixed_masks(maskgit, held_out):
+    import jax
+    import jax.numpy as jnp
+
+    from nativetok_jax.evaluation.token_likelihood import masked_token_nll, rate_masks
+    from nativetok_jax.models.masked_generator import masked_cross_entropy
+
+    ids, labels = held_out
+    rates, key = (1.0, 0.5, 0.125), jax.random.key(3)
+    nll = masked_token_nll(maskgit, ids, labels, mask_rates=rates, key=key, batch_size=16)
+    assert nll.shape == (12, 3) and nll.dtype == np.float32
+    masks = rate_masks(key, 12, LENGTH, rates)
+    checked = [(0, 0), (5, 1), (11, 2)]  # (crop, rate) pairs, scored in one forward pass
+    mask = jnp.asarray(np.stack([masks[c, r] for c, r in checked]))
+    targets = jnp.asarray(ids[[c for c, _ in checked]])
+    logits = maskgit(jnp.where(mask, maskgit.mask_id, targets), jnp.asarray(labels[[c for c, _ in checked]]))
+    for row, (crop, rate) in enumerate(checked):
+        expected, _ = masked_cross_entropy(logits[row : row + 1], targets[row : row + 1], mask[row : row + 1])
+        assert nll[crop, rate] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_each_scorer_names_what_it_cannot_score(gpt, maskgit, held_out):
+    import jax
+
+    from nativetok_jax.evaluation.token_likelihood import masked_token_nll, next_token_nll
+
+    ids, labels = held_out
+    with pytest.raises(ValueError, match="next_token_nll scores a GPT, got a MaskedTokenTransformer"):
+        next_token_nll(maskgit, ids, labels)
+    with pytest.raises(ValueError, match="masked_token_nll scores a MaskedTokenTransformer, got a GPT"):
+        masked_token_nll(gpt, ids, labels, mask_rates=(1.0,), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"ids must be \[num_crops >= 1, 8\], got shape \[12, 7\]"):
+        next_token_nll(gpt, ids[:, :7], labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] \(2: the null class\)"):
+        next_token_nll(gpt, ids, labels + 2)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 16\)"):
+        next_token_nll(gpt, ids + VOCAB, labels)

@@ -71,3 +71,21 @@ def test_pairing_cancels_the_crop_difficulty_and_the_interval_shrinks_like_one_o
 def test_bad_input_is_named(a, b, kwargs, message):
     with pytest.raises(ValueError, match=message):
         paired_bootstrap_interval(a, b, **kwargs)
+
+
+def test_contrasts_plot_shows_each_interval_around_a_zero_line(tmp_path):
+    from nativetok_jax.evaluation.plots import plot_contrasts
+
+    contrasts = {"native - order_free": dict(mean_difference=-1.1, low=-1.3, high=-0.9),
+                 "native - native_permuted": dict(mean_difference=0.05, low=-0.02, high=0.12)}
+    figure = plot_contrasts(contrasts, tmp_path / "contrasts.png")
+    assert (tmp_path / "contrasts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figure.axes[0]
+    rows = sorted(axes.get_yticklabels(), key=lambda tick: -tick.get_position()[1])
+    assert [tick.get_text() for tick in rows] == list(contrasts)  # the first contrast on top
+    zero_lines = [line for line in axes.lines if list(line.get_xdata()) == [0, 0]]
+    assert len(zero_lines) == 1
+    texts = sorted(text.get_text() for text in axes.texts)
+    assert texts == ["+0.050 [-0.020, +0.120]", "-1.100 [-1.300, -0.900]"]
+    with pytest.raises(ValueError, match="contrast 'x' lacks low, high"):
+        plot_contrasts({"x": dict(mean_difference=0.0)}, tmp_path / "bad.png")

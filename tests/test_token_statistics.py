@@ -204,3 +204,38 @@ def test_each_scorer_names_what_it_cannot_score(gpt, maskgit, held_out):
         next_token_nll(gpt, ids, labels + 2)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 16\)"):
         next_token_nll(gpt, ids + VOCAB, labels)
+
+
+def test_nll_by_position_plot_draws_each_arms_seed_mean_and_band(tmp_path):
+    from nativetok_jax.evaluation.plots import plot_by_position
+
+    native = np.array([[3.0, 2.0, 1.0], [3.2, 2.2, 1.4], [3.4, 2.4, 1.6]])  # [seeds, L]
+    figure = plot_by_position({"native": native, "order_free": [4.0, 3.5, 3.0, 2.5]}, tmp_path / "nll.png")
+    assert (tmp_path / "nll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figure.axes[0]
+    (native_line, order_free_line) = axes.lines
+    np.testing.assert_allclose(native_line.get_ydata(), [3.2, 2.2, 4.0 / 3])
+    np.testing.assert_array_equal(order_free_line.get_xdata(), [1, 2, 3, 4])
+    assert len(axes.collections) == 1  # a band for the arm with seeds only
+    band = axes.collections[0].get_paths()[0].vertices
+    assert band[:, 1].max() == pytest.approx(3.4) and band[:, 1].min() == pytest.approx(4.0 / 3 - np.std([1.0, 1.4, 1.6], ddof=1))
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == [f"native: {native.mean():.3f} ± {native.mean(1).std(ddof=1):.3f} (3 seeds)", "order_free: 3.250"]
+    with pytest.raises(ValueError, match=r"arm 'x' must be \[L\] or \[seeds, L\], got shape \[2, 2, 2\]"):
+        plot_by_position({"x": np.zeros((2, 2, 2))}, tmp_path / "bad.png")
+
+
+def test_markdown_table_of_means_and_standard_deviations():
+    from nativetok_jax.evaluation.plots import markdown_table
+
+    table = markdown_table({
+        "native": {"nll": (2.85123, 0.0412), "psnr": (19.234, None), "params": 1_200_000},
+        "a|b": {"nll": (4.0, float("nan")), "psnr": None},
+    }, digits=2)
+    assert table == (
+        "| arm | nll | psnr | params |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| native | 2.85 ± 0.04 | 19.23 | 1200000 |\n"
+        "| a\\|b | 4.00 | – | – |\n"
+    )
+    assert markdown_table({"x": {"a": 1.0, "b": 2.0}}, columns=["b"]).splitlines()[2] == "| x | 2.000 |"

@@ -8,7 +8,8 @@ import pytest
 
 from nativetok_jax.data import token_store
 from nativetok_jax.evaluation.token_statistics import (
-    context_decomposition, plug_in_entropy, position_code_counts, unigram_nll, unigram_token_nll)
+    context_decomposition, masked_context_decomposition, plug_in_entropy, position_code_counts, unigram_nll,
+    unigram_token_nll)
 
 
 def test_unigram_nll_is_add_one_smoothed_per_position():
@@ -56,6 +57,25 @@ def test_a_copy_chain_read_by_a_perfect_model_gains_each_position_s_entropy():
     assert report["context_gain"] == pytest.approx(5 / 6 * math.log(16), abs=0.02)
 
 
+def test_a_perfect_masked_model_of_a_copy_chain_gains_everything_once_one_code_is_visible():
+    rng = np.random.default_rng(2)
+    sample = lambda n: np.repeat(rng.integers(0, 16, size=(n, 1)), 8, axis=1)  # every code equals the first
+    train, held_out = sample(20_000), sample(1_000)
+    # Rate 1 hides all 8 codes, rate 0.5 a random half of them.
+    masks = np.ones((1_000, 2, 8), bool)
+    masks[:, 1] = rng.permuted(np.repeat([[True, False]], 4, axis=1).repeat(1_000, 0), axis=1)
+    # The perfect generator: log 16 when nothing is visible, certain once any code is.
+    masked_nll = np.array([[math.log(16), 0.0]] * 1_000)
+    report = masked_context_decomposition(train, held_out, masks, masked_nll, 16, mask_rates=(1.0, 0.5))
+    assert report["mask_rates"] == [1.0, 0.5]
+    np.testing.assert_allclose(report["unigram_nll_by_rate"], math.log(16), atol=0.01)
+    np.testing.assert_allclose(report["context_gain_by_rate"], [0.0, math.log(16)], atol=0.01)
+    assert report["model_nll"] == pytest.approx(math.log(16) / 2)
+    assert masked_context_decomposition(train, held_out, masks, masked_nll, 16)["mask_rates"] == [1.0, 0.5]
+    with pytest.raises(ValueError, match=r"masked_nll must be \[m, R\] = \[1000, 2\]"):
+        masked_context_decomposition(train, held_out, masks, masked_nll[:, :1], 16)
+
+
 def test_unigram_nll_of_a_token_directory(tmp_path):
     train, held_out = np.array([[0, 2], [0, 2], [1, 2]]), np.array([[0, 2], [2, 1]])
     for split, ids in (("train", train), ("eval", held_out)):
@@ -91,59 +111,66 @@ def held_out():
     return rng.integers(0, VOCAB, size=(12, LENGTH)).astype(np.int32), rng.integers(0, CLASSES, size=12).astype(np.int32)
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    from flax import nnx
+def tiny_generator(kind: str):
+    """A trained-generator stand-in: a fresh tiny network, with a tokenizer reduced to what
+    TrainedGenerator reads (its mesh, vocabulary and length)."""
+    import types
 
-    from nativetok_jax.models.gpt import GPT
-
-    # A non-zero head, so that the NLLs differ from token to token.
-    return GPT(vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES, width=32, depth=1, num_heads=2,
-               mlp_hidden=64, zero_head=False, rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def maskgit():
-    from flax import nnx
-
-    from nativetok_jax.models.masked_generator import MaskedTokenTransformer
-
-    return MaskedTokenTransformer(vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES, width=32, depth=1,
-                                  num_heads=2, mlp_ratio=2.0, rngs=nnx.Rngs(1))
-
-
-def test_next_token_nll_is_what_the_generator_trainer_reports(gpt, held_out):
-    import jax
-    import ml_collections
     from flax import nnx
 
     from nativetok_jax import sharding
     from nativetok_jax.config import generator_config
-    from nativetok_jax.evaluation.token_likelihood import next_token_nll
-    from nativetok_jax.layers.partitioning import axis_rules
+    from nativetok_jax.generation.pretrained import TrainedGenerator
+    from nativetok_jax.models.generators import build_generator
+
+    config = generator_config()
+    config.generator.update(kind=kind, width=32, depth=1, num_heads=2, mlp_ratio=2.0)
+    network = build_generator(config.generator, vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES,
+                              rngs=nnx.Rngs(0))
+    tokenizer = types.SimpleNamespace(mesh=sharding.make_mesh(config.mesh), codebook_size=VOCAB, num_tokens=LENGTH)
+    params = sharding.params_of(network)
+    if kind == "ar":  # LlamaGen's zero head predicts uniformly: start from a random one instead
+        params["head"] = np.random.default_rng(0).normal(0.0, 1.0, params["head"].shape).astype(np.float32)
+    return network, TrainedGenerator(config, params, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return tiny_generator("ar")
+
+
+@pytest.fixture(scope="module")
+def maskgit():
+    return tiny_generator("maskgit")
+
+
+def test_next_token_nll_is_what_the_generator_trainer_reports(gpt, held_out):
+    import ml_collections
+
+    from nativetok_jax import sharding
+    from nativetok_jax.evaluation.token_likelihood import trained_generator_nll
+    from nativetok_jax.generation.pretrained import TrainedGenerator
     from nativetok_jax.training.generator_trainer import HeldOutLikelihood
 
+    _, generator = gpt
     ids, labels = held_out
-    config = generator_config()
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_of(config)
-    graphdef, params = nnx.split(gpt)
 
     class Store:  # the part of a TokenSource the trainer's evaluation reads
         def arrays(self):
             return ids, labels
 
-    trainer = HeldOutLikelihood(graphdef, ml_collections.ConfigDict(dict(kind="ar")), Store(), mesh, rules)(params)
-    with jax.set_mesh(mesh), axis_rules(rules):
-        nll = next_token_nll((graphdef, params), ids, labels, batch_size=8)  # 12 crops: a padded second batch
+    trainer = HeldOutLikelihood(generator.graphdef, ml_collections.ConfigDict(dict(kind="ar")), Store(),
+                                generator.tokenizer.mesh, sharding.rules_of(generator.config))(generator.params)
+    nll = trained_generator_nll(generator, ids, labels, batch_size=8)  # 12 crops: a padded second batch
     assert nll.shape == (12, LENGTH) and nll.dtype == np.float32
     assert float(nll.mean()) == pytest.approx(trainer["nll_per_token"], rel=1e-6)
     np.testing.assert_allclose(nll.mean(0), trainer["nll_by_position"], rtol=1e-6)
     assert nll.std() > 0.1  # the comparison is not between two constants
     # A zero head predicts every id with probability 1 / VOCAB (same program: only the values change).
-    uniform = jax.tree.map(lambda x: x, params)  # new Variables: the fixture's model keeps its head
-    uniform["head"][...] = np.zeros_like(uniform["head"][...])
-    np.testing.assert_allclose(next_token_nll((graphdef, uniform), ids, labels, batch_size=8), math.log(VOCAB),
-                               rtol=1e-6)
+    params = dict(generator.params)  # a shallow copy: the fixture keeps its head
+    params["head"] = np.zeros(np.shape(params["head"]), np.float32)
+    uniform = TrainedGenerator(generator.config, params, generator.tokenizer)
+    np.testing.assert_allclose(trained_generator_nll(uniform, ids, labels, batch_size=8), math.log(VOCAB), rtol=1e-6)
 
 
 def test_decoding_mask_rates_follow_the_samplers_cosine_schedule():
@@ -171,18 +198,21 @@ def test_masked_token_nll_is_maskgits_loss_at_fixed_masks(maskgit, held_out):
     import jax
     import jax.numpy as jnp
 
-    from nativetok_jax.evaluation.token_likelihood import masked_token_nll, rate_masks
+    from nativetok_jax.evaluation.token_likelihood import decoding_mask_rates, rate_masks, trained_generator_nll
     from nativetok_jax.models.masked_generator import masked_cross_entropy
 
+    network, generator = maskgit
     ids, labels = held_out
-    rates, key = (1.0, 0.5, 0.125), jax.random.key(3)
-    nll = masked_token_nll(maskgit, ids, labels, mask_rates=rates, key=key, batch_size=16)
-    assert nll.shape == (12, 3) and nll.dtype == np.float32
+    key = jax.random.key(3)
+    # By default, the rates the generator's own 8-step sampler visits: 8, 7, ..., 1 of 8 hidden.
+    nll = trained_generator_nll(generator, ids, labels, key=key, batch_size=16)
+    rates = decoding_mask_rates(8, LENGTH)
+    assert rates == tuple(c / 8 for c in range(8, 0, -1)) and nll.shape == (12, 8) and nll.dtype == np.float32
     masks = rate_masks(key, 12, LENGTH, rates)
-    checked = [(0, 0), (5, 1), (11, 2)]  # (crop, rate) pairs, scored in one forward pass
+    checked = [(0, 0), (5, 3), (11, 7)]  # (crop, rate) pairs, scored in one forward pass
     mask = jnp.asarray(np.stack([masks[c, r] for c, r in checked]))
     targets = jnp.asarray(ids[[c for c, _ in checked]])
-    logits = maskgit(jnp.where(mask, maskgit.mask_id, targets), jnp.asarray(labels[[c for c, _ in checked]]))
+    logits = network(jnp.where(mask, network.mask_id, targets), jnp.asarray(labels[[c for c, _ in checked]]))
     for row, (crop, rate) in enumerate(checked):
         expected, _ = masked_cross_entropy(logits[row : row + 1], targets[row : row + 1], mask[row : row + 1])
         assert nll[crop, rate] == pytest.approx(float(expected), rel=1e-5)
@@ -193,6 +223,7 @@ def test_each_scorer_names_what_it_cannot_score(gpt, maskgit, held_out):
 
     from nativetok_jax.evaluation.token_likelihood import masked_token_nll, next_token_nll
 
+    (gpt, _), (maskgit, _) = gpt, maskgit
     ids, labels = held_out
     with pytest.raises(ValueError, match="next_token_nll scores a GPT, got a MaskedTokenTransformer"):
         next_token_nll(maskgit, ids, labels)

@@ -13,6 +13,7 @@ needs the per-token numbers behind that average:
   positions is hidden. :func:`decoding_mask_rates` gives the rates MaskGIT's cosine decoding
   schedule (``generation/masked.py``) puts its inputs at; :func:`rate_masks` the masks, fixed by
   the key and the crop's index, so every arm scored with one key sees the same masks.
+- :func:`trained_generator_nll`: either, for a trained generator loaded from its workdir.
 
 Both run one jitted program per batch shape (the model structure is static) and work under a
 mesh with axis rules (``jax.set_mesh(mesh)`` and ``axis_rules(rules)``), gathering every
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,14 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from nativetok_jax import sharding
 from nativetok_jax.generation.masked import mask_schedule
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.gpt import GPT
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+
+if TYPE_CHECKING:
+    from nativetok_jax.generation.pretrained import TrainedGenerator
 
 Model = GPT | MaskedTokenTransformer | tuple[nnx.GraphDef, Any]
 
@@ -62,6 +68,32 @@ def next_token_nll(model: Model, ids: np.ndarray, labels: np.ndarray, *, batch_s
     graphdef, params, network = _split(model, GPT, "next_token_nll")
     ids, labels = _check_inputs(network, ids, labels)
     return _scored(graphdef, params, ids, ids, labels, batch_size)
+
+
+def trained_generator_nll(
+    generator: TrainedGenerator, ids: np.ndarray, labels: np.ndarray, *, mask_rates: Sequence[float] | None = None,
+    key: jax.Array | None = None, batch_size: int = 64,
+) -> np.ndarray:
+    """A trained generator's held-out NLLs, on its own mesh and sharding rules.
+
+    ``generator`` is a :class:`~nativetok_jax.generation.pretrained.TrainedGenerator` (e.g.
+    ``TrainedGenerator.from_checkpoint(generator_workdir)`` after ``train_generator``). An AR
+    generator gives :func:`next_token_nll`'s float32 ``[m, L]``; a MaskGIT one
+    :func:`masked_token_nll`'s ``[m, R]``, at ``mask_rates`` (default: the rates of its own
+    sampler, :func:`decoding_mask_rates` of ``config.generator.sample.num_steps``) with masks from
+    ``key`` (default ``jax.random.key(0)``; keep one key for every arm compared).
+
+    Raises:
+      ValueError: as :func:`next_token_nll` / :func:`masked_token_nll`.
+    """
+    model = (generator.graphdef, generator.params)
+    with jax.set_mesh(generator.tokenizer.mesh), axis_rules(sharding.rules_of(generator.config)):
+        if generator.kind == "ar":
+            return next_token_nll(model, ids, labels, batch_size=batch_size)
+        if mask_rates is None:
+            mask_rates = decoding_mask_rates(generator.config.generator.sample.num_steps, generator.tokenizer.num_tokens)
+        return masked_token_nll(model, ids, labels, mask_rates=mask_rates,
+                                key=jax.random.key(0) if key is None else key, batch_size=batch_size)
 
 
 def masked_token_nll(

@@ -13,7 +13,9 @@ codes before it* (which only a model that reads the context can exploit). Native
   mutual information ``I(x_i; x_<i)`` the generator exploits (see :func:`context_decomposition`
   for exactly what it bounds);
 - the **plug-in entropy** of each position's codes, the ceiling any context gain at that
-  position can approach.
+  position can approach;
+- the same split for a MaskGIT generator (:func:`masked_context_decomposition`), whose context
+  is the visible codes at a given mask rate rather than the codes before.
 
 All functions are numpy and take ids ``[num_examples, num_tokens]`` (position ``i`` is column
 ``i``); NLLs and entropies are in nats.
@@ -22,6 +24,7 @@ All functions are numpy and take ids ``[num_examples, num_tokens]`` (position ``
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -151,6 +154,64 @@ def context_decomposition(
     )
     report: dict[str, Any] = {name: float(values.mean()) for name, values in by_position.items()}
     report.update({f"{name}_by_position": values.tolist() for name, values in by_position.items()})
+    return report
+
+
+def masked_context_decomposition(
+    train_ids: np.ndarray, held_out_ids: np.ndarray, masks: np.ndarray, masked_nll: np.ndarray,
+    codebook_size: int, mask_rates: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """:func:`context_decomposition` for a MaskGIT generator: unigram and model NLL of the hidden tokens, per mask rate.
+
+    At mask rate ``r`` the generator predicts each hidden code from the visible ones (and the
+    class). For each crop and rate, the unigram NLL is averaged over the same hidden positions
+    the model's masked-token NLL was, so the two are paired token for token; the gain, unigram
+    minus model, is then the information the visible codes (and the class) give about the
+    hidden ones that the generator captured, bounded as :func:`context_decomposition` explains
+    (with ``x_<i`` read as "the visible codes"). At rate 1 nothing is visible: the gain is the
+    class's information alone (about 0 for unlabelled data), a check on the unigram's error.
+
+    Args:
+      train_ids: int ``[n, L]``, the codes the unigram is estimated from.
+      held_out_ids: int ``[m, L]``, the held-out codes.
+      masks: bool ``[m, R, L]``, True where hidden
+        (:func:`nativetok_jax.evaluation.token_likelihood.rate_masks`).
+      masked_nll: float ``[m, R]``, the generator's mean NLL of each crop's hidden codes at each
+        rate (:func:`nativetok_jax.evaluation.token_likelihood.masked_token_nll` with the same key).
+      codebook_size: ``K``.
+      mask_rates: the ``R`` rates, recorded in the result (default: each row's hidden fraction).
+
+    Returns:
+      ``mask_rates`` and, per rate (lists, over crops' means) and on average over rates (floats):
+      ``unigram_nll_by_rate`` / ``unigram_nll``, ``model_nll_by_rate`` / ``model_nll``,
+      ``context_gain_by_rate`` / ``context_gain``.
+
+    Raises:
+      ValueError: if the shapes disagree, a row hides nothing, an id is out of range or an NLL is
+        not finite.
+    """
+    unigram = unigram_token_nll(train_ids, held_out_ids, codebook_size)  # [m, L]
+    masks = np.asarray(masks, dtype=bool)
+    masked_nll = np.asarray(masked_nll, dtype=np.float64)
+    m, length = unigram.shape
+    if masks.ndim != 3 or masks.shape[0] != m or masks.shape[2] != length:
+        raise ValueError(f"masks must be [m, R, L] = [{m}, R, {length}] like held_out_ids, got {list(masks.shape)}")
+    if masked_nll.shape != masks.shape[:2]:
+        raise ValueError(f"masked_nll must be [m, R] = {list(masks.shape[:2])}, got {list(masked_nll.shape)}")
+    if not np.isfinite(masked_nll).all():
+        raise ValueError(f"masked_nll holds {int((~np.isfinite(masked_nll)).sum())} non-finite values")
+    hidden = masks.sum(axis=-1)
+    if (hidden == 0).any():
+        raise ValueError("every (crop, rate) row of masks must hide at least one position")
+    unigram_hidden = (unigram[:, None, :] * masks).sum(axis=-1) / hidden  # [m, R]
+    rates = hidden.mean(axis=0) / length if mask_rates is None else np.asarray(mask_rates, dtype=np.float64)
+    if rates.shape != (masks.shape[1],):
+        raise ValueError(f"mask_rates must list the {masks.shape[1]} rates of masks, got {len(rates)}")
+    by_rate = dict(unigram_nll=unigram_hidden.mean(axis=0), model_nll=masked_nll.mean(axis=0),
+                   context_gain=(unigram_hidden - masked_nll).mean(axis=0))
+    report: dict[str, Any] = dict(mask_rates=rates.tolist())
+    report.update({name: float(values.mean()) for name, values in by_rate.items()})
+    report.update({f"{name}_by_rate": values.tolist() for name, values in by_rate.items()})
     return report
 
 

@@ -14,15 +14,26 @@ size, steps and seed. ``seeds`` = N trains every arm N times (tokenizer and gene
 ``match_parameters`` ("depth" or "width") grows the order-free encoders until they have as many
 parameters as NativeTok's MIT + experts (at the demo's sizes they have 5x fewer; the report says so).
 
-Sizing (the default: native, order_free, causal_mask, one seed, must finish in 30 minutes on 2
-cores at the machine's usual speed, XLA:CPU running a 2048 x 2048 float32 product at about 200
-GFLOP/s). Measured on a loaded day in CPU-seconds (``time.process_time()``, divided by the 2
-cores for wall time on an idle machine), with the matmul rate of the same run:
-MEASURED_BUDGET below. The three arms share work: one generator size, and the native-order arms
-reuse NativeTok's tokenizer and token store (no re-encoding). Per arm, the tokenizer trains
-TOKENIZER_STEPS (the demo's 2,300 shortened, its schedule scaled with it) and the generator
-GENERATOR_STEPS on NUM_TRAIN_EXAMPLES crops; the generators are judged on NUM_EVAL_EXAMPLES held-out
-crops (enough for a paired bootstrap over crops: its interval shrinks as 1/sqrt(crops)).
+Sizing. The default (native, order_free, causal_mask, one seed, AR and MaskGIT generators) must
+finish in 30 minutes on 2 cores at the machine's usual speed (XLA:CPU running a 2048 x 2048 float32
+product at about 200 GFLOP/s). The previous two-arm default (1,500 tokenizer steps, 500 generator
+steps on 20,000 extracted crops) took 27.5 min on a slow day (a demo step at 330 ms, not 200):
+NativeTok's tokenizer 10.5 min, the order-free one 7, each generator with its extraction about 5;
+scaled by 200/330, about 6.4, 4.2 and 3 min on a usual day. Measured on 30 Nov 2026 with the
+machine shared by six other jobs (2048^2 product at 38 GFLOP/s wall-clock), 200 tokenizer steps
+(start-up, compilation and two evaluations included) cost 245 CPU-seconds for NativeTok and 168
+for the order-free encoder, about 120 and 85 s on 2 idle cores: the fixed cost is about a
+minute. Hence, estimated per arm on a usual day: NativeTok's tokenizer at TOKENIZER_STEPS = 1,000 about
+4.6 min and each order-free one about 3.1 (10.8 for the three); each AR generator at
+GENERATOR_STEPS = 400 on NUM_TRAIN_EXAMPLES = 12,800 crops (extraction included) about 2.2 (6.6);
+each MaskGIT generator on the same store (no second extraction) plus its masked-token scoring
+about 1.5 (4.5); the matched-PSNR passes under a minute: about 23 minutes in all, 37 on a slow
+day. The arms share work: one generator size, NativeTok's tokenizer and token store serve
+native_permuted / native_reversed too (no re-encoding; they train only their AR generator, about
+1.2 min each), the MaskGIT generators read the AR generators' stores. NUM_EVAL_EXAMPLES = 256
+held-out crops are kept (fewer would save seconds, not minutes): the paired bootstrap's
+interval shrinks as 1/sqrt(crops). Not yet checked: the whole default run end to end at the
+usual speed (the machine was too loaded on the day this was sized).
 """
 
 import os
@@ -37,8 +48,7 @@ GENERATOR_STEPS = 400
 NUM_TRAIN_EXAMPLES = 12_800
 NUM_EVAL_EXAMPLES = 256
 DEFAULT_ARMS = "native,order_free,causal_mask"
-# CPU-seconds per stage, measured (see the docstring); the default's total / 2 cores is its wall time.
-MEASURED_BUDGET = {}
+MASKGIT = True
 
 
 def shorten_schedule(train: ml_collections.ConfigDict, num_steps: int) -> None:
@@ -78,4 +88,7 @@ def get_config(scale: str = "demo"):
     config.match_parameters = ""  # "", "depth" or "width": grow order_free / causal_mask's encoder
     config.permutation_seed = 0  # native_permuted reads the ids in order "random:<permutation_seed>"
     config.bootstrap_samples = 2000  # paired bootstrap resamples of the held-out crops
+    # Also train the MaskGIT generator (same size and steps) on each own-order arm's tokens and
+    # split its masked-token NLL at the cosine schedule's mask rates (the paper's best generator).
+    config.maskgit = MASKGIT
     return config

@@ -23,13 +23,20 @@ Layout: ``DIR/<tokenizer>/seed_<i>/{tokenizer,tokens}`` (``tokenizer`` is ``nati
 ``order_free`` or ``causal_mask``), ``DIR/<arm>/seed_<i>/generator`` (its ``held_out_nll.npz``:
 every held-out crop's per-token NLLs). Every stage resumes (rerun the command); finished stages
 are not redone. Writes ``DIR/token_order.json``, ``DIR/nll_by_position.png`` and
-``DIR/token_order.md`` (a summary table). ``token_order.json`` has one key per arm with
-``nll_per_token``, ``nll_by_position``, ``psnr``, ``num_tokens``, ``nll_unigram`` (the no-context
-baseline of per-position code frequencies), ``codebook_usage`` (means over seeds), ``std`` (the
-same figures' standard deviations over seeds, ddof 1; 0 for one seed), ``per_seed`` (each seed's
-figures) and ``parameters`` (``encoder``, ``tokenizer``, ``generator``); and ``arms``, ``seeds``,
-``warnings`` (a list of one-line strings) and ``budget`` (wall and CPU seconds per stage and the
-matrix-product rate measured at the start).
+``DIR/contrasts.png`` and ``DIR/token_order.md`` (a summary table). ``token_order.json`` has one
+key per arm with ``nll_per_token``, ``nll_by_position``, ``psnr``, ``num_tokens``, ``nll_unigram``
+(the no-context baseline of per-position code frequencies) and ``codebook_usage`` as before, and
+the decomposition of ``evaluation/token_statistics.py`` (``context_gain``,
+``captured_information``, ``entropy``, ``unigram_excess``, each also ``*_by_position``); with
+``maskgit`` the MaskGIT generator's masked-token NLL at its sampler's cosine mask rates split the
+same way (``maskgit_model_nll``, ``maskgit_unigram_nll``, ``maskgit_context_gain``,
+``maskgit_*_by_rate``, ``maskgit_mask_rates``; own-order arms only). Figures are means over seeds;
+``std`` holds their standard deviations (ddof 1; 0 for one seed) and ``per_seed`` each seed's.
+Each arm also has ``parameters`` (``encoder``, ``tokenizer``, ``generator``), ``token_order``,
+``encoder`` sizes and ``held_out_nll`` (its per-crop NLL files). Top level: ``arms``, ``seeds``,
+``contrasts`` / ``maskgit_contrasts`` (``"<arm> - native"``: paired bootstrap intervals,
+``evaluation/paired_bootstrap.py``), ``warnings`` (one-line strings) and ``budget`` (wall and CPU
+seconds per stage, and the matrix-product rate measured at the start).
 """
 
 from __future__ import annotations
@@ -82,7 +89,9 @@ ARMS = {
 # The contrasts the report gives intervals for (when both arms ran): (arm, baseline).
 CONTRASTS = (("order_free", "native"), ("causal_mask", "native"), ("native_permuted", "native"))
 PSNR_WARNING_DB = 0.5  # matched reconstruction: arms further apart than this are not compared fairly
-FIGURES = ("nll_per_token", "nll_unigram", "psnr", "codebook_usage")
+# Every arm's figures (means over seeds; ``std`` and ``per_seed`` beside them); ``*_by_position``
+# lists go with the AR ones, ``maskgit_*`` ones (and ``*_by_rate`` lists) with MaskGIT.
+FIGURES = ("nll_per_token", "nll_unigram", "context_gain", "captured_information", "entropy", "psnr", "codebook_usage")
 
 
 def selected_arms(spec: str) -> list[str]:
@@ -147,8 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     from nativetok_jax import storage
     from nativetok_jax.bench.train import matmul_flops_per_second
-    from nativetok_jax.models.parameter_matching import generator_parameters, tokenizer_parameters
-    from nativetok_jax.training.generator_trainer import HELD_OUT_NLL, train_generator
+    from nativetok_jax.training.generator_trainer import train_generator
     from nativetok_jax.training.trainer import train_and_evaluate
 
     arms = validate(config)
@@ -165,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return result
 
     per_seed: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
-    held_out: dict[str, list[str]] = {arm: [] for arm in arms}
+    per_crop: dict[str, dict[str, list[np.ndarray]]] = {arm: dict(ar=[], maskgit=[]) for arm in arms}
     for seed in range(config.seeds):
         reconstruction: dict[str, dict[str, float]] = {}
         for name, tokenizer_config in tokenizers.items():
@@ -175,45 +183,115 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             reconstruction[name] = timed(f"{name}/seed_{seed}/psnr",
                                          lambda: matched_reconstruction(directory, generator_config(config, name, seed, root)))
         for arm in arms:
-            g = generator_config(config, arm, seed, root)
-            directory = root / arm / f"seed_{seed}" / "generator"
-            result = timed(f"{arm}/seed_{seed}/generator", lambda: train_generator(g, os.fspath(directory)))
-            tokenizer = ARMS[arm].tokenizer
-            per_seed[arm].append(dict(
-                seed=seed,
-                nll_per_token=result["nll_per_token"],
-                nll_by_position=result["nll_by_position"],
-                nll_unigram=unigram_nll(g.generator.tokens_dir),
-                **reconstruction[tokenizer],
-            ))
-            held_out[arm].append(os.fspath(directory / HELD_OUT_NLL))
-            logging.info("%s seed %d: held-out NLL %.4f nats/token, tokenizer PSNR %.2f dB", arm, seed,
-                         result["nll_per_token"], reconstruction[tokenizer]["psnr"])
+            row: dict[str, Any] = dict(seed=seed, **reconstruction[ARMS[arm].tokenizer])
+            for kind in generator_kinds(config, arm):
+                g = generator_config(config, arm, seed, root, kind)
+                directory = root / arm / f"seed_{seed}" / GENERATOR_DIRECTORIES[kind]
+                timed(f"{arm}/seed_{seed}/{kind}", lambda: train_generator(g, os.fspath(directory)))
+                nll, figures = held_out_figures(g, directory)
+                per_crop[arm][kind].append(nll)
+                row.update(figures)
+            per_seed[arm].append(row)
+            logging.info("%s seed %d: held-out NLL %.4f nats/token (unigram %.4f), tokenizer PSNR %.2f dB", arm, seed,
+                         row["nll_per_token"], row["nll_unigram"], row["psnr"])
 
     report: dict[str, Any] = dict(arms=arms, seeds=config.seeds)
     for arm in arms:
-        tokenizer = tokenizers[ARMS[arm].tokenizer]
-        counts = tokenizer_parameters(tokenizer.model)
-        counts["generator"] = generator_parameters(
-            config.generator.generator, vocab_size=tokenizer.model.quantizer.codebook_size,
-            num_tokens=tokenizer.model.num_tokens, num_classes=num_classes_of(generator_config(config, arm, 0, root)))
-        report[arm] = dict(
-            over_seeds(per_seed[arm]),
-            num_tokens=tokenizer.model.num_tokens,
-            tokenizer_kind=tokenizer.model.kind,
-            latent_causal_mask=bool(tokenizer.model.get("latent_causal_mask", False)),
-            encoder=dict(width=tokenizer.model.encoder.width, depth=tokenizer.model.encoder.depth),
-            token_order=permutation_of(arm, config),
-            parameters=counts,
-            held_out_nll=held_out[arm],
-        )
+        report[arm] = dict(over_seeds(per_seed[arm]), **arm_description(config, arm, tokenizers, root))
+    report["contrasts"] = contrasts(per_crop, arms, "ar", config.bootstrap_samples)
+    report["maskgit_contrasts"] = contrasts(per_crop, arms, "maskgit", config.bootstrap_samples)
     report["warnings"] = warnings(report, arms)
     budget.update(wall_seconds=round(time.time() - start_wall, 1), cpu_seconds=round(time.process_time() - start_cpu, 1))
     report["budget"] = budget
-    storage.write_json(root / "token_order.json", report)
-    plot_nll_by_position(report, root / "nll_by_position.png")
-    storage.write_text(root / "token_order.md", summary_table(report))
+    write_report(report, root)
     return report
+
+
+GENERATOR_DIRECTORIES = dict(ar="generator", maskgit="maskgit")
+
+
+def generator_kinds(config: ml_collections.ConfigDict, arm: str) -> tuple[str, ...]:
+    """The generators ``arm`` trains: the AR one, and MaskGIT (``config.maskgit``) for the arms in
+    the tokenizer's own order (a bidirectional generator reads every order alike: a permuted arm
+    would only relabel its position embeddings)."""
+    return ("ar", "maskgit") if config.maskgit and ARMS[arm].order == "identity" else ("ar",)
+
+
+def held_out_figures(generator: ml_collections.ConfigDict, directory: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """A trained generator's per-crop held-out NLLs (AR: ``[m, L]`` per token, from the trainer's
+    ``held_out_nll.npz``; MaskGIT: ``[m, R]`` at its sampler's cosine mask rates) and its figures:
+    for AR the NLL, unigram NLL, context gain and captured information (per position and
+    overall, :func:`token_statistics.context_decomposition`), for MaskGIT the same split of the
+    masked-token NLL per mask rate (``maskgit_*``). Ids are read in the generator's order."""
+    import jax
+
+    from nativetok_jax import storage
+    from nativetok_jax.data.token_order import reading_order
+    from nativetok_jax.data.token_store import TokenSource
+    from nativetok_jax.evaluation import token_likelihood, token_statistics
+    from nativetok_jax.generation.pretrained import TrainedGenerator
+    from nativetok_jax.training.generator_trainer import HELD_OUT_NLL
+
+    g = generator.generator
+    train, held_out = (reading_order(TokenSource(storage.path(g.tokens_dir) / split), g.token_order.permutation)
+                       for split in ("train", "eval"))
+    train_ids, _ = train.arrays()
+    held_out_ids, labels = held_out.arrays()
+    if g.kind == "ar":
+        with storage.path(directory / HELD_OUT_NLL).open("rb") as f:
+            nll = np.load(f)["nll"]
+        split = token_statistics.context_decomposition(train_ids, held_out_ids, nll, train.codebook_size)
+        return nll, dict(nll_per_token=split["model_nll"], nll_by_position=split["model_nll_by_position"],
+                         nll_unigram=split["unigram_nll"],
+                         **{k: v for k, v in split.items() if k not in ("model_nll", "model_nll_by_position", "unigram_nll")})
+    rates = token_likelihood.decoding_mask_rates(g.sample.num_steps, train.num_tokens)
+    key = jax.random.key(0)  # one key for every arm: the same masks, paired
+    model = TrainedGenerator.from_checkpoint(os.fspath(directory))
+    nll = token_likelihood.trained_generator_nll(model, held_out_ids, labels, mask_rates=rates, key=key)
+    masks = token_likelihood.rate_masks(key, len(held_out_ids), train.num_tokens, rates)
+    split = token_statistics.masked_context_decomposition(train_ids, held_out_ids, masks, nll, train.codebook_size, rates)
+    return nll, {f"maskgit_{k}": v for k, v in split.items()}
+
+
+def arm_description(config: ml_collections.ConfigDict, arm: str, tokenizers: dict[str, ml_collections.ConfigDict],
+                    root: Any) -> dict[str, Any]:
+    """What an arm is: its tokenizer's kind and sizes, its reading order, its parameter counts and
+    the paths of its per-crop NLLs."""
+    from nativetok_jax.models.parameter_matching import generator_parameters, tokenizer_parameters
+    from nativetok_jax.training.generator_trainer import HELD_OUT_NLL
+
+    model = tokenizers[ARMS[arm].tokenizer].model
+    counts = tokenizer_parameters(model)
+    g = generator_config(config, arm, 0, root)
+    counts["generator"] = generator_parameters(g.generator, vocab_size=model.quantizer.codebook_size,
+                                               num_tokens=model.num_tokens, num_classes=num_classes_of(g))
+    return dict(
+        num_tokens=model.num_tokens,
+        tokenizer_kind=model.kind,
+        latent_causal_mask=bool(model.get("latent_causal_mask", False)),
+        encoder=dict(width=model.encoder.width, depth=model.encoder.depth),
+        token_order=permutation_of(arm, config),
+        parameters=counts,
+        held_out_nll=[os.fspath(root / arm / f"seed_{seed}" / "generator" / HELD_OUT_NLL) for seed in range(config.seeds)],
+    )
+
+
+def contrasts(per_crop: dict[str, dict[str, list[np.ndarray]]], arms: list[str], kind: str,
+              num_resamples: int) -> dict[str, dict[str, float]]:
+    """Paired bootstrap 95 % intervals of ``mean(arm - baseline)`` per-crop NLL for each of
+    ``CONTRASTS`` both of whose arms ran ``kind`` generators (positive: the baseline, NativeTok,
+    is lower). Items are (seed, crop) pairs: every seed's held-out crops, concatenated, each
+    paired across arms (the same crops in the same order within a seed), so the interval covers
+    the choice of crops; the spread over seeds is the report's ``std``."""
+    from nativetok_jax.evaluation.paired_bootstrap import paired_bootstrap_interval
+
+    result = {}
+    for arm, baseline in CONTRASTS:
+        if arm in arms and baseline in arms and per_crop[arm][kind] and per_crop[baseline][kind]:
+            result[f"{arm} - {baseline}"] = paired_bootstrap_interval(
+                np.concatenate(per_crop[arm][kind]), np.concatenate(per_crop[baseline][kind]),
+                num_resamples=num_resamples)
+    return result
 
 
 def seeded(tokenizer: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -223,11 +301,14 @@ def seeded(tokenizer: ml_collections.ConfigDict, seed: int) -> ml_collections.Co
     return copy
 
 
-def generator_config(config: ml_collections.ConfigDict, arm: str, seed: int, root: Any) -> ml_collections.ConfigDict:
-    """The generator config of ``arm`` (or of a tokenizer's name: its own-order arm) for ``seed``:
-    its tokenizer's workdir and shared token store, its reading order, ``train.seed = seed``."""
+def generator_config(config: ml_collections.ConfigDict, arm: str, seed: int, root: Any,
+                     kind: str = "ar") -> ml_collections.ConfigDict:
+    """The ``kind`` generator config of ``arm`` (or of a tokenizer's name: its own-order arm) for
+    ``seed``: the experiment's one generator size and schedule, its tokenizer's workdir and shared
+    token store, its reading order, ``train.seed = seed``."""
     tokenizer = ARMS[arm].tokenizer
     g = seeded(config.generator, seed)
+    g.generator.kind = kind
     g.generator.tokenizer = os.fspath(root / tokenizer / f"seed_{seed}" / "tokenizer")
     g.generator.tokens_dir = os.fspath(root / tokenizer / f"seed_{seed}" / "tokens")  # shared by its arms
     g.generator.token_order.permutation = permutation_of(arm, config)
@@ -269,17 +350,16 @@ def num_classes_of(generator: ml_collections.ConfigDict) -> int:
 
 
 def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds of every figure (and of ``nll_by_position``), their standard deviations
-    (ddof 1; 0 with one seed) under ``std``, and the rows themselves under ``per_seed``."""
-    def spread(values: np.ndarray) -> np.ndarray:
-        return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
-
+    """Means over seeds of every figure (numbers and per-position / per-rate lists), their
+    standard deviations (ddof 1; 0 with one seed) under ``std``, and the rows under ``per_seed``."""
     summary: dict[str, Any] = {}
     deviations: dict[str, Any] = {}
-    for key in FIGURES + ("nll_by_position",):
+    for key in rows[0]:
+        if key == "seed":
+            continue
         values = np.asarray([row[key] for row in rows], np.float64)
         summary[key] = values.mean(axis=0).tolist()
-        deviations[key] = spread(values).tolist()
+        deviations[key] = (values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])).tolist()
     return dict(summary, std=deviations, per_seed=rows)
 
 
@@ -303,77 +383,53 @@ def warnings(report: dict[str, Any], arms: list[str]) -> list[str]:
     return lines
 
 
-def unigram_nll(tokens_dir: str | os.PathLike) -> float:
-    """Held-out NLL under the training set's code frequencies at each position (add-one smoothed):
-    the no-context baseline, since a tokenizer that uses fewer codes is easier to model anyway.
-    The mean over positions does not depend on the order the generator reads them in."""
+TABLE_COLUMNS = dict(  # report figure -> the summary table's column
+    nll_per_token="AR NLL (nats/token)", nll_unigram="unigram NLL", context_gain="context gain",
+    maskgit_model_nll="MaskGIT masked NLL", maskgit_context_gain="MaskGIT context gain", psnr="PSNR (dB)",
+    codebook_usage="codebook usage")
+
+
+def write_report(report: dict[str, Any], root: Any) -> None:
+    """``token_order.json``, ``nll_by_position.png`` (every arm, mean +- std over seeds),
+    ``contrasts.png`` (the paired intervals) and ``token_order.md`` (the summary table) in ``root``."""
     from nativetok_jax import storage
-    from nativetok_jax.data.token_store import TokenSource
+    from nativetok_jax.evaluation.plots import markdown_table, plot_by_position, plot_contrasts
 
-    train, held_out = (TokenSource(storage.path(tokens_dir) / split) for split in ("train", "eval"))
-    train_ids, _ = train.arrays()
-    eval_ids, _ = held_out.arrays()
-    total = 0.0
-    for position in range(train_ids.shape[1]):
-        counts = np.bincount(train_ids[:, position], minlength=train.codebook_size) + 1.0
-        total += -np.log(counts[eval_ids[:, position]] / counts.sum()).mean()
-    return float(total / train_ids.shape[1])
-
-
-def plot_nll_by_position(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Every arm's held-out NLL by (reading) position, mean over seeds with a +-1 std band."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nativetok_jax import storage
-
-    figure, axis = plt.subplots(figsize=(6.5, 3.8), dpi=120)
-    for arm in report["arms"]:
-        values, spread = np.asarray(report[arm]["nll_by_position"]), np.asarray(report[arm]["std"]["nll_by_position"])
-        positions = np.arange(1, len(values) + 1)
-        axis.plot(positions, values, marker=".", label=f"{ARMS[arm].label}: {report[arm]['nll_per_token']:.3f}")
-        if report["seeds"] > 1:
-            axis.fill_between(positions, values - spread, values + spread, alpha=0.2)
-    axis.set_xlabel("token position (as the generator reads it)")
-    axis.set_ylabel("held-out NLL (nats)")
-    axis.set_title(f"AR generator: NLL by position ({report['seeds']} seed{'s' if report['seeds'] > 1 else ''})")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    storage.write_bytes(path, buffer.getvalue())
-
-
-def _mean_std(entry: dict[str, Any], key: str, digits: int, seeds: int) -> str:
-    mean = f"{entry[key]:.{digits}f}"
-    return mean if seeds == 1 else f"{mean} ± {entry['std'][key]:.{digits}f}"
+    storage.write_json(root / "token_order.json", report)
+    arms = report["arms"]
+    plot_by_position({arm: [row["nll_by_position"] for row in report[arm]["per_seed"]] for arm in arms},
+                     root / "nll_by_position.png", xlabel="token position (as the generator reads it)",
+                     title=f"AR generator: held-out NLL by position ({report['seeds']} seed(s))")
+    if report["contrasts"]:
+        plot_contrasts(report["contrasts"], root / "contrasts.png",
+                       title="arm - native: paired per-crop NLL differences, 95 % bootstrap intervals")
+    storage.write_text(root / "token_order.md", summary_table(report))
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """The Markdown summary: one row per arm (means ± std over seeds), parameters, warnings."""
+    """The Markdown summary: figures (mean ± std over seeds) and parameter counts per arm, the
+    contrasts' intervals, the warnings and the time taken."""
+    from nativetok_jax.evaluation.plots import markdown_table
+
     seeds = report["seeds"]
-    lines = [f"# Token order: held-out NLL of the same AR generator ({seeds} seed{'s' if seeds > 1 else ''})", "",
-             "| arm | NLL (nats/token) | unigram NLL | context gain | PSNR (dB) | codebook usage | "
-             "encoder params | tokenizer params | generator params |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = {}
     for arm in report["arms"]:
         r = report[arm]
-        gain = r["nll_unigram"] - r["nll_per_token"]
-        p = r["parameters"]
-        lines.append(f"| {arm} | {_mean_std(r, 'nll_per_token', 3, seeds)} | {_mean_std(r, 'nll_unigram', 3, seeds)} | "
-                     f"{gain:.3f} | {_mean_std(r, 'psnr', 2, seeds)} | {100 * r['codebook_usage']:.1f} % | "
-                     f"{p['encoder'] / 1e6:.2f} M | {p['tokenizer'] / 1e6:.2f} M | {p['generator'] / 1e6:.2f} M |")
+        cells = {column: (r[key], r["std"][key] if seeds > 1 else None) for key, column in TABLE_COLUMNS.items() if key in r}
+        cells.update({f"{part} params (M)": r["parameters"][part] / 1e6 for part in ("encoder", "tokenizer", "generator")})
+        rows[arm] = cells
+    lines = [f"# Token order: the same generators on each arm's tokens ({seeds} seed(s))", "", markdown_table(rows)]
+    for title, key in (("AR", "contrasts"), ("MaskGIT", "maskgit_contrasts")):
+        if report[key]:
+            lines += [f"{title} paired differences of per-crop held-out NLL (nats/token; positive: native lower), "
+                      "95 % bootstrap intervals over (seed, crop) pairs:", ""]
+            lines += [f"- {name}: {c['mean_difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] ({c['num_pairs']} pairs)"
+                      for name, c in report[key].items()] + [""]
     if report["warnings"]:
-        lines += ["", "Warnings:", ""] + [f"- {line}" for line in report["warnings"]]
+        lines += ["Warnings:", ""] + [f"- {line}" for line in report["warnings"]] + [""]
     budget = report["budget"]
-    lines += ["", f"Ran in {budget['wall_seconds'] / 60:.1f} min wall, {budget['cpu_seconds'] / 60:.1f} CPU-minutes "
-              f"(2048^2 float32 product at {budget['matmul_gflops']} GFLOP/s at the start)."]
+    lines.append(f"Ran in {budget['wall_seconds'] / 60:.1f} min wall, {budget['cpu_seconds'] / 60:.1f} CPU-minutes "
+                 f"(a 2048^2 float32 product at {budget['matmul_gflops']} GFLOP/s at the start).")
     return "\n".join(lines) + "\n"
 
 

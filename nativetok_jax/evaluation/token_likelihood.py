@@ -15,7 +15,7 @@ needs the per-token numbers behind that average:
   the key and the crop's index, so every arm scored with one key sees the same masks.
 - :func:`trained_generator_nll`: either, for a trained generator loaded from its workdir.
 
-Both run one jitted program per batch shape (the model structure is static) and work under a
+Each runs one jitted program per model structure and batch shape and works under a
 mesh with axis rules (``jax.set_mesh(mesh)`` and ``axis_rules(rules)``), gathering every
 process's rows, as the trainer's held-out evaluation does.
 """

@@ -108,13 +108,15 @@ def context_decomposition(
       ``I(x_i; x_<i, y) + KL(p_i || u_i) - E[KL(p(x_i | x_<i, y) || q(x_i | x_<i, y))]``, where
       ``y`` is the class label the generator is given (constant for unlabelled data, where the
       term is ``I(x_i; x_<i)``), ``p`` the true distribution, ``u_i`` the smoothed unigram and
-      ``q`` the generator. The last term, the generator's own modelling error, is what it fails
-      to capture, so ``I - E[KL(p || q)]``, the information the generator *captured*, equals the
-      gain minus ``KL(p_i || u_i)``: the gain lower-bounds the captured (and so the true)
-      information up to the unigram's estimation error ``KL(p_i || u_i) >= 0``, plus the
-      held-out sampling noise of both means. That error grows with ``K / n`` (codes per training
-      example); ``unigram_excess_by_position`` estimates it. For a MaskGIT generator, use the
-      masked-token NLL and read ``x_<i`` as the visible codes.
+      ``q`` the generator. The last term, the generator's own modelling error, is the part of
+      the information it fails to capture: the information it *captured*,
+      ``I - E[KL(p || q)]``, is exactly the gain minus ``KL(p_i || u_i)``, and since the
+      modelling error is ``>= 0`` the gain lower-bounds the true ``I(x_i; x_<i, y)`` up to the
+      unigram's estimation error ``KL(p_i || u_i) >= 0`` (which makes the gain read high), plus
+      the held-out sampling noise of both means. That error grows with ``K / n`` (codes per
+      training example); ``unigram_excess_by_position`` estimates it. At the first position only the
+      class is context, so its gain (about 0 for unlabelled data) reads those errors directly.
+      For a MaskGIT generator see :func:`masked_context_decomposition`.
     - ``entropy_by_position[i]``: :func:`plug_in_entropy` of the training codes, the ceiling of
       the information any context can give about position ``i``;
     - ``unigram_excess_by_position[i]``: unigram NLL minus that entropy, an estimate of

@@ -270,3 +270,13 @@ def test_markdown_table_of_means_and_standard_deviations():
         "| a\\|b | 4.00 | – | – |\n"
     )
     assert markdown_table({"x": {"a": 1.0, "b": 2.0}}, columns=["b"]).splitlines()[2] == "| x | 2.000 |"
+
+
+def test_runs_summarize_to_mean_and_sample_std_of_their_scalars():
+    from nativetok_jax.evaluation.plots import summarize_runs
+
+    runs = [dict(nll=2.0, psnr=19.0, steps=100, by_position=[1.0], kind="nativetok", usage=0.5),
+            dict(nll=3.0, psnr=19.5, steps=100, by_position=[2.0], kind="nativetok", usage=None),
+            dict(nll=4.0, psnr=20.0, steps=100, by_position=[3.0], kind="nativetok", usage=0.7)]
+    assert summarize_runs(runs) == dict(nll=(3.0, 1.0), psnr=(19.5, 0.5), steps=(100.0, 0.0))
+    assert summarize_runs(runs[:1])["nll"] == (2.0, None)

@@ -102,7 +102,8 @@ def plot_by_position(
         runs = np.asarray(values, dtype=np.float64)
         runs = runs[None] if runs.ndim == 1 else runs
         if runs.ndim != 2 or 0 in runs.shape:
-            raise ValueError(f"plot_by_position: arm {arm!r} must be [L] or [seeds, L], got shape {list(np.shape(values))}")
+            raise ValueError(f"plot_by_position: arm {arm!r} must be [L] or [seeds, L], "
+                             f"got shape {list(np.shape(values))}")
         positions = np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(axis=0)
         label = f"{arm}: {runs.mean():.3f}"

@@ -91,7 +91,8 @@ def trained_generator_nll(
         if generator.kind == "ar":
             return next_token_nll(model, ids, labels, batch_size=batch_size)
         if mask_rates is None:
-            mask_rates = decoding_mask_rates(generator.config.generator.sample.num_steps, generator.tokenizer.num_tokens)
+            num_steps = generator.config.generator.sample.num_steps
+            mask_rates = decoding_mask_rates(num_steps, generator.tokenizer.num_tokens)
         return masked_token_nll(model, ids, labels, mask_rates=mask_rates,
                                 key=jax.random.key(0) if key is None else key, batch_size=batch_size)
 

@@ -140,7 +140,8 @@ def context_decomposition(
     unigram = unigram_token_nll(train_ids, held_out_ids, codebook_size)
     model_nll = np.asarray(model_nll, dtype=np.float64)
     if model_nll.shape != unigram.shape:
-        raise ValueError(f"model_nll must be [m, L] = {list(unigram.shape)} like held_out_ids, got {list(model_nll.shape)}")
+        raise ValueError(f"model_nll must be [m, L] = {list(unigram.shape)} like held_out_ids, "
+                         f"got {list(model_nll.shape)}")
     if not np.isfinite(model_nll).all():
         raise ValueError(f"model_nll holds {int((~np.isfinite(model_nll)).sum())} non-finite values")
     unigram_by_position, model_by_position = unigram.mean(axis=0), model_nll.mean(axis=0)

@@ -18,7 +18,17 @@ codes before it* (which only a model that reads the context can exploit). Native
   is the visible codes at a given mask rate rather than the codes before.
 
 All functions are numpy and take ids ``[num_examples, num_tokens]`` (position ``i`` is column
-``i``); NLLs and entropies are in nats.
+``i``); NLLs and entropies are in nats. With a trained AR generator (its workdir ``gen``):
+
+    train_ids, _ = TokenSource(f"{gen}/tokens/train").arrays()
+    ids, labels = TokenSource(f"{gen}/tokens/eval").arrays()
+    nll = trained_generator_nll(TrainedGenerator.from_checkpoint(gen), ids, labels)  # [m, L]
+    figures = context_decomposition(train_ids, ids, nll, codebook_size)
+    # two arms on the same held-out crops: nll_a - nll_b with a 95 % interval
+    contrast = paired_bootstrap_interval(nll_a, nll_b)
+
+(``trained_generator_nll``: :mod:`nativetok_jax.evaluation.token_likelihood`;
+``paired_bootstrap_interval``: :mod:`nativetok_jax.evaluation.paired_bootstrap`.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The paired bootstrap interval: exact on small cases, ~95 % coverage on synthetic paired data, tighter with more pairs."""
+"""The paired bootstrap interval: exact on small cases, ~95 % coverage on synthetic paired data,
+tighter with more pairs; and the plot of contrasts with their intervals."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,6 @@
-"""Token statistics: the unigram baseline, entropies and the context decomposition on sources
-whose answers are known."""
+"""Token statistics: the unigram baseline, entropies and the context decomposition (AR and
+MaskGIT) on sources whose answers are known; the per-token held-out NLLs of both generators
+(the AR one's mean is the trainer's); the NLL-by-position plot and the Markdown table."""
 
 import math
 
@@ -108,7 +109,8 @@ VOCAB, LENGTH, CLASSES = 16, 8, 2
 @pytest.fixture(scope="module")
 def held_out():
     rng = np.random.default_rng(4)
-    return rng.integers(0, VOCAB, size=(12, LENGTH)).astype(np.int32), rng.integers(0, CLASSES, size=12).astype(np.int32)
+    ids = rng.integers(0, VOCAB, size=(12, LENGTH)).astype(np.int32)
+    return ids, rng.integers(0, CLASSES, size=12).astype(np.int32)
 
 
 def tiny_generator(kind: str):
@@ -249,7 +251,8 @@ def test_nll_by_position_plot_draws_each_arms_seed_mean_and_band(tmp_path):
     np.testing.assert_array_equal(order_free_line.get_xdata(), [1, 2, 3, 4])
     assert len(axes.collections) == 1  # a band for the arm with seeds only
     band = axes.collections[0].get_paths()[0].vertices
-    assert band[:, 1].max() == pytest.approx(3.4) and band[:, 1].min() == pytest.approx(4.0 / 3 - np.std([1.0, 1.4, 1.6], ddof=1))
+    assert band[:, 1].max() == pytest.approx(3.4)
+    assert band[:, 1].min() == pytest.approx(4.0 / 3 - np.std([1.0, 1.4, 1.6], ddof=1))
     labels = [text.get_text() for text in axes.get_legend().get_texts()]
     assert labels == [f"native: {native.mean():.3f} ± {native.mean(1).std(ddof=1):.3f} (3 seeds)", "order_free: 3.250"]
     with pytest.raises(ValueError, match=r"arm 'x' must be \[L\] or \[seeds, L\], got shape \[2, 2, 2\]"):
@@ -270,3 +273,13 @@ def test_markdown_table_of_means_and_standard_deviations():
         "| a\\|b | 4.00 | – | – |\n"
     )
     assert markdown_table({"x": {"a": 1.0, "b": 2.0}}, columns=["b"]).splitlines()[2] == "| x | 2.000 |"
+
+
+def test_runs_summarize_to_mean_and_sample_std_of_their_scalars():
+    from nativetok_jax.evaluation.plots import summarize_runs
+
+    runs = [dict(nll=2.0, psnr=19.0, steps=100, by_position=[1.0], kind="nativetok", usage=0.5),
+            dict(nll=3.0, psnr=19.5, steps=100, by_position=[2.0], kind="nativetok", usage=None),
+            dict(nll=4.0, psnr=20.0, steps=100, by_position=[3.0], kind="nativetok", usage=0.7)]
+    assert summarize_runs(runs) == dict(nll=(3.0, 1.0), psnr=(19.5, 0.5), steps=(100.0, 0.0))
+    assert summarize_runs(runs[:1])["nll"] == (2.0, None)

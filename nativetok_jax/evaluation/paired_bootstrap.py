@@ -9,9 +9,14 @@ Koehn, "Statistical Significance Tests for Machine Translation Evaluation", EMNL
 paired use on a shared test set).
 
 What the interval covers: the uncertainty from *which* crops were held out, for the two trained
-models as they are. It does not cover training randomness (tokenizer and generator seeds);
-report that as the spread over seeds, or pass every seed's values for each crop (``[n, seeds,
-...]``) to average it into each crop's figure.
+models as they are. It does not cover training randomness (tokenizer and generator seeds):
+report that as the spread over seeds.
+
+Pairing needs the same crops on both sides. The generator trainer draws its held-out crops from
+the generator's seed (``train.seed + 1``; random crops for the bundled photographs, centre crops
+otherwise), so compare arms trained with the same generator seed. With several seeds, pass
+``[n, seeds, ...]`` to average the seeds into each crop's figure when every seed holds the same
+crops, or stack the seeds' pairs along axis 0 (items are then (seed, crop) pairs) when not.
 """
 
 from __future__ import annotations

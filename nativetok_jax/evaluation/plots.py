@@ -6,7 +6,8 @@ no pyplot state), Markdown tables as text.
   with a band of +- one standard deviation over seeds;
 - :func:`plot_contrasts`: paired differences with their confidence intervals and a zero line
   (:func:`nativetok_jax.evaluation.paired_bootstrap.paired_bootstrap_interval`'s results);
-- :func:`markdown_table`: ``{row: {column: (mean, std)}}`` as a GitHub Markdown table.
+- :func:`markdown_table`: ``{row: {column: (mean, std)}}`` as a GitHub Markdown table, its
+  cells from per-seed reports by :func:`summarize_runs`.
 
 The plot functions write the PNG (local or a URL) and return the ``Figure`` for notebooks.
 """
@@ -101,7 +102,8 @@ def plot_by_position(
         runs = np.asarray(values, dtype=np.float64)
         runs = runs[None] if runs.ndim == 1 else runs
         if runs.ndim != 2 or 0 in runs.shape:
-            raise ValueError(f"plot_by_position: arm {arm!r} must be [L] or [seeds, L], got shape {list(np.shape(values))}")
+            raise ValueError(f"plot_by_position: arm {arm!r} must be [L] or [seeds, L], "
+                             f"got shape {list(np.shape(values))}")
         positions = np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(axis=0)
         label = f"{arm}: {runs.mean():.3f}"
@@ -197,6 +199,31 @@ def markdown_table(
     for name, cells in rows.items():
         lines.append(_markdown_row([name] + [_markdown_cell(cells.get(column), digits) for column in columns]))
     return "\n".join(lines) + "\n"
+
+
+def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, float | None]]:
+    """Each scalar figure's ``(mean, std)`` over runs (e.g. seeds): the cells of :func:`markdown_table`.
+
+    ``runs`` are one report per run (``{"nll_per_token": 2.85, "psnr": 19.2, ...}``). A figure is
+    summarised when every run holds it as a real number (lists, strings and ``None`` are left
+    out); ``std`` is the sample standard deviation (``ddof=1``), ``None`` for a single run. Keys
+    keep the first run's order.
+
+    Raises:
+      ValueError: if there are no runs.
+    """
+    if not runs:
+        raise ValueError("summarize_runs needs at least one run")
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+    summary: dict[str, tuple[float, float | None]] = {}
+    for key in runs[0]:
+        if all(is_number(run.get(key)) for run in runs):
+            values = np.array([float(run[key]) for run in runs])
+            summary[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+    return summary
 
 
 def _markdown_cell(cell: tuple[float, float | None] | float | None, digits: int) -> str:

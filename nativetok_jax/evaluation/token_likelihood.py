@@ -15,7 +15,7 @@ needs the per-token numbers behind that average:
   the key and the crop's index, so every arm scored with one key sees the same masks.
 - :func:`trained_generator_nll`: either, for a trained generator loaded from its workdir.
 
-Both run one jitted program per batch shape (the model structure is static) and work under a
+Each runs one jitted program per model structure and batch shape and works under a
 mesh with axis rules (``jax.set_mesh(mesh)`` and ``axis_rules(rules)``), gathering every
 process's rows, as the trainer's held-out evaluation does.
 """
@@ -91,7 +91,8 @@ def trained_generator_nll(
         if generator.kind == "ar":
             return next_token_nll(model, ids, labels, batch_size=batch_size)
         if mask_rates is None:
-            mask_rates = decoding_mask_rates(generator.config.generator.sample.num_steps, generator.tokenizer.num_tokens)
+            num_steps = generator.config.generator.sample.num_steps
+            mask_rates = decoding_mask_rates(num_steps, generator.tokenizer.num_tokens)
         return masked_token_nll(model, ids, labels, mask_rates=mask_rates,
                                 key=jax.random.key(0) if key is None else key, batch_size=batch_size)
 

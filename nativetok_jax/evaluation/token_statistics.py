@@ -18,7 +18,17 @@ codes before it* (which only a model that reads the context can exploit). Native
   is the visible codes at a given mask rate rather than the codes before.
 
 All functions are numpy and take ids ``[num_examples, num_tokens]`` (position ``i`` is column
-``i``); NLLs and entropies are in nats.
+``i``); NLLs and entropies are in nats. With a trained AR generator (its workdir ``gen``):
+
+    train_ids, _ = TokenSource(f"{gen}/tokens/train").arrays()
+    ids, labels = TokenSource(f"{gen}/tokens/eval").arrays()
+    nll = trained_generator_nll(TrainedGenerator.from_checkpoint(gen), ids, labels)  # [m, L]
+    figures = context_decomposition(train_ids, ids, nll, codebook_size)
+    # two arms on the same held-out crops: nll_a - nll_b with a 95 % interval
+    contrast = paired_bootstrap_interval(nll_a, nll_b)
+
+(``trained_generator_nll``: :mod:`nativetok_jax.evaluation.token_likelihood`;
+``paired_bootstrap_interval``: :mod:`nativetok_jax.evaluation.paired_bootstrap`.)
 """
 
 from __future__ import annotations
@@ -108,13 +118,15 @@ def context_decomposition(
       ``I(x_i; x_<i, y) + KL(p_i || u_i) - E[KL(p(x_i | x_<i, y) || q(x_i | x_<i, y))]``, where
       ``y`` is the class label the generator is given (constant for unlabelled data, where the
       term is ``I(x_i; x_<i)``), ``p`` the true distribution, ``u_i`` the smoothed unigram and
-      ``q`` the generator. The last term, the generator's own modelling error, is what it fails
-      to capture, so ``I - E[KL(p || q)]``, the information the generator *captured*, equals the
-      gain minus ``KL(p_i || u_i)``: the gain lower-bounds the captured (and so the true)
-      information up to the unigram's estimation error ``KL(p_i || u_i) >= 0``, plus the
-      held-out sampling noise of both means. That error grows with ``K / n`` (codes per training
-      example); ``unigram_excess_by_position`` estimates it. For a MaskGIT generator, use the
-      masked-token NLL and read ``x_<i`` as the visible codes.
+      ``q`` the generator. The last term, the generator's own modelling error, is the part of
+      the information it fails to capture: the information it *captured*,
+      ``I - E[KL(p || q)]``, is exactly the gain minus ``KL(p_i || u_i)``, and since the
+      modelling error is ``>= 0`` the gain lower-bounds the true ``I(x_i; x_<i, y)`` up to the
+      unigram's estimation error ``KL(p_i || u_i) >= 0`` (which makes the gain read high), plus
+      the held-out sampling noise of both means. That error grows with ``K / n`` (codes per
+      training example); ``unigram_excess_by_position`` estimates it. At the first position only the
+      class is context, so its gain (about 0 for unlabelled data) reads those errors directly.
+      For a MaskGIT generator see :func:`masked_context_decomposition`.
     - ``entropy_by_position[i]``: :func:`plug_in_entropy` of the training codes, the ceiling of
       the information any context can give about position ``i``;
     - ``unigram_excess_by_position[i]``: unigram NLL minus that entropy, an estimate of
@@ -138,7 +150,8 @@ def context_decomposition(
     unigram = unigram_token_nll(train_ids, held_out_ids, codebook_size)
     model_nll = np.asarray(model_nll, dtype=np.float64)
     if model_nll.shape != unigram.shape:
-        raise ValueError(f"model_nll must be [m, L] = {list(unigram.shape)} like held_out_ids, got {list(model_nll.shape)}")
+        raise ValueError(f"model_nll must be [m, L] = {list(unigram.shape)} like held_out_ids, "
+                         f"got {list(model_nll.shape)}")
     if not np.isfinite(model_nll).all():
         raise ValueError(f"model_nll holds {int((~np.isfinite(model_nll)).sum())} non-finite values")
     unigram_by_position, model_by_position = unigram.mean(axis=0), model_nll.mean(axis=0)

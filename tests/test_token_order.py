@@ -64,7 +64,8 @@ def test_store_reader_permutes_and_sampler_unpermutes(tmp_path):
 
     # The sampler: one generator's parameters read in the identity and in the permuted order
     # draw the same sequence; the permuted one's samples come back in the tokenizer's order.
-    tokenizer_config = conftest.tiny_config(num_tokens=NUM_TOKENS)
+    tokenizer_config = smallest_nativetok()
+    tokenizer_config.model.update(num_tokens=NUM_TOKENS)
     tokenizer_config.model.quantizer.codebook_size = 64
     tokenizer_config.mesh.update(data=-1, fsdp=1, model=1)
     tokenizer = Tokenizer.from_params(tokenizer_config, params_of(build_model(tokenizer_config.model, nnx.Rngs(0))))
@@ -151,17 +152,30 @@ def test_over_seeds_gives_means_std_and_every_seed():
     assert token_order.over_seeds(rows[:1])["std"]["psnr"] == 0.0
 
 
+def smallest_nativetok() -> ml_collections.ConfigDict:
+    """Two training steps of the smallest NativeTok: 4 tokens, one layer everywhere, one expert
+    scan (the compilations are most of these tests' cost)."""
+    config = train_config(num_steps=2, checkpoint_every=2)
+    m = config.model
+    m.num_tokens = 4
+    for part in (m.encoder, m.experts, m.decoder):
+        part.depth = 1
+    m.experts.chunks = 1
+    return config
+
+
 def tiny_experiment() -> ml_collections.ConfigDict:
+    """The smallest NativeTok, two steps of each generator (MaskGIT sampling in 4 steps)."""
     config = ml_collections.ConfigDict()
-    config.native = train_config(num_steps=2, checkpoint_every=2)
-    config.order_free = train_config(num_steps=2, checkpoint_every=2)
+    config.native = smallest_nativetok()
+    config.order_free = ml_collections.ConfigDict(config.native.to_dict())
     config.order_free.model.kind = "titok"
     config.causal_mask = ml_collections.ConfigDict(config.order_free.to_dict())
     config.causal_mask.model.latent_causal_mask = True
     config.generator = tiny_generator_config("")
     config.generator.generator.update(num_train_examples=32, extract_batch_size=16)
     config.generator.train.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=2)
-    config.generator.generator.sample.num_samples = 8
+    config.generator.generator.sample.update(num_samples=8, num_steps=4)
     config.arms = "native,native_permuted"  # one tokenizer: the other arms' are tested above
     config.seeds = 1
     config.match_parameters = ""
@@ -178,12 +192,12 @@ def test_report_schema_on_a_tiny_run(tmp_path):
     for arm in report["arms"]:
         r = report[arm]
         assert set(token_order.FIGURES) <= set(r) and set(r["std"]) == set(r["per_seed"][0]) - {"seed"}
-        assert len(r["context_gain_by_position"]) == 8
+        assert len(r["context_gain_by_position"]) == 4
         # MaskGIT for the own-order arms only, at its sampler's cosine rates (4 steps: 1, ...).
         assert ("maskgit_model_nll" in r) == (arm != "native_permuted")
-        assert len(r["nll_by_position"]) == 8 and len(r["per_seed"]) == 1 and r["num_tokens"] == 8
+        assert len(r["nll_by_position"]) == 4 and len(r["per_seed"]) == 1 and r["num_tokens"] == 4
         nll = np.load(r["held_out_nll"][0])["nll"]
-        assert nll.shape == (16, 8)  # every held-out crop's per-token NLLs, paired across arms
+        assert nll.shape == (16, 4)  # every held-out crop's per-token NLLs, paired across arms
         np.testing.assert_allclose(nll.mean(), r["nll_per_token"], rtol=1e-5)
     native, permuted = report["native"], report["native_permuted"]
     # native_permuted reads native's own store (no second tokenizer, no re-encoding).
@@ -193,7 +207,7 @@ def test_report_schema_on_a_tiny_run(tmp_path):
     assert (permuted["psnr"], permuted["parameters"]) == (native["psnr"], native["parameters"])
     assert permuted["nll_unigram"] == pytest.approx(native["nll_unigram"], rel=1e-12)  # the order sums differently
     assert permuted["token_order"] == "random:0" and native["token_order"] == "identity"
-    assert native["parameters"] == dict(tokenizer_parameters(conftest.tiny_config().model),
+    assert native["parameters"] == dict(tokenizer_parameters(tiny_experiment().native.model),
                                         generator=permuted["parameters"]["generator"])
     contrast = report["contrasts"]["native_permuted - native"]
     assert contrast["num_pairs"] == 16 and contrast["low"] <= contrast["mean_difference"] <= contrast["high"]

@@ -244,7 +244,8 @@ def held_out_figures(generator: ml_collections.ConfigDict, directory: Any) -> tu
         return nll, dict(nll_per_token=split["model_nll"], nll_by_position=split["model_nll_by_position"],
                          nll_unigram=split["unigram_nll"],
                          **{k: v for k, v in split.items() if k not in ("model_nll", "model_nll_by_position", "unigram_nll")})
-    rates = token_likelihood.decoding_mask_rates(g.sample.num_steps, train.num_tokens)
+    # A sampler with more steps than tokens has steps whose input hides nothing: nothing to score.
+    rates = [rate for rate in token_likelihood.decoding_mask_rates(g.sample.num_steps, train.num_tokens) if rate > 0]
     key = jax.random.key(0)  # one key for every arm: the same masks, paired
     model = TrainedGenerator.from_checkpoint(os.fspath(directory))
     nll = token_likelihood.trained_generator_nll(model, held_out_ids, labels, mask_rates=rates, key=key)

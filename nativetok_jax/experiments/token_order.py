@@ -394,7 +394,7 @@ def write_report(report: dict[str, Any], root: Any) -> None:
     """``token_order.json``, ``nll_by_position.png`` (every arm, mean +- std over seeds),
     ``contrasts.png`` (the paired intervals) and ``token_order.md`` (the summary table) in ``root``."""
     from nativetok_jax import storage
-    from nativetok_jax.evaluation.plots import markdown_table, plot_by_position, plot_contrasts
+    from nativetok_jax.evaluation.plots import plot_by_position, plot_contrasts
 
     storage.write_json(root / "token_order.json", report)
     arms = report["arms"]

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Unroll the layer and expert scans in the compiled program: compile time grows with depth
     # and num_tokens; XLA's FLOP count becomes exact (the model benchmark uses it for that).
     config.model.unroll_scans = False
+    # kind="titok" only: latent token i attends to the image and the latent tokens <= i (the
+    # paper's plain-causal-mask ablation; models/titok.py). Same parameters as without it.
+    config.model.latent_causal_mask = False
     # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
     # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
     config.model.encoder = _transformer(width=1024, depth=18, num_heads=16)
@@ -232,6 +235,9 @@ def generator_config() -> ml_collections.ConfigDict:
     g.num_classes = 0  # 0: as many as the data has (max label + 1)
     g.label_drop_probability = 0.1  # classifier-free guidance: labels dropped to the null class
     g.tokens_dir = ""  # "": <workdir>/tokens
+    # The order the generator reads the ids in: "identity", "reversed" or "random:<seed>" (a fixed
+    # permutation; data/token_order.py). Samples are put back in the tokenizer's order to decode.
+    g.token_order = ml_collections.ConfigDict(dict(permutation="identity"))
     g.num_train_examples = 0  # 0: one example per training image (centre crops)
     g.num_eval_examples = 0  # 0: every evaluation image (data.num_eval_images for photos)
     g.extract_batch_size = 64
@@ -276,6 +282,12 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
         _require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
     _positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
+    from nativetok_jax.data.token_order import TokenOrderError, token_permutation
+
+    try:
+        token_permutation(g.get("token_order", {}).get("permutation", "identity"), 1)
+    except TokenOrderError as error:
+        raise ConfigError(str(error)) from None
     p = g.label_drop_probability
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
     validate_sampling(g.sample, g.kind)
@@ -406,6 +418,9 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _validate_transformer(model.encoder, "model.encoder")
     _validate_transformer(model.decoder, "model.decoder")
     _boolean(model.get("unroll_scans"), "model.unroll_scans")
+    _boolean(model.get("latent_causal_mask", False), "model.latent_causal_mask")
+    _require(not model.get("latent_causal_mask", False) or model.kind == "titok", "model.latent_causal_mask",
+             f"only the titok encoder has latent tokens to mask; model.kind is {model.kind!r}")
     if model.kind == "nativetok":
         _validate_transformer(model.experts, "model.experts")
         _boolean(model.experts.get("scan"), "model.experts.scan")

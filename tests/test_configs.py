@@ -90,8 +90,8 @@ def test_every_config_file_builds():
     assert len(files) >= 3
     for path in files:
         config = load_config_file(path)
-        # The token-order experiment holds two tokenizer configs and a generator config.
-        runs = [config[arm] for arm in ("native", "order_free", "generator")] if "native" in config else [config]
+        # The token-order experiment holds three tokenizer configs and a generator config.
+        runs = [config[arm] for arm in ("native", "order_free", "causal_mask", "generator")] if "native" in config else [config]
         for run in runs:
             if run.get("task") == "generator":  # a generator config holds no tokenizer model
                 assert "model" not in run and generator_params(run.generator, 64, 2) > 0, path
@@ -103,8 +103,13 @@ def test_every_config_file_builds():
 def test_token_order_arms_differ_only_in_the_tokenizer_kind(scale, tmp_path):
     """The experiment is fair only if both tokenizers get the same data, budget and schedule."""
     config = load_config_file(os.path.join(CONFIG_DIR, f"token_order.py:{scale}"))
-    native, order_free = config.native, config.order_free
+    native, order_free, causal_mask = config.native, config.order_free, config.causal_mask
     assert (native.model.kind, order_free.model.kind) == ("nativetok", "titok")
+    # The causal-mask arm is the order-free tokenizer with its latent tokens masked, nothing else.
+    assert causal_mask.model.latent_causal_mask and not order_free.model.latent_causal_mask
+    causal_mask.model.latent_causal_mask = False
+    assert causal_mask.to_dict() == order_free.to_dict()
+    assert config.arms == "native,order_free,causal_mask" and config.seeds == 1
     assert native.train.to_dict() == order_free.train.to_dict()
     assert native.data.to_dict() == order_free.data.to_dict() == config.generator.data.to_dict()
     assert native.model.num_tokens == order_free.model.num_tokens
@@ -114,9 +119,9 @@ def test_token_order_arms_differ_only_in_the_tokenizer_kind(scale, tmp_path):
             validate_training(tokenizer)
         config.generator.generator.tokenizer = str(tmp_path)  # the experiment names each arm's tokenizer
         validate_generator(config.generator)
-        # Shortened to fit 30 minutes on 2 CPU cores; the schedule moves with it.
-        assert native.train.num_steps == 1500 and config.generator.train.num_steps == 500
-        assert quantizer_warmup_steps(native.train) == native.train.eval_every == 750  # the demo's half
+        # Shortened so that three arms fit 30 minutes on 2 CPU cores; the schedule moves with it.
+        assert native.train.num_steps == 1000 and config.generator.train.num_steps == 400
+        assert quantizer_warmup_steps(native.train) == native.train.eval_every == 500  # the demo's half
 
 
 @pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])

@@ -1,4 +1,16 @@
-"""Plots of evaluation results, drawn with matplotlib's Agg canvas (no display, no pyplot state)."""
+"""Plots and tables of evaluation results: PNGs drawn with matplotlib's Agg canvas (no display,
+no pyplot state), Markdown tables as text.
+
+- :func:`plot_prefix_curves`: a tokenizer's metrics against the number of tokens decoded;
+- :func:`plot_by_position`: a per-position curve (e.g. held-out NLL) for any number of arms,
+  with a band of +- one standard deviation over seeds;
+- :func:`plot_contrasts`: paired differences with their confidence intervals and a zero line
+  (:func:`nativetok_jax.evaluation.paired_bootstrap.paired_bootstrap_interval`'s results);
+- :func:`markdown_table`: ``{row: {column: (mean, std)}}`` as a GitHub Markdown table, its
+  cells from per-seed reports by :func:`summarize_runs`.
+
+The plot functions write the PNG (local or a URL) and return the ``Figure`` for notebooks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -58,6 +71,179 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         axes.set_xlabel("tokens decoded")
         axes.set_title(TITLES.get(metric, metric), fontsize=10)
         axes.grid(True, alpha=0.3)
+    _write_png(figure, path)
+
+
+def plot_by_position(
+    curves: Mapping[str, Sequence[float] | Sequence[Sequence[float]] | np.ndarray],
+    path: storage.PathLike,
+    *,
+    ylabel: str = "held-out NLL (nats)",
+    title: str = "negative log-likelihood by position",
+    xlabel: str = "token position",
+) -> Figure:
+    """Writes a PNG of one curve per arm against the token position (1-based) and returns the figure.
+
+    ``curves`` maps an arm's name to its values, ``[L]`` for one run or ``[seeds, L]`` for several:
+    the line is the mean over seeds and, with two or more seeds, a shaded band spans mean +- the
+    sample standard deviation (``ddof=1``). The legend gives each arm's mean over positions (and
+    over seeds, +- the standard deviation of the per-seed means). Arms may differ in length.
+
+    Raises:
+      ValueError: if there is no arm, or an arm's values are not ``[L]`` / ``[seeds, L]`` with
+        ``L >= 1``.
+    """
+    if not curves:
+        raise ValueError("plot_by_position needs at least one arm")
+    figure = Figure(figsize=(6.5, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for arm, values in curves.items():
+        runs = np.asarray(values, dtype=np.float64)
+        runs = runs[None] if runs.ndim == 1 else runs
+        if runs.ndim != 2 or 0 in runs.shape:
+            raise ValueError(f"plot_by_position: arm {arm!r} must be [L] or [seeds, L], "
+                             f"got shape {list(np.shape(values))}")
+        positions = np.arange(1, runs.shape[1] + 1)
+        mean = runs.mean(axis=0)
+        label = f"{arm}: {runs.mean():.3f}"
+        if len(runs) > 1:
+            label += f" ± {runs.mean(axis=1).std(ddof=1):.3f} ({len(runs)} seeds)"
+        (line,) = axes.plot(positions, mean, marker=".", label=label)
+        if len(runs) > 1:
+            spread = runs.std(axis=0, ddof=1)
+            axes.fill_between(positions, mean - spread, mean + spread, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    _write_png(figure, path)
+    return figure
+
+
+def plot_contrasts(
+    contrasts: Mapping[str, Mapping[str, float]],
+    path: storage.PathLike,
+    *,
+    xlabel: str = "difference in held-out NLL (nats/token)",
+    title: str = "paired differences with 95 % bootstrap intervals",
+) -> Figure:
+    """Writes a PNG of each contrast's difference and interval, one row each, and returns the figure.
+
+    ``contrasts`` maps a contrast's name (e.g. ``"native - order_free"``) to a mapping with
+    ``mean_difference``, ``low`` and ``high`` (what ``paired_bootstrap_interval`` returns). Each
+    row is a point with a horizontal interval bar, labelled with its numbers; a vertical line marks
+    zero, so an interval that does not cross it is a difference of known sign.
+
+    Raises:
+      ValueError: if there is no contrast, one lacks a field, or ``low <= mean_difference <= high``
+        does not hold.
+    """
+    if not contrasts:
+        raise ValueError("plot_contrasts needs at least one contrast")
+    rows = []
+    for name, contrast in contrasts.items():
+        missing = [field for field in ("mean_difference", "low", "high") if field not in contrast]
+        if missing:
+            raise ValueError(f"plot_contrasts: contrast {name!r} lacks {', '.join(missing)}")
+        mean, low, high = (float(contrast[field]) for field in ("mean_difference", "low", "high"))
+        if not low <= mean <= high:
+            raise ValueError(f"plot_contrasts: contrast {name!r} needs low <= mean_difference <= high, "
+                             f"got {low}, {mean}, {high}")
+        rows.append((name, mean, low, high))
+    figure = Figure(figsize=(6.5, 1.2 + 0.55 * len(rows)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    heights = np.arange(len(rows))[::-1]  # the first contrast on top
+    for height, (name, mean, low, high) in zip(heights, rows):
+        axes.errorbar([mean], [height], xerr=[[mean - low], [high - mean]], fmt="o", capsize=4)
+        axes.annotate(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", (mean, height), xytext=(0, 7),
+                      textcoords="offset points", ha="center", fontsize=8)
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.set_yticks(heights, [name for name, *_ in rows])
+    axes.set_ylim(-0.7, len(rows) - 0.3)
+    axes.margins(x=0.15)  # room for the labels of the outermost intervals
+    axes.set_xlabel(xlabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, axis="x", alpha=0.3)
+    _write_png(figure, path)
+    return figure
+
+
+def markdown_table(
+    rows: Mapping[str, Mapping[str, tuple[float, float | None] | float | None]],
+    *,
+    columns: Sequence[str] | None = None,
+    row_header: str = "arm",
+    digits: int = 3,
+) -> str:
+    """A GitHub Markdown table of ``{row: {column: (mean, std)}}``, e.g. ``{arm: {figure: ...}}``.
+
+    A cell is ``(mean, std)``, shown ``mean ± std`` (``std`` ``None`` or NaN, e.g. one seed:
+    ``mean`` alone), or a plain number; a missing or ``None`` cell shows ``–``. Numbers get
+    ``digits`` decimals (integers print as integers). ``columns`` picks and orders the columns
+    (default: every column in the order first seen). Returns the table, ending with a newline
+    (:func:`nativetok_jax.storage.write_text` writes it, e.g. beside the plots).
+
+    Raises:
+      ValueError: if there are no rows or no columns.
+    """
+    if not rows:
+        raise ValueError("markdown_table needs at least one row")
+    if columns is None:
+        columns = list(dict.fromkeys(column for cells in rows.values() for column in cells))
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    lines = [_markdown_row([row_header, *columns]), _markdown_row(["---"] + ["---:"] * len(columns))]
+    for name, cells in rows.items():
+        lines.append(_markdown_row([name] + [_markdown_cell(cells.get(column), digits) for column in columns]))
+    return "\n".join(lines) + "\n"
+
+
+def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, float | None]]:
+    """Each scalar figure's ``(mean, std)`` over runs (e.g. seeds): the cells of :func:`markdown_table`.
+
+    ``runs`` are one report per run (``{"nll_per_token": 2.85, "psnr": 19.2, ...}``). A figure is
+    summarised when every run holds it as a real number (lists, strings and ``None`` are left
+    out); ``std`` is the sample standard deviation (``ddof=1``), ``None`` for a single run. Keys
+    keep the first run's order.
+
+    Raises:
+      ValueError: if there are no runs.
+    """
+    if not runs:
+        raise ValueError("summarize_runs needs at least one run")
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+    summary: dict[str, tuple[float, float | None]] = {}
+    for key in runs[0]:
+        if all(is_number(run.get(key)) for run in runs):
+            values = np.array([float(run[key]) for run in runs])
+            summary[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+    return summary
+
+
+def _markdown_cell(cell: tuple[float, float | None] | float | None, digits: int) -> str:
+    if cell is None:
+        return "–"
+    if isinstance(cell, (tuple, list)):
+        mean, std = cell
+        text = _markdown_cell(mean, digits)
+        return text if std is None or math.isnan(std) else f"{text} ± {float(std):.{digits}f}"
+    if isinstance(cell, (int, np.integer)) and not isinstance(cell, bool):
+        return str(int(cell))
+    return f"{float(cell):.{digits}f}"
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    # A "|" inside a cell would end it early.
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def _write_png(figure: Figure, path: storage.PathLike) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     storage.write_bytes(path, buffer.getvalue())

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax import sharding
+from nativetok_jax.data.token_order import to_tokenizer_order, token_permutation
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators import build_generator
@@ -89,7 +90,8 @@ class TrainedGenerator:
 
     def logits(self, ids: Any, labels: Any) -> jax.Array:
         """Teacher-forced logits ``[B, num_tokens, vocab]`` for ids ``[B, num_tokens]`` and labels ``[B]``
-        (the AR model's next-token logits; MaskGIT's for each position as given)."""
+        (the AR model's next-token logits; MaskGIT's for each position as given). Ids and logits
+        are in the generator's reading order (``generator.token_order``), as it was trained."""
         mesh = self.tokenizer.mesh
         ids, labels = (jax.device_put(a, sharding.batch_sharding(mesh, a.shape))
                        for a in (np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
@@ -98,8 +100,12 @@ class TrainedGenerator:
 
     def sample_ids(self, labels: Any, key: jax.Array, settings: ml_collections.ConfigDict | None = None) -> jax.Array:
         """Token ids ``[B, num_tokens]`` for class ``labels [B]`` with ``settings`` (default: the
-        config's ``generator.sample``: temperature, top-k/p, guidance, MaskGIT steps)."""
+        config's ``generator.sample``: temperature, top-k/p, guidance, MaskGIT steps), in the
+        tokenizer's order (a generator that reads another ``generator.token_order`` has its
+        samples put back), so ``self.tokenizer.decode(ids)`` gives the images."""
         settings = self.config.generator.sample if settings is None else settings
         with jax.set_mesh(self.tokenizer.mesh), axis_rules(self._rules):
-            return generate_ids(self.kind, (self.graphdef, self.params), labels, key, self.tokenizer.num_tokens,
-                                settings)
+            ids = generate_ids(self.kind, (self.graphdef, self.params), labels, key, self.tokenizer.num_tokens,
+                               settings)
+        return to_tokenizer_order(ids, token_permutation(self.config.generator.token_order.permutation,
+                                                         self.tokenizer.num_tokens))

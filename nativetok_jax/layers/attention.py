@@ -44,6 +44,7 @@ class Attention(nnx.Module):
         x: jax.Array,
         *,
         key_mask: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
         num_queries: int | None = None,
     ) -> jax.Array:
         """Attends from ``x`` (or its last ``num_queries`` rows) to the rows ``key_mask`` allows.
@@ -51,6 +52,8 @@ class Attention(nnx.Module):
         Args:
           x: ``[batch, length, width]``.
           key_mask: boolean ``[length]`` or ``[batch, length]``; False rows are never attended to.
+          attention_mask: boolean ``[length, length]`` (query row, key row), the same for every
+            example and head; False pairs are never attended. Combined with ``key_mask``.
           num_queries: if set, only the last ``num_queries`` rows are computed.
         """
         x = x.astype(self.dtype)
@@ -59,6 +62,9 @@ class Attention(nnx.Module):
         k = self._project(x, self.key, self.key_bias)
         v = self._project(x, self.value, self.value_bias)
         mask = None if key_mask is None else key_mask.reshape(-1, 1, 1, key_mask.shape[-1])  # [B|1, 1, 1, T]
+        if attention_mask is not None:
+            pairs = attention_mask[-queries.shape[1] :][None, None]  # [1, 1, Tq, T]: the computed rows'
+            mask = pairs if mask is None else mask & pairs
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         y = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
         return y + self.out_bias[...].astype(self.dtype)

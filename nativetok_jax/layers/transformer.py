@@ -29,11 +29,14 @@ class Block(nnx.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
 
     def __call__(
-        self, x: jax.Array, *, key_mask: jax.Array | None = None, num_queries: int | None = None
+        self, x: jax.Array, *, key_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
+        num_queries: int | None = None,
     ) -> jax.Array:
-        """Returns all rows, or only the last ``num_queries`` rows (their keys see every row)."""
+        """Returns all rows, or only the last ``num_queries`` rows (their keys see every row);
+        ``key_mask`` and ``attention_mask`` as :class:`Attention` takes them."""
         residual = x if num_queries is None else x[:, -num_queries:]
-        h = residual + self.attention(self.attention_norm(x), key_mask=key_mask, num_queries=num_queries)
+        h = residual + self.attention(self.attention_norm(x), key_mask=key_mask, attention_mask=attention_mask,
+                                      num_queries=num_queries)
         h = h + self.mlp(self.mlp_norm(h))
         return constrain(h, ("batch", "length", "embed"))
 
@@ -85,13 +88,15 @@ class BlockStack(nnx.Module):
         self.unroll = unroll
 
     def __call__(
-        self, x: jax.Array, *, key_mask: jax.Array | None = None, last_layer_queries: int | None = None
+        self, x: jax.Array, *, key_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
+        last_layer_queries: int | None = None,
     ) -> jax.Array:
-        """Applies every layer; with ``last_layer_queries`` the last layer computes only those rows."""
+        """Applies every layer; with ``last_layer_queries`` the last layer computes only those rows.
+        ``key_mask`` and ``attention_mask`` (as :class:`Attention` takes them) hold in every layer."""
         graphdef, state = nnx.split(self.layers)
 
         def layer(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, key_mask=key_mask), None
+            return nnx.merge(graphdef, layer_state)(h, key_mask=key_mask, attention_mask=attention_mask), None
 
         if self.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
@@ -99,5 +104,5 @@ class BlockStack(nnx.Module):
         x, _ = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[:num_full], state), unroll=self.unroll)
         if last_layer_queries is not None:
             last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state))
-            x = last(x, key_mask=key_mask, num_queries=last_layer_queries)
+            x = last(x, key_mask=key_mask, attention_mask=attention_mask, num_queries=last_layer_queries)
         return x

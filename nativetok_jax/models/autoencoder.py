@@ -176,6 +176,7 @@ class TiTok(Autoencoder):
             dtype=dtype,
             remat=e.remat,
             unroll=model.unroll_scans,
+            latent_causal_mask=model.get("latent_causal_mask", False),
         )
         self._build_shared(model, e.width, rngs, dtype)
 

@@ -4,8 +4,11 @@ Load the tokenizer the config names; encode the training and evaluation images o
 stores (resumable, reused when present); build the generator on the mesh; decide how to
 initialise (resume from this workdir's newest checkpoint, else start fresh); train with one
 sharded, donated ``jax.jit`` step; on their schedules log, checkpoint, measure the held-out
-negative log-likelihood (per token and per position), and write PNG grids of class-conditional
-samples decoded by the tokenizer. SIGTERM saves and stops; rerunning resumes. The loop, the step
+negative log-likelihood (per token and per position; every held-out crop's per-token NLLs in
+``DIR/held_out_nll.npz``), and write PNG grids of class-conditional samples decoded by the
+tokenizer. ``generator.token_order.permutation`` lets the generator read the ids in another order
+(``data/token_order.py``): the stores stay in the tokenizer's order, the reader permutes, and
+samples are put back in the tokenizer's order before they are decoded. SIGTERM saves and stops; rerunning resumes. The loop, the step
 and the state builder are the tokenizer's (``training/loop.py``); what is here is the loss, the
 token data and the evaluation.
 """
@@ -28,6 +31,7 @@ from jax.experimental import multihost_utils
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_generator
 from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
@@ -40,6 +44,7 @@ from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
 
 Batch = dict[str, jax.Array]
+HELD_OUT_NLL = "held_out_nll.npz"  # "nll": float32 [num_eval_examples, L], the last evaluation's per-token NLLs
 
 
 def generator_loss(model: Any, kind: str, ids: jax.Array, labels: jax.Array, key: jax.Array | None,
@@ -62,16 +67,26 @@ def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     train = extract_tokens(tokenizer, train_source, directory / "train", data=data,
                            num_examples=g.num_train_examples or len(train_source), num_classes=num_classes,
                            seed=config.train.seed, description=description, batch_size=g.extract_batch_size)
+    eval_data, num_eval, seed = held_out_crops(config, eval_source)
+    held_out = extract_tokens(tokenizer, eval_source, directory / "eval", data=eval_data,
+                              num_examples=num_eval, num_classes=num_classes, seed=seed,
+                              description=description, batch_size=g.extract_batch_size)
+    return train, held_out
+
+
+def held_out_crops(config: ml_collections.ConfigDict, eval_source: Any) -> tuple[ml_collections.ConfigDict, int, int]:
+    """How the held-out token store crops ``eval_source``: ``(data, num_examples, seed)`` for
+    ``token_extraction.example_image`` (example ``i`` is ``example_image(eval_source, i, data,
+    image_size, seed, ...)``). Centre crops without flips, except for the bundled photographs
+    (few and large), which are cropped as for training, unflipped, from ``train.seed + 1``."""
+    data, g = config.data, config.generator
     eval_data = ml_collections.ConfigDict(data.to_dict())
     if data.source != "photos":  # held-out images: centre crops, no flips
         eval_data.update(crop_min=1.0, crop_max=1.0, flip=False)
     else:
         eval_data.flip = False
     num_eval = g.num_eval_examples or min(data.num_eval_images, len(eval_source) * (data.num_eval_images if data.source == "photos" else 1))
-    held_out = extract_tokens(tokenizer, eval_source, directory / "eval", data=eval_data,
-                              num_examples=num_eval, num_classes=num_classes, seed=config.train.seed + 1,
-                              description=description, batch_size=g.extract_batch_size)
-    return train, held_out
+    return eval_data, num_eval, config.train.seed + 1
 
 
 def token_iterator(source: TokenSource, batch_size: int, seed: int) -> grain.DatasetIterator:
@@ -90,7 +105,8 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
     tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
-    train_tokens, eval_tokens = token_stores(config, tokenizer, workdir)
+    order = g.token_order.permutation
+    train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir))
     num_classes = train_tokens.num_classes
     if is_main:
         checkpoints.write_config(workdir, config)
@@ -110,25 +126,29 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
         return loss, ({k: v for k, v in metrics.items() if k != "nll_by_position"}, None)
 
     held_out = HeldOutLikelihood(graphdef, g, eval_tokens, mesh, rules)
+    save_nll = workdir / HELD_OUT_NLL if is_main else None
     task = Task(
         built, Objective(loss),
         batches=token_iterator(train_tokens, train.batch_size // jax.process_count(), train.seed),
         batch_shardings=batch_shardings(mesh, {"ids": (train.batch_size, tokenizer.num_tokens),
                                                "label": (train.batch_size,)}),
         evaluate=lambda state, step, outputs: _evaluate(held_out, state, tokenizer, graphdef, config, num_classes,
-                                                        step, outputs),
+                                                        step, outputs, save_nll),
         name="generator",
     )
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_tokens),
-                   num_eval_examples=len(eval_tokens))
+                   num_eval_examples=len(eval_tokens),
+                   token_order=dict(permutation=order, positions=token_permutation(order, tokenizer.num_tokens).tolist()))
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 class HeldOutLikelihood:
-    """Mean NLL (nats per token) of the held-out token store, overall and per position.
+    """Mean NLL (nats per token) of the held-out token store, overall and per position; every
+    crop's per-token NLLs from :meth:`per_token` (rows in the store's order, so two generators on
+    stores of the same crops are paired crop by crop).
 
     MaskGIT's "NLL" is its masked-token loss at random cosine masks drawn from a fixed seed (an
     estimate, comparable between checkpoints of one run), not a sequence likelihood.
@@ -153,7 +173,9 @@ class HeldOutLikelihood:
 
         self._batch_nll = batch_nll
 
-    def __call__(self, params: Any) -> dict[str, Any]:
+    def per_token(self, params: Any) -> np.ndarray:
+        """float32 ``[num_eval_examples, L]``: each held-out crop's NLL (nats) at each position
+        (for MaskGIT the crop's masked-token loss, repeated along the row)."""
         rows = []
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             for start in range(0, len(self.ids), self.batch_size):
@@ -167,22 +189,32 @@ class HeldOutLikelihood:
                                                         tiled=True)
                 nll = np.asarray(nll)[: self.batch_size - pad]
                 rows.append(nll)
-        nll = np.concatenate(rows)
-        return dict(nll_per_token=float(nll.mean()), nll_by_position=nll.mean(0).tolist())
+        return np.concatenate(rows).astype(np.float32)
+
+    def __call__(self, params: Any) -> dict[str, Any]:
+        nll = self.per_token(params)
+        return dict(nll_per_token=float(nll.mean()), nll_by_position=nll.mean(0).tolist(), per_token=nll)
 
 
 def _evaluate(evaluate: HeldOutLikelihood, state: dict[str, Any], tokenizer: Tokenizer, graphdef: nnx.GraphDef,
-              config: ml_collections.ConfigDict, num_classes: int, step: int, outputs: loop.Outputs) -> dict[str, Any]:
-    """Held-out NLL, and a PNG grid of samples (one row per class, cycling) decoded by the tokenizer."""
+              config: ml_collections.ConfigDict, num_classes: int, step: int, outputs: loop.Outputs,
+              save_nll: epath.Path | None = None) -> dict[str, Any]:
+    """Held-out NLL (every crop's per-token NLLs written to ``save_nll``), and a PNG grid of
+    samples (one row per class, cycling) decoded by the tokenizer, in the tokenizer's order."""
     params = state["ema"] if state["ema"] else state["params"]
     result = evaluate(params)
+    per_token = result.pop("per_token")
+    if save_nll is not None:
+        storage.write_npz(save_nll, nll=per_token)
     outputs.scalars(step, {"eval/nll_per_token": result["nll_per_token"]})
     s = config.generator.sample
     labels = np.arange(s.num_samples) % num_classes
     with jax.set_mesh(evaluate.mesh), axis_rules(evaluate.rules):
         ids = generate_ids(config.generator.kind, (graphdef, params), labels, jax.random.key(s.seed),
                            tokenizer.num_tokens, s)
-    images = np.asarray(tokenizer.decode(np.asarray(multihost_utils.process_allgather(ids, tiled=True))))
+    ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+    permutation = token_permutation(config.generator.token_order.permutation, tokenizer.num_tokens)
+    images = np.asarray(tokenizer.decode(to_tokenizer_order(ids, permutation)))
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]
     outputs.grid("samples", step, rows, upscale=max(1, 96 // tokenizer.image_size))

@@ -11,9 +11,7 @@ learned-range variance, ``_vb_terms_bpd``) and ``diffusion/diffusion_utils.py`` 
 with ``p``'s mean built from ``stop_gradient(eps_hat)``: the VB term trains only the variance
 (Nichol & Dhariwal 2021, section 3.1). Both terms are means over positions and channels, or
 weighted means when per-position weights are given (D2iT's dynamic grain loss weights each latent
-code once: a coarse region's four copies 1/4 each, a fine cell 1). Given a grain map (D²iT's
-multi-grained diffusion, :mod:`.multi_grain`), the noise is multi-grained, the network is called
-with the grain map as a fourth argument and its output is averaged over coarse copies.
+code once: a coarse region's four copies 1/4 each, a fine cell 1).
 """
 
 from __future__ import annotations
@@ -25,28 +23,19 @@ import jax
 import jax.numpy as jnp
 
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion
-from nativetok_jax.diffusion.multi_grain import average_coarse, multi_grain_noise
 
 # (x_t [B, ..., C] float32, timesteps [B] int32 of the original process, labels [B] int32)
 #   -> output [B, ..., C or 2C]
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-
-def network_output(apply_fn: Callable[..., jax.Array], xt: jax.Array, timesteps: jax.Array, labels: jax.Array,
-                   grains: jax.Array | None = None) -> jax.Array:
-    """``apply_fn(xt, timesteps, labels)``; with a grain map ``grains [B, h/2, w/2]``,
-    ``apply_fn(xt, timesteps, labels, grains)`` averaged over coarse copies (float32; a bit-exact
-    no-op on a network that averages already, as D²iT's content transformer does)."""
-    if grains is None:
-        return apply_fn(xt, timesteps, labels)
-    return average_coarse(apply_fn(xt, timesteps, labels, grains).astype(jnp.float32), grains)
+# (key, shape) -> float32 noise of ``shape``, standard normal at every position (D²iT's
+# multi-grained noise is, with exact copies in coarse regions); default: independent Gaussians.
+NoiseFn = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
 
-def draw_noise(key: jax.Array, shape: tuple[int, ...], grains: jax.Array | None = None) -> jax.Array:
-    """float32 standard-normal noise of ``shape`` ``[B, ..., C]``, multi-grained given ``grains``."""
-    if grains is None:
-        return jax.random.normal(key, shape, jnp.float32)
-    return multi_grain_noise(key, grains, shape[-1])
+def gaussian_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Independent standard-normal float32 noise (DiT's)."""
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 def normal_kl(mean1: jax.Array, log_var1: jax.Array, mean2: jax.Array, log_var2: jax.Array) -> jax.Array:
@@ -111,7 +100,7 @@ def diffusion_loss(
     labels: jax.Array,
     key: jax.Array,
     weights: jax.Array | None = None,
-    grains: jax.Array | None = None,
+    noise_fn: NoiseFn = gaussian_noise,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DiT's loss on a batch: ``t`` uniform over the steps, ``x_t`` from Gaussian noise.
 
@@ -123,10 +112,8 @@ def diffusion_loss(
       x0: clean data ``[B, ..., C]`` (scaled latents, or pixels in [-1, 1]).
       labels: int ``[B]``, passed through to ``apply_fn``.
       key: PRNG key for the steps and the noise.
-      weights: optional per-position weights (see :func:`position_mean`), e.g. ``[B, H, W]``
-        (D²iT's dynamic grain loss: :func:`nativetok_jax.diffusion.multi_grain.grain_loss_weights`).
-      grains: optional int grain map ``[B, H/2, W/2]`` (D²iT): multi-grained noise, and
-        ``apply_fn(x_t, timesteps, labels, grains)`` averaged over coarse copies.
+      weights: optional per-position weights (see :func:`position_mean`), e.g. ``[B, H, W]``.
+      noise_fn: the forward process's noise (:data:`NoiseFn`; D²iT: multi-grained).
 
     Returns:
       ``(loss, metrics)``: the scalar mean loss, and float32 scalars ``loss``, ``mse``, ``vb``
@@ -134,10 +121,10 @@ def diffusion_loss(
     """
     step_key, noise_key = jax.random.split(key)
     t = jax.random.randint(step_key, (x0.shape[0],), 0, diffusion.num_steps)
-    noise = draw_noise(noise_key, x0.shape, grains)
+    noise = noise_fn(noise_key, x0.shape)
     x0 = x0.astype(jnp.float32)
     xt = diffusion.q_sample(x0, t, noise)
-    output = network_output(apply_fn, xt, diffusion.model_timesteps(t), labels, grains)
+    output = apply_fn(xt, diffusion.model_timesteps(t), labels)
     eps, values = diffusion.split_output(output, x0.shape[-1])
     mse = position_mean(jnp.square(noise - eps), weights)
     if values is None:
@@ -157,14 +144,12 @@ def eps_mse_at(
     key: jax.Array,
     step: int,
     weights: jax.Array | None = None,
-    grains: jax.Array | None = None,
+    noise_fn: NoiseFn = gaussian_noise,
 ) -> jax.Array:
     """The epsilon MSE (scalar) at one fixed step, e.g. 100, 500, 900: a held-out curve that is
-    not as noisy as the training loss, whose steps are drawn at random. ``weights`` and ``grains``
-    as :func:`diffusion_loss`'s."""
+    not as noisy as the training loss, whose steps are drawn at random."""
     t = jnp.full((x0.shape[0],), step, jnp.int32)
-    noise = draw_noise(key, x0.shape, grains)
+    noise = noise_fn(key, x0.shape)
     xt = diffusion.q_sample(x0, t, noise)
-    output = network_output(apply_fn, xt, diffusion.model_timesteps(t), labels, grains)
-    eps, _ = diffusion.split_output(output, x0.shape[-1])
+    eps, _ = diffusion.split_output(apply_fn(xt, diffusion.model_timesteps(t), labels), x0.shape[-1])
     return position_mean(jnp.square(noise - eps), weights).mean()

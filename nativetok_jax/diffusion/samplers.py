@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion
 from nativetok_jax.diffusion.guidance import guided
-from nativetok_jax.diffusion.losses import ModelFn, network_output
-from nativetok_jax.diffusion.multi_grain import check_grains, multi_grain_noise
+from nativetok_jax.diffusion.losses import ModelFn
+from nativetok_jax.diffusion.multi_grain import average_coarse, check_grains, multi_grain_noise
 
 METHODS = ("ddpm", "ddim")
 
@@ -67,7 +67,11 @@ def _reverse(model_fn: ModelFn, diffusion: GaussianDiffusion, x: jax.Array, t: j
              grains: jax.Array | None, clip_denoised: bool):
     """The reverse step's mean and variance from the network at ``(x, t)``; with ``grains`` the
     output is averaged over coarse copies (a bit-exact no-op on a model that averages already)."""
-    output = network_output(model_fn, x, diffusion.model_timesteps(t), labels, grains)
+    timesteps = diffusion.model_timesteps(t)
+    if grains is None:
+        output = model_fn(x, timesteps, labels)
+    else:
+        output = average_coarse(model_fn(x, timesteps, labels, grains).astype(jnp.float32), grains)
     return diffusion.p_mean_variance(output, x, t, clip_denoised=clip_denoised)
 
 

@@ -40,16 +40,19 @@ def check_grains(grains: jax.Array, latent_shape: tuple[int, ...], name: str = "
                          f"{tuple(latent_shape)}, got {tuple(grains.shape)}")
 
 
+def to_fine_grid(grid: jax.Array) -> jax.Array:
+    """``[B, gh, gw, ...]`` per region -> ``[B, 2gh, 2gw, ...]``, each region's value on its 2 x 2 cells."""
+    return jnp.repeat(jnp.repeat(grid, COPIES, axis=1), COPIES, axis=2)
+
+
 def fine_cells(grains: jax.Array) -> jax.Array:
     """bool ``[B, 2gh, 2gw, 1]``: whether each fine-grid cell lies in a fine region."""
-    fine = grains == FINE
-    return jnp.repeat(jnp.repeat(fine, COPIES, axis=1), COPIES, axis=2)[..., None]
+    return to_fine_grid(grains == FINE)[..., None]
 
 
 def copy_coarse(coarse: jax.Array, fine: jax.Array, grains: jax.Array) -> jax.Array:
     """``fine [B, h, w, C]`` in fine regions, ``coarse [B, h/2, w/2, C]`` copied 2 x 2 in coarse ones."""
-    copied = jnp.repeat(jnp.repeat(coarse, COPIES, axis=1), COPIES, axis=2)
-    return jnp.where(fine_cells(grains), fine, copied)
+    return jnp.where(fine_cells(grains), fine, to_fine_grid(coarse))
 
 
 def average_coarse(x: jax.Array, grains: jax.Array) -> jax.Array:
@@ -123,5 +126,4 @@ def grain_loss_weights(grains: jax.Array, coarse_weight: float = 0.25, fine_weig
     """
     if coarse_weight < 0 or fine_weight < 0 or coarse_weight + fine_weight == 0:
         raise ValueError(f"grain loss weights must be >= 0 and not both 0, got ({coarse_weight}, {fine_weight})")
-    weights = jnp.where(grains == FINE, jnp.float32(fine_weight), jnp.float32(coarse_weight))
-    return jnp.repeat(jnp.repeat(weights, COPIES, axis=1), COPIES, axis=2)
+    return to_fine_grid(jnp.where(grains == FINE, jnp.float32(fine_weight), jnp.float32(coarse_weight)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -133,12 +133,18 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
 
 # ------------------------------------------------------------------------------------ the objective
 
+def random_orientations(key: jax.Array, *stored: jax.Array) -> tuple[jax.Array, ...]:
+    """Each ``[B, 2, ...]`` array (axis 1: the image and its horizontal flip) -> ``[B, ...]``, the same
+    random one of the two for every array of an example (DiT's random flip, on stored flips)."""
+    flip = jax.random.bernoulli(key, 0.5, stored[0].shape[:1])
+    return tuple(jnp.where(flip.reshape((-1,) + (1,) * (a.ndim - 2)), a[:, 1], a[:, 0]) for a in stored)
+
+
 def draw_latents(moments: jax.Array, key: jax.Array) -> jax.Array:
     """``moments [B, 2, K, ...]`` -> float32 ``x0 [B, ...]``: a random flip of each example, then a
     draw from its posterior (``K = 2``) or its mean (``K = 1``, exact: pixel space)."""
     flip_key, noise_key = jax.random.split(key)
-    flip = jax.random.bernoulli(flip_key, 0.5, moments.shape[:1]).reshape((-1,) + (1,) * (moments.ndim - 2))
-    chosen = jnp.where(flip, moments[:, 1], moments[:, 0]).astype(jnp.float32)  # [B, K, ...]
+    (chosen,) = random_orientations(flip_key, moments.astype(jnp.float32))  # [B, K, ...]
     if moments.shape[2] == 1:
         return chosen[:, 0]
     return sample_latents(chosen[:, 0], chosen[:, 1], noise_key)
@@ -192,8 +198,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     logging.info("DiT parameters: %.2f M", sum(x.size for x in jax.tree.leaves(built.state["params"])) / 1e6)
     diffusion = build_diffusion(model_config.diffusion.schedule, model_config.diffusion.num_steps,
                                 learn_sigma=model_config.learn_sigma)
-    held_out = HeldOutEpsMSE(graphdef, diffusion, eval_latents, mesh, rules, train.eval_timesteps,
-                             batch_size=train.eval_batch_size, seed=train.seed)
+    held_out = HeldOutEpsMSE(dit_eps_mse(graphdef, diffusion), dit_held_out_examples(eval_latents), mesh, rules,
+                             train.eval_timesteps, batch_size=train.eval_batch_size, seed=train.seed)
     preview = Preview(graphdef, config, autoencoder, mesh, rules)
     task = loop.Task(
         built, diffusion_objective(graphdef, diffusion, model_config.label_drop_probability),
@@ -210,50 +216,69 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     return summary
 
 
-class HeldOutEpsMSE:
-    """The held-out epsilon-MSE at fixed steps ``t`` (e.g. 100, 500, 900).
+# One held-out example's epsilon-MSE: (params, example {name: [1, ...]}, noise key, step t) -> scalar.
+ExampleMSE = Callable[[Any, dict[str, jax.Array], jax.Array, int], jax.Array]
 
-    Example ``i``'s latent is its (unflipped) posterior mean and its noise at step ``t`` comes from
-    ``fold_in(fold_in(key(seed), t), i)``: the same numbers at every evaluation, whatever the batch,
-    so the curve measures the model alone (DiT's training loss, at random steps, is noisy). Labels
-    are the examples' own (the conditional model).
+
+class HeldOutEpsMSE:
+    """The held-out epsilon-MSE at fixed steps ``t`` (e.g. 100, 500, 900), of any diffusion model.
+
+    Example ``i``'s noise at step ``t`` comes from ``fold_in(fold_in(key(seed), t), i)``: the same
+    numbers at every evaluation, whatever the batch, so the curve measures the model alone (DiT's
+    training loss, at random steps, is noisy). ``examples`` holds equal-length arrays (the clean
+    latents ``x0``, the labels, and whatever else the model reads, e.g. a grain map);
+    ``mse_of(params, example, key, t)`` measures one example given as arrays of leading size 1
+    (:func:`dit_eps_mse` for a DiT).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, diffusion: GaussianDiffusion, latents: LatentSource,
-                 mesh: jax.sharding.Mesh, rules: Any, timesteps: Sequence[int], *, batch_size: int = 64,
-                 seed: int = 0):
-        moments, self.labels = latents.arrays()
-        self.x0 = np.asarray(moments[:, 0, 0], np.float32)  # unflipped posterior means
+    def __init__(self, mse_of: ExampleMSE, examples: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules: Any,
+                 timesteps: Sequence[int], *, batch_size: int = 64, seed: int = 0):
+        self.examples = {name: np.asarray(value) for name, value in examples.items()}
+        self.num_examples = len(next(iter(self.examples.values())))
         self.timesteps = tuple(int(t) for t in timesteps)
-        self.batch_size = min(batch_size, len(self.x0))
+        self.batch_size = min(batch_size, self.num_examples)
         self.mesh, self.rules = mesh, rules
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-        @jax.jit(static_argnums=4, out_shardings=replicated)
-        def batch_mse(params, x0, labels, indices, step):
-            model = nnx.merge(graphdef, params)
+        @jax.jit(static_argnums=3, out_shardings=replicated)
+        def batch_mse(params, examples, indices, step):
             base = jax.random.fold_in(jax.random.key(seed), step)
 
-            def one(x, label, index):
-                return eps_mse_at(model, diffusion, x[None], label[None], jax.random.fold_in(base, index), step)
+            def one(example, index):
+                return mse_of(params, jax.tree.map(lambda a: a[None], example), jax.random.fold_in(base, index), step)
 
-            return jax.vmap(one)(x0, labels, indices)
+            return jax.vmap(one)(examples, indices)
 
         self._batch_mse = batch_mse
 
     def __call__(self, params: Any) -> dict[str, float]:
         """``{"eps_mse_t100": ..., ...}`` (float means over the held-out examples)."""
-        n, b = len(self.x0), self.batch_size
+        n, b = self.num_examples, self.batch_size
         result = {}
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             for step in self.timesteps:
                 values = []
                 for start in range(0, n, b):
                     index = np.resize(np.arange(start, min(start + b, n)), b)  # the last batch padded
-                    mse = self._batch_mse(params, self.x0[index], self.labels[index], index.astype(np.int32), step)
+                    batch = {name: value[index] for name, value in self.examples.items()}
+                    mse = self._batch_mse(params, batch, index.astype(np.int32), step)
                     values.append(np.asarray(mse)[: min(b, n - start)])
                 result[f"eps_mse_t{step}"] = float(np.concatenate(values).mean())
         return result
+
+
+def dit_eps_mse(graphdef: nnx.GraphDef, diffusion: GaussianDiffusion) -> ExampleMSE:
+    """A DiT's :data:`ExampleMSE` on ``{"x0", "label"}`` (the conditional model: the example's own label)."""
+    def mse_of(params, example, key, step):
+        return eps_mse_at(nnx.merge(graphdef, params), diffusion, example["x0"], example["label"], key, step)
+
+    return mse_of
+
+
+def dit_held_out_examples(latents: LatentSource) -> dict[str, np.ndarray]:
+    """``{"x0": unflipped posterior means, "label"}`` of a latent store."""
+    moments, labels = latents.arrays()
+    return {"x0": np.asarray(moments[:, 0, 0], np.float32), "label": labels}
 
 
 class Preview:

@@ -25,17 +25,12 @@ noise of ``q(x_t | x_0)`` (D²iT's multi-grained noise, copied in coarse regions
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion
-from nativetok_jax.diffusion.losses import ModelFn, normal_kl, position_mean, vb_term
-
-# (key, shape) -> float32 standard-normal noise of ``shape`` (marginally; may be correlated).
-NoiseFn = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+from nativetok_jax.diffusion.losses import ModelFn, NoiseFn, gaussian_noise, normal_kl, position_mean, vb_term
 
 
 def bound_timesteps(num_steps: int, num_terms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +73,7 @@ def variational_bound(
     key: jax.Array,
     *,
     weights: jax.Array | None = None,
-    noise_fn: NoiseFn | None = None,
+    noise_fn: NoiseFn = gaussian_noise,
     num_terms: int | None = None,
 ) -> dict[str, jax.Array]:
     """The variational bound of ``apply_fn`` on ``x0``, in bits per dimension, per example.
@@ -98,7 +93,6 @@ def variational_bound(
       steps; jit the caller.
     """
     x0 = x0.astype(jnp.float32)
-    noise_fn = noise_fn or (lambda k, shape: jax.random.normal(k, shape, jnp.float32))
     steps, step_weights = bound_timesteps(diffusion.num_steps, num_terms)
 
     def body(carry, inputs):

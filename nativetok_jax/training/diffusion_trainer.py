@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +85,20 @@ def latent_encoder(autoencoder: Autoencoder, deterministic: bool):
     return lambda images: np.asarray(encode(state, images))
 
 
-def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
-                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
-    """The (train, held-out) latent stores, encoded now unless finished matching stores exist.
+class StoreSources(NamedTuple):
+    """What a diffusion trainer encodes into its latent stores (DiT's and D²iT's alike)."""
+
+    train: Any  # the training source
+    held_out: Any  # the held-out source
+    train_data: ml_collections.ConfigDict  # config.data for the training crops (both flips stored)
+    held_out_data: ml_collections.ConfigDict  # the same for held-out crops (centre crops but for photographs)
+    num_train: int
+    num_held_out: int
+    num_classes: int  # the data's
+
+
+def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
+    """The sources and crops of a diffusion run's stores.
 
     Training example ``i`` is a crop of image ``i mod len(source)`` (``config.data``'s crops,
     drawn from ``(seed, i)``; centre crops when whole); held-out ones are centre crops of the
@@ -96,11 +107,9 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
 
     Raises:
       ConfigError: the data has more classes than ``model.num_classes``.
-      TokenStoreError: a store directory holds latents made with other settings.
     """
-    model, data, latents = config.model, config.data, config.latents
-    photo_labels = data.source == "photos" and data.get("photo_labels", False)
-    if photo_labels:
+    model, data = config.model, config.data
+    if data.source == "photos" and data.get("photo_labels", False):
         train_source = PhotoSource("train", labelled=True)
         eval_source = train_source
     else:
@@ -108,26 +117,45 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
     data_classes = int(getattr(train_source, "num_classes", 1))
     if data_classes > model.num_classes:
         raise ConfigError(f"config.model.num_classes: {model.num_classes}, but the data has {data_classes} classes")
+    encoding = ml_collections.ConfigDict(data.to_dict())
+    encoding.flip = False  # both flips are stored
+    held_out = ml_collections.ConfigDict(encoding.to_dict())
+    if data.source != "photos":  # held-out images: centre crops
+        held_out.update(crop_min=1.0, crop_max=1.0)
+    num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
+    return StoreSources(train_source, eval_source, encoding, held_out,
+                        config.latents.num_train_examples or len(train_source), num_eval, data_classes)
+
+
+def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
+                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
+    """The (train, held-out) latent stores (:func:`store_sources`), encoded now unless finished
+    matching stores exist.
+
+    Raises:
+      ConfigError: the data has more classes than ``model.num_classes``.
+      TokenStoreError: a store directory holds latents made with other settings.
+    """
+    model, data, latents = config.model, config.data, config.latents
+    sources = store_sources(config)
     ae = model.autoencoder
     description = dict(autoencoder=ae.kind, weights=os.path.abspath(ae.weights) if ae.weights else "",
                        scale_factor=ae.scale_factor if ae.kind != "pixels" else 1.0, source=data.source,
-                       path=data.path or data.tfds_name, photo_labels=bool(photo_labels), image_size=model.image_size,
-                       moments_shape=list(moments_shape(model)), num_classes=model.num_classes)
+                       path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
+                                                                          and data.source == "photos"),
+                       image_size=model.image_size, moments_shape=list(moments_shape(model)),
+                       num_classes=model.num_classes)
     shape = moments_shape(model)
     encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
     directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
-    encoding = ml_collections.ConfigDict(data.to_dict())
-    encoding.flip = False  # both flips are stored
     common = dict(image_size=model.image_size, value_shape=shape, value_dtype=np.float32, store=LatentSource,
                   batch_size=latents.batch_size)
-    train = encode_into_store(encode, train_source, directory / "train", data=encoding,
-                              num_examples=latents.num_train_examples or len(train_source), seed=config.train.seed,
+    train = encode_into_store(encode, sources.train, directory / "train", data=sources.train_data,
+                              num_examples=sources.num_train, seed=config.train.seed,
                               description=description, **common)
-    if data.source != "photos":  # held-out images: centre crops
-        encoding.update(crop_min=1.0, crop_max=1.0)
-    num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
-    held_out = encode_into_store(encode, eval_source, directory / "eval", data=encoding, num_examples=num_eval,
-                                 seed=config.train.seed + 1, description=description, **common)
+    held_out = encode_into_store(encode, sources.held_out, directory / "eval", data=sources.held_out_data,
+                                 num_examples=sources.num_held_out, seed=config.train.seed + 1,
+                                 description=description, **common)
     return train, held_out
 
 
@@ -306,16 +334,23 @@ class Preview:
 
 
 def diffusion_sampler(graphdef: nnx.GraphDef, model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                      method: str, respacing: str, eta: float = 0.0, guidance_scale: float = 1.0):
-    """``sample(params, labels [B], key, sample_indices=None) -> float32 latents [B, h, w, c]``, replicated
-    (every process may read them): ``make_sampler`` on the DiT of ``model`` with the respaced process,
-    guidance on every channel unless ``model.sample.guided_channels`` says otherwise, and clipping
-    as ``model.sample.clip_denoised``."""
+                      method: str, respacing: str, eta: float = 0.0, guidance_scale: float = 1.0,
+                      apply_fn: Any = None, shape: Sequence[int] | None = None):
+    """``sample(params, labels [B], key, sample_indices=None[, grains]) -> float32 latents [B, h, w, c]``,
+    replicated (every process may read them): ``make_sampler`` on the network of ``model`` with the
+    respaced process, guidance on every channel unless ``model.sample.guided_channels`` says
+    otherwise, and clipping as ``model.sample.clip_denoised``.
+
+    The network is the DiT of ``graphdef`` on ``dit_latent_shape(model)`` unless ``apply_fn``
+    (``(params, x, t, labels[, grains]) -> output``) and ``shape`` say otherwise (D²iT's content
+    transformer, sampled multi-grained when ``grains`` is given)."""
     diffusion = build_diffusion(model.diffusion.schedule, model.diffusion.num_steps, respacing,
                                 learn_sigma=model.learn_sigma)
-    sampler = make_sampler(lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y), diffusion,
-                           dit_latent_shape(model), method=method, eta=eta, guidance_scale=guidance_scale,
-                           null_label=model.num_classes, guided_channels=model.sample.guided_channels or None,
+    if apply_fn is None:
+        apply_fn = lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)  # noqa: E731
+    sampler = make_sampler(apply_fn, diffusion, dit_latent_shape(model) if shape is None else shape, method=method,
+                           eta=eta, guidance_scale=guidance_scale, null_label=model.num_classes,
+                           guided_channels=model.sample.guided_channels or None,
                            clip_denoised=model.sample.clip_denoised)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(sampler, out_shardings=replicated)

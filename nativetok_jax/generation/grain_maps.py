@@ -7,6 +7,7 @@ tokens, reshaped to ``[B, gh, gw]`` maps for the content transformer.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ def sample_grain_maps(
     num_steps: int = 8,
     temperature: float = 1.0,
     guidance_scale: float = 1.0,
-    choice_temperature: float = 4.5,
+    choice_temperature: float = math.inf,
 ) -> jax.Array:
     """Grain maps ``int32 [B, gh, gw]`` (0 coarse, 1 fine) for ``labels`` int ``[B]``, by MaskGIT decoding.
 
@@ -35,7 +36,8 @@ def sample_grain_maps(
         model reads every label as the null class.
       key: the seed; the same key and labels give the same maps.
       num_steps, temperature, choice_temperature, guidance_scale: as
-        :func:`nativetok_jax.generation.masked.sample` (guidance is off for an unconditional model).
+        :func:`nativetok_jax.generation.masked.sample` (guidance is off for an unconditional model);
+        ``choice_temperature`` defaults to inf, a random keep order (see the grain transformer).
 
     Jittable with the settings static (``labels``, ``key`` and the params may be traced): label
     ranges are checked only when concrete. Raises ``ValueError`` for labels not ``[B]`` or outside

@@ -694,6 +694,29 @@ def validate_dit(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first model, data, latent-store or training field of a
     diffusion run that cannot work."""
     validate_dit_model(config.model)
+    validate_diffusion_run(config)
+
+
+def validate_d2it(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a D²iT run (``task="d2it"``) that cannot work:
+    the content transformer (``model``), the grain transformer, the DVAE workdir, ``train`` (with
+    ``grain_loss_weight``) and the data and latent-store fields DiT's runs have."""
+    from nativetok_jax.models.grain_transformer import validate_grain_transformer_config
+
+    validate_d2it_model(config.model)
+    validate_grain_transformer_config(config.grain_transformer)
+    workdir = config.get("dvae", {}).get("workdir")
+    _require(isinstance(workdir, str) and bool(workdir), "dvae.workdir",
+             "names no Dynamic VAE run: train one first (python -m nativetok_jax.main --config configs/dvae_demo.py "
+             "--workdir DIR) and give its DIR")
+    weight = config.train.get("grain_loss_weight")
+    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+             "train.grain_loss_weight", f"must be a number >= 0, got {weight!r}")
+    validate_diffusion_run(config)
+
+
+def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
+    """The training, preview, data and latent-store fields of a diffusion run (DiT's or D²iT's)."""
     train, data = config.train, config.data
     validate_loop(train)
     _require(train.batch_size % _process_count() == 0, "train.batch_size",

@@ -141,3 +141,38 @@ def test_bad_input_is_one_line(trained, tmp_path):
     config = tiny_d2it_config(run_dir)  # a D²iT workdir is no DVAE
     with pytest.raises(ConfigError, match=r"^config.dvae.workdir: .* not a Dynamic VAE"):
         open_dvae(config)
+
+
+def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trained, tmp_path):
+    import ml_collections
+
+    from nativetok_jax.experiments import dynamic_grain
+
+    dvae_dir, _, _ = trained
+    routing = tmp_path / "routing"  # a routing experiment's layout; one DVAE stands for both arms here
+    routing.mkdir()
+    for arm in ("entropy", "single_grain"):
+        os.symlink(dvae_dir, routing / arm)
+    config = ml_collections.ConfigDict()
+    config.d2it = tiny_d2it_config("")
+    config.evaluation = ml_collections.ConfigDict(dict(num_samples=8, sampler="ddim", num_steps=2,
+                                                       guidance_scale=1.0, seed=0, batch_size=8, bound_terms=2))
+    report = dynamic_grain.run(config, str(tmp_path / "run"), steps=2, routing_dir=str(routing))
+    assert set(report["arms"]) == {"dit_fixed_grain", "d2it"} and report["budget"]["num_steps"] == 2
+    for name, arm in report["arms"].items():
+        assert arm["step"] == 2
+        for key in ("eps_mse_t100", "eps_mse_t500", "eps_mse_t900", "grain_nll", "bound_total_bpd",
+                    "bound_prior_bpd", "bound_kl_bpd", "bound_decoder_bpd"):
+            assert np.isfinite(arm[key]), (name, key)
+        assert arm["bound_total_bpd"] == pytest.approx(arm["bound_prior_bpd"] + arm["bound_kl_bpd"]
+                                                       + arm["bound_decoder_bpd"], rel=1e-5)
+        assert len(arm["data_fine_fraction_by_class"]) == 11
+    assert set(report["arms"]["d2it"]["samples"]) == {"model", "ground_truth", "random"}
+    assert set(report["arms"]["dit_fixed_grain"]["samples"]) == {"ground_truth"}
+    for row in report["arms"]["d2it"]["samples"].values():
+        assert 0 <= row["fine_fraction"] <= 1 and len(row["fine_fraction_by_class"]) == 11
+        assert "gfid" not in row  # no --inception
+    out = tmp_path / "run"
+    assert json.loads((out / "dynamic_grain.json").read_text()) == json.loads(json.dumps(report))
+    assert (out / "dynamic_grain.png").stat().st_size > 0
+    assert (out / "dynamic_grain.md").read_text().startswith("| arm | grain maps | eps-MSE t=100 |")

@@ -115,8 +115,8 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[
     sources = store_sources(config)
     data = config.data
     params_step = checkpoints.load_params(config.dvae.workdir)[1]
-    description = dict(dvae=os.path.abspath(os.fspath(config.dvae.workdir)) if "://" not in config.dvae.workdir
-                       else config.dvae.workdir, dvae_step=int(params_step), source=data.source,
+    workdir = config.dvae.workdir
+    description = dict(dvae=workdir if "://" in workdir else os.path.realpath(workdir), dvae_step=int(params_step), source=data.source,
                        path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
                                                                           and data.source == "photos"))
     directory = store_directory(config)

@@ -41,8 +41,7 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         raise ValueError("plot_prefix_curves: the rows hold no metric besides num_tokens")
     columns = min(columns, len(metrics))
     grid_rows = math.ceil(len(metrics) / columns)
-    figure = Figure(figsize=(4.0 * columns, 3.2 * grid_rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(4.0 * columns, 3.2 * grid_rows)
     tokens = [row["num_tokens"] for row in rows]
     for index, metric in enumerate(metrics):
         axes = figure.add_subplot(grid_rows, columns, index + 1)
@@ -58,6 +57,18 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         axes.set_xlabel("tokens decoded")
         axes.set_title(TITLES.get(metric, metric), fontsize=10)
         axes.grid(True, alpha=0.3)
+    save_figure(figure, path, dpi=100)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure on its own Agg canvas (``width`` x ``height`` inches, constrained layout)."""
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: storage.PathLike, dpi: int = 110) -> None:
+    """Writes ``figure`` as a PNG to ``path`` (local or a URL)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=dpi)
     storage.write_bytes(path, buffer.getvalue())

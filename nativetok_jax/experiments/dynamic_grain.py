@@ -305,17 +305,11 @@ def table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Any) -> None:
     """Three panels: held-out eps-MSE per step and arm; bits per dimension per arm; per-class fine
     fraction of the data against each D²iT sample set's."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nativetok_jax import storage
+    from nativetok_jax.evaluation.plots import new_figure, save_figure
 
     arms = report["arms"]
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
+    figure = new_figure(14, 3.8)
+    left, middle, right = (figure.add_subplot(1, 3, i) for i in (1, 2, 3))
     for name, arm in arms.items():
         steps = sorted((int(k[9:]), v) for k, v in arm.items() if k.startswith("eps_mse_t"))
         left.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=name)
@@ -344,11 +338,7 @@ def plot(report: dict[str, Any], path: Any) -> None:
         right.legend(fontsize=7)
     for axis in (left, middle, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    storage.write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def main(argv: list[str]) -> None:

@@ -6,7 +6,6 @@ bad input stops with one line, and the dynamic-grain experiment's report has its
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -110,11 +109,12 @@ def test_sample_writes_images_grids_and_grain_maps(trained, tmp_path, mode):
         np.testing.assert_array_equal(stored["arr_1"], [held_out[i]["label"] for i in range(5)])
     else:
         np.testing.assert_array_equal(stored["arr_1"], np.arange(5))  # labels cycle the classes
-    again, _ = sample_d2it(run_dir, str(tmp_path / "again"), grain_maps=mode, sampler="ddim", num_steps=3,
-                           num_samples=5, batch_size=2, guidance_scale=2.0)
-    # The same seed gives the same images whatever the batch (up to a rounding of the last uint8 level:
-    # programs for other batch sizes may round float32 differently).
-    assert np.abs(again.astype(int) - images).max() <= 1
+    if mode == "ground_truth":  # fixed maps: the latents' determinism alone (one more compile, so once)
+        again, _ = sample_d2it(run_dir, str(tmp_path / "again"), grain_maps=mode, sampler="ddim", num_steps=3,
+                               num_samples=5, batch_size=2, guidance_scale=2.0)
+        # The same seed gives the same images whatever the batch (up to a rounding of the last uint8
+        # level: programs for other batch sizes may round float32 differently).
+        assert np.abs(again.astype(int) - images).max() <= 1
 
 
 def test_bad_input_is_one_line(trained, tmp_path):

@@ -42,7 +42,7 @@ from etils import epath
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import ConfigError, validate_d2it
+from nativetok_jax.config import ConfigError, d2it_latent_shape, validate_d2it
 from nativetok_jax.data.grain_latent_store import GrainLatentSource
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
 from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
@@ -80,8 +80,6 @@ def open_dvae(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None 
       ConfigError: no DVAE workdir named, a workdir of another task, or a latent shape mismatch.
       FileNotFoundError: the workdir has no config or no checkpoint.
     """
-    from nativetok_jax.config import d2it_latent_shape
-
     workdir = config.dvae.workdir
     if not workdir:
         raise ConfigError("config.dvae.workdir: names no Dynamic VAE run (train one with configs/dvae_demo.py)")

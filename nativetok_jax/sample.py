@@ -320,7 +320,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
         for i, image in enumerate(images):
             save_png(directory / SAMPLE_FILE.format(index=i), image)
         storage.write_npz(directory / SAMPLES_NPZ, arr_0=images, arr_1=labels, grains=grains)
-        columns = min(num_classes, n, 8) if num_classes <= 16 else 8
+        columns = min(num_classes, n) if num_classes <= 16 else 8
         save_grid(directory / "grid.png", d2it_trainer.grid_with_grain_maps(images, grains, columns),
                   upscale=max(1, 96 // dvae.image_size))
     logging.info("wrote %d samples of %s (step %d, grain maps: %s, %s %s, guidance %.2f) to %s", n, workdir, step, mode,

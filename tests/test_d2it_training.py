@@ -98,7 +98,7 @@ def test_sample_writes_images_grids_and_grain_maps(trained, tmp_path, mode):
     stored = np.load(os.path.join(out, "samples.npz"))
     np.testing.assert_array_equal(stored["arr_0"], images)
     np.testing.assert_array_equal(stored["grains"], grains)
-    # Each sample beside its grain-map picture: one row of 5 pairs (min(11 classes, 5, 8)), 2 px gaps,
+    # Each sample beside its grain-map picture: one row of min(11 classes, 5) = 5 pairs, 2 px gaps,
     # upscaled 96 // 16 = 6 times.
     assert Image.open(os.path.join(out, "grid.png")).size == (6 * (10 * 18 + 2), 6 * (18 + 2))
     if mode == "ground_truth":  # the held-out store's maps and labels, example i mod 8
@@ -176,3 +176,16 @@ def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trai
     assert json.loads((out / "dynamic_grain.json").read_text()) == json.loads(json.dumps(report))
     assert (out / "dynamic_grain.png").stat().st_size > 0
     assert (out / "dynamic_grain.md").read_text().startswith("| arm | grain maps | eps-MSE t=100 |")
+
+
+def test_resume_check_names_the_changed_fields_of_either_transformer(trained):
+    from nativetok_jax.workdir import check_resume
+
+    dvae_dir, run_dir, _ = trained
+    check_resume(tiny_d2it_config(dvae_dir, num_steps=48), run_dir)  # more steps: fine
+    for field, value in (("model.width", 64), ("grain_transformer.width", 32)):
+        config = tiny_d2it_config(dvae_dir)
+        section, name = field.split(".")
+        config[section][name] = value
+        with pytest.raises(ConfigError, match=rf"holds checkpoints \(step {STEPS}\) of another model: config.{field} is"):
+            check_resume(config, run_dir)

@@ -368,7 +368,7 @@ class Preview:
         p, model = config.train.preview, config.model
         self.num_samples, self.seed = p.num_samples, p.seed
         self.labels = (np.arange(p.num_samples) % model.num_classes).astype(np.int32)
-        self.columns = min(model.num_classes, p.num_samples, 8) if model.num_classes <= 16 else 8
+        self.columns = min(model.num_classes, p.num_samples) if model.num_classes <= 16 else 8
         self.image_size = dvae.image_size
         self.sampler = D2iTSampler(graphdef, config, dvae, latent_scale, mesh, rules, method="ddim",
                                    respacing=p.respacing, eta=p.eta, guidance_scale=p.guidance_scale)

@@ -187,5 +187,6 @@ def test_resume_check_names_the_changed_fields_of_either_transformer(trained):
         config = tiny_d2it_config(dvae_dir)
         section, name = field.split(".")
         config[section][name] = value
-        with pytest.raises(ConfigError, match=rf"holds checkpoints \(step {STEPS}\) of another model: config.{field} is"):
+        expected = rf"holds checkpoints \(step {STEPS}\) of another model: config.{field} is"
+        with pytest.raises(ConfigError, match=expected):
             check_resume(config, run_dir)

@@ -114,7 +114,8 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[
     data = config.data
     params_step = checkpoints.load_params(config.dvae.workdir)[1]
     workdir = config.dvae.workdir
-    description = dict(dvae=workdir if "://" in workdir else os.path.realpath(workdir), dvae_step=int(params_step), source=data.source,
+    description = dict(dvae=workdir if "://" in workdir else os.path.realpath(workdir), dvae_step=int(params_step),
+                       source=data.source,
                        path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
                                                                           and data.source == "photos"))
     directory = store_directory(config)

@@ -114,10 +114,9 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[
     data = config.data
     params_step = checkpoints.load_params(config.dvae.workdir)[1]
     workdir = config.dvae.workdir
+    photo_labels = bool(data.get("photo_labels", False) and data.source == "photos")
     description = dict(dvae=workdir if "://" in workdir else os.path.realpath(workdir), dvae_step=int(params_step),
-                       source=data.source,
-                       path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
-                                                                          and data.source == "photos"))
+                       source=data.source, path=data.path or data.tfds_name, photo_labels=photo_labels)
     directory = store_directory(config)
     common = dict(description=description, batch_size=config.latents.batch_size)
     train = extract_grain_latents(dvae, sources.train, directory / "train", data=sources.train_data,

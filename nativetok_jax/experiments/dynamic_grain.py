@@ -38,7 +38,6 @@ Writes ``DIR/dynamic_grain.json``, ``DIR/dynamic_grain.png`` (plots), ``DIR/dyna
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -344,19 +343,10 @@ def plot(report: dict[str, Any], path: Any) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.sources import DataError
-    from nativetok_jax.models.grain import GrainError
-    from nativetok_jax.training.guards import ends_preempted_runs
+    from nativetok_jax.experiments.entry_point import run_and_report
 
-    start = time.time()
-    try:
-        with ends_preempted_runs():
-            report = run(FLAGS.config, FLAGS.workdir, FLAGS.steps, FLAGS.routing_dir, FLAGS.inception)
-    except (ConfigError, DataError, GrainError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {str(error).splitlines()[0]}")
-    print(f"done in {time.time() - start:.0f} s ({FLAGS.workdir}/{REPORT}, {PLOT}, {TABLE}):")
-    print(table(report))
+    run_and_report(lambda: run(FLAGS.config, FLAGS.workdir, FLAGS.steps, FLAGS.routing_dir, FLAGS.inception), table,
+                   f"{FLAGS.workdir}/{REPORT}, {PLOT}, {TABLE}")
 
 
 if __name__ == "__main__":

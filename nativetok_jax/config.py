@@ -246,7 +246,7 @@ def generator_config() -> ml_collections.ConfigDict:
 def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config stored as JSON (a run's ``config.json``, an exported model's), with the default
     of every field added since it was written, so older runs and exports keep loading."""
-    defaults = {"generator": generator_config, "diffusion": dit_config, "dvae": dvae_config}.get(
+    defaults = {"generator": generator_config, "diffusion": dit_config, "dvae": dvae_config, "d2it": d2it_config}.get(
         stored.get("task"), base_config)()
     return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
 

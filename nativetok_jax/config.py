@@ -930,6 +930,10 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
     config.task = "d2it"
     config.model = d2it_model_config(size)
     config.dvae = ml_collections.ConfigDict(dict(workdir=""))
-    # The Dynamic Grain Transformer's fields are the d2it trainer's (branch l-train).
-    config.grain_transformer = ml_collections.ConfigDict()
+    from nativetok_jax.models.grain_transformer import default_grain_transformer_config
+
+    config.grain_transformer = default_grain_transformer_config()
+    # Both transformers train in one step (models/dynamic_diffusion_transformer.py says why) [C]:
+    # loss = content loss + grain_loss_weight * the grain transformer's masked cross-entropy.
+    config.train.grain_loss_weight = 1.0
     return config

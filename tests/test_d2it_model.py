@@ -167,17 +167,12 @@ def test_config_builds_the_model_and_bad_input_names_the_problem(inputs):
 def tiny_d2it_config():
     """A D²iT run small enough for a test: 8 x 8 x 4 latents (32 px, f4), 4 x 4 grain maps."""
     from nativetok_jax.config import d2it_config
-    from nativetok_jax.models.grain_transformer import default_grain_transformer_config
 
     config = d2it_config("B")
     m = config.model
     m.image_size, m.fine_factor = 32, 4
     m.width, m.depth, m.refine_depth, m.num_heads, m.num_classes = 32, 1, 1, 4, 5
-    if not config.grain_transformer:  # the trainer's defaults (branch l-train) may fill it already
-        config.grain_transformer = default_grain_transformer_config()
     config.grain_transformer.update(width=16, depth=1, num_heads=2)
-    if "grain_loss_weight" not in config.train:
-        config.train.grain_loss_weight = 1.0
     config.mesh.update(data=-1, fsdp=1, model=1)
     return config
 

@@ -178,6 +178,22 @@ def check_grain_maps(grains: Any, grain_shape: Sequence[int], name: str = "grain
             raise ValueError(f"{name} must hold only 0 (coarse) and 1 (fine), found {bad[:5].tolist()}")
 
 
+def check_labels(model: GrainTransformer, labels: Any) -> None:
+    """Raises a one-line ``ValueError`` unless ``labels`` is ``[B]`` with values in
+    ``[0, model.null_class]`` (checked when concrete; an unconditional model ignores the values).
+
+    The class table is read with ``jnp.take``, which clamps an out-of-range id to the last row
+    without a word: a label past ``num_classes`` would silently train the null class.
+    """
+    if np.ndim(labels) != 1:
+        raise ValueError(f"labels must be [batch], got shape {np.shape(labels)}")
+    if model.conditional and is_concrete(labels):
+        values = np.asarray(labels)
+        if values.size and (values.min() < 0 or values.max() > model.null_class):
+            raise ValueError(f"labels must lie in [0, {model.null_class}] ({model.null_class}: unconditional), "
+                             f"got {values.min()}..{values.max()}")
+
+
 def grain_transformer_loss(
     model: GrainTransformer, grains: jax.Array, labels: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -196,11 +212,13 @@ def grain_transformer_loss(
       ``accuracy`` (on hidden regions), ``mask_ratio`` and ``fine_fraction`` (of the batch's maps).
 
     Raises ``ValueError`` (one line, before anything compiles) for maps of the wrong shape or
-    dtype, values other than 0/1 (concrete arrays only) or labels not ``[B]``.
+    dtype, values other than 0/1, or labels not ``[B]`` or outside ``[0, null_class]`` (values:
+    concrete arrays only).
     """
     check_grain_maps(grains, model.grain_shape)
     if np.shape(labels) != np.shape(grains)[:1]:
         raise ValueError(f"labels must be [{np.shape(grains)[0]}] (one per grain map), got shape {np.shape(labels)}")
+    check_labels(model, labels)
     tokens = jnp.asarray(grains, jnp.int32).reshape(np.shape(grains)[0], -1)
     loss, metrics = model.masked_token_loss(
         tokens, model.class_labels(labels), key=key,

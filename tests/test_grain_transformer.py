@@ -15,14 +15,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from nativetok_jax.config import ConfigError
+from nativetok_jax import sharding
+from nativetok_jax.config import DEFAULT_RULES, ConfigError
 from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
 from nativetok_jax.generation.grain_maps import sample_grain_maps
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.grain_transformer import (
     GrainTransformer,
     default_grain_transformer_config,
@@ -190,3 +193,16 @@ def test_config_builds_the_documented_model_and_names_bad_fields():
         bad[field] = value
         with pytest.raises(ConfigError, match=message):
             grain_transformer_from_config(bad, 2, (16, 16), nnx.Rngs(0))
+
+
+def test_sampling_under_a_mesh_matches_one_device(trained):
+    """As a trainer draws maps on a pod: parameters sharded by their logical axes, labels on data x fsdp."""
+    model = trained["conditional"]
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, model=2)))
+    graphdef, _ = nnx.split(model)
+    params = jax.device_put(sharding.params_of(model), sharding.param_shardings(model, mesh, DEFAULT_RULES))
+    labels = jax.device_put(SAMPLE_LABELS, sharding.batch_sharding(mesh, SAMPLE_LABELS.shape))
+    with jax.set_mesh(mesh), axis_rules(DEFAULT_RULES):
+        maps = sample_grain_maps((graphdef, params), labels, jax.random.key(3), num_steps=SAMPLE_STEPS)
+    assert maps.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(maps, draw(model, seed=3))

@@ -29,7 +29,7 @@ value our choice [C] (the paper gives no size for its grain transformer):
 | mlp_ratio | 4.0 | MLP hidden width / width |
 | remat | False | rematerialise each block in the backward pass |
 | dtype | "float32" | compute dtype ("bfloat16" on TPU); parameters stay float32 |
-| label_drop_probability | 0.1 | labels replaced by the null class in training (DiT's, MaskGIT's) |
+| label_drop_probability | 0.1 | labels replaced by the null class in training (DiT's) |
 | num_steps | 8 | MaskGIT decoding steps (MaskGIT's 8) |
 | temperature | 1.0 | divides the logits before sampling each grain (1: the model's distribution) |
 | choice_temperature | inf | which decoded grains to keep: inf a uniformly random choice (below) |
@@ -55,7 +55,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.config import DTYPES, ConfigError, _number, _require, _validate_transformer
+from nativetok_jax.config import DTYPES, _number, _require, _validate_transformer
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 
 GRAIN_VOCABULARY = 2  # grain ids: 0 coarse, 1 fine (the grain latent store's convention)

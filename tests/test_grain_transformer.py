@@ -132,6 +132,20 @@ def test_unconditional_model_samples_the_data_fine_fraction_whatever_the_label(t
     np.testing.assert_array_equal(draw(model, seed=2, labels=np.zeros(NUM_SAMPLES, np.int32)), samples)
 
 
+def test_guidance_mixes_the_class_and_the_null_class(trained):
+    model, key = trained["conditional"], jax.random.key(6)
+
+    def guided(scale: float) -> np.ndarray:
+        return np.asarray(sample_grain_maps(model, SAMPLE_LABELS, key, num_steps=SAMPLE_STEPS, guidance_scale=scale))
+
+    null = np.full(NUM_SAMPLES, model.null_class, np.int32)
+    np.testing.assert_array_equal(guided(0.0), draw(model, seed=6, labels=null))
+    # Beyond 1, guidance moves each class away from the null class: class 0 coarser, class 1 finer.
+    plain = fine_fraction_by_class(draw(model, seed=6), SAMPLE_LABELS, 2)
+    sharpened = fine_fraction_by_class(guided(3.0), SAMPLE_LABELS, 2)
+    assert sharpened[0] < plain[0] and sharpened[1] > plain[1], (plain, sharpened)
+
+
 def test_sampling_is_seeded_shaped_and_jittable(trained):
     model = trained["conditional"]
     first = sample_grain_maps(model, SAMPLE_LABELS, jax.random.key(3), num_steps=SAMPLE_STEPS)

@@ -11,11 +11,10 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from nativetok_jax.generation.masked import sample as masked_sample
-from nativetok_jax.models.grain_transformer import GrainTransformer, is_concrete
+from nativetok_jax.models.grain_transformer import GrainTransformer, check_labels
 
 
 def sample_grain_maps(
@@ -44,13 +43,7 @@ def sample_grain_maps(
     ``[0, null_class]``, and for settings ``masked.sample`` refuses.
     """
     merged = nnx.merge(*model) if isinstance(model, tuple) else model
-    if np.ndim(labels) != 1:
-        raise ValueError(f"labels must be [batch], got shape {np.shape(labels)}")
-    if merged.conditional and is_concrete(labels):
-        values = np.asarray(labels)
-        if values.size and (values.min() < 0 or values.max() > merged.null_class):
-            raise ValueError(f"labels must lie in [0, {merged.null_class}] ({merged.null_class}: unconditional), "
-                             f"got {values.min()}..{values.max()}")
+    check_labels(merged, labels)
     ids = masked_sample(
         model, merged.class_labels(labels), key=key, num_tokens=merged.num_tokens, num_steps=num_steps,
         temperature=temperature, choice_temperature=choice_temperature,

@@ -29,7 +29,7 @@ value our choice [C] (the paper gives no size for its grain transformer):
 | mlp_ratio | 4.0 | MLP hidden width / width |
 | remat | False | rematerialise each block in the backward pass |
 | dtype | "float32" | compute dtype ("bfloat16" on TPU); parameters stay float32 |
-| label_drop_probability | 0.1 | labels replaced by the null class in training (DiT's, MaskGIT's) |
+| label_drop_probability | 0.1 | labels replaced by the null class in training (DiT's) |
 | num_steps | 8 | MaskGIT decoding steps (MaskGIT's 8) |
 | temperature | 1.0 | divides the logits before sampling each grain (1: the model's distribution) |
 | choice_temperature | inf | which decoded grains to keep: inf a uniformly random choice (below) |
@@ -55,7 +55,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.config import DTYPES, ConfigError, _number, _require, _validate_transformer
+from nativetok_jax.config import DTYPES, _number, _require, _validate_transformer
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 
 GRAIN_VOCABULARY = 2  # grain ids: 0 coarse, 1 fine (the grain latent store's convention)
@@ -178,6 +178,22 @@ def check_grain_maps(grains: Any, grain_shape: Sequence[int], name: str = "grain
             raise ValueError(f"{name} must hold only 0 (coarse) and 1 (fine), found {bad[:5].tolist()}")
 
 
+def check_labels(model: GrainTransformer, labels: Any) -> None:
+    """Raises a one-line ``ValueError`` unless ``labels`` is ``[B]`` with values in
+    ``[0, model.null_class]`` (checked when concrete; an unconditional model ignores the values).
+
+    The class table is read with ``jnp.take``, which clamps an out-of-range id to the last row
+    without a word: a label past ``num_classes`` would silently train the null class.
+    """
+    if np.ndim(labels) != 1:
+        raise ValueError(f"labels must be [batch], got shape {np.shape(labels)}")
+    if model.conditional and is_concrete(labels):
+        values = np.asarray(labels)
+        if values.size and (values.min() < 0 or values.max() > model.null_class):
+            raise ValueError(f"labels must lie in [0, {model.null_class}] ({model.null_class}: unconditional), "
+                             f"got {values.min()}..{values.max()}")
+
+
 def grain_transformer_loss(
     model: GrainTransformer, grains: jax.Array, labels: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -196,11 +212,13 @@ def grain_transformer_loss(
       ``accuracy`` (on hidden regions), ``mask_ratio`` and ``fine_fraction`` (of the batch's maps).
 
     Raises ``ValueError`` (one line, before anything compiles) for maps of the wrong shape or
-    dtype, values other than 0/1 (concrete arrays only) or labels not ``[B]``.
+    dtype, values other than 0/1, or labels not ``[B]`` or outside ``[0, null_class]`` (values:
+    concrete arrays only).
     """
     check_grain_maps(grains, model.grain_shape)
     if np.shape(labels) != np.shape(grains)[:1]:
         raise ValueError(f"labels must be [{np.shape(grains)[0]}] (one per grain map), got shape {np.shape(labels)}")
+    check_labels(model, labels)
     tokens = jnp.asarray(grains, jnp.int32).reshape(np.shape(grains)[0], -1)
     loss, metrics = model.masked_token_loss(
         tokens, model.class_labels(labels), key=key,

@@ -42,6 +42,7 @@ DEFAULT_RULES = (
     ("codebook", None),
     ("token_dim", None),
     ("classes", None),
+    ("grains", None),
 )
 
 
@@ -255,7 +256,7 @@ def generator_config() -> ml_collections.ConfigDict:
 def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config stored as JSON (a run's ``config.json``, an exported model's), with the default
     of every field added since it was written, so older runs and exports keep loading."""
-    defaults = {"generator": generator_config, "diffusion": dit_config, "dvae": dvae_config}.get(
+    defaults = {"generator": generator_config, "diffusion": dit_config, "dvae": dvae_config, "d2it": d2it_config}.get(
         stored.get("task"), base_config)()
     return ml_collections.ConfigDict(_fill_defaults(stored, defaults.to_dict()))
 
@@ -635,6 +636,12 @@ def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = Tru
     side = dit_latent_shape(model)[0]
     _require(side % model.patch_size == 0, "model.patch_size",
              f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
+    _validate_diffusion_sampling(model, dit_latent_shape(model)[2])
+
+
+def _validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int) -> None:
+    """``model.diffusion`` (schedule, steps) and ``model.sample`` of a diffusion model whose latent has
+    ``channels`` channels (DiT's and D²iT's)."""
     d = model.diffusion
     _require(d.get("schedule") in NOISE_SCHEDULES, "model.diffusion.schedule",
              f"must be one of {NOISE_SCHEDULES}, got {d.get('schedule')!r}")
@@ -650,11 +657,11 @@ def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = Tru
         raise ConfigError(f"config.model.sample.respacing: {error}") from None
     _number(s.get("eta"), "model.sample.eta")
     _number(s.get("guidance_scale"), "model.sample.guidance_scale")
-    channels = dit_latent_shape(model)[2]
     g = s.get("guided_channels")
     _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
              f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
     _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")
+
 
 # What the tokenizer's schema holds that a diffusion run does not use.
 DIFFUSION_UNUSED_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
@@ -706,6 +713,29 @@ def validate_dit(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first model, data, latent-store or training field of a
     diffusion run that cannot work."""
     validate_dit_model(config.model)
+    validate_diffusion_run(config)
+
+
+def validate_d2it(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a D²iT run (``task="d2it"``) that cannot work:
+    the content transformer (``model``), the grain transformer, the DVAE workdir, ``train`` (with
+    ``grain_loss_weight``) and the data and latent-store fields DiT's runs have."""
+    from nativetok_jax.models.grain_transformer import validate_grain_transformer_config
+
+    validate_d2it_model(config.model)
+    validate_grain_transformer_config(config.grain_transformer)
+    workdir = config.get("dvae", {}).get("workdir")
+    _require(isinstance(workdir, str) and bool(workdir), "dvae.workdir",
+             "names no Dynamic VAE run: train one first (python -m nativetok_jax.main --config configs/dvae_demo.py "
+             "--workdir DIR) and give its DIR")
+    weight = config.train.get("grain_loss_weight")
+    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+             "train.grain_loss_weight", f"must be a number >= 0, got {weight!r}")
+    validate_diffusion_run(config)
+
+
+def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
+    """The training, preview, data and latent-store fields of a diffusion run (DiT's or D²iT's)."""
     train, data = config.train, config.data
     validate_loop(train)
     _require(train.batch_size % _process_count() == 0, "train.batch_size",
@@ -822,3 +852,107 @@ def validate_dvae(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     _require(data_source_ok(config.data), "data.source",
              f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+
+
+# ------------------------------------------------------------------------------------- D²iT's content transformer
+
+# D²iT-B/L/XL (paper Table 1 and the ablation "10 DiT + 2 RefineNet"): DiT's width and heads, its
+# depth split into a trunk and two RefineNet blocks: size -> (width, trunk depth, refine depth, heads).
+D2IT_REFINE_DEPTH = 2
+D2IT_SIZES = {size: (width, depth - D2IT_REFINE_DEPTH, D2IT_REFINE_DEPTH, heads)
+              for size, (width, depth, heads) in DIT_SIZES.items() if size != "S"}
+
+
+def d2it_model_config(size: str = "B") -> ml_collections.ConfigDict:
+    """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it.py``)
+    on the 256 px Dynamic VAE's fine f8 latent (32 x 32 x 4, grain map 16 x 16).
+
+    Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``/work/shared/D2IT.md``):
+      kind: "d2it".
+      size: "B", "L" or "XL" (a label; ``width``/``depth``/``refine_depth``/``num_heads`` are built).
+      image_size, fine_factor, latent_channels: the latent is ``image_size / fine_factor`` per side
+        with ``latent_channels`` channels; they must match the Dynamic VAE's (its fine grain f8, 4
+        channels [C]); the grain map has half the latent's side (coarse f16 [P]).
+      patch_size: 2, fixed: one token per region of 2 x 2 fine cells [C] (256 tokens at 256 px,
+        DiT/2's count).
+      width, num_heads, mlp_ratio: DiT's at each size [P: D²iT-B/L/XL].
+      depth, refine_depth: trunk blocks and RefineNet blocks, 10+2 / 22+2 / 26+2 [P: the ablation's
+        best split of 12 is 10+2; L and XL keep DiT's total depth with 2 RefineNet blocks [C]].
+      grain_embedding: add a learned embedding of each token's grain [C] (switch for ablations).
+      learnable_positions: positions learned, initialised from DiT's 2-D sin-cos [P: "learnable
+        position embeddings"; the initialisation is ours, C]; False: DiT's fixed ones.
+      learn_sigma, num_classes, label_drop_probability, dtype, remat, unroll_scans: as DiT's.
+      diffusion: DiT's process (linear, 1000 steps) [A] with multi-grained noise [P, C: drawn on the
+        coarse grid, copied 2 x 2 in coarse regions]; ``grain_loss`` = (coarse, fine) per-cell loss
+        weights, (0.25, 1.0) weighs each latent code once [A: DQ-VAE's codebook mask]; (1, 1) is the
+        ablation without the dynamic grain loss.
+      sample: as DiT's (DDPM-250, guidance 1.5 on every channel).
+    """
+    if size not in D2IT_SIZES:
+        raise ConfigError(f"config.model.size: unknown D²iT size {size!r}; choose one of {sorted(D2IT_SIZES)}")
+    width, depth, refine_depth, num_heads = D2IT_SIZES[size]
+    model = dit_model_config("B", 2)
+    del model["autoencoder"]  # the latent space is the Dynamic VAE in config.dvae.workdir
+    model.kind = "d2it"
+    model.size = size
+    model.fine_factor = 8
+    model.latent_channels = 4
+    model.width, model.depth, model.refine_depth, model.num_heads = width, depth, refine_depth, num_heads
+    model.grain_embedding = True
+    model.learnable_positions = True
+    model.diffusion.grain_loss = (0.25, 1.0)
+    return model
+
+
+def d2it_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(side, side, channels)`` of the fine-grid latent the content transformer diffuses."""
+    side = model.image_size // model.fine_factor
+    return side, side, model.latent_channels
+
+
+def validate_d2it_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a D²iT ``model`` section that cannot work."""
+    _require(model.get("kind") == "d2it", "model.kind", f"must be 'd2it', got {model.get('kind')!r}")
+    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "fine_factor", "latent_channels", "num_classes"):
+        _positive_int(model.get(name), f"model.{name}")
+    _require(model.get("patch_size") == 2, "model.patch_size",
+             f"must be 2 (one token per region of 2 x 2 fine cells), got {model.get('patch_size')!r}")
+    _require(model.image_size % (2 * model.fine_factor) == 0, "model.image_size",
+             f"{model.image_size} px is not a whole number of {2 * model.fine_factor} px regions "
+             f"(fine_factor {model.fine_factor}, regions of 2 x 2 fine cells)")
+    _validate_transformer(model, "model")
+    _require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
+    refine = model.get("refine_depth")
+    _require(isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0, "model.refine_depth",
+             f"must be an integer >= 0, got {refine!r}")
+    for name in ("learn_sigma", "unroll_scans", "grain_embedding", "learnable_positions"):
+        _boolean(model.get(name), f"model.{name}")
+    p = model.get("label_drop_probability")
+    _require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    weights = tuple(model.diffusion.get("grain_loss") or ())
+    _require(len(weights) == 2 and all(isinstance(w, (int, float)) and w >= 0 for w in weights) and sum(weights) > 0,
+             "model.diffusion.grain_loss", f"must be (coarse, fine) weights >= 0, not both 0, got {weights!r}")
+    _validate_diffusion_sampling(model, model.latent_channels)
+
+
+def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
+    """A whole D²iT run (``task="d2it"``): the content transformer D²iT-``size`` on the grain latent
+    store of a trained Dynamic VAE, with DiT's recipe (:func:`dit_config`'s ``data``, ``latents`` and
+    ``train``) [A].
+
+    ``model`` is :func:`d2it_model_config`'s; ``dvae.workdir``: the trained Dynamic VAE's workdir
+    (its config, weights and latent scale; its grain latent store is what is diffused);
+    ``grain_transformer``: the Dynamic Grain Transformer that generates the grain maps.
+    """
+    config = dit_config("B", 2)
+    config.task = "d2it"
+    config.model = d2it_model_config(size)
+    config.dvae = ml_collections.ConfigDict(dict(workdir=""))
+    from nativetok_jax.models.grain_transformer import default_grain_transformer_config
+
+    config.grain_transformer = default_grain_transformer_config()
+    # Both transformers train in one step (models/dynamic_diffusion_transformer.py says why) [C]:
+    # loss = content loss + grain_loss_weight * the grain transformer's masked cross-entropy.
+    config.train.grain_loss_weight = 1.0
+    return config

@@ -1,5 +1,6 @@
 """``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train a tokenizer, or
-a generator on a trained tokenizer's ids (configs whose ``task`` is ``"generator"``).
+what a config's ``task`` names: ``"generator"`` (on a trained tokenizer's ids), ``"diffusion"``
+(DiT), ``"dvae"`` (D²iT's Dynamic VAE), ``"d2it"`` (D²iT's transformers on a trained DVAE).
 
 Writes into DIR the resolved config, orbax checkpoints, TensorBoard events, a progress line with
 step rate and ETA, PNG grids of held-out inputs and their reconstructions (from all tokens and
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> None:
                 from nativetok_jax.training.dvae_trainer import train_dvae
 
                 summary = train_dvae(FLAGS.config, FLAGS.workdir)
+            elif task == "d2it":
+                from nativetok_jax.training.d2it_trainer import train_d2it
+
+                summary = train_d2it(FLAGS.config, FLAGS.workdir)
             elif generator:
                 summary = train_generator(FLAGS.config, FLAGS.workdir)
             else:
@@ -84,10 +89,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
         sys.exit(f"error: {error}")
+    mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
     if task == "diffusion":
-        mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
         print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse} after {summary['step']} steps; "
               f"samples in {FLAGS.workdir}/images")
+        return
+    if task == "d2it":
+        print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse}, grain NLL {summary['grain_nll']:.4f} "
+              f"nats/region after {summary['step']} steps; samples with grain maps in {FLAGS.workdir}/images")
         return
     if task == "dvae":
         print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB, fine fraction "

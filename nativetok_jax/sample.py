@@ -1,5 +1,5 @@
 """``python -m nativetok_jax.sample --workdir GEN_DIR --out DIR``: images from a trained generator
-(token generators, and diffusion models: see :func:`sample_diffusion`).
+(token generators, diffusion models: see :func:`sample_diffusion`, and D²iT: :func:`sample_d2it`).
 
 Loads the generator's newest checkpoint (EMA weights when kept) and the tokenizer its config
 names, samples class-conditional token ids with the config's settings (``generator.sample``;
@@ -44,6 +44,9 @@ def define_flags() -> None:
     flags.DEFINE_string("sampler", None, "Diffusion only: ddpm (DiT's FID protocol) or ddim (default: the config's).")
     flags.DEFINE_float("choice_temperature", None, "MaskGIT: scale of the Gumbel noise on the confidences.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
+    flags.DEFINE_string("grain_maps", None, "D²iT only: where the grain maps come from: model (the grain transformer; "
+                        "default), ground_truth (the held-out store's, with its labels) or random (at the data's fine "
+                        "fraction).")
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -122,10 +125,10 @@ TOKEN_ONLY = ("temperature", "top_k", "top_p", "choice_temperature")
 SAMPLES_NPZ = "samples.npz"  # uint8 [N, H, W, 3] as arr_0, labels as arr_1: ADM's evaluator layout
 
 
-def _is_diffusion(workdir: str) -> bool:
+def _task(workdir: str) -> str:
     from nativetok_jax import checkpoints
 
-    return checkpoints.read_config(workdir).get("task") == "diffusion"
+    return checkpoints.read_config(workdir).get("task", "tokenizer")
 
 
 def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None = None, num_steps: int | None = None,
@@ -236,6 +239,95 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     return images
 
 
+def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_maps: str | None = None,
+                labels: list[int] | None = None, use_ema: bool = True, **flags_given) -> tuple[np.ndarray, np.ndarray]:
+    """Samples a D²iT run (``task="d2it"``) into ``out``: grain maps, then latents, then the DVAE's
+    images; returns (uint8 ``[N, H, W, 3]``, int32 grain maps ``[N, gh, gw]``).
+
+    ``grain_maps``: ``"model"`` (default: the grain transformer, with ``config.grain_transformer``'s
+    MaskGIT settings), ``"ground_truth"`` (held-out example ``i mod n``'s map from the grain latent
+    store, and its label: the paper's ground-truth row) or ``"random"`` (every region fine with the
+    training store's fine fraction, independently: the paper's random row). The latents are drawn
+    as :func:`sample_diffusion` draws them (sampler, steps, guidance and seed flags; sample ``i``'s
+    noise from ``fold_in(key, i)``), multi-grained on the chosen maps. Grain maps are drawn from
+    the seed too (the model's in fixed chunks of 64), so the same command writes the same images
+    whatever ``--batch_size``.
+
+    Writes ``sample_00000.png ...``, ``grid.png`` (each sample beside itself with its coarse regions
+    darkened: its grain map) and ``samples.npz`` (``arr_0`` images, ``arr_1`` labels, ``grains``).
+
+    Raises:
+      ConfigError: bad settings or flags (one line), e.g. ``--labels`` with ground-truth maps.
+    """
+    from nativetok_jax import checkpoints, sharding, storage
+    from nativetok_jax.config import ConfigError
+    from nativetok_jax.data.grain_latent_store import GrainLatentSource
+    from nativetok_jax.data.sources import SAMPLE_FILE
+    from nativetok_jax.evaluation.grids import save_grid, save_png
+    from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+    from nativetok_jax.training import d2it_trainer
+    from nativetok_jax.workdir import check_loadable
+
+    mode = grain_maps or "model"
+    if mode not in d2it_trainer.GRAIN_MAP_MODES:
+        raise ConfigError(f"--grain_maps: must be one of {d2it_trainer.GRAIN_MAP_MODES}, got {mode!r}")
+    if mode == "ground_truth" and labels:
+        raise ConfigError("--labels: ground-truth grain maps come with their own labels (the held-out store's)")
+    config = checkpoints.read_config(workdir)
+    model = config.model
+    settings = diffusion_settings(model, **flags_given)
+    n, num_classes = settings["num_samples"], model.num_classes
+    stores = d2it_trainer.store_directory(config)
+    if mode == "ground_truth":
+        held_out = d2it_trainer.store_arrays(GrainLatentSource(stores / "eval"))
+        chosen = np.arange(n) % len(held_out["label"])
+        labels, given_maps = held_out["label"][chosen].astype(np.int32), held_out["grains"][chosen, 0]
+    else:
+        labels = np.resize(np.asarray(labels if labels else np.arange(num_classes), np.int32), n)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    check_loadable(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_of(config)
+    dvae = d2it_trainer.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
+    from flax import nnx
+
+    graphdef, _ = nnx.split(nnx.eval_shape(
+        lambda: dynamic_diffusion_transformer_from_config(config, dvae.grain_map_shape, nnx.Rngs(0))))
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    sampler = d2it_trainer.D2iTSampler(graphdef, config, dvae, dvae.latent_scale, mesh, rules,
+                                       method=settings["method"], respacing=settings["respacing"], eta=settings["eta"],
+                                       guidance_scale=settings["guidance_scale"])
+    latent_key, grain_key = jax.random.split(jax.random.key(settings["seed"]))
+    if mode == "random":
+        ratio = d2it_trainer.fine_fraction(GrainLatentSource(stores / "train"))
+        given_maps = d2it_trainer.random_grain_maps(grain_key, n, dvae.grain_map_shape, ratio)
+    elif mode == "model":
+        chunk = 64
+        given_maps = np.concatenate([
+            sampler.generated_grain_maps(params, np.resize(labels[start:start + chunk], chunk),
+                                         jax.random.fold_in(grain_key, start))[: min(chunk, n - start)]
+            for start in range(0, n, chunk)])
+    batch, images = settings["batch_size"], []
+    for start in range(0, n, batch):
+        indices = np.resize(np.arange(start, min(start + batch, n)), min(batch, n))  # last batch padded
+        latents = sampler.latents(params, labels[indices], latent_key, indices, given_maps[indices])
+        images.append(sampler.decode(latents, given_maps[indices])[: min(batch, n - start)])
+    images = np.concatenate(images)
+    grains = np.asarray(given_maps, np.int32)
+    if jax.process_index() == 0:
+        directory = storage.path(out)
+        for i, image in enumerate(images):
+            save_png(directory / SAMPLE_FILE.format(index=i), image)
+        storage.write_npz(directory / SAMPLES_NPZ, arr_0=images, arr_1=labels, grains=grains)
+        columns = min(num_classes, n) if num_classes <= 16 else 8
+        save_grid(directory / "grid.png", d2it_trainer.grid_with_grain_maps(images, grains, columns),
+                  upscale=max(1, 96 // dvae.image_size))
+    logging.info("wrote %d samples of %s (step %d, grain maps: %s, %s %s, guidance %.2f) to %s", n, workdir, step, mode,
+                 settings["method"], settings["respacing"], settings["guidance_scale"], out)
+    return images, grains
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -244,8 +336,20 @@ def main(argv: list[str]) -> None:
 
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
     try:
+        task = _task(FLAGS.workdir)
+        if FLAGS.grain_maps is not None and task != "d2it":
+            raise ConfigError("--grain_maps: only D²iT workdirs (task 'd2it') use it")
         with ends_preempted_runs():
-            if _is_diffusion(FLAGS.workdir):
+            if task == "d2it":
+                images, _ = sample_d2it(
+                    FLAGS.workdir, out, grain_maps=FLAGS.grain_maps, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+                    guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
+                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
+                    unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
+                print(f"wrote {len(images)} samples with their grain maps to {out} (grid.png, sample_*.png, "
+                      f"{SAMPLES_NPZ})")
+                return
+            if task == "diffusion":
                 images = sample_diffusion(
                     FLAGS.workdir, out, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
                     guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,

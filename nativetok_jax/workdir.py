@@ -29,7 +29,7 @@ from flax import nnx, traverse_util
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import ConfigError, validate_generator, validate_model
 
-ARCHITECTURE_FIELDS = ("model", "generator")  # where the fields that shape parameters live
+ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
 MAX_LISTED = 4
 
 
@@ -76,7 +76,7 @@ def run_directories(config: ml_collections.ConfigDict,
                     workdir: str | epath.PathLike) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
     """Every ``(directory, config)`` a run of ``config`` in ``workdir`` writes checkpoints to."""
     workdir = epath.Path(workdir)
-    if config.get("task") in ("generator", "diffusion") or not config.hnt.stages:  # one stage: the workdir itself
+    if config.get("task") in ("generator", "diffusion", "d2it") or not config.hnt.stages:  # one stage: the workdir itself
         return [(workdir, config)]
     from nativetok_jax.training import hnt  # training imports this module's callers
 
@@ -116,6 +116,13 @@ def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[st
         from nativetok_jax.models.dit import dit_from_config  # validates the model section
 
         abstract = nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))
+    elif config.get("task") == "d2it":
+        from nativetok_jax.config import d2it_latent_shape
+        from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+
+        regions = d2it_latent_shape(config.model)[0] // 2  # one region per 2 x 2 fine cells
+        abstract = nnx.eval_shape(lambda: dynamic_diffusion_transformer_from_config(
+            config, (regions, regions), nnx.Rngs(0)))
     elif config.get("task") == "dvae":
         from nativetok_jax.config import validate_dvae_model
         from nativetok_jax.models.dvae import build_dvae

@@ -182,3 +182,16 @@ def test_loss_falls_on_a_fixed_batch(model):
         params, opt_state, held_out = train_step(params, opt_state, jax.random.key(step))
         losses.append(float(held_out))
     assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_infinite_choice_temperature_keeps_positions_whatever_was_sampled(model):
+    """Random order: which positions stay masked depends on the key alone, not on the model's
+    confidences, so two label sets (different logits) re-mask the same positions."""
+    def masked_positions(labels):
+        history = sample(model, labels, key=jax.random.key(7), num_tokens=LENGTH, num_steps=4,
+                         choice_temperature=float("inf"), return_history=True)[1]
+        return np.asarray(history) == model.mask_id
+
+    first, second = masked_positions(LABELS), masked_positions((LABELS + 1) % CLASSES)
+    np.testing.assert_array_equal(first, second)
+    assert [int(m.sum()) for m in first] == [8 * mask_schedule(s, 4, LENGTH) for s in range(4)]

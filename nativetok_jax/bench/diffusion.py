@@ -1,13 +1,17 @@
-"""``python -m nativetok_jax.bench diffusion``: DiT's train step and samplers.
+"""``python -m nativetok_jax.bench diffusion``: DiT's and D²iT's train steps and samplers.
 
-For each config (default: DiT-B/2 at 256 px on 32 x 32 x 4 latents, and the pixel-space demo): the
-real train step of the diffusion trainer (``diffusion_objective`` on ``build_state``'s state: a
-random flip, a posterior draw, label dropout, DiT's loss, AdamW and the EMA) on random latents:
+For each config (default: DiT-B/2 at 256 px on 32 x 32 x 4 latents, and the pixel-space demo; a
+``task="d2it"`` config such as ``configs/d2it.py:B`` measures D²iT): the real train step of the
+config's trainer on random latents (DiT: ``diffusion_objective`` on ``build_state``'s state: a
+random flip, a posterior draw, label dropout, DiT's loss, AdamW and the EMA; D²iT:
+``d2it_objective``, the same plus multi-grained noise, the dynamic grain loss and the grain
+transformer's loss, on random grain maps with half the regions fine):
 step time, images per second, the process's CPU seconds per step (what a shared machine cannot
 disturb much), model FLOPs per step (XLA's cost analysis of the step with the layer scan
 unrolled) and MFU against the FLOP/s of a large matrix product timed in the same run. Then the
 samplers' images per second: DDPM-250 and DDIM-50, each without guidance and with guidance 4.0
-(a doubled batch).
+(a doubled batch); D²iT's draw the latent given random grain maps (the grain transformer's few
+MaskGIT steps on a 16 x 16 map are not included).
 
 A sampler's cost is linear in its steps (one network call each; guidance doubles the batch), so
 where a full run would take minutes (DiT-B/2 on a CPU: about a second per image and step) the
@@ -28,34 +32,68 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from nativetok_jax import sharding
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import matmul_flops_per_second
-from nativetok_jax.config import dit_latent_shape, load_config_file, validate_dit
+from nativetok_jax.config import d2it_latent_shape, dit_latent_shape, load_config_file, validate_d2it, validate_dit
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.diffusion.respacing import space_timesteps
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.training.diffusion_trainer import (build_dit_state, diffusion_batch_shardings, diffusion_objective,
-                                                      diffusion_sampler, moments_shape)
-from nativetok_jax.training.step import make_train_step
+from nativetok_jax.training.d2it_trainer import build_d2it_state, d2it_objective
+from nativetok_jax.training.diffusion_trainer import build_dit_state, diffusion_objective, diffusion_sampler, moments_shape
+from nativetok_jax.training.state import BuiltState
+from nativetok_jax.training.step import batch_shardings, make_train_step
 
 SAMPLERS = (("ddpm", "250", 1.0), ("ddpm", "250", 4.0), ("ddim", "ddim50", 1.0), ("ddim", "ddim50", 4.0))
 
 
+def _is_d2it(config: ml_collections.ConfigDict) -> bool:
+    return config.get("task") == "d2it"
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """The diffused latent ``(h, w, c)`` of a DiT or D²iT config."""
+    return d2it_latent_shape(config.model) if _is_d2it(config) else dit_latent_shape(config.model)
+
+
+def _grain_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    h, w, _ = latent_shape(config)
+    return h // 2, w // 2  # one grain per region of 2 x 2 fine cells
+
+
+def _build(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> BuiltState:
+    if _is_d2it(config):
+        return build_d2it_state(config, _grain_shape(config), mesh, rules)
+    return build_dit_state(config, mesh, rules)
+
+
+def _random_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch as the trainer's latent store gives it, random (DiT: moments; D²iT: routed moments and
+    grain maps, half the regions fine)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)
+    if not _is_d2it(config):
+        return {"moments": rng.standard_normal((batch_size, *moments_shape(config.model)), np.float32), "label": labels}
+    moments = (batch_size, 2, *latent_shape(config))
+    return {"mean": rng.standard_normal(moments, np.float32), "logvar": np.full(moments, -4.0, np.float32),
+            "grains": rng.integers(0, 2, (batch_size, 2, *_grain_shape(config))).astype(np.int32), "label": labels}
+
+
 def _step(config: ml_collections.ConfigDict, batch_size: int):
     mesh = sharding.make_mesh(config.mesh)
-    built = build_dit_state(config, mesh, sharding.rules_of(config))
+    built = _build(config, mesh, sharding.rules_of(config))
     diffusion = build_diffusion(config.model.diffusion.schedule, config.model.diffusion.num_steps,
                                 learn_sigma=config.model.learn_sigma)
-    shardings = diffusion_batch_shardings(mesh, config.model, batch_size)
-    step = make_train_step(diffusion_objective(built.graphdef, diffusion, config.model.label_drop_probability),
-                           built, shardings, seed=0, ema_decay=config.train.ema_decay)
-    rng = np.random.default_rng(0)
-    moments = rng.standard_normal((batch_size, *moments_shape(config.model)), np.float32)
-    batch = {"moments": jax.device_put(moments, shardings["moments"]),
-             "label": jax.device_put(rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
-                                     shardings["label"])}
+    if _is_d2it(config):  # random latents have unit scale already
+        objective = d2it_objective(built.graphdef, diffusion, config, latent_scale=1.0)
+    else:
+        objective = diffusion_objective(built.graphdef, diffusion, config.model.label_drop_probability)
+    arrays = _random_batch(config, batch_size)
+    shardings = batch_shardings(mesh, {name: value.shape for name, value in arrays.items()})
+    step = make_train_step(objective, built, shardings, seed=0, ema_decay=config.train.ema_decay)
+    batch = {name: jax.device_put(value, shardings[name]) for name, value in arrays.items()}
     return step, built, batch
 
 
@@ -92,13 +130,21 @@ def measure_sampler(config: ml_collections.ConfigDict, state: Any, graphdef: Any
     full = len(space_timesteps(config.model.diffusion.num_steps, respacing))
     steps = full if not timed_steps else min(timed_steps, full)
     timed = respacing if steps == full else (f"ddim{steps}" if respacing.startswith("ddim") else str(steps))
-    sample = diffusion_sampler(graphdef, config.model, mesh, method=method, respacing=timed,
-                               guidance_scale=guidance_scale)
     labels = np.arange(num_images, dtype=np.int32) % config.model.num_classes
+    if _is_d2it(config):
+        sample = diffusion_sampler(graphdef, config.model, mesh, method=method, respacing=timed,
+                                   guidance_scale=guidance_scale, shape=latent_shape(config),
+                                   apply_fn=lambda params, x, t, y, g: nnx.merge(graphdef, params).content(x, t, y, g))
+        grains = np.asarray(jax.random.bernoulli(jax.random.key(2), 0.5, (num_images, *_grain_shape(config))), np.int32)
+        inputs = (None, grains)
+    else:
+        sample = diffusion_sampler(graphdef, config.model, mesh, method=method, respacing=timed,
+                                   guidance_scale=guidance_scale)
+        inputs = ()
     with jax.set_mesh(mesh), axis_rules(rules):
-        jax.block_until_ready(sample(state, labels, jax.random.key(0)))  # compile
+        jax.block_until_ready(sample(state, labels, jax.random.key(0), *inputs))  # compile
         start = time.perf_counter()
-        jax.block_until_ready(sample(state, labels, jax.random.key(1)))
+        jax.block_until_ready(sample(state, labels, jax.random.key(1), *inputs))
         seconds = (time.perf_counter() - start) * full / steps
     return dict(sampler=method, steps=full, timed_steps=steps, guidance_scale=guidance_scale, num_images=num_images,
                 seconds=seconds, images_per_s=num_images / seconds)
@@ -141,9 +187,14 @@ def run(argv: list[str]) -> dict[str, Any]:
     for spec, batch_size in zip(specs, batch_sizes):
         config = load_config_file(spec)
         checked = ml_collections.ConfigDict(config.to_dict())
-        checked.model.autoencoder.kind = "pixels"  # the step sees latents: no SD-VAE file is needed
-        validate_dit(checked)  # the training fields (the model's are checked when it is built)
-        latent = "x".join(map(str, dit_latent_shape(config.model)))
+        # The step sees latents: no SD-VAE file, no Dynamic VAE run is opened.
+        if _is_d2it(config):
+            checked.dvae.workdir = checked.dvae.workdir or "(not opened)"
+            validate_d2it(checked)
+        else:
+            checked.model.autoencoder.kind = "pixels"
+            validate_dit(checked)  # the training fields (the model's are checked when it is built)
+        latent = "x".join(map(str, latent_shape(config)))
         row = dict(config=spec, latent=latent, batch_size=batch_size, **measure_train(config, batch_size, args.steps))
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
         report["train"].append(row)
@@ -156,7 +207,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     for spec, config, count, timed in zip(specs, samplers, images, sampler_steps):
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules_of(config)
-        built = build_dit_state(config, mesh, rules)
+        built = _build(config, mesh, rules)
         for method, respacing, scale in SAMPLERS:
             row = dict(config=spec, **measure_sampler(config, built.state["params"], built.graphdef, mesh, rules,
                                                       method, respacing, scale, count, timed))

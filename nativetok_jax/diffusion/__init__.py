@@ -8,5 +8,8 @@ samples it, written for JAX: float64 schedules on the host, float32 arithmetic o
 - :mod:`.losses`: :func:`~.losses.diffusion_loss` (eps MSE + stop-gradient VB term, optional
   per-position weights) and the held-out :func:`~.losses.eps_mse_at`.
 - :mod:`.guidance`: classifier-free guidance on a doubled batch.
-- :mod:`.samplers`: DDPM and DDIM as one ``lax.scan``, per-sample keys, :func:`~.samplers.make_sampler`.
+- :mod:`.samplers`: DDPM and DDIM as one ``lax.scan``, per-sample keys, :func:`~.samplers.make_sampler`;
+  multi-grained (D²iT) given a grain map.
+- :mod:`.multi_grain`: D²iT's multi-grained noise, the averaging of outputs over coarse copies and
+  the dynamic grain loss's weights.
 """

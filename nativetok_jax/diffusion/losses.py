@@ -28,6 +28,15 @@ from nativetok_jax.diffusion.gaussian import GaussianDiffusion
 #   -> output [B, ..., C or 2C]
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
+# (key, shape) -> float32 noise of ``shape``, standard normal at every position (D²iT's
+# multi-grained noise is, with exact copies in coarse regions); default: independent Gaussians.
+NoiseFn = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+def gaussian_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Independent standard-normal float32 noise (DiT's)."""
+    return jax.random.normal(key, shape, jnp.float32)
+
 
 def normal_kl(mean1: jax.Array, log_var1: jax.Array, mean2: jax.Array, log_var2: jax.Array) -> jax.Array:
     """Elementwise ``KL(N(mean1, var1) || N(mean2, var2))`` in nats."""
@@ -91,6 +100,7 @@ def diffusion_loss(
     labels: jax.Array,
     key: jax.Array,
     weights: jax.Array | None = None,
+    noise_fn: NoiseFn = gaussian_noise,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DiT's loss on a batch: ``t`` uniform over the steps, ``x_t`` from Gaussian noise.
 
@@ -103,6 +113,7 @@ def diffusion_loss(
       labels: int ``[B]``, passed through to ``apply_fn``.
       key: PRNG key for the steps and the noise.
       weights: optional per-position weights (see :func:`position_mean`), e.g. ``[B, H, W]``.
+      noise_fn: the forward process's noise (:data:`NoiseFn`; D²iT: multi-grained).
 
     Returns:
       ``(loss, metrics)``: the scalar mean loss, and float32 scalars ``loss``, ``mse``, ``vb``
@@ -110,7 +121,7 @@ def diffusion_loss(
     """
     step_key, noise_key = jax.random.split(key)
     t = jax.random.randint(step_key, (x0.shape[0],), 0, diffusion.num_steps)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    noise = noise_fn(noise_key, x0.shape)
     x0 = x0.astype(jnp.float32)
     xt = diffusion.q_sample(x0, t, noise)
     output = apply_fn(xt, diffusion.model_timesteps(t), labels)
@@ -133,11 +144,12 @@ def eps_mse_at(
     key: jax.Array,
     step: int,
     weights: jax.Array | None = None,
+    noise_fn: NoiseFn = gaussian_noise,
 ) -> jax.Array:
     """The epsilon MSE (scalar) at one fixed step, e.g. 100, 500, 900: a held-out curve that is
     not as noisy as the training loss, whose steps are drawn at random."""
     t = jnp.full((x0.shape[0],), step, jnp.int32)
-    noise = jax.random.normal(key, x0.shape, jnp.float32)
+    noise = noise_fn(key, x0.shape)
     xt = diffusion.q_sample(x0, t, noise)
     eps, _ = diffusion.split_output(apply_fn(xt, diffusion.model_timesteps(t), labels), x0.shape[-1])
     return position_mean(jnp.square(noise - eps), weights).mean()

@@ -54,8 +54,7 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         raise ValueError("plot_prefix_curves: the rows hold no metric besides num_tokens")
     columns = min(columns, len(metrics))
     grid_rows = math.ceil(len(metrics) / columns)
-    figure = Figure(figsize=(4.0 * columns, 3.2 * grid_rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(4.0 * columns, 3.2 * grid_rows)
     tokens = [row["num_tokens"] for row in rows]
     for index, metric in enumerate(metrics):
         axes = figure.add_subplot(grid_rows, columns, index + 1)
@@ -71,7 +70,7 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         axes.set_xlabel("tokens decoded")
         axes.set_title(TITLES.get(metric, metric), fontsize=10)
         axes.grid(True, alpha=0.3)
-    _write_png(figure, path)
+    save_figure(figure, path, dpi=100)
 
 
 def plot_by_position(
@@ -95,8 +94,7 @@ def plot_by_position(
     """
     if not curves:
         raise ValueError("plot_by_position needs at least one arm")
-    figure = Figure(figsize=(6.5, 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.5, 3.8)
     axes = figure.add_subplot()
     for arm, values in curves.items():
         runs = np.asarray(values, dtype=np.float64)
@@ -118,7 +116,7 @@ def plot_by_position(
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
-    _write_png(figure, path)
+    save_figure(figure, path, dpi=100)
     return figure
 
 
@@ -152,8 +150,7 @@ def plot_contrasts(
             raise ValueError(f"plot_contrasts: contrast {name!r} needs low <= mean_difference <= high, "
                              f"got {low}, {mean}, {high}")
         rows.append((name, mean, low, high))
-    figure = Figure(figsize=(6.5, 1.2 + 0.55 * len(rows)), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.5, 1.2 + 0.55 * len(rows))
     axes = figure.add_subplot()
     heights = np.arange(len(rows))[::-1]  # the first contrast on top
     for height, (name, mean, low, high) in zip(heights, rows):
@@ -167,7 +164,7 @@ def plot_contrasts(
     axes.set_xlabel(xlabel)
     axes.set_title(title, fontsize=10)
     axes.grid(True, axis="x", alpha=0.3)
-    _write_png(figure, path)
+    save_figure(figure, path, dpi=100)
     return figure
 
 
@@ -243,7 +240,15 @@ def _markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
-def _write_png(figure: Figure, path: storage.PathLike) -> None:
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure on its own Agg canvas (``width`` x ``height`` inches, constrained layout)."""
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: storage.PathLike, dpi: int = 110) -> None:
+    """Writes ``figure`` as a PNG to ``path`` (local or a URL)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=dpi)
     storage.write_bytes(path, buffer.getvalue())

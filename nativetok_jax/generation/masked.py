@@ -85,6 +85,7 @@ def _decode_step(
     choice_temperature: jax.Array,
     guidance_scale: jax.Array,
     guided: bool,
+    random_order: bool,
     top_k: int,
     top_p: jax.Array | None,
 ) -> jax.Array:
@@ -97,11 +98,16 @@ def _decode_step(
     # Confidence is the model's own (guided) probability of the sampled id, as in MaskGIT's
     # reference: not the tempered or filtered one, so that temperature 0 (greedy) still ranks
     # positions by how sure the model is instead of calling every choice certain.
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    confidence = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
-    # Gumbel noise on the confidences, annealed to 0, lets early steps keep less likely tokens.
-    anneal = 1.0 - (step + 1) / num_steps
-    confidence = confidence + choice_temperature * anneal * jax.random.gumbel(choice_key, confidence.shape)
+    if random_order:
+        # Which positions are kept does not depend on what was sampled there, so every kept id
+        # is a draw from the model's conditional (confidence ranking favours likelier ids).
+        confidence = jax.random.uniform(choice_key, unknown.shape)
+    else:
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        confidence = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
+        # Gumbel noise on the confidences, annealed to 0, lets early steps keep less likely tokens.
+        anneal = 1.0 - (step + 1) / num_steps
+        confidence = confidence + choice_temperature * anneal * jax.random.gumbel(choice_key, confidence.shape)
     confidence = jnp.where(unknown, confidence, jnp.inf)
     # Unique ranks (a stable sort) make the re-masked count exact even when confidences tie.
     ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
@@ -110,7 +116,7 @@ def _decode_step(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "num_steps", "top_k", "nucleus", "guided",
-                                             "return_history"))
+                                             "random_order", "return_history"))
 def _sample(
     graphdef: nnx.GraphDef,
     params: Any,
@@ -126,6 +132,7 @@ def _sample(
     top_k: int,
     nucleus: bool,
     guided: bool,
+    random_order: bool,
     return_history: bool,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, params)
@@ -145,6 +152,7 @@ def _sample(
         choice_temperature=choice_temperature,
         guidance_scale=guidance_scale,
         guided=guided,
+        random_order=random_order,
         top_k=top_k,
         top_p=top_p if nucleus else None,
     )
@@ -183,6 +191,9 @@ def sample(
         limit). The confidences that rank positions are the model's untempered probabilities.
       choice_temperature: scale of the Gumbel noise added to the log-probability confidences that
         decide which tokens to keep, annealed linearly to 0 at the last step (MaskGIT: 4.5).
+        ``math.inf`` keeps a uniformly random choice of positions instead: the kept ids are then
+        unbiased draws from the model's conditionals (finite values favour each position's
+        likelier id, which shifts id frequencies; the grain transformer uses inf for this).
       guidance_scale: classifier-free guidance, ``logits = uncond + scale * (cond - uncond)``
         computed on a doubled batch. 1.0 (default) is plain conditional sampling and skips the
         doubled batch; 0.0 samples from the unconditional (null-class) model; > 1 sharpens.
@@ -191,8 +202,8 @@ def sample(
       return_history: also return the ids after every step, ``[num_steps, B, L]``, with
         ``model.mask_id`` where a position is still masked.
 
-    Compiled once per model structure, batch shape, ``num_steps``, ``top_k``, whether top-p and
-    guidance are on, and ``return_history``; temperatures, top-p and the guidance scale are traced. Under a mesh with
+    Compiled once per model structure, batch shape, ``num_steps``, ``top_k``, whether top-p,
+    guidance and random order are on, and ``return_history``; temperatures, top-p and the guidance scale are traced. Under a mesh with
     axis rules active (``jax.set_mesh(mesh)`` and ``axis_rules(rules)``) the batch follows the
     ``batch`` rule.
     """
@@ -220,5 +231,6 @@ def sample(
         top_k=int(top_k or 0),
         nucleus=top_p < 1,
         guided=float(guidance_scale) != 1.0,
+        random_order=math.isinf(choice_temperature),
         return_history=return_history,
     )

@@ -152,6 +152,30 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def apply_blocks(blocks: nnx.Module, rows: jax.Array, c: jax.Array, *, remat: bool = False, unroll: bool = False,
+                 update: jax.Array | None = None) -> jax.Array:
+    """Applies a stack of :class:`DiTBlock` (stacked parameters, ``layers`` axis) with ``lax.scan``.
+
+    Args:
+      blocks: the stacked blocks (:func:`nativetok_jax.layers.transformer.stacked`).
+      rows: ``[B, T, W]``; c: the conditioning ``[B, W]``.
+      remat: recompute each block's activations in the backward pass.
+      unroll: unroll the scan (XLA's cost analysis counts a loop body once).
+      update: optional bool ``[B, T]``: rows where it is False keep their values through every block
+        while still being attended to (D²iT's RefineNet updates fine-region tokens only).
+    """
+    graphdef, state = nnx.split(blocks)
+
+    def layer(h, layer_state):
+        out = nnx.merge(graphdef, layer_state)(h, c)
+        return (out if update is None else jnp.where(update[..., None], out, h)), None
+
+    if remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    rows, _ = jax.lax.scan(layer, rows, state, unroll=unroll)
+    return rows
+
+
 class DiT(nnx.Module):
     """``model(x [B, H, W, C], t [B], labels [B]) -> float32 [B, H, W, 2C]`` (``C`` without learned sigma).
 
@@ -230,11 +254,19 @@ class DiT(nnx.Module):
         """Replaces each label by the null class with ``probability`` (DiT trains with 0.1)."""
         return jnp.where(jax.random.bernoulli(key, probability, labels.shape), self.null_class, labels)
 
+    @property
+    def fixed_position_count(self) -> int:
+        """Values of the fixed (non-trainable) position table, which DiT's parameter counts include."""
+        return self.grid_size**2 * self.width
+
+    def position_table(self) -> jax.Array:
+        """The positions added to the rows, float32 ``[T, W]``: DiT's fixed 2-D sin-cos."""
+        return jnp.asarray(sincos_2d_positions(self.width, self.grid_size))
+
     def embed(self, x: jax.Array) -> jax.Array:
-        """Image ``[B, H, W, C]`` -> rows ``[B, T, W]`` with the fixed positions added."""
+        """Image ``[B, H, W, C]`` -> rows ``[B, T, W]`` with the positions added."""
         rows = self.patch_embedding(patchify(x, self.patch_size))
-        positions = jnp.asarray(sincos_2d_positions(self.width, self.grid_size), rows.dtype)
-        return constrain(rows + positions, ROW_AXES)
+        return constrain(rows + self.position_table().astype(rows.dtype), ROW_AXES)
 
     def condition(self, t: jax.Array, labels: jax.Array) -> jax.Array:
         """``c = timestep embedding + label embedding`` ``[B, W]``."""
@@ -243,20 +275,21 @@ class DiT(nnx.Module):
 
     def trunk(self, rows: jax.Array, c: jax.Array) -> jax.Array:
         """The scanned adaLN-Zero blocks."""
-        graphdef, state = nnx.split(self.blocks)
-
-        def layer(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, c), None
-
-        if self.remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
-        rows, _ = jax.lax.scan(layer, rows, state, unroll=self.unroll)
-        return rows
+        return apply_blocks(self.blocks, rows, c, remat=self.remat, unroll=self.unroll)
 
     def readout(self, rows: jax.Array, c: jax.Array) -> jax.Array:
         """Final layer and un-patching: float32 ``[B, H, W, out_channels]``."""
         patches = self.final_layer(rows, c).astype(jnp.float32)
         return unpatchify(patches, self.patch_size, self.grid_size, self.out_channels)
+
+    def check_inputs(self, x: jax.Array, t: jax.Array, labels: jax.Array) -> None:
+        """Raises ``ValueError`` for ``x`` of the wrong shape, or ``t``/``labels`` not ``[B]``."""
+        name = type(self).__name__
+        expected = (self.input_size, self.input_size, self.in_channels)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"{name}: x must be [B, {', '.join(map(str, expected))}], got {x.shape}")
+        if t.shape != x.shape[:1] or labels.shape != x.shape[:1]:
+            raise ValueError(f"{name}: t and labels must be [{x.shape[0]}], got {t.shape} and {labels.shape}")
 
     def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
         """Noised input ``x [B, H, W, C]``, steps ``t [B]`` (the original process's indices),
@@ -265,11 +298,7 @@ class DiT(nnx.Module):
         Raises:
           ValueError: ``x`` of the wrong shape, or ``t``/``labels`` not ``[B]``.
         """
-        expected = (self.input_size, self.input_size, self.in_channels)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"DiT: x must be [B, {', '.join(map(str, expected))}], got {x.shape}")
-        if t.shape != x.shape[:1] or labels.shape != x.shape[:1]:
-            raise ValueError(f"DiT: t and labels must be [{x.shape[0]}], got {t.shape} and {labels.shape}")
+        self.check_inputs(x, t, labels)
         c = self.condition(t, labels)
         return self.readout(self.trunk(self.embed(x.astype(self.dtype)), c), c)
 
@@ -297,6 +326,7 @@ def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
 
 
 def parameter_count(model: DiT) -> int:
-    """Parameters as DiT reports them: the trainable ones plus the ``T x W`` fixed positions."""
+    """Parameters as DiT reports them: the trainable ones plus the ``T x W`` fixed positions (a
+    model whose positions are learned, D²iT's, has them among the trainable ones)."""
     trainable = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return trainable + model.grid_size**2 * model.width
+    return trainable + model.fixed_position_count

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +85,20 @@ def latent_encoder(autoencoder: Autoencoder, deterministic: bool):
     return lambda images: np.asarray(encode(state, images))
 
 
-def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
-                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
-    """The (train, held-out) latent stores, encoded now unless finished matching stores exist.
+class StoreSources(NamedTuple):
+    """What a diffusion trainer encodes into its latent stores (DiT's and D²iT's alike)."""
+
+    train: Any  # the training source
+    held_out: Any  # the held-out source
+    train_data: ml_collections.ConfigDict  # config.data for the training crops (both flips stored)
+    held_out_data: ml_collections.ConfigDict  # the same for held-out crops (centre crops but for photographs)
+    num_train: int
+    num_held_out: int
+    num_classes: int  # the data's
+
+
+def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
+    """The sources and crops of a diffusion run's stores.
 
     Training example ``i`` is a crop of image ``i mod len(source)`` (``config.data``'s crops,
     drawn from ``(seed, i)``; centre crops when whole); held-out ones are centre crops of the
@@ -96,11 +107,9 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
 
     Raises:
       ConfigError: the data has more classes than ``model.num_classes``.
-      TokenStoreError: a store directory holds latents made with other settings.
     """
-    model, data, latents = config.model, config.data, config.latents
-    photo_labels = data.source == "photos" and data.get("photo_labels", False)
-    if photo_labels:
+    model, data = config.model, config.data
+    if data.source == "photos" and data.get("photo_labels", False):
         train_source = PhotoSource("train", labelled=True)
         eval_source = train_source
     else:
@@ -108,37 +117,62 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
     data_classes = int(getattr(train_source, "num_classes", 1))
     if data_classes > model.num_classes:
         raise ConfigError(f"config.model.num_classes: {model.num_classes}, but the data has {data_classes} classes")
+    encoding = ml_collections.ConfigDict(data.to_dict())
+    encoding.flip = False  # both flips are stored
+    held_out = ml_collections.ConfigDict(encoding.to_dict())
+    if data.source != "photos":  # held-out images: centre crops
+        held_out.update(crop_min=1.0, crop_max=1.0)
+    num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
+    return StoreSources(train_source, eval_source, encoding, held_out,
+                        config.latents.num_train_examples or len(train_source), num_eval, data_classes)
+
+
+def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
+                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
+    """The (train, held-out) latent stores (:func:`store_sources`), encoded now unless finished
+    matching stores exist.
+
+    Raises:
+      ConfigError: the data has more classes than ``model.num_classes``.
+      TokenStoreError: a store directory holds latents made with other settings.
+    """
+    model, data, latents = config.model, config.data, config.latents
+    sources = store_sources(config)
     ae = model.autoencoder
     description = dict(autoencoder=ae.kind, weights=os.path.abspath(ae.weights) if ae.weights else "",
                        scale_factor=ae.scale_factor if ae.kind != "pixels" else 1.0, source=data.source,
-                       path=data.path or data.tfds_name, photo_labels=bool(photo_labels), image_size=model.image_size,
-                       moments_shape=list(moments_shape(model)), num_classes=model.num_classes)
+                       path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
+                                                                          and data.source == "photos"),
+                       image_size=model.image_size, moments_shape=list(moments_shape(model)),
+                       num_classes=model.num_classes)
     shape = moments_shape(model)
     encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
     directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
-    encoding = ml_collections.ConfigDict(data.to_dict())
-    encoding.flip = False  # both flips are stored
     common = dict(image_size=model.image_size, value_shape=shape, value_dtype=np.float32, store=LatentSource,
                   batch_size=latents.batch_size)
-    train = encode_into_store(encode, train_source, directory / "train", data=encoding,
-                              num_examples=latents.num_train_examples or len(train_source), seed=config.train.seed,
+    train = encode_into_store(encode, sources.train, directory / "train", data=sources.train_data,
+                              num_examples=sources.num_train, seed=config.train.seed,
                               description=description, **common)
-    if data.source != "photos":  # held-out images: centre crops
-        encoding.update(crop_min=1.0, crop_max=1.0)
-    num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
-    held_out = encode_into_store(encode, eval_source, directory / "eval", data=encoding, num_examples=num_eval,
-                                 seed=config.train.seed + 1, description=description, **common)
+    held_out = encode_into_store(encode, sources.held_out, directory / "eval", data=sources.held_out_data,
+                                 num_examples=sources.num_held_out, seed=config.train.seed + 1,
+                                 description=description, **common)
     return train, held_out
 
 
 # ------------------------------------------------------------------------------------ the objective
 
+def random_orientations(key: jax.Array, *stored: jax.Array) -> tuple[jax.Array, ...]:
+    """Each ``[B, 2, ...]`` array (axis 1: the image and its horizontal flip) -> ``[B, ...]``, the same
+    random one of the two for every array of an example (DiT's random flip, on stored flips)."""
+    flip = jax.random.bernoulli(key, 0.5, stored[0].shape[:1])
+    return tuple(jnp.where(flip.reshape((-1,) + (1,) * (a.ndim - 2)), a[:, 1], a[:, 0]) for a in stored)
+
+
 def draw_latents(moments: jax.Array, key: jax.Array) -> jax.Array:
     """``moments [B, 2, K, ...]`` -> float32 ``x0 [B, ...]``: a random flip of each example, then a
     draw from its posterior (``K = 2``) or its mean (``K = 1``, exact: pixel space)."""
     flip_key, noise_key = jax.random.split(key)
-    flip = jax.random.bernoulli(flip_key, 0.5, moments.shape[:1]).reshape((-1,) + (1,) * (moments.ndim - 2))
-    chosen = jnp.where(flip, moments[:, 1], moments[:, 0]).astype(jnp.float32)  # [B, K, ...]
+    (chosen,) = random_orientations(flip_key, moments.astype(jnp.float32))  # [B, K, ...]
     if moments.shape[2] == 1:
         return chosen[:, 0]
     return sample_latents(chosen[:, 0], chosen[:, 1], noise_key)
@@ -192,8 +226,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     logging.info("DiT parameters: %.2f M", sum(x.size for x in jax.tree.leaves(built.state["params"])) / 1e6)
     diffusion = build_diffusion(model_config.diffusion.schedule, model_config.diffusion.num_steps,
                                 learn_sigma=model_config.learn_sigma)
-    held_out = HeldOutEpsMSE(graphdef, diffusion, eval_latents, mesh, rules, train.eval_timesteps,
-                             batch_size=train.eval_batch_size, seed=train.seed)
+    held_out = HeldOutEpsMSE(dit_eps_mse(graphdef, diffusion), dit_held_out_examples(eval_latents), mesh, rules,
+                             train.eval_timesteps, batch_size=train.eval_batch_size, seed=train.seed)
     preview = Preview(graphdef, config, autoencoder, mesh, rules)
     task = loop.Task(
         built, diffusion_objective(graphdef, diffusion, model_config.label_drop_probability),
@@ -210,50 +244,69 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     return summary
 
 
-class HeldOutEpsMSE:
-    """The held-out epsilon-MSE at fixed steps ``t`` (e.g. 100, 500, 900).
+# One held-out example's epsilon-MSE: (params, example {name: [1, ...]}, noise key, step t) -> scalar.
+ExampleMSE = Callable[[Any, dict[str, jax.Array], jax.Array, int], jax.Array]
 
-    Example ``i``'s latent is its (unflipped) posterior mean and its noise at step ``t`` comes from
-    ``fold_in(fold_in(key(seed), t), i)``: the same numbers at every evaluation, whatever the batch,
-    so the curve measures the model alone (DiT's training loss, at random steps, is noisy). Labels
-    are the examples' own (the conditional model).
+
+class HeldOutEpsMSE:
+    """The held-out epsilon-MSE at fixed steps ``t`` (e.g. 100, 500, 900), of any diffusion model.
+
+    Example ``i``'s noise at step ``t`` comes from ``fold_in(fold_in(key(seed), t), i)``: the same
+    numbers at every evaluation, whatever the batch, so the curve measures the model alone (DiT's
+    training loss, at random steps, is noisy). ``examples`` holds equal-length arrays (the clean
+    latents ``x0``, the labels, and whatever else the model reads, e.g. a grain map);
+    ``mse_of(params, example, key, t)`` measures one example given as arrays of leading size 1
+    (:func:`dit_eps_mse` for a DiT).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, diffusion: GaussianDiffusion, latents: LatentSource,
-                 mesh: jax.sharding.Mesh, rules: Any, timesteps: Sequence[int], *, batch_size: int = 64,
-                 seed: int = 0):
-        moments, self.labels = latents.arrays()
-        self.x0 = np.asarray(moments[:, 0, 0], np.float32)  # unflipped posterior means
+    def __init__(self, mse_of: ExampleMSE, examples: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules: Any,
+                 timesteps: Sequence[int], *, batch_size: int = 64, seed: int = 0):
+        self.examples = {name: np.asarray(value) for name, value in examples.items()}
+        self.num_examples = len(next(iter(self.examples.values())))
         self.timesteps = tuple(int(t) for t in timesteps)
-        self.batch_size = min(batch_size, len(self.x0))
+        self.batch_size = min(batch_size, self.num_examples)
         self.mesh, self.rules = mesh, rules
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-        @jax.jit(static_argnums=4, out_shardings=replicated)
-        def batch_mse(params, x0, labels, indices, step):
-            model = nnx.merge(graphdef, params)
+        @jax.jit(static_argnums=3, out_shardings=replicated)
+        def batch_mse(params, examples, indices, step):
             base = jax.random.fold_in(jax.random.key(seed), step)
 
-            def one(x, label, index):
-                return eps_mse_at(model, diffusion, x[None], label[None], jax.random.fold_in(base, index), step)
+            def one(example, index):
+                return mse_of(params, jax.tree.map(lambda a: a[None], example), jax.random.fold_in(base, index), step)
 
-            return jax.vmap(one)(x0, labels, indices)
+            return jax.vmap(one)(examples, indices)
 
         self._batch_mse = batch_mse
 
     def __call__(self, params: Any) -> dict[str, float]:
         """``{"eps_mse_t100": ..., ...}`` (float means over the held-out examples)."""
-        n, b = len(self.x0), self.batch_size
+        n, b = self.num_examples, self.batch_size
         result = {}
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             for step in self.timesteps:
                 values = []
                 for start in range(0, n, b):
                     index = np.resize(np.arange(start, min(start + b, n)), b)  # the last batch padded
-                    mse = self._batch_mse(params, self.x0[index], self.labels[index], index.astype(np.int32), step)
+                    batch = {name: value[index] for name, value in self.examples.items()}
+                    mse = self._batch_mse(params, batch, index.astype(np.int32), step)
                     values.append(np.asarray(mse)[: min(b, n - start)])
                 result[f"eps_mse_t{step}"] = float(np.concatenate(values).mean())
         return result
+
+
+def dit_eps_mse(graphdef: nnx.GraphDef, diffusion: GaussianDiffusion) -> ExampleMSE:
+    """A DiT's :data:`ExampleMSE` on ``{"x0", "label"}`` (the conditional model: the example's own label)."""
+    def mse_of(params, example, key, step):
+        return eps_mse_at(nnx.merge(graphdef, params), diffusion, example["x0"], example["label"], key, step)
+
+    return mse_of
+
+
+def dit_held_out_examples(latents: LatentSource) -> dict[str, np.ndarray]:
+    """``{"x0": unflipped posterior means, "label"}`` of a latent store."""
+    moments, labels = latents.arrays()
+    return {"x0": np.asarray(moments[:, 0, 0], np.float32), "label": labels}
 
 
 class Preview:
@@ -281,16 +334,23 @@ class Preview:
 
 
 def diffusion_sampler(graphdef: nnx.GraphDef, model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                      method: str, respacing: str, eta: float = 0.0, guidance_scale: float = 1.0):
-    """``sample(params, labels [B], key, sample_indices=None) -> float32 latents [B, h, w, c]``, replicated
-    (every process may read them): ``make_sampler`` on the DiT of ``model`` with the respaced process,
-    guidance on every channel unless ``model.sample.guided_channels`` says otherwise, and clipping
-    as ``model.sample.clip_denoised``."""
+                      method: str, respacing: str, eta: float = 0.0, guidance_scale: float = 1.0,
+                      apply_fn: Any = None, shape: Sequence[int] | None = None):
+    """``sample(params, labels [B], key, sample_indices=None[, grains]) -> float32 latents [B, h, w, c]``,
+    replicated (every process may read them): ``make_sampler`` on the network of ``model`` with the
+    respaced process, guidance on every channel unless ``model.sample.guided_channels`` says
+    otherwise, and clipping as ``model.sample.clip_denoised``.
+
+    The network is the DiT of ``graphdef`` on ``dit_latent_shape(model)`` unless ``apply_fn``
+    (``(params, x, t, labels[, grains]) -> output``) and ``shape`` say otherwise (D²iT's content
+    transformer, sampled multi-grained when ``grains`` is given)."""
     diffusion = build_diffusion(model.diffusion.schedule, model.diffusion.num_steps, respacing,
                                 learn_sigma=model.learn_sigma)
-    sampler = make_sampler(lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y), diffusion,
-                           dit_latent_shape(model), method=method, eta=eta, guidance_scale=guidance_scale,
-                           null_label=model.num_classes, guided_channels=model.sample.guided_channels or None,
+    if apply_fn is None:
+        apply_fn = lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y)  # noqa: E731
+    sampler = make_sampler(apply_fn, diffusion, dit_latent_shape(model) if shape is None else shape, method=method,
+                           eta=eta, guidance_scale=guidance_scale, null_label=model.num_classes,
+                           guided_channels=model.sample.guided_channels or None,
                            clip_denoised=model.sample.clip_denoised)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(sampler, out_shardings=replicated)

@@ -9,8 +9,8 @@ which grain's block means an image is rebuilt from. Arms, at the same number of 
   (so only *where* the fine grain goes differs);
 - ``fine`` and ``coarse``: every region at one grain (the upper and lower bounds).
 
-For each arm: PSNR over all pixels (MSE pooled over the set), PSNR over the pixels of its
-fine-routed and of its coarse-routed regions, the fine fraction and codes per image. It needs no
+For each arm: PSNR over all pixels (the project's one PSNR, the mean over images), PSNR over the
+pixels of its fine-routed and of its coarse-routed regions (MSE pooled over the set), the fine fraction and codes per image. It needs no
 training and runs in seconds; ``python -m nativetok_jax.experiments.grain_routing`` reports it
 beside the trained DVAE arms.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nativetok_jax.evaluation.metrics import pooled_psnr
+from nativetok_jax.evaluation.metrics import pooled_psnr, psnr
 from nativetok_jax.models import grain
 
 ARMS = ("entropy", "random", "fine", "coarse")
@@ -81,7 +81,7 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
         fine_pixels = np.broadcast_to(fine_pixels[..., None], images.shape)
         codes = np.asarray(grain.code_weights(grains, router.factors)).sum(axis=(1, 2))
         arms[arm] = dict(
-            psnr=pooled_psnr(images, rebuilt),
+            psnr=psnr(images, rebuilt),
             psnr_fine_regions=_psnr_where(images, rebuilt, fine_pixels),
             psnr_coarse_regions=_psnr_where(images, rebuilt, ~fine_pixels),
             fine_fraction=float(grains.mean()),
@@ -90,7 +90,8 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
     return dict(
         arms=arms, factors=list(router.factors), region_size=size, num_images=int(len(images)),
         codes_per_image_all_fine=codes_per_fine_region * entropy_grains[0].size,
-        protocol=("block means (rounded to uint8) at each grain's factor, routed per S x S region; PSNR in dB "
-                  "with the squared error pooled over all images (and over the routed regions' pixels); "
+        protocol=("block means (rounded to uint8) at each grain's factor, routed per S x S region; psnr: mean over "
+                  "images of each image's PSNR (dB); region PSNRs with the squared error pooled over the routed "
+                  "regions' pixels of all images; "
                   "random = each image's entropy grain map with its regions permuted"),
     )

@@ -26,7 +26,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from nativetok_jax import checkpoints  # noqa: E402
 
 from nativetok_jax.config import base_config  # noqa: E402
 
@@ -43,6 +47,24 @@ def write_config_file(directory, factory: str, **kwargs) -> str:
         f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom {module} import {name}\n\n"
                 f"def get_config():\n    return {name}(**{kwargs!r})\n")
     return path
+
+
+def flat(tree) -> dict:
+    """``{"a/0/b": array}``: list layers' keys as strings, whether restored (strings) or built (ints)."""
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def assert_same_checkpoint(expected_dir: str, got_dir: str, step: int, label: str = "") -> None:
+    """The latest checkpoints of two workdirs (a resumed run's and the uninterrupted one's) are both
+    at ``step`` and hold the same parameters, raw and EMA, bit for bit."""
+    for use_ema in (False, True):
+        expected, expected_step = checkpoints.load_params(expected_dir, use_ema=use_ema)
+        got, got_step = checkpoints.load_params(got_dir, use_ema=use_ema)
+        assert expected_step == got_step == step, (label, expected_step, got_step)
+        expected, got = flat(expected), flat(got)
+        assert set(got) == set(expected), label
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{label}: {key}" if label else key)
 
 
 def tiny_config(kind: str = "nativetok", num_tokens: int = 8) -> ml_collections.ConfigDict:

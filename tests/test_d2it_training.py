@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-import conftest  # noqa: F401  (8 fake devices)
+import conftest  # 8 fake devices; assert_same_checkpoint
 from nativetok_jax import checkpoints
 from nativetok_jax.config import ConfigError, load_config_file, validate_d2it
-from test_dvae_training import _scalars, dvae_train_config, flat
+from test_dvae_training import _scalars, dvae_train_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 STEPS = 24
@@ -73,13 +73,7 @@ def test_stopping_at_step_k_then_resuming_equals_the_uninterrupted_run(trained, 
     resumed = str(tmp_path / "resumed")
     assert train_d2it(tiny_d2it_config(dvae_dir, num_steps=12, eval_every=12), resumed)["step"] == 12
     assert train_d2it(tiny_d2it_config(dvae_dir), resumed)["step"] == STEPS
-    for use_ema in (False, True):
-        expected, _ = checkpoints.load_params(run_dir, use_ema=use_ema)
-        got, _ = checkpoints.load_params(resumed, use_ema=use_ema)
-        expected, got = flat(expected), flat(got)
-        assert set(expected) == set(got)
-        for name, value in expected.items():
-            np.testing.assert_array_equal(got[name], value, err_msg=name)
+    conftest.assert_same_checkpoint(run_dir, resumed, STEPS)
 
 
 @pytest.mark.parametrize("mode", ["model", "ground_truth", "random"])

@@ -223,6 +223,24 @@ def format_header() -> str:
     return " ".join(title.rjust(w) for (_, title, _), w in zip(COLUMNS, widths))
 
 
+def override_field(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Sets ``FIELD=VALUE`` (``model.experts.remat=True``: a Python literal) in a config field that exists.
+
+    Raises:
+      SystemExit: the config has no such field (one line naming it).
+    """
+    import ast
+
+    key, _, value = assignment.partition("=")
+    *parents, field = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    if field not in node:
+        raise SystemExit(f"error: --set {key}: the config has no such field")
+    node[field] = ast.literal_eval(value)
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +255,8 @@ def run(argv: list[str]) -> dict[str, Any]:
                         help="PyTorch CPU threads (default: every core, as XLA:CPU uses); on a machine "
                              "shared with other jobs, PyTorch's spinning OpenMP threads slow down far more "
                              "than XLA's, so compare there with 1 thread or not at all")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of our config, e.g. model.experts.remat=False (repeatable)")
     parser.add_argument("--out", default="bench_results/compare.json")
     args = parser.parse_args(argv)
 
@@ -250,13 +270,15 @@ def run(argv: list[str]) -> dict[str, Any]:
         benchmark="compare", sizes=dict(sizes), batch_size=args.batch_size, device=jax.devices()[0].device_kind,
         jax_backend=jax.default_backend(), torch_device=device, torch_threads=torch.get_num_threads(),
         jax_version=jax.__version__, torch_version=torch.__version__,
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None, rows=[])
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None, overrides=list(args.set), rows=[])
     print(f"ours: JAX {jax.__version__} on {report['device']}; PyTorch {torch.__version__} eager on {device} "
           f"({report['torch_threads']} threads); load average {report['load_average']}")
     print(format_header())
     for dtype in args.dtypes.split(","):
         for num_tokens in (int(t) for t in args.tokens.split(",")):
             config = compare_config(sizes, num_tokens, dtype, args.chunks)
+            for assignment in args.set:
+                override_field(config, assignment)
             row = dict(num_tokens=num_tokens, dtype=dtype, chunks=config.model.experts.chunks,
                        **measure(config, args.batch_size, args.repeats, device, dtype))
             report["rows"].append(row)

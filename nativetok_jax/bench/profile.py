@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from nativetok_jax.bench.compare import PROTOTYPE, TINY, compare_config
+from nativetok_jax.bench.compare import PROTOTYPE, TINY, compare_config, override_field
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second
 from nativetok_jax.config import load_config_file
@@ -190,20 +190,6 @@ def format_report(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _override(config: ml_collections.ConfigDict, assignment: str) -> None:
-    """``model.experts.remat=True``: a Python literal into a config field that exists."""
-    import ast
-
-    key, _, value = assignment.partition("=")
-    *parents, field = key.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    if field not in node:
-        raise SystemExit(f"error: --set {key}: the config has no such field")
-    node[field] = ast.literal_eval(value)
-
-
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +209,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     else:
         config = compare_config(TINY if args.tiny else PROTOTYPE, args.tokens, "float32", args.chunks)
     for assignment in args.set:
-        _override(config, assignment)
+        override_field(config, assignment)
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="nativetok_profile_")
     report: dict[str, Any] = dict(
         benchmark="profile", config=args.config or ("tiny" if args.tiny else "prototype"),

@@ -123,8 +123,19 @@ def test_token_order_arms_differ_only_in_the_tokenizer_kind(scale, tmp_path):
         config.generator.generator.tokenizer = str(tmp_path)  # the experiment names each arm's tokenizer
         validate_generator(config.generator)
         # Shortened so that three arms fit 30 minutes on 2 CPU cores; the schedule moves with it.
-        assert native.train.num_steps == 1000 and config.generator.train.num_steps == 400
+        assert native.train.num_steps == 1000 and config.generator.train.num_steps == 250
         assert quantizer_warmup_steps(native.train) == native.train.eval_every == 500  # the demo's half
+
+
+def test_token_order_table_is_the_demo_with_four_arms_three_seeds_and_longer_generators():
+    demo = load_config_file(os.path.join(CONFIG_DIR, "token_order.py"))
+    table = load_config_file(os.path.join(CONFIG_DIR, "token_order.py:table"))
+    assert (table.arms, table.seeds) == ("native,order_free,causal_mask,native_permuted", 3)
+    assert table.generator.train.num_steps == 400 and table.generator.train.eval_every == 200
+    for name in ("native", "order_free", "causal_mask"):
+        assert table[name].to_dict() == demo[name].to_dict()
+    with pytest.raises(ValueError, match="scale must be demo, table or imagenet"):
+        load_config_file(os.path.join(CONFIG_DIR, "token_order.py:tabel"))
 
 
 @pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])

@@ -138,9 +138,13 @@ def test_bad_input_is_one_line(trained, tmp_path):
 
 
 def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trained, tmp_path):
+    """Includes the ``--inception`` path, on a FID Inception file in the converter's format."""
     import ml_collections
+    from flax import nnx
 
     from nativetok_jax.experiments import dynamic_grain
+    from nativetok_jax.models.inception import InceptionV3
+    from test_evaluate import random_weights
 
     dvae_dir, _, _ = trained
     routing = tmp_path / "routing"  # a routing experiment's layout; one DVAE stands for both arms here
@@ -151,7 +155,9 @@ def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trai
     config.d2it = tiny_d2it_config("")
     config.evaluation = ml_collections.ConfigDict(dict(num_samples=8, sampler="ddim", num_steps=2,
                                                        guidance_scale=1.0, seed=0, batch_size=8, bound_terms=2))
-    report = dynamic_grain.run(config, str(tmp_path / "run"), steps=2, routing_dir=str(routing))
+    inception = str(tmp_path / "inception.npz")
+    random_weights(inception, nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), image_size=None)), "fid_inception")
+    report = dynamic_grain.run(config, str(tmp_path / "run"), steps=2, routing_dir=str(routing), inception_path=inception)
     assert set(report["arms"]) == {"dit_fixed_grain", "d2it"} and report["budget"]["num_steps"] == 2
     for name, arm in report["arms"].items():
         assert arm["step"] == 2
@@ -163,9 +169,11 @@ def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trai
         assert len(arm["data_fine_fraction_by_class"]) == 11
     assert set(report["arms"]["d2it"]["samples"]) == {"model", "ground_truth", "random"}
     assert set(report["arms"]["dit_fixed_grain"]["samples"]) == {"ground_truth"}
-    for row in report["arms"]["d2it"]["samples"].values():
-        assert 0 <= row["fine_fraction"] <= 1 and len(row["fine_fraction_by_class"]) == 11
-        assert "gfid" not in row  # no --inception
+    for arm in report["arms"].values():
+        for row in arm["samples"].values():
+            assert 0 <= row["fine_fraction"] <= 1 and len(row["fine_fraction_by_class"]) == 11
+            assert row["gfid"] > 0 and row["inception_score"] >= 1.0 - 1e-6, row
+            assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1, row
     out = tmp_path / "run"
     assert json.loads((out / "dynamic_grain.json").read_text()) == json.loads(json.dumps(report))
     assert (out / "dynamic_grain.png").stat().st_size > 0

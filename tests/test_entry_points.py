@@ -64,6 +64,7 @@ def test_train_benchmark_writes_json_with_step_time_flops_memory_and_the_growth_
     assert (growth["old_tokens"], growth["new_tokens"]) == (4, 8)
     assert growth["frozen"] == ["mit", "old_experts", "token_head", "quantizer"]
     assert growth["speedup"] == pytest.approx(growth["all_experts_step_s"] / growth["growth_stage_step_s"])
+    assert growth["all_experts_step_s"] == row["step_s"]  # the same step as the row (8 tokens, batch 8): reused
     assert "GFLOP/step" in capsys.readouterr().out
 
 

@@ -215,3 +215,16 @@ def test_bench_diffusion_report_equals_its_json(tmp_path, capsys):
         ("ddpm", 250, 2, 1.0), ("ddpm", 250, 2, 4.0), ("ddim", 50, 2, 1.0), ("ddim", 50, 2, 4.0)]
     for s in report["samplers"]:
         assert f"{s['images_per_s']:.3g}" in printed
+
+
+def test_bench_diffusion_sizes_belong_to_the_configs_they_name():
+    """The default sizes are the default configs'; with --configs every size is given (one value
+    per config or one for all), so no default lands on a config it was not sized for."""
+    from nativetok_jax.bench import diffusion as bench
+
+    two = "configs/d2it.py:B,configs/dit.py:B"
+    with pytest.raises(SystemExit, match=r"^error: --sample_images: give one value per config \(or one for all\) with --configs$"):
+        bench.run(["--configs", two, "--batch_sizes", "2", "--sampler_steps", "4"])
+    with pytest.raises(SystemExit, match=r"^error: --batch_sizes needs one value per config \(2\) or one for all, got '2,2,2'$"):
+        bench.run(["--configs", two, "--batch_sizes", "2,2,2", "--sample_images", "8", "--sampler_steps", "4"])
+    assert set(bench.DEFAULTS) == {"configs/dit.py:B", "configs/dit_demo.py"}

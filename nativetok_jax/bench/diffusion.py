@@ -150,24 +150,42 @@ def measure_sampler(config: ml_collections.ConfigDict, state: Any, graphdef: Any
                 seconds=seconds, images_per_s=num_images / seconds)
 
 
+# The default configs and the sizes that keep the whole benchmark to minutes on a 2-core CPU.
+DEFAULTS = {
+    "configs/dit.py:B": dict(batch_sizes=2, sample_images=1, sampler_steps=4),
+    "configs/dit_demo.py": dict(batch_sizes=32, sample_images=8, sampler_steps=0),
+}
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m nativetok_jax.bench diffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="configs/dit.py:B,configs/dit_demo.py",
-                        help="comma-separated diffusion config files[:arg]")
-    parser.add_argument("--batch_sizes", default="2,32", help="one global train batch size per config")
-    parser.add_argument("--sample_images", default="1,8", help="images per sampler run, one per config")
-    parser.add_argument("--sampler_steps", default="4,0",
-                        help="sampler steps timed per config (0: all; fewer are scaled to the full count)")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated diffusion config files[:arg] (default: {','.join(DEFAULTS)})")
+    parser.add_argument("--batch_sizes", default=None,
+                        help="global train batch size, one per config or one for all (needed with --configs)")
+    parser.add_argument("--sample_images", default=None,
+                        help="images per sampler run, one per config or one for all (needed with --configs)")
+    parser.add_argument("--sampler_steps", default=None,
+                        help="sampler steps timed, one per config or one for all (0: all; fewer are scaled to "
+                             "the full count; needed with --configs)")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up step")
     parser.add_argument("--out", default="bench_results/diffusion.json")
     args = parser.parse_args(argv)
-    specs = args.configs.split(",")
+    specs = args.configs.split(",") if args.configs else list(DEFAULTS)
 
-    def per_config(value: str, name: str) -> list[int]:
+    def per_config(value: str | None, name: str) -> list[int]:
+        # The defaults are sized for the default configs; other configs name their own, so a
+        # default never lands silently on a config it was not meant for.
+        if value is None:
+            if args.configs:
+                raise SystemExit(f"error: --{name}: give one value per config (or one for all) with --configs")
+            return [DEFAULTS[spec][name] for spec in specs]
         numbers = [int(v) for v in value.split(",")]
+        if len(numbers) == 1:
+            numbers *= len(specs)
         if len(numbers) != len(specs):
-            raise SystemExit(f"error: --{name} needs one value per config ({len(specs)}), got {value!r}")
+            raise SystemExit(f"error: --{name} needs one value per config ({len(specs)}) or one for all, got {value!r}")
         return numbers
 
     batch_sizes = per_config(args.batch_sizes, "batch_sizes")

@@ -17,22 +17,22 @@ parameters as NativeTok's MIT + experts (at the demo's sizes they have 5x fewer;
 Sizing. The default (native, order_free, causal_mask, one seed, AR and MaskGIT generators) must
 finish in 30 minutes on 2 cores at the machine's usual speed (XLA:CPU running a 2048 x 2048 float32
 product at about 200 GFLOP/s; 120-140 on slow days). Timed end to end on 30 Nov 2026 on the idle
-2-core machine at 138 GFLOP/s, with 1,000 tokenizer and 400 generator steps: 34.4 minutes.
-Tokenizers (1,000 steps of 32 crops, two evaluations, then the matched-PSNR pass): causal_mask
-4.5 + 0.8 min, native 5.6 + 0.6, order_free 4.6 + 0.1 (3.4-3.8 steps/s); per arm, the token
-extraction (12,800 + 256 crops) 0.75 min, the AR generator 2.8 min (400 steps, 0.42 s each) and
-the MaskGIT generator 2.3 min (0.35 s a step). Generators are the cheapest cut: at
-GENERATOR_STEPS = 250 the six of the default save about 5.8 minutes, about 28.5 minutes in all on
-that day, about 20 at 200 GFLOP/s. The tokenizers keep their 1,000 steps: their PSNR (21.4-22.0
-dB) is the matched quantity, and it is still below a 4 x 4 thumbnail's (26.2 dB) at this scale.
+2-core machine at 138 GFLOP/s, with 1,000 tokenizer and 400 generator steps: 34.3 minutes.
+Tokenizers (1,000 steps of 32 crops, two evaluations; 3.5-3.8 steps/s): causal_mask 4.8 min,
+native 5.9, order_free 4.7, their matched-PSNR passes 2-5 s each; per arm, the AR generator with
+its token extraction (12,800 + 256 crops, 0.75 min) 3.6-3.9 min and the MaskGIT generator
+2.4-2.6 min. Generators are the cheapest cut: at GENERATOR_STEPS = 250 the six of the default
+save about 5.5 minutes, about 29 minutes in all on that day, about 20 at 200 GFLOP/s. The
+tokenizers keep their 1,000 steps: their PSNR (21.6-22.2 dB) is the matched quantity, and it is
+still below a 4 x 4 thumbnail's (26.2 dB) at this scale.
 The arms share work: one generator size, NativeTok's tokenizer and token store serve
 native_permuted / native_reversed too (no re-encoding; they train only their AR generator), the
 MaskGIT generators read the AR generators' stores. NUM_EVAL_EXAMPLES = 256 held-out crops are
 kept (fewer would save seconds, not minutes): the paired bootstrap's interval shrinks as
 1/sqrt(crops).
 
-``configs/token_order.py:table`` is the three-seed table of issue 15 (about 100 minutes on 2
-cores): native, order_free, causal_mask and native_permuted, seeds 0-2, generators at 400 steps.
+``configs/token_order.py:table`` is the three-seed table of issue 15 (about 110 minutes on 2
+idle cores): native, order_free, causal_mask and native_permuted, seeds 0-2, generators at 400 steps.
 """
 
 import os

@@ -156,8 +156,8 @@ def run(argv: list[str]) -> dict[str, Any]:
             config.model.dtype = args.dtype
         if args.largest_batch:
             batch_size = largest_batch(config, batch_size)
-        measured[(config.to_json(), batch_size)] = measure(config, batch_size, args.steps)
-        row = dict(config=spec, dtype=config.model.dtype, batch_size=batch_size, **measured[(config.to_json(), batch_size)])
+        step = measured[(config.to_json(), batch_size)] = measure(config, batch_size, args.steps)
+        row = dict(config=spec, dtype=config.model.dtype, batch_size=batch_size, **step)
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak
         report["rows"].append(row)
         memory = "n/a" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"

@@ -154,3 +154,16 @@ def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: i
             ),
         )
     return restored["state"][key], step
+
+
+def save_params(stage_directory: storage.PathLike, params: Any, step: int = 0) -> None:
+    """Writes ``params`` (a nested dict of arrays) as the finished checkpoint ``step`` of a stage
+    directory, with no optimiser state and no data position: what :func:`load_params` (and so
+    ``sample``, ``evaluate`` and ``Tokenizer.from_checkpoint``) reads. Converted public weights
+    become a run directory this way (``python -m nativetok_jax.convert dit|titok``)."""
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(checkpoint_directory(stage_directory), options=options,
+                               item_handlers={"state": _handlers()["state"]}) as manager:
+        state = {"step": np.asarray(step, np.int64), "params": params}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
+        manager.wait_until_finished()

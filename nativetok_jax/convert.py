@@ -12,6 +12,10 @@ downloaded: the inputs are files you already have.
     sd-vae         stabilityai/sd-vae-ft-ema or sd-vae-ft-mse diffusion_pytorch_model.safetensors
                    (diffusers AutoencoderKL; DiT's latent space, scale 0.18215), or CompVis'
                    vae-ft-mse-840000-ema-pruned.safetensors / an SD checkpoint's first_stage_model
+    dit            facebookresearch/DiT's DiT-XL-2-256x256.pt / -512x512.pt, or diffusers'
+                   DiTTransformer2DModel diffusion_pytorch_model.safetensors (facebook/DiT-XL-2-256);
+                   --out is a run directory that ``python -m nativetok_jax.sample --workdir`` reads
+                   (--vae names the converted SD-VAE; --image_size for diffusers' files, default 256)
 
 PyTorch files are read with ``torch.load(weights_only=True)`` (PyTorch, CPU build, must be
 installed for them); ``.safetensors`` inputs need no PyTorch.
@@ -30,16 +34,23 @@ NETWORKS = {
     "inception": "1 input: pt_inception-2015-12-05-6726825d.pth",
     "maskgit-vqgan": "1 input: the maskgit Flax checkpoint or the PyTorch port's state dict",
     "sd-vae": "1 input: diffusers' AutoencoderKL diffusion_pytorch_model.safetensors (or CompVis' VAE file)",
+    "dit": "1 input: DiT's DiT-XL-2-*.pt or diffusers' DiTTransformer2DModel safetensors; --out DIR",
 }
 
 
-def convert(network: str, inputs: list[str], out: str) -> str:
-    """Converts ``inputs`` into ``out``; returns a one-line summary."""
+def convert(network: str, inputs: list[str], out: str, *, image_size: int | None = None,
+            num_heads: int | None = None, vae: str = "") -> str:
+    """Converts ``inputs`` into ``out``; returns a one-line summary. ``image_size``, ``num_heads`` and
+    ``vae`` are the DiT converter's (:func:`nativetok_jax.pretrained.dit.convert_dit`)."""
     from nativetok_jax.pretrained import files
 
     expected = (1, 2) if network == "lpips" else (1,)
     if len(inputs) not in expected:
         raise files.WeightsError(f"{network} takes {NETWORKS[network]}; got {len(inputs)} inputs")
+    if network == "dit":
+        from nativetok_jax.pretrained.dit import convert_dit
+
+        return convert_dit(inputs[0], out, image_size=image_size, num_heads=num_heads, vae=vae)
     if network == "lpips":
         from nativetok_jax.pretrained.lpips import convert_lpips
 
@@ -69,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:14s} {inputs}" for name, inputs in NETWORKS.items()))
     parser.add_argument("network", choices=sorted(NETWORKS))
     parser.add_argument("inputs", nargs="+", help="the public weight file(s)")
-    parser.add_argument("--out", required=True, help="the .npz file to write")
+    parser.add_argument("--out", required=True, help="the .npz file to write (dit: the run directory)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="dit: the image size in pixels (diffusers' files do not record it; default 256)")
+    parser.add_argument("--num_heads", type=int, default=None,
+                        help="dit: attention heads, for widths outside DiT's tables")
+    parser.add_argument("--vae", default="", help="dit: the converted SD-VAE .npz the run directory names")
     args = parser.parse_args(argv)
     from nativetok_jax.pretrained.files import WeightsError
 
     try:
-        print(convert(args.network, args.inputs, args.out))
+        print(convert(args.network, args.inputs, args.out, image_size=args.image_size, num_heads=args.num_heads,
+                      vae=args.vae))
     except WeightsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,16 +1,24 @@
-"""The order-free baseline, TiTok-L: a ViT-L encoder (1024 x 24, 16 heads) holding learned latent
-tokens, with NativeTok's codebook (4096 x 12) and decoder (TiTok-L). The argument is the token
-count; the default, 32, is TiTok-L-32.
+"""The order-free baseline, TiTok (Yu et al. 2024), in two forms.
 
-    --config configs/titok.py        # TiTok-L-32
+A token count (default 32) is the baseline we train beside NativeTok: a ViT-L encoder (1024 x 24,
+16 heads) holding learned latent tokens, with NativeTok's codebook (4096 x 12) and decoder
+(TiTok-L). A release name (``L-32``, ``B-64``, ``S-128``) is the exact architecture of TiTok's
+released tokenizer of that name (``config.titok_release_config``), for the weights that
+``python -m nativetok_jax.convert titok`` converts (it writes this config beside them).
+
+    --config configs/titok.py          # the TiTok-L-32 baseline (our decoder, pixel head)
+    --config configs/titok.py:64       # the same with 64 tokens
+    --config configs/titok.py:B-64     # TiTok-B-64's released architecture
 """
 
-from nativetok_jax.config import base_config
+from nativetok_jax.config import base_config, titok_release_config
 
 
-def get_config(num_tokens: str | None = None):
+def get_config(arg: str | None = None):
+    if arg and "-" in arg:
+        return titok_release_config(arg)
     config = base_config()
     config.model.kind = "titok"
-    config.model.num_tokens = int(num_tokens or 32)
+    config.model.num_tokens = int(arg or 32)
     config.model.encoder.update(width=1024, depth=24, num_heads=16)
     return config

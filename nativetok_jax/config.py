@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     # kind="titok" only: latent token i attends to the image and the latent tokens <= i (the
     # paper's plain-causal-mask ablation; models/titok.py). Same parameters as without it.
     config.model.latent_causal_mask = False
+    # The LayerNorms' epsilon in the encoder, token head and decoder; TiTok's released tokenizers
+    # (``titok_release_config``) were trained with PyTorch's 1e-5.
+    config.model.norm_epsilon = 1e-6
+    # kind="titok" only: the token head reads the rows as TiTok's released tokenizers do (their
+    # ``is_legacy`` reshape; models/autoencoder.py TokenHead). Same parameters as without it.
+    config.model.legacy_token_layout = False
     # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
     # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
     config.model.encoder = _transformer(width=1024, depth=18, num_heads=16)
@@ -97,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder = _transformer(width=1024, depth=24, num_heads=16)
     config.model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
     config.model.decoder.proxy_codebook_size = 1024
+    # > 0: a Linear of this width and tanh before the head (TiTok's released decoders: 2 x width).
+    config.model.decoder.head_hidden = 0
     # How proxy-code logits become pixels (through the VQGAN's decoder): "argmax" (the most
     # likely code per cell) or "soft" (softmax-weighted codebook rows; what train.losses.proxy
     # = "pixels" trains, so use it for models from that stage).
@@ -207,6 +215,37 @@ GENERATOR_KINDS = ("ar", "maskgit")
 
 # What the tokenizer's schema holds that a generator does not use (the tokenizer it reads has
 # its own config, in its workdir).
+# TiTok's ViT sizes (width, depth, heads) and its released tokenizers (bytedance/1d-tokenizer,
+# configs/infer/TiTok/titok_{l32,b64,s128}.yaml): encoder and decoder of one size, the token count.
+TITOK_VIT_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16)}
+TITOK_RELEASES = {"L-32": ("L", 32), "B-64": ("B", 64), "S-128": ("S", 128)}
+
+
+def titok_release_config(release: str = "L-32") -> ml_collections.ConfigDict:
+    """The tokenizer config whose model is the architecture of one of TiTok's released tokenizers
+    (``L-32``, ``B-64``, ``S-128``: encoder and decoder ViT-L, -B or -S, 32, 64 or 128 tokens, an
+    l2-normalised 4096 x 12 codebook, 16 px patches at 256 px) as their stage-2 weights run it:
+    the decoder's ``Linear -> tanh -> Linear`` head over the 1024 MaskGIT-VQGAN codes
+    (``head_hidden = 2 x width``), softmax-weighted codebook rows into the VQGAN's decoder
+    (``proxy_decoding="soft"``), LayerNorm epsilon 1e-5 and the legacy token layout. The weights come
+    from ``python -m nativetok_jax.convert titok``, which writes this config with them.
+
+    Raises:
+      ConfigError: an unknown release.
+    """
+    if release not in TITOK_RELEASES:
+        raise ConfigError(f"unknown TiTok release {release!r}; choose one of {sorted(TITOK_RELEASES)}")
+    size, num_tokens = TITOK_RELEASES[release]
+    width, depth, heads = TITOK_VIT_SIZES[size]
+    config = base_config()
+    m = config.model
+    m.kind, m.num_tokens, m.norm_epsilon, m.legacy_token_layout = "titok", num_tokens, 1e-5, True
+    m.encoder.update(width=width, depth=depth, num_heads=heads)
+    m.decoder.update(width=width, depth=depth, num_heads=heads, head="proxy_codes", head_hidden=2 * width,
+                     proxy_decoding="soft")
+    return config
+
+
 TOKENIZER_ONLY = ("model", "hnt", "pretrained", "discriminator")
 TOKENIZER_ONLY_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
 
@@ -436,6 +475,15 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _positive_int(model.decoder.get("proxy_codebook_size"), "model.decoder.proxy_codebook_size")
     _require(model.decoder.get("proxy_decoding") in PROXY_DECODINGS, "model.decoder.proxy_decoding",
              f"must be one of {PROXY_DECODINGS}, got {model.decoder.get('proxy_decoding')!r}")
+    hidden = model.decoder.get("head_hidden", 0)
+    _require(isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 0, "model.decoder.head_hidden",
+             f"must be an integer >= 0, got {hidden!r}")
+    epsilon = model.get("norm_epsilon", 1e-6)
+    _require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon < 1,
+             "model.norm_epsilon", f"must lie in (0, 1), got {epsilon!r}")
+    _boolean(model.get("legacy_token_layout", False), "model.legacy_token_layout")
+    _require(not model.get("legacy_token_layout", False) or model.kind == "titok", "model.legacy_token_layout",
+             f"only TiTok's released tokenizers use it; model.kind is {model.kind!r}")
 
 
 def validate_training(config: ml_collections.ConfigDict) -> None:

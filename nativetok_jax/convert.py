@@ -16,6 +16,9 @@ downloaded: the inputs are files you already have.
                    DiTTransformer2DModel diffusion_pytorch_model.safetensors (facebook/DiT-XL-2-256);
                    --out is a run directory that ``python -m nativetok_jax.sample --workdir`` reads
                    (--vae names the converted SD-VAE; --image_size for diffusers' files, default 256)
+    titok          bytedance/1d-tokenizer's released TiTok-L-32 / B-64 / S-128 (tokenizer_titok_l32.bin, or
+                   the Hugging Face model.safetensors); --out is a run directory that
+                   ``python -m nativetok_jax.evaluate --workdir`` reads
 
 PyTorch files are read with ``torch.load(weights_only=True)`` (PyTorch, CPU build, must be
 installed for them); ``.safetensors`` inputs need no PyTorch.
@@ -35,6 +38,7 @@ NETWORKS = {
     "maskgit-vqgan": "1 input: the maskgit Flax checkpoint or the PyTorch port's state dict",
     "sd-vae": "1 input: diffusers' AutoencoderKL diffusion_pytorch_model.safetensors (or CompVis' VAE file)",
     "dit": "1 input: DiT's DiT-XL-2-*.pt or diffusers' DiTTransformer2DModel safetensors; --out DIR",
+    "titok": "1 input: a released TiTok tokenizer (tokenizer_titok_l32.bin or model.safetensors); --out DIR",
 }
 
 
@@ -51,6 +55,10 @@ def convert(network: str, inputs: list[str], out: str, *, image_size: int | None
         from nativetok_jax.pretrained.dit import convert_dit
 
         return convert_dit(inputs[0], out, image_size=image_size, num_heads=num_heads, vae=vae)
+    if network == "titok":
+        from nativetok_jax.pretrained.titok import convert_titok
+
+        return convert_titok(inputs[0], out)
     if network == "lpips":
         from nativetok_jax.pretrained.lpips import convert_lpips
 
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:14s} {inputs}" for name, inputs in NETWORKS.items()))
     parser.add_argument("network", choices=sorted(NETWORKS))
     parser.add_argument("inputs", nargs="+", help="the public weight file(s)")
-    parser.add_argument("--out", required=True, help="the .npz file to write (dit: the run directory)")
+    parser.add_argument("--out", required=True, help="the .npz file to write (dit, titok: the run directory)")
     parser.add_argument("--image_size", type=int, default=None,
                         help="dit: the image size in pixels (diffusers' files do not record it; default 256)")
     parser.add_argument("--num_heads", type=int, default=None,

@@ -25,14 +25,25 @@ from nativetok_jax.models.titok import TiTokEncoder
 
 
 class TokenHead(nnx.Module):
-    """LayerNorm, then ``width -> token_dim``: the continuous token before quantisation."""
+    """LayerNorm, then ``width -> token_dim``: the continuous token before quantisation.
 
-    def __init__(self, width: int, token_dim: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
-        self.norm = LayerNorm(width, rngs=rngs)
+    ``legacy_layout``: TiTok's released tokenizers (``is_legacy``, modeling/modules/blocks.py) reshape
+    the normalised ``[B, L, width]`` rows to ``[B, width, L]`` without transposing before their 1x1
+    convolution, so token ``l`` is projected from the values at flat positions ``w * L + l``; this
+    reproduces that, so their weights give their tokens.
+    """
+
+    def __init__(self, width: int, token_dim: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, norm_epsilon: float = 1e-6,
+                 legacy_layout: bool = False):
+        self.norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         self.projection = Dense(width, token_dim, axes=("embed", "token_dim"), rngs=rngs, dtype=dtype)
+        self.legacy_layout = legacy_layout
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.projection(self.norm(x)).astype(jnp.float32)
+        x = self.norm(x)
+        if self.legacy_layout:
+            x = x.reshape(x.shape[0], x.shape[2], x.shape[1]).swapaxes(1, 2)
+        return self.projection(x).astype(jnp.float32)
 
 
 class Autoencoder(nnx.Module):
@@ -46,7 +57,9 @@ class Autoencoder(nnx.Module):
     def _build_shared(self, model: ml_collections.ConfigDict, encoder_width: int, rngs: nnx.Rngs, dtype) -> None:
         self.num_tokens = model.num_tokens
         q = model.quantizer
-        self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype)
+        epsilon = model.get("norm_epsilon", 1e-6)
+        self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype, norm_epsilon=epsilon,
+                                    legacy_layout=model.get("legacy_token_layout", False))
         self.quantizer = Quantizer(q.codebook_size, q.token_dim, commitment_weight=q.commitment_weight, rngs=rngs)
         d = model.decoder
         self.decoder = TokenDecoder(
@@ -64,6 +77,8 @@ class Autoencoder(nnx.Module):
             dtype=dtype,
             remat=d.remat,
             unroll=model.unroll_scans,
+            head_hidden=d.get("head_hidden", 0),
+            norm_epsilon=epsilon,
         )
 
     def encoder_features(self, images: jax.Array, *, frozen_experts: int = 0) -> jax.Array:
@@ -177,6 +192,7 @@ class TiTok(Autoencoder):
             remat=e.remat,
             unroll=model.unroll_scans,
             latent_causal_mask=model.get("latent_causal_mask", False),
+            norm_epsilon=model.get("norm_epsilon", 1e-6),
         )
         self._build_shared(model, e.width, rngs, dtype)
 

@@ -1,7 +1,8 @@
 """TiTok-style ViT decoder (NATIVETOK.md "Architecture" 4).
 
 The sequence is ``[class ; one mask token per output patch ; L projected tokens]`` with learned
-positions and full attention; the patch rows are read out by one of two heads:
+positions and full attention; the patch rows are read out by one of two heads (``head_hidden > 0``
+puts a ``Linear -> tanh`` of that width in front of either: TiTok's released decoders' ``ffn``):
 
 - ``pixel``: a linear map to ``p*p*3`` values per patch, un-patchified to an image in [-1, 1];
 - ``proxy_codes``: logits over an external VQGAN codebook per grid cell (TiTok's stage-1 target),
@@ -44,6 +45,8 @@ class TokenDecoder(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
         unroll: bool = False,
+        head_hidden: int = 0,
+        norm_epsilon: float = 1e-6,
     ):
         self.grid = image_size // patch_size
         self.patch_size = patch_size
@@ -54,11 +57,15 @@ class TokenDecoder(nnx.Module):
         self.class_token = param(rngs, POSITION_INIT, (width,), ("embed",))
         self.patch_token = param(rngs, POSITION_INIT, (width,), ("embed",))
         self.grid_position = param(rngs, POSITION_INIT, (self.grid**2 + 1, width), ("position", "embed"))
-        self.input_norm = LayerNorm(width, rngs=rngs)
-        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll)
-        self.output_norm = LayerNorm(width, rngs=rngs)
+        self.input_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
+        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll,
+                                 norm_epsilon=norm_epsilon)
+        self.output_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         out = patch_size * patch_size * 3 if head == "pixel" else proxy_codebook_size
-        self.head = Dense(width, out, axes=("embed", "vocab"), rngs=rngs, dtype=dtype)
+        self.head_hidden = (Dense(width, head_hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+                            if head_hidden else None)
+        self.head = Dense(head_hidden or width, out, axes=("mlp" if head_hidden else "embed", "vocab"), rngs=rngs,
+                          dtype=dtype)
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array, num_visible: int | jax.Array | None = None) -> jax.Array:
@@ -95,6 +102,8 @@ class TokenDecoder(nnx.Module):
         """The head on :meth:`features`; ``head_kernel`` replaces the head's weight (the adaptive
         GAN weight differentiates the losses with respect to it)."""
         kernel = self.head.kernel[...] if head_kernel is None else head_kernel
+        if self.head_hidden is not None:
+            features = jnp.tanh(self.head_hidden(features.astype(self.dtype)))
         out = features.astype(self.dtype) @ kernel.astype(self.dtype) + self.head.bias[...].astype(self.dtype)
         out = out.astype(jnp.float32)
         if self.head_kind == "pixel":

@@ -52,11 +52,15 @@ class TiTokEncoder(nnx.Module):
         remat: bool = False,
         unroll: bool = False,
         latent_causal_mask: bool = False,
+        norm_epsilon: float = 1e-6,
     ):
         self.embedding = PatchEmbedding(image_size, patch_size, width, rngs=rngs, dtype=dtype)
+        # TiTok's released encoders add a learned position to each latent token; that sum is one
+        # parameter here (the converter adds them).
         self.latent_tokens = param(rngs, POSITION_INIT, (num_tokens, width), ("position", "embed"))
-        self.input_norm = LayerNorm(width, rngs=rngs)
-        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll)
+        self.input_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
+        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll,
+                                 norm_epsilon=norm_epsilon)
         self.num_tokens = num_tokens
         self.latent_causal_mask = latent_causal_mask
 

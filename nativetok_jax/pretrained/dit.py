@@ -231,31 +231,11 @@ def convert_state_dict(source: dict[str, np.ndarray], path: str, *, image_size: 
                                              "label embedder")
     abstract = nnx.eval_shape(lambda: dit_from_config(run_config(sizes).model, nnx.Rngs(0)))
     expected = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-    flat, used, missing, misshaped = {}, {"pos_embed"}, [], []
-    for key, shape in expected.items():
-        stacked = key.startswith("blocks/")
-        layers = []
-        for i in range(depth) if stacked else (None,):
-            name, value = _source_array(source, key, i, layout, sizes)
-            used.add(name)
-            if value is None:
-                missing.append(name)
-            elif value.shape != (shape[1:] if stacked else shape):
-                misshaped.append(f"{name} {tuple(np.shape(source[name]))}")
-            else:
-                layers.append(value)
-        if len(layers) == (depth if stacked else 1):
-            flat[key] = np.stack(layers) if stacked else layers[0]
-    if layout == "diffusers":
-        used |= {k for k in source if ".norm1.emb." in k}
-    problems = []
-    for what, names in (("missing", sorted(set(missing))), ("unexpected", sorted(set(source) - used)),
-                        ("wrong shape", sorted(set(misshaped)))):
-        if names:
-            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-            problems.append(f"{len(names)} {what}: {shown}")
-    if problems:
-        raise files.WeightsError(f"{path} ({label}) does not fit a DiT of the sizes it implies: " + "; ".join(problems))
+    # The position table is checked by _sizes; diffusers' per-block embedder copies by the loop above.
+    ignored = (lambda name: name == "pos_embed") if layout == "dit" else (lambda name: ".norm1.emb." in name)
+    flat = files.gather(expected, source, lambda key, i: _source_array(source, key, i, layout, sizes),
+                        depth=lambda key: depth if key.startswith("blocks/") else 0, ignored=ignored, path=path,
+                        label=label, model="a DiT of the sizes it implies")
     return flat, sizes, label
 
 

@@ -198,3 +198,48 @@ def header_config(meta: Mapping[str, Any], from_dict: Callable[[Mapping[str, Any
         return from_dict(meta.get("config") or {})
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{source}: bad {what} config in the header ({e})") from None
+
+
+def problems_line(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    """``"2 missing: a, b; 1 wrong shape: c (3, 4)"`` (the first four of each kind), or ``""``."""
+    problems = []
+    for label, names in (("missing", sorted(set(missing))), ("unexpected", sorted(set(unexpected))),
+                         ("wrong shape", sorted(set(misshaped)))):
+        if names:
+            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    return "; ".join(problems)
+
+
+def gather(expected: Mapping[str, tuple[int, ...]], source: Mapping[str, np.ndarray],
+           fetch: Callable[[str, int | None], tuple[str, np.ndarray | None]], *, depth: Callable[[str], int],
+           ignored: Callable[[str], bool] = lambda name: False, path: str, label: str, model: str) -> dict[str, np.ndarray]:
+    """Our flat arrays from a foreign state dict, every problem in one ``WeightsError`` line.
+
+    Args:
+      expected: our parameter names and shapes; a stacked one (``depth(key) > 0``) has the layers first.
+      source: the foreign arrays by their names.
+      fetch: ``(key, layer or None) -> (the source's name, our array or None if the source lacks it)``.
+      depth: the layer count of a stacked parameter, 0 for the others.
+      ignored: source names that are read otherwise (or deliberately not), never "unexpected".
+      path, label, model: for the message: the file, its layout and what it should fit.
+    """
+    flat, used, missing, misshaped = {}, set(), [], []
+    for key, shape in expected.items():
+        layers = depth(key)
+        values = []
+        for i in range(layers) if layers else (None,):
+            name, value = fetch(key, i)
+            used.add(name)
+            if value is None:
+                missing.append(name)
+            elif value.shape != (shape[1:] if layers else shape):
+                misshaped.append(f"{name} {tuple(np.shape(source.get(name, value)))}")
+            else:
+                values.append(value)
+        if len(values) == max(layers, 1):
+            flat[key] = np.stack(values) if layers else values[0]
+    problems = problems_line(missing, [k for k in source if k not in used and not ignored(k)], misshaped)
+    if problems:
+        raise WeightsError(f"{path} ({label}) does not fit {model}: {problems}")
+    return flat

@@ -204,14 +204,9 @@ def _map(source: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...
             continue
         flat[key] = value
     used = {name_of(key) for key in expected}
-    unexpected = sorted(set(source) - used)
-    problems = []
-    for what, names in (("missing", sorted(missing)), ("unexpected", unexpected), ("wrong shape", misshaped)):
-        if names:
-            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-            problems.append(f"{len(names)} {what}: {shown}")
+    problems = files.problems_line(missing, sorted(set(source) - used), misshaped)
     if problems:
-        raise files.WeightsError(f"{path} ({label}) does not fit {model}: " + "; ".join(problems))
+        raise files.WeightsError(f"{path} ({label}) does not fit {model}: {problems}")
     return flat
 
 

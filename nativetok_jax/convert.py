@@ -51,6 +51,9 @@ def convert(network: str, inputs: list[str], out: str, *, image_size: int | None
     expected = (1, 2) if network == "lpips" else (1,)
     if len(inputs) not in expected:
         raise files.WeightsError(f"{network} takes {NETWORKS[network]}; got {len(inputs)} inputs")
+    given = [name for name, value in (("--image_size", image_size), ("--num_heads", num_heads), ("--vae", vae)) if value]
+    if given and network != "dit":
+        raise files.WeightsError(f"{given[0]}: only the dit converter uses it")
     if network == "dit":
         from nativetok_jax.pretrained.dit import convert_dit
 

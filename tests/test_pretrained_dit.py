@@ -96,6 +96,8 @@ def test_diffusers_dit_converts_to_the_same_function_with_guidance(tmp_path):
     model, config = _ours(out)
     assert (config.task, config.model.num_classes, config.model.learn_sigma) == ("diffusion", CLASSES, True)
     assert config.model.autoencoder.weights == "sd_vae.npz" and config.model.image_size == 64
+    s = config.model.sample  # DiT's FID protocol: DDPM-250, guidance 1.5 on the first three channels
+    assert (s.method, s.respacing, s.guidance_scale, s.guided_channels) == ("ddpm", "250", 1.5, 3)
 
     x, t, labels = _inputs()
     nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -165,3 +167,5 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_key(tmp_path):
     with pytest.raises(files.WeightsError, match="head count"):
         convert_state_dict(state, "w.safetensors")  # width 16: in no DiT table, not a multiple of 64
     assert convert.main(["dit", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "o")]) == 1
+    with pytest.raises(files.WeightsError, match="--vae: only the dit converter uses it"):
+        convert.convert("titok", ["t.bin"], str(tmp_path / "o"), vae="sd_vae.npz")

@@ -98,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="dit: attention heads, for widths outside DiT's tables")
     parser.add_argument("--vae", default="", help="dit: the converted SD-VAE .npz the run directory names")
     args = parser.parse_args(argv)
+    from nativetok_jax.config import ConfigError
     from nativetok_jax.pretrained.files import WeightsError
 
     try:
         print(convert(args.network, args.inputs, args.out, image_size=args.image_size, num_heads=args.num_heads,
                       vae=args.vae))
-    except WeightsError as error:
+    except (WeightsError, ConfigError) as error:  # a file, or sizes (--image_size), that cannot make a model
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

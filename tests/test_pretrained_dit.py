@@ -124,7 +124,7 @@ def test_dit_checkpoint_names_convert_to_the_same_arrays_and_its_size_is_read_of
     from_diffusers, sizes, _ = convert_state_dict({k: v.numpy() for k, v in state.items()}, "d.safetensors",
                                                   image_size=64, num_heads=HEADS)
     path = str(tmp_path / "DiT-tiny.pt")
-    torch.save({"model": _dit_names(state, side=8)}, path)  # a wrapped checkpoint, as train.py writes
+    torch.save({"model": _dit_names(state, side=8)}, path)  # a wrapped state dict is unwrapped
     out = str(tmp_path / "run")
     convert.convert("dit", [path], out, num_heads=HEADS)
     params, _ = checkpoints.load_params(out)
@@ -167,5 +167,8 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_key(tmp_path):
     with pytest.raises(files.WeightsError, match="head count"):
         convert_state_dict(state, "w.safetensors")  # width 16: in no DiT table, not a multiple of 64
     assert convert.main(["dit", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "o")]) == 1
+    path = str(tmp_path / "d.safetensors")
+    _write_safetensors(path, _reference().state_dict())  # 8 x 8 latents of 64 px, not of 36 px
+    assert convert.main(["dit", path, "--out", str(tmp_path / "o"), "--num_heads", "2", "--image_size", "36"]) == 1
     with pytest.raises(files.WeightsError, match="--vae: only the dit converter uses it"):
         convert.convert("titok", ["t.bin"], str(tmp_path / "o"), vae="sd_vae.npz")

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from nativetok_jax import checkpoints, storage
-from nativetok_jax.config import DIT_SIZES, dit_config
+from nativetok_jax.config import DIT_SIZES, ConfigError, dit_config
 from nativetok_jax.models.dit import dit_from_config, sincos_2d_positions
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import _map, _strip_prefix
@@ -233,7 +233,10 @@ def convert_state_dict(source: dict[str, np.ndarray], path: str, *, image_size: 
                 if not np.array_equal(source[key], source.get(first + key[len(prefix):])):
                     raise files.WeightsError(f"{path}: '{key}' differs from block 0's, but DiT has one timestep and "
                                              "label embedder")
-    abstract = nnx.eval_shape(lambda: dit_from_config(run_config(sizes).model, nnx.Rngs(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: dit_from_config(run_config(sizes).model, nnx.Rngs(0)))
+    except ConfigError as e:  # sizes that make no DiT (an --image_size the patches do not tile)
+        raise files.WeightsError(f"{path}: {e}") from None
     expected = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     # The position table is checked by _sizes; diffusers' per-block embedder copies by the loop above.
     ignored = (lambda name: name == "pos_embed") if layout == "dit" else (lambda name: ".norm1.emb." in name)

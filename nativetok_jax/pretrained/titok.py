@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from nativetok_jax import checkpoints, storage
-from nativetok_jax.config import TITOK_VIT_SIZES, titok_release_config
+from nativetok_jax.config import TITOK_VIT_SIZES, ConfigError, titok_release_config
 from nativetok_jax.models import build_model
 from nativetok_jax.models.vqgan import VQGANConfig
 from nativetok_jax.pretrained import files
@@ -201,7 +201,10 @@ def convert_state_dict(source: dict[str, np.ndarray], path: str) -> tuple[dict[s
         raise files.WeightsError(f"{path} is a non-legacy TiTok (a pixel-head decoder: 'decoder.conv_out.weight'); "
                                  "only the released L-32, B-64 and S-128 tokenizers convert")
     config = run_config(source, path)
-    abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+    except ConfigError as e:  # sizes read off the file that make no tokenizer of ours
+        raise files.WeightsError(f"{path}: {e}") from None
     expected = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     towers = {"encoder": config.model.encoder, "decoder": config.model.decoder}
 

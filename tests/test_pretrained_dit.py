@@ -172,3 +172,23 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_key(tmp_path):
     assert convert.main(["dit", path, "--out", str(tmp_path / "o"), "--num_heads", "2", "--image_size", "36"]) == 1
     with pytest.raises(files.WeightsError, match="--vae: only the dit converter uses it"):
         convert.convert("titok", ["t.bin"], str(tmp_path / "o"), vae="sd_vae.npz")
+
+
+def test_dit_xl2_sizes_are_read_off_the_released_shapes():
+    """diffusers' facebook/DiT-XL-2-256 shapes (zero-stride arrays: nothing allocated) give DiT-XL/2's
+    sizes, and the run config builds DiT's 675,129,632 parameters (positions included)."""
+    from nativetok_jax.models.dit import parameter_count
+    from nativetok_jax.pretrained.dit import _sizes, run_config
+
+    width, depth = 1152, 28
+    shapes = {"pos_embed.proj.weight": (width, 4, 2, 2), "proj_out_2.weight": (2 * 2 * 8, width),
+              "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight": (1001, width),
+              "transformer_blocks.0.ff.net.0.proj.weight": (4 * width, width)}
+    shapes.update({f"transformer_blocks.{i}.norm1.linear.weight": (6 * width, width) for i in range(depth)})
+    source = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    sizes = _sizes(source, "diffusers", "x.safetensors", image_size=None, num_heads=None)
+    assert (sizes["depth"], sizes["width"], sizes["num_heads"], sizes["patch_size"]) == (28, 1152, 16, 2)
+    assert (sizes["num_classes"], sizes["learn_sigma"], sizes["image_size"]) == (1000, True, 256)
+    config = run_config(sizes)
+    assert config.model.size == "XL"
+    assert parameter_count(nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))) == 675_129_632

@@ -224,3 +224,22 @@ def test_configs_titok_names_each_release(release):
     assert (config.model.quantizer.codebook_size, config.model.quantizer.token_dim) == (4096, 12)
     with pytest.raises(ConfigError, match="unknown TiTok release"):
         titok_release_config("XL-16")
+
+
+@pytest.mark.parametrize("release", sorted(TITOK_RELEASES))
+def test_the_released_shapes_give_the_configs_architecture(release):
+    """The shapes of each released tokenizer (zero-stride arrays: nothing allocated) make the model
+    ``configs/titok.py:<release>`` names."""
+    from nativetok_jax.pretrained.titok import run_config
+
+    expected = titok_release_config(release).model
+    width, depth, tokens = expected.encoder.width, expected.encoder.depth, expected.num_tokens
+    shapes = {"encoder.patch_embed.weight": (width, 3, 16, 16), "encoder.positional_embedding": (257, width),
+              "latent_tokens": (tokens, width), "quantize.embedding.weight": (4096, 12),
+              "decoder.ffn.0.weight": (2 * width, width, 1, 1), "decoder.ffn.2.weight": (1024, 2 * width, 1, 1)}
+    for tower in ("encoder", "decoder"):
+        shapes[f"{tower}.class_embedding"] = (1, width)
+        shapes[f"{tower}.transformer.0.mlp.c_fc.weight"] = (4 * width, width)
+        shapes.update({f"{tower}.transformer.{i}.ln_1.weight": (width,) for i in range(depth)})
+    source = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    assert run_config(source, "t.bin").model.to_dict() == expected.to_dict()

@@ -181,6 +181,13 @@ def test_converted_titok_encodes_and_decodes_as_the_reference(reference, convert
     assert np.abs(np.asarray(tokenizer.decode(ids.numpy())).astype(np.float32) - expected).max() <= 1.0
 
 
+def test_evaluate_judges_a_converted_titok(converted, tmp_path):
+    from nativetok_jax.evaluate import run_evaluation
+
+    report = run_evaluation(converted, "photos", str(tmp_path / "eval.json"), num_images=2, batch_size=2, prefix=False)
+    assert report["num_images"] == 2 and report["protocol"]["image_size"] == IMAGE and np.isfinite(report["psnr"])
+
+
 def test_state_dict_round_trips_every_name(reference):
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
     flat, config, vqgan, _ = convert_state_dict(state, "t.bin")

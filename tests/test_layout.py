@@ -1,0 +1,148 @@
+"""The repository's shape: the README's layout tree matches the folders, the README stays a
+landing page, no file cites a document the repository does not hold, and imports form no circle."""
+
+import ast
+import os
+import re
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "nativetok_jax"
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def _layout_block() -> list[str]:
+    text = _readme()
+    start = text.index("<!-- layout: checked by tests/test_layout.py -->")
+    block = text[start:].split("```")[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_layout_tree_names_every_package_folder_and_module_and_nothing_else():
+    lines = _layout_block()
+    named_folders, named_files = set(), set()
+    top = None
+    for line in lines:
+        if not line.startswith(" "):
+            top = line.split()[0].rstrip("/")
+            named_folders.add(top)
+            continue
+        words = line.split()
+        if words[0].endswith("/"):
+            named_folders.add(f"{top}/{words[0].rstrip('/')}")
+        else:
+            named_files.update(f"{top}/{w}" for w in words if w.endswith(".py"))
+    package = os.path.join(ROOT, PACKAGE)
+    folders = {f"{PACKAGE}/{d}" for d in os.listdir(package)
+               if os.path.isfile(os.path.join(package, d, "__init__.py"))}
+    modules = {f"{PACKAGE}/{f}" for f in os.listdir(package) if f.endswith(".py") and f != "__init__.py"}
+    assert folders <= named_folders, f"package folders missing from the README's layout: {folders - named_folders}"
+    assert modules <= named_files, f"modules missing from the README's layout: {modules - named_files}"
+    missing = [p for p in named_folders | named_files if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, f"the README's layout names paths that do not exist: {missing}"
+
+
+def test_the_readme_is_a_landing_page_naming_both_systems_first():
+    text = _readme()
+    assert len(text.splitlines()) <= 200
+    first_paragraph = text.split("\n\n")[1]
+    for name in ("NativeTok", "D²iT", "DiT"):
+        assert name in first_paragraph
+    for link in re.findall(r"\]\((docs/[^)]+)\)", text):
+        assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def test_no_tracked_file_cites_an_outside_document_or_a_machine_path():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout (an sdist): nothing to check
+        return
+    outside = re.compile(r"NATIVETOK\.md|D2IT\.md|/work/|\.\./shared/")
+    offenders = []
+    for name in files:
+        if name.endswith((".py", ".md", ".sh", ".toml", ".txt", ".ipynb", ".json")) and name != "tests/test_layout.py":
+            with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
+                if outside.search(f.read()):
+                    offenders.append(name)
+    assert not offenders, f"files citing documents the repository does not hold or machine paths: {offenders}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, function-level imports included (an AST pass)."""
+    modules = {}
+    for directory, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                modules[module.removesuffix(".__init__")] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(resolve(a.name) for a in node.names if a.name.startswith(PACKAGE))
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = module.split(".")
+                    if not path.endswith("__init__.py"):
+                        parts = parts[:-1]
+                    parts = parts[: len(parts) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                if base.startswith(PACKAGE):
+                    targets.update(resolve(f"{base}.{a.name}") for a in node.names)
+        targets.discard(None)
+        targets.discard(module)
+        graph[module] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_planted_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_package_has_no_import_circle():
+    assert cycles(import_graph()) == []

@@ -10,7 +10,7 @@ L 22+2, XL 26+2 blocks (trunk + RefineNet) at DiT's widths and heads (768/12, 10
 patch 2: one token per 16 px region, 256 tokens. The ``grain_transformer`` section (the Dynamic
 Grain Transformer that generates the grain maps) is the d2it trainer's.
 
-Choices ([P] the paper, [A] DiT's / DQ-VAE's code, [C] ours; ``/work/shared/D2IT.md``):
+Choices ([P] the paper, [A] DiT's / DQ-VAE's code, [C] ours; ``docs/d2it.md``):
 - [P] two grains, fine f8 and coarse f16; the content transformer predicts multi-grained noise;
   RefineNet blocks, learnable positions and a dynamic grain loss are its named parts.
 - [C] multi-grained noise: drawn on the coarse grid and copied 2 x 2 in coarse regions, independent

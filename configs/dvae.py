@@ -1,4 +1,4 @@
-"""D²iT's Dynamic VAE at 256 px on ImageNet (D2IT.md "Dynamic VAE").
+"""D²iT's Dynamic VAE at 256 px on ImageNet (docs/d2it.md "Stage 1").
 
 Tags: [P] the paper says it; [A] an ancestor's code does it (DQ-VAE, LDM, VQGAN); [C] our choice.
 

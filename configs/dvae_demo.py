@@ -1,7 +1,7 @@
 """A tiny D²iT Dynamic VAE for a 2-core CPU: 32 px crops, fine grain f4 (8 x 8 latent), coarse f8,
 entropy regions of S = 8 px (16 per crop), half of them fine.
 
-The network has D2IT.md's structure (dual-grain VQGAN-style encoder with a mid stack and a
+The network has docs/d2it.md's structure (dual-grain VQGAN-style encoder with a mid stack and a
 mean/log-variance head per grain, neighbour copying, position embeddings, fine-grid decoder)
 with widths for a laptop; the crops are those of configs/demo.py (5-20 % of a bundled
 photograph's short side). The entropy thresholds for these crops ship beside this file

@@ -13,7 +13,7 @@ VQGAN's code of each image (cross-entropy), with the quantiser's losses. Stage 2
 soft codes go through the frozen VQGAN decoder to pixels, trained with L2 + LPIPS + the patch GAN
 (adaptive weight, LeCam), the GAN switched on after a warm-up. The weight files come from
 ``python -m nativetok_jax.convert`` (see the README). Step counts are config fields: the paper
-does not state them (NATIVETOK.md); TiTok's optimiser settings are the defaults.
+does not state them (docs/nativetok.md); TiTok's optimiser settings are the defaults.
 """
 
 from nativetok_jax.config import base_config

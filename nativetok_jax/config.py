@@ -57,7 +57,7 @@ def _transformer(width: int, depth: int, num_heads: int, remat: bool = False) ->
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """NativeTok with 32 tokens at 256 px, the paper's sizes (NATIVETOK.md)."""
+    """NativeTok with 32 tokens at 256 px, the paper's sizes (docs/nativetok.md)."""
     config = ml_collections.ConfigDict()
     config.task = "tokenizer"  # or "generator" (see generator_config)
 
@@ -830,7 +830,7 @@ DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
 
 
 def dvae_config() -> ml_collections.ConfigDict:
-    """D²iT's Dynamic VAE at 256 px (D2IT.md "Dynamic VAE"; nativetok_jax/models/dvae.py).
+    """D²iT's Dynamic VAE at 256 px (docs/d2it.md "Stage 1"; nativetok_jax/models/dvae.py).
 
     ``model`` is replaced by the DVAE's own fields: a VQGAN-style pyramid whose last level gives the
     coarse grain (f = 2^(levels-1)) and whose last-but-one gives the fine grain (f/2), the latent
@@ -915,7 +915,7 @@ def d2it_model_config(size: str = "B") -> ml_collections.ConfigDict:
     """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it.py``)
     on the 256 px Dynamic VAE's fine f8 latent (32 x 32 x 4, grain map 16 x 16).
 
-    Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``/work/shared/D2IT.md``):
+    Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``docs/d2it.md``):
       kind: "d2it".
       size: "B", "L" or "XL" (a label; ``width``/``depth``/``refine_depth``/``num_heads`` are built).
       image_size, fine_factor, latent_channels: the latent is ``image_size / fine_factor`` per side

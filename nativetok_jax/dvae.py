@@ -7,7 +7,7 @@
     z = latents * vae.latent_scale               # what a diffusion model sees (unit variance)
 
 ``h = H / (f/2)`` (the fine grid), ``S = f`` (the coarse factor); grain 1 = fine, 0 = coarse, and a
-coarse region's 2x2 cells hold copies of one code (D2IT.md, neighbour copying). Encode and
+coarse region's 2x2 cells hold copies of one code (docs/d2it.md, neighbour copying). Encode and
 decode are jitted once per input shape; parameters live on the config's mesh, sharded by its
 logical-axis rules. The router (``vae.router``) is the config's: entropy thresholds from the
 file ``model.grain.thresholds`` names, or a fixed-grain mode ("fine", "coarse", "random").

@@ -1,7 +1,7 @@
 """``python -m nativetok_jax.grain_thresholds --config configs/dvae_demo.py --out thresholds.json``.
 
 D²iT routes a region to the fine grain iff its entropy exceeds a percentile of the entropies of
-all training regions (D2IT.md; [A] DQ-VAE's ``calculate_entropy_thresholds.py``). This streams
+all training regions (docs/d2it.md; [A] DQ-VAE's ``calculate_entropy_thresholds.py``). This streams
 ``--num_images`` training crops, exactly as training draws them (``config.data``'s source, crop
 range and flips at ``model.image_size``, seeded by ``train.seed``), through the entropy of
 :mod:`nativetok_jax.models.grain` with the config's settings (region side = the coarse factor,

@@ -24,7 +24,7 @@ def count_params(model_config) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-# The formula, from the architecture in NATIVETOK.md (MLP ratio 4, biases everywhere, LayerNorm
+# The formula, from the architecture in docs/nativetok.md (MLP ratio 4, biases everywhere, LayerNorm
 # with scale and bias):
 def block(w: int) -> int:
     attention = 4 * w * w + 4 * w  # query, key, value, out kernels and biases

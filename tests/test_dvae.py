@@ -1,5 +1,5 @@
 """D²iT's Dynamic VAE: routing through the two encoder branches, KL, decoding copied latents, a
-one-batch overfit, the public uint8 API and its configs (D2IT.md "Dynamic VAE")."""
+one-batch overfit, the public uint8 API and its configs (docs/d2it.md "Stage 1")."""
 
 import os
 

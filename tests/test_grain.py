@@ -1,5 +1,5 @@
 """D²iT's router: region entropy, grain maps, thresholds, neighbour copying, the thresholds tool and
-the model-free routing experiment (D2IT.md "Dynamic VAE")."""
+the model-free routing experiment (docs/d2it.md "Stage 1")."""
 
 import json
 import math

@@ -6,7 +6,7 @@ backward, gradient clipping, AdamW) of
 - ours: the config's real train step (``training/state.build_state`` and the shared tokenizer
   step, as ``bench train`` times it), and
 - the prototype's computation in eager PyTorch, written here from the paper's description
-  (NATIVETOK.md "Architecture"): a Python loop over the experts, expert ``i`` running on its
+  (docs/nativetok.md "The tokenizer"): a Python loop over the experts, expert ``i`` running on its
   unpadded sequence ``[X_latent ; t_0 .. t_{i-1} ; q_i]``, ``nn.MultiheadAttention`` pre-LN
   blocks, the l2-normalised 4096 x 12 quantiser and the ViT decoder with the pixel head.
 

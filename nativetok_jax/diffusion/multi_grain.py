@@ -1,7 +1,7 @@
 """D²iT's multi-grained diffusion: noise, outputs and loss weights that respect a grain map.
 
 Source: D²iT (Jia et al., CVPR 2025, arXiv 2504.09454) section 3.2, "multi-grained noise"; the
-details the paper leaves open are ours (``/work/shared/D2IT.md``, "Dynamic Diffusion Transformer").
+details the paper leaves open are ours (``docs/d2it.md``, "Dynamic Diffusion Transformer").
 
 A grain map ``grains`` is int ``[B, gh, gw]``, one cell per region (1 fine, 0 coarse). The latent
 lives on the fine grid ``[B, 2gh, 2gw, C]``; a coarse region holds one code copied onto its 2 x 2

@@ -4,7 +4,7 @@ A tokenizer can make generation "easier" in two ways that the generator's held-o
 cannot tell apart: by using fewer or more predictable codes at each position (visible without any
 context, in the per-position code frequencies), or by making each code predictable *from the
 codes before it* (which only a model that reads the context can exploit). NativeTok's claim
-(NATIVETOK.md, "Second stage") is the second one. This module splits a held-out NLL into
+(docs/nativetok.md, "Generators and the claim they test") is the second one. This module splits a held-out NLL into
 
 - the **unigram NLL** of each position: the held-out codes scored by the training set's code
   frequencies at that position (add-one smoothed), the no-context baseline;

@@ -1,6 +1,6 @@
 """``python -m nativetok_jax.experiments.dynamic_grain --workdir DIR [--steps N] [--inception FILE]``.
 
-D²iT's claim for its second stage (paper Tables 4 and 5; D2IT.md "The numbers to compare with")
+D²iT's claim for its second stage (paper Tables 4 and 5; docs/d2it.md "Numbers to compare with")
 is that diffusing a mixed-grain latent (fine where the image is detailed) beats diffusing a
 fixed-grain one of the same budget, and that the grain map matters (random 15.93, ground truth
 4.35, the grain transformer's 4.47 FID on FFHQ). This trains, at equal training steps, batch,
@@ -29,7 +29,7 @@ rows; each set's per-class fine fraction against the data's; gFID / IS / precisi
 against the held-out crops when ``--inception`` names the FID Inception weights. Bits per
 dimension compare two *latent spaces* (different VAEs), so they say how hard each latent is to
 model, not which images are likelier; at 32 px on a CPU, judge the pictures and the grain
-statistics before FID (D2IT.md, "What users of DiT trip over").
+statistics before FID (docs/d2it.md, "Numbers to compare with").
 
 Writes ``DIR/dynamic_grain.json``, ``DIR/dynamic_grain.png`` (plots), ``DIR/dynamic_grain.md``
 (the table) and each sample set's grid; reports whatever it measures.

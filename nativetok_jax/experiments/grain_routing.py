@@ -1,6 +1,6 @@
 """``python -m nativetok_jax.experiments.grain_routing --workdir DIR [--config C] [--steps N]``.
 
-D²iT's claim for its first stage (D2IT.md "Dynamic VAE") is that spending the fine grain where
+D²iT's claim for its first stage (docs/d2it.md "Stage 1") is that spending the fine grain where
 the information is (entropy routing) reconstructs better than spending it anywhere. This trains,
 at equal steps, batch and seed, five Dynamic VAEs from one config (``DIR/<arm>``, each resumable):
 

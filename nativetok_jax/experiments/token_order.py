@@ -1,6 +1,6 @@
 """``python -m nativetok_jax.experiments.token_order --config configs/token_order.py --workdir DIR``.
 
-NativeTok's claim (NATIVETOK.md, "Second stage") is that tokens produced in a causal order are
+NativeTok's claim (docs/nativetok.md, "Generators and the claim they test") is that tokens produced in a causal order are
 easier for an autoregressive generator to model than order-free ones. This separates "causal
 order" from "easier codes" with several arms (``--arms``, comma-separated), each trained
 ``--seeds N`` times (tokenizer and generator seed ``i = 0..N-1``):

@@ -3,7 +3,7 @@
 Source: D²iT (Jia et al., CVPR 2025, arXiv 2504.09454) section 3.2 names the parts: multi-grained
 noise prediction ("rough prediction of noise" plus "detailed regions correction"), RefineNet
 blocks, learnable position embeddings, the dynamic grain loss. No code is released; the design
-below is ours where the paper is silent [C] (``/work/shared/D2IT.md``), built from DiT's pieces
+below is ours where the paper is silent [C] (``docs/d2it.md``), built from DiT's pieces
 (:mod:`nativetok_jax.models.dit`, facebookresearch/DiT ``models.py``):
 
 - the latent ``x [B, h, w, C]`` lives on the Dynamic VAE's fine grid (coarse regions hold one code

@@ -1,4 +1,4 @@
-"""TiTok-style ViT decoder (NATIVETOK.md "Architecture" 4).
+"""TiTok-style ViT decoder (docs/nativetok.md "The tokenizer" 4).
 
 The sequence is ``[class ; one mask token per output patch ; L projected tokens]`` with learned
 positions and full attention; the patch rows are read out by one of two heads (``head_hidden > 0``

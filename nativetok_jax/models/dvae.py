@@ -1,4 +1,4 @@
-"""D²iT's Dynamic VAE (arXiv 2504.09454, Sec. 3.1; D2IT.md "Dynamic VAE"): a KL autoencoder whose
+"""D²iT's Dynamic VAE (arXiv 2504.09454, Sec. 3.1; docs/d2it.md "Stage 1"): a KL autoencoder whose
 latent holds smooth regions at a coarse grain and detailed ones at a fine grain.
 
 - **Dual-grain encoder** [A: DQ-VAE ``DualGrainEncoder``]: a VQGAN-style pyramid (maskgit's
@@ -46,7 +46,7 @@ POSITION_INIT = nnx.initializers.truncated_normal(stddev=0.02)  # DQ-VAE's trunc
 
 @dataclasses.dataclass(frozen=True)
 class DVAEConfig:
-    """Sizes of a Dynamic VAE and its router; the defaults are D2IT.md's choices at 256 px."""
+    """Sizes of a Dynamic VAE and its router; the defaults are docs/d2it.md's choices at 256 px."""
 
     image_size: int = 256
     filters: int = 128

@@ -1,7 +1,7 @@
 """D²iT's Dynamic Diffusion Transformer: the grain transformer and the content transformer as one
 module, so one train state, one optimiser, one EMA and one checkpoint hold both.
 
-D²iT (arXiv 2504.09454, Sec. 3.2; D2IT.md "Dynamic Diffusion Transformer") generates in two steps:
+D²iT (arXiv 2504.09454, Sec. 3.2; docs/d2it.md "Stage 2") generates in two steps:
 the Dynamic Grain Transformer draws the grain map from the class, then the Dynamic Content
 Transformer draws the mixed-grain latent given the class and the map. The paper trains them as
 separate networks and does not say whether together or in turn. We train both at once [C]: they

@@ -1,4 +1,4 @@
-"""Mixture of Causal Expert Transformer (NativeTok paper, Sec. 3.2; NATIVETOK.md "Architecture" 2).
+"""Mixture of Causal Expert Transformer (NativeTok paper, Sec. 3.2; docs/nativetok.md "The tokenizer" 2).
 
 Expert ``i`` (0-based here) is a small transformer that reads
 ``[X_latent ; t_0 .. t_{i-1} ; q_i]`` and returns its output at the query row as token ``t_i``,

@@ -1,6 +1,6 @@
 """The grain router of D²iT's Dynamic VAE: region entropy, the grain map and neighbour copying.
 
-D²iT (arXiv 2504.09454, Sec. 3.1; D2IT.md "Dynamic VAE") cuts an image into S x S pixel regions
+D²iT (arXiv 2504.09454, Sec. 3.1; docs/d2it.md "Stage 1") cuts an image into S x S pixel regions
 (S = the coarsest grain's downsampling factor) and gives each region a grain from its information
 density, measured as the Shannon entropy of a Gaussian kernel density estimate of its gray values:
 

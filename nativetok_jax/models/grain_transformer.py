@@ -1,6 +1,6 @@
 """D²iT's Dynamic Grain Transformer: a generative model of grain maps, a MaskGIT over 2 ids.
 
-D²iT (arXiv 2504.09454, Sec. 3.2; D2IT.md "Dynamic Diffusion Transformer") generates an image in
+D²iT (arXiv 2504.09454, Sec. 3.2; docs/d2it.md "Stage 2") generates an image in
 two steps: a *grain transformer* draws the grain map (which regions are fine, which coarse) from
 the class label, then the content transformer draws the mixed-grain latent given that map. The
 paper says the grain map is generated [P] (FFHQ has no labels, so it must be a generative model

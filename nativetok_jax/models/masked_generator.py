@@ -1,4 +1,4 @@
-"""A MaskGIT-style generator over tokenizer ids (Chang et al., CVPR 2022; NATIVETOK.md "Second stage").
+"""A MaskGIT-style generator over tokenizer ids (Chang et al., CVPR 2022; docs/nativetok.md "Generators and the claim they test").
 
 A bidirectional transformer reads ``[class ; L token ids]`` where some ids are the extra
 ``[MASK]`` id (``vocab_size``) and predicts every position's id. Training masks a cosine-distributed

@@ -1,4 +1,4 @@
-"""Meta Image Transformer (NativeTok paper, Sec. 3.1; NATIVETOK.md "Architecture" 1).
+"""Meta Image Transformer (NativeTok paper, Sec. 3.1; docs/nativetok.md "The tokenizer" 1).
 
 A bidirectional ViT over 16x16 patches and a class token, then the "dimension switcher" that maps
 its width to the expert width. Its output, ``X_latent`` of shape ``[B, 1 + N, d_e]``, is the

@@ -2,7 +2,7 @@
 NativeTok's.
 
 A comparison of tokenizers is fair only at a stated size. NativeTok's encoder is the Meta Image
-Transformer *plus* one light transformer per token (NATIVETOK.md "Architecture"); the TiTok-style
+Transformer *plus* one light transformer per token (docs/nativetok.md "The tokenizer"); the TiTok-style
 baseline's is one ViT. At equal ViT sizes the order-free encoder is the smaller one (at the demo
 scale by about 5x, the 32 experts dominating), so the token-order experiment reports every arm's
 counts and can widen or deepen the baseline's ViT until its encoder matches (``match_encoder``).

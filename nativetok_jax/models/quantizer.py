@@ -1,4 +1,4 @@
-"""Vector quantiser with an l2-normalised codebook (NATIVETOK.md "Architecture" 3; as in TiTok).
+"""Vector quantiser with an l2-normalised codebook (docs/nativetok.md "The tokenizer" 3; as in TiTok).
 
 Inputs and codes are both projected onto the unit sphere, so the nearest code is the one of
 highest cosine similarity. The codebook loss pulls codes towards the (fixed) inputs, the

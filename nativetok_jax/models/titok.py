@@ -5,7 +5,7 @@ their outputs are the tokens. Every token sees the whole image and every other t
 sequence has no built-in order: the comparison NativeTok's claim is measured against.
 
 ``latent_causal_mask=True`` is the NativeTok paper's "plain causal mask in an ordinary encoder"
-ablation (Sec. 4, NATIVETOK.md "Second stage"): latent token ``i`` attends to the class token,
+ablation (Sec. 4, docs/nativetok.md "Generators and the claim they test"): latent token ``i`` attends to the class token,
 every patch and the latent tokens ``<= i``; the class token and the patches attend to each other
 only, never to a latent token. (Were the patches to see the latents, latent ``j > i`` would reach
 token ``i`` through a patch row one layer later, and the order would not be causal.) The

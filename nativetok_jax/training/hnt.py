@@ -1,4 +1,4 @@
-"""Hierarchical Native Training (NativeTok paper, Sec. 3.3; NATIVETOK.md "Training").
+"""Hierarchical Native Training (NativeTok paper, Sec. 3.3; docs/nativetok.md "Training").
 
 The token count grows in stages (for example 32 -> 64 -> 128). A stage starts from the previous
 stage's final parameters: arrays that grow with the token count (the stacked experts, the

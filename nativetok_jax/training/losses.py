@@ -1,4 +1,4 @@
-"""The terms of the training objective (TiTok/VQGAN practice; NATIVETOK.md "Training").
+"""The terms of the training objective (TiTok/VQGAN practice; docs/nativetok.md "Training").
 
 Reconstruction: a pixel loss (L1/L2), a perceptual loss (LPIPS, from a file the user names),
 or, for the proxy-code head, cross-entropy against a VQGAN's codes or an L1 distance between

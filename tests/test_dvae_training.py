@@ -69,6 +69,9 @@ def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     assert report["num_images"] == 4 and np.isfinite(report["psnr"]) and 0 < report["ssim"] <= 1
     assert 0 <= report["fine_fraction"] <= 1 and set(report["fine_fraction_per_class"]) == {"0"}
     assert {"psnr_fine", "psnr_coarse"} <= set(report) and "codebook_usage" not in report
+    # Beside the block means of its own routing: 16 regions of 4 px, a fine one 2 x 2 codes, a coarse one 1.
+    assert np.isfinite(report["block_mean_psnr"]) and 0 < report["block_mean_ssim"] <= 1
+    assert report["codes_per_image"] == pytest.approx(16 * (1 + 3 * report["fine_fraction"]))
     protocol = report["protocol"]
     assert protocol["routing"]["mode"] == "random" and protocol["latent_scale"] == dvae.latent_scale
     assert json.loads(open(out).read())["psnr"] == report["psnr"]

@@ -203,6 +203,11 @@ def test_the_routing_experiment_reports_every_arm(tmp_path):
     floats = {arm: row["latent_floats_per_image"] for arm, row in report["arms"].items()}
     assert floats["single_grain"] == 16 * 10 and floats["fine"] == 16 * 4 * 4 and floats["coarse"] == 16 * 4
     assert set(report["model_free"]["arms"]) == {"entropy", "random", "fine", "coarse"}
+    # Each trained arm beside the block means of its own routing: the model-free arms' figures for
+    # the routings they share (the entropy arm routes as the entropy router, single_grain all coarse).
+    free = report["model_free"]["arms"]
+    for arm, model_free in (("entropy", "entropy"), ("fine", "fine"), ("coarse", "coarse"), ("single_grain", "coarse")):
+        assert report["arms"][arm]["block_mean_psnr"] == pytest.approx(free[model_free]["psnr"], abs=1e-4), arm
     saved = json.loads(open(tmp_path / "experiment" / "grain_routing.json").read())
     assert saved["arms"]["entropy"]["psnr"] == report["arms"]["entropy"]["psnr"]
     assert os.path.getsize(tmp_path / "experiment" / "grain_routing.png") > 0

@@ -1,6 +1,7 @@
 """``python -m nativetok_jax.evaluate --workdir DIR --data SOURCE --out FILE.json``: judge a tokenizer
-(or a Dynamic VAE: a ``task="dvae"`` workdir also gets PSNR over fine- and coarse-routed regions and
-the realised fine fraction, and no token prefixes).
+(or a Dynamic VAE: a ``task="dvae"`` workdir also gets PSNR over fine- and coarse-routed regions,
+the realised fine fraction and the block means of its own routing at the same codes, and no token
+prefixes).
 
 Reconstructs every image of SOURCE (an image folder, ``tfds:NAME:SPLIT``, or ``photos``: the
 held-out photographs bundled with scikit-image) with the newest checkpoint in DIR, from all tokens

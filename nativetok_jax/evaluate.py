@@ -1,12 +1,16 @@
 """``python -m nativetok_jax.evaluate --workdir DIR --data SOURCE --out FILE.json``: judge a tokenizer
-(or a Dynamic VAE: a ``task="dvae"`` workdir also gets PSNR over fine- and coarse-routed regions and
-the realised fine fraction, and no token prefixes).
+(or a Dynamic VAE: a ``task="dvae"`` workdir also gets PSNR over fine- and coarse-routed regions,
+the realised fine fraction and the block means of its own routing at the same codes, and no token
+prefixes).
 
 Reconstructs every image of SOURCE (an image folder, ``tfds:NAME:SPLIT``, or ``photos``: the
 held-out photographs bundled with scikit-image) with the newest checkpoint in DIR, from all tokens
-and from the first 1, 4, 16, ... tokens, and writes PSNR, SSIM, codebook usage and perplexity
+and from the first 1, 2, 4, ... tokens, and writes PSNR, SSIM, codebook usage and perplexity
 (LPIPS with ``--lpips``, rFID and Inception Score with ``--inception``) and the exact protocol to
-FILE.json, and a plot of every metric against the number of tokens to FILE.png beside it.
+FILE.json, and a plot of every metric against the number of tokens to FILE.png beside it. The
+prefixes also give the tokenizer's rate-distortion curve (``rate_distortion`` in FILE.json, plotted
+to FILE_rate_distortion.png): bits = tokens x log2(codebook size), beside the same-bits thumbnail
+and the mean colour (docs/evaluation_codec.md).
 ``--reference_stats FILE.npz`` keeps the original images' Inception statistics for reuse: read
 when the file exists, written when it does not.
 
@@ -47,13 +51,14 @@ from nativetok_jax.data.sources import (  # noqa: E402
 from nativetok_jax.dvae import DVAE  # noqa: E402
 from nativetok_jax.evaluation import fid  # noqa: E402
 from nativetok_jax.evaluation.dvae_metrics import dvae_protocol, evaluate_dvae  # noqa: E402
-from nativetok_jax.evaluation.plots import plot_prefix_curves  # noqa: E402
+from nativetok_jax.evaluation.plots import plot_prefix_curves, plot_rate_distortion  # noqa: E402
 from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
     load_features,
     precision_recall,
     read_adm_reference_batch,
     save_features,
 )
+from nativetok_jax.evaluation.rate_distortion import PROTOCOL as RATE_DISTORTION_PROTOCOL  # noqa: E402
 from nativetok_jax.evaluation.ssim import K1, K2, SIGMA, WIN_SIZE  # noqa: E402
 from nativetok_jax.evaluation.tokenizer_metrics import (  # noqa: E402
     evaluate_tokenizer,
@@ -97,7 +102,8 @@ flags.DEFINE_string("reference_batch", None, "With --samples: ADM's reference ba
                     "sigma): its statistics become --reference_stats, its images the real features.",
                     flag_values=FLAGS)
 flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=FLAGS)
-flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 4, 16, ... tokens) and plot it.",
+flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 2, 4, ... tokens) and plot it, "
+                  "with the rate-distortion curve beside the same-bits thumbnail.",
                   flag_values=FLAGS)
 flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
@@ -273,6 +279,7 @@ def run_evaluation(
         **(dvae_protocol(tokenizer) if is_dvae else {
             "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
             "num_tokens": tokenizer.num_tokens, "codebook_size": tokenizer.codebook_size,
+            **({"rate_distortion": RATE_DISTORTION_PROTOCOL} if prefix else {}),
             "codebook": "usage: distinct codes over all images' tokens / codebook size; perplexity: exp(entropy) "
                         "of that code histogram"}),
         "psnr": "per image (MSE over pixels and channels, peak 255), averaged over images",
@@ -335,7 +342,9 @@ def run_evaluation(
     if prefix:
         plot_path = out.removesuffix(".json") + ".png"
         plot_prefix_curves(metrics["prefix"], plot_path)
-        logging.info("wrote %s and the plot %s", out, plot_path)
+        rate_distortion_path = out.removesuffix(".json") + "_rate_distortion.png"
+        plot_rate_distortion(metrics["rate_distortion"], rate_distortion_path)
+        logging.info("wrote %s and the plots %s, %s", out, plot_path, rate_distortion_path)
     else:
         logging.info("wrote %s (no prefix curves, so no plot)", out)
     return report
@@ -517,10 +526,16 @@ def main(argv: list[str]) -> None:
     if "fine_fraction" in report:  # a Dynamic VAE
         grains = ", ".join(f"{g} regions {report[f'psnr_{g}']:.2f} dB" for g in ("fine", "coarse")
                            if report[f"psnr_{g}"] is not None)
-        print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB ({grains}), SSIM {report['ssim']:.4f}"
-              f"{extras}, fine fraction {report['fine_fraction']:.3f}; wrote {FLAGS.out}")
+        print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB ({grains}; block means of its routing "
+              f"{report['block_mean_psnr']:.2f} dB at {report['codes_per_image']:.1f} codes per image), "
+              f"SSIM {report['ssim']:.4f}{extras}, fine fraction {report['fine_fraction']:.3f}; wrote {FLAGS.out}")
         return
-    print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{extras}, "
+    versus = ""
+    if "rate_distortion" in report:  # the no-model codecs at all tokens' bits
+        whole = report["rate_distortion"][-1]
+        versus = (f" (at the same {whole['bits']:g} bits {whole['same_bits_codec']} {whole['thumbnail_psnr']:.2f} dB, "
+                  f"mean colour {whole['mean_colour_psnr']:.2f} dB)")
+    print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB{versus}, SSIM {report['ssim']:.4f}{extras}, "
           f"codebook usage {report['codebook_usage']:.3f}, perplexity {report['perplexity']:.1f}; "
           f"wrote {FLAGS.out}")
 

@@ -99,8 +99,9 @@ def main(argv: list[str]) -> None:
               f"nats/region after {summary['step']} steps; samples with grain maps in {FLAGS.workdir}/images")
         return
     if task == "dvae":
-        print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB, fine fraction "
-              f"{summary['train_fine_fraction']:.3f} on training crops, latent scale {summary['latent_scale']:.4f}; "
+        print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB (block means of its "
+              f"routing {summary['block_mean_psnr']:.2f} dB at the same {summary['codes_per_image']:.1f} codes), "
+              f"fine fraction {summary['train_fine_fraction']:.3f} on training crops, latent scale {summary['latent_scale']:.4f}; "
               f"outputs in {FLAGS.workdir}")
         return
     if generator:

@@ -34,12 +34,13 @@ from nativetok_jax.pretrained.proxy import load_proxy_decoder
 ProxyDecoder = nnx.Module
 
 
-def preview_lengths(num_tokens: int) -> list[int]:
-    """Prefix lengths for coarse-to-fine previews: 1, 4, 16, 64, ... and finally ``num_tokens``."""
+def preview_lengths(num_tokens: int, ratio: int = 4) -> list[int]:
+    """Prefix lengths for coarse-to-fine previews: 1, 4, 16, 64, ... and finally ``num_tokens``
+    (``ratio=2``: 1, 2, 4, ..., the lengths of the rate-distortion curve)."""
     lengths, k = [], 1
     while k < num_tokens:
         lengths.append(k)
-        k *= 4
+        k *= ratio
     return lengths + [num_tokens]
 
 

@@ -69,6 +69,9 @@ def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     assert report["num_images"] == 4 and np.isfinite(report["psnr"]) and 0 < report["ssim"] <= 1
     assert 0 <= report["fine_fraction"] <= 1 and set(report["fine_fraction_per_class"]) == {"0"}
     assert {"psnr_fine", "psnr_coarse"} <= set(report) and "codebook_usage" not in report
+    # Beside the block means of its own routing: 16 regions of 4 px, a fine one 2 x 2 codes, a coarse one 1.
+    assert np.isfinite(report["block_mean_psnr"]) and 0 < report["block_mean_ssim"] <= 1
+    assert report["codes_per_image"] == pytest.approx(16 * (1 + 3 * report["fine_fraction"]))
     protocol = report["protocol"]
     assert protocol["routing"]["mode"] == "random" and protocol["latent_scale"] == dvae.latent_scale
     assert json.loads(open(out).read())["psnr"] == report["psnr"]
@@ -200,6 +203,11 @@ def test_the_routing_experiment_reports_every_arm(tmp_path):
     floats = {arm: row["latent_floats_per_image"] for arm, row in report["arms"].items()}
     assert floats["single_grain"] == 16 * 10 and floats["fine"] == 16 * 4 * 4 and floats["coarse"] == 16 * 4
     assert set(report["model_free"]["arms"]) == {"entropy", "random", "fine", "coarse"}
+    # Each trained arm beside the block means of its own routing: the model-free arms' figures for
+    # the routings they share (the entropy arm routes as the entropy router, single_grain all coarse).
+    free = report["model_free"]["arms"]
+    for arm, model_free in (("entropy", "entropy"), ("fine", "fine"), ("coarse", "coarse"), ("single_grain", "coarse")):
+        assert report["arms"][arm]["block_mean_psnr"] == pytest.approx(free[model_free]["psnr"], abs=1e-4), arm
     saved = json.loads(open(tmp_path / "experiment" / "grain_routing.json").read())
     assert saved["arms"]["entropy"]["psnr"] == report["arms"]["entropy"]["psnr"]
     assert os.path.getsize(tmp_path / "experiment" / "grain_routing.png") > 0

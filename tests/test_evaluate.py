@@ -126,7 +126,7 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
         assert run_entry_point(*common, "--out", out, "--lpips", lpips) == 0
     assert f"wrote the reference statistics to {stats}" in caplog.text
     mu, sigma = fid.load_statistics(stats)
-    assert mu.shape == (2048,) and len(quick_frechet_distance) == 3  # one rFID per prefix length
+    assert mu.shape == (2048,) and len(quick_frechet_distance) == 4  # one rFID per prefix length
     for _, _, reference_mu, reference_sigma in quick_frechet_distance:
         np.testing.assert_array_equal(reference_mu, mu)
         np.testing.assert_array_equal(reference_sigma, sigma)
@@ -139,7 +139,7 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
     assert report["num_images"] == 4  # the held-out photographs
     assert 0 < report["codebook_usage"] <= 1 and report["perplexity"] >= 1
     rows = report["prefix"]
-    assert [row["num_tokens"] for row in rows] == preview_lengths(8) == [1, 4, 8]
+    assert [row["num_tokens"] for row in rows] == preview_lengths(8, ratio=2) == [1, 2, 4, 8]
     for row in rows:
         assert all(np.isfinite(row[key]) for key in REQUIRED), row
     assert {k: v for k, v in rows[-1].items() if k != "num_tokens"} == {
@@ -152,9 +152,21 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
     assert (protocol["inception"]["inception_score_splits"], protocol["inception"]["inception_score_split_size"]) == (4, 1)
     assert protocol["inception"]["warnings"][0].startswith("FID on 4 images (fewer than 2,048")
     assert "FID on 4 images" in caplog.text
-    with Image.open(str(tmp_path / "eval.png")) as plot:
-        plot.verify()
-        assert plot.format == "PNG" and min(plot.size) > 100
+    # The tokenizer as a codec: 64 codes (6 bits a token) give 6, 12, 24 and 48 bits.
+    codec = report["rate_distortion"]
+    assert [(row["tokens"], row["bits"]) for row in codec] == [(1, 6.0), (2, 12.0), (4, 24.0), (8, 48.0)]
+    assert [row["same_bits_codec"] for row in codec] == ["mean_colour_2bit", "mean_colour_4bit", "thumbnail_1x1",
+                                                         "thumbnail_1x1"]
+    for row, prefix in zip(codec, rows):
+        for key in ("psnr", "ssim", "lpips"):
+            assert row[key] == prefix[key], key
+        for key in ("thumbnail_psnr", "thumbnail_ssim", "thumbnail_lpips", "mean_colour_psnr", "thumbnail_side"):
+            assert np.isfinite(row[key]), (key, row)
+    assert protocol["rate_distortion"].startswith("bits = tokens x log2(codebook_size)")
+    for name in ("eval.png", "eval_rate_distortion.png"):
+        with Image.open(str(tmp_path / name)) as plot:
+            plot.verify()
+            assert plot.format == "PNG" and min(plot.size) > 100
 
     again = str(tmp_path / "again.json")
     caplog.clear()
@@ -166,7 +178,8 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
         second = json.load(f)
     assert second["protocol"]["inception"]["reference_stats"]["action"] == "read"
     assert second["rfid"] == pytest.approx(report["rfid"], rel=1e-6)
-    assert "prefix" not in second and "lpips" not in second and not os.path.exists(str(tmp_path / "again.png"))
+    assert "prefix" not in second and "rate_distortion" not in second and "lpips" not in second
+    assert not any(os.path.exists(str(tmp_path / name)) for name in ("again.png", "again_rate_distortion.png"))
 
 
 def test_folder_images_are_centre_cropped_padded_to_the_batch_and_unreadable_ones_skipped(workdir, tmp_path):

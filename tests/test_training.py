@@ -79,12 +79,20 @@ def test_trainer_writes_its_outputs_and_the_tokenizer_loads_them(tmp_path):
     config = train_config(num_steps=6, eval_every=3, quantizer_warmup_steps=3)
     summary = train_and_evaluate(config, workdir)
     assert summary["step"] == 6 and np.isfinite(summary["psnr"])
-    assert {"baseline_psnr_mean_colour", "psnr_first_1", "psnr_first_8"} <= set(summary)
+    assert {"baseline_psnr_mean_colour", "baseline_psnr_thumbnail_1x1", "psnr_first_1", "psnr_first_2",
+            "psnr_first_8"} <= set(summary)
     files = set(os.listdir(workdir))
     assert {"config.json", "eval.json", "checkpoints", "images"} <= files
     assert any(name.startswith("events.out.tfevents") for name in files)
-    assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstructions_0000003.png",
-                                                                    "reconstructions_0000006.png"]
+    assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
+        "rate_distortion_0000003.png", "rate_distortion_0000006.png",
+        "reconstructions_0000003.png", "reconstructions_0000006.png"]
+    with open(os.path.join(workdir, "eval.json")) as f:
+        codec = json.load(f)["rate_distortion"]  # 8 tokens of 64 codes: 6 bits each
+    assert [(row["tokens"], row["bits"]) for row in codec] == [(1, 6.0), (2, 12.0), (4, 24.0), (8, 48.0)]
+    assert [row["psnr"] for row in codec] == [summary[f"psnr_first_{k}"] for k in (1, 2, 4, 8)]
+    assert codec[-1]["thumbnail_psnr"] == summary["baseline_psnr_thumbnail_1x1"]
+    assert codec[-1]["mean_colour_psnr"] == summary["baseline_psnr_mean_colour"]
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [4, 6]
 
     tokenizer = Tokenizer.from_checkpoint(workdir)

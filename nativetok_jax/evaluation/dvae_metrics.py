@@ -8,7 +8,13 @@ rFID and Inception Score from pool3 features). What is particular to the DVAE:
 - ``psnr_fine`` / ``psnr_coarse``: ``10 log10(255^2 / MSE)`` with the MSE pooled over every pixel
   and channel of the regions routed fine (coarse) in the whole set (a per-image average would
   drop the images with no region of that grain and weigh a single region like a whole image);
-- ``fine_fraction``: routed-fine regions / all regions; ``fine_fraction_per_class`` by label.
+- ``fine_fraction``: routed-fine regions / all regions; ``fine_fraction_per_class`` by label;
+- ``block_mean_psnr`` (``_ssim``, ``_lpips``, ``_psnr_fine``, ``_psnr_coarse``): the model-free
+  codec of the DVAE's *own* routing at the same number of codes
+  (:func:`nativetok_jax.evaluation.block_mean_routing.routed_block_means`): each region routed to
+  a grain rebuilt from that grain's block means (one rounded RGB mean per f x f block, f the
+  grain's factor, where the DVAE holds one latent), measured as the DVAE is; ``codes_per_image``
+  counts those codes (each coarse code once).
 
 Batches are padded to the first batch's size (repeating the last image, the copies dropped from
 every sum), so each jitted function compiles once.
@@ -21,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from nativetok_jax.evaluation.block_mean_routing import routed_block_means
 from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
 from nativetok_jax.evaluation.metrics import psnr_of_squared_error
 from nativetok_jax.evaluation.ssim import WIN_SIZE
@@ -32,6 +39,7 @@ from nativetok_jax.evaluation.tokenizer_metrics import (
     inception_outputs_fn,
     inception_score_splits,
 )
+from nativetok_jax.models import grain
 
 COARSE_SHADE = 0.3  # how dark coarse regions are drawn in grain-map pictures
 
@@ -73,7 +81,9 @@ def evaluate_dvae(
     Returns ``(metrics, reference)``: ``psnr``, ``ssim`` (images of at least 11 px), ``lpips`` (with
     an LPIPS module), ``rfid``, ``inception_score``, ``inception_score_std`` (with an Inception
     module), ``psnr_fine``, ``psnr_coarse`` (None when no region had that grain), ``fine_fraction``,
-    ``fine_fraction_per_class`` and ``num_images``. rFID uses ``reference`` when given, else the
+    ``fine_fraction_per_class``, the block means of its own routing (``block_mean_psnr``,
+    ``block_mean_ssim``, ``block_mean_lpips`` with LPIPS, ``block_mean_psnr_fine``,
+    ``block_mean_psnr_coarse``), ``codes_per_image`` and ``num_images``. rFID uses ``reference`` when given, else the
     originals' own statistics (returned). ``shown`` receives three rows: originals,
     reconstructions, grain maps. ``seed`` drives random routing. Raises ``ValueError`` for no
     images or fewer than 2 with Inception.
@@ -85,6 +95,10 @@ def evaluate_dvae(
     logits: list[np.ndarray] = []
     sums: dict[str, float] = {}
     regions = {"fine": [0.0, 0], "coarse": [0.0, 0]}
+    block_sums: dict[str, float] = {}
+    block_regions = {"fine": [0.0, 0], "coarse": [0.0, 0]}
+    codes = 0.0
+    factors = dvae.router.factors
     fine_by_class: dict[int, list[int]] = {}
     shown_parts: list[list[np.ndarray]] = [[], [], []]
     num_images, padded_size = 0, None
@@ -102,6 +116,13 @@ def evaluate_dvae(
         for name, (error, values) in region_squared_errors(images, reconstructions[:count], grains[:count]).items():
             regions[name][0] += error
             regions[name][1] += values
+        block_means = routed_block_means(padded, grains, factors)  # the model-free codec of this routing
+        for name, values in pair_metrics(padded, block_means).items():
+            block_sums[name] = block_sums.get(name, 0.0) + float(np.sum(values[:count], dtype=np.float64))
+        for name, (error, values) in region_squared_errors(images, block_means[:count], grains[:count]).items():
+            block_regions[name][0] += error
+            block_regions[name][1] += values
+        codes += float(np.sum(np.asarray(grain.code_weights(grains[:count], factors)), dtype=np.float64))
         for label, grain_map in zip(np.asarray(labels)[:count], grains[:count]):
             totals = fine_by_class.setdefault(int(label), [0, 0])
             totals[0] += int(np.sum(grain_map > 0))
@@ -126,6 +147,10 @@ def evaluate_dvae(
     fine = sum(v[0] for v in fine_by_class.values())
     metrics["fine_fraction"] = fine / sum(v[1] for v in fine_by_class.values())
     metrics["fine_fraction_per_class"] = {str(k): v[0] / v[1] for k, v in sorted(fine_by_class.items())}
+    metrics.update({f"block_mean_{name}": block_sums[name] / num_images for name in PAIR_METRICS if name in block_sums})
+    metrics.update({f"block_mean_psnr_{name}": psnr_of_squared_error(*totals)
+                    for name, totals in block_regions.items()})
+    metrics["codes_per_image"] = codes / num_images
     if inception is not None:
         if originals_features is not None:
             reference = (originals_features.mu, originals_features.sigma)
@@ -151,4 +176,9 @@ def dvae_protocol(dvae: Any) -> dict[str, Any]:
         "psnr_by_grain": "10 log10(255^2 / MSE), MSE pooled over every pixel and channel of the regions routed "
                          "fine (coarse) in the whole set; null when no region had that grain",
         "fine_fraction": "regions routed fine / all regions; per class by label",
+        "block_mean": (f"the model-free codec of the same routing at the same number of codes: each region rebuilt "
+                       f"from its grain's block means (the rounded mean colour of every f x f block, f = "
+                       f"{config.coarse_factor} coarse, {config.fine_factor} fine; 3 uint8 values per code where the "
+                       f"DVAE holds {config.latent_channels} floats), measured as the DVAE; codes_per_image counts "
+                       f"each coarse code once"),
     }

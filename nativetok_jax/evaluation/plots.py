@@ -2,6 +2,8 @@
 no pyplot state), Markdown tables as text.
 
 - :func:`plot_prefix_curves`: a tokenizer's metrics against the number of tokens decoded;
+- :func:`plot_rate_distortion`: the tokenizer as a codec, its PSNR (and SSIM) against the bits
+  its token prefixes carry, beside the same-bits thumbnail and the mean colour;
 - :func:`plot_by_position`: a per-position curve (e.g. held-out NLL) for any number of arms,
   with a band of +- one standard deviation over seeds;
 - :func:`plot_contrasts`: paired differences with their confidence intervals and a zero line
@@ -42,7 +44,7 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
     """Writes a PNG to ``path`` (local or a URL) with one panel per metric against the number of tokens decoded.
 
     ``prefix_rows`` are ``{"num_tokens": k, "<metric>": value, ...}``, one per prefix length (the
-    ``prefix`` list of the evaluation JSON). The x axis is log2, as the lengths grow 1, 4, 16, ...
+    ``prefix`` list of the evaluation JSON). The x axis is log2, as the lengths grow 1, 2, 4, ...
     A ``<metric>_std`` entry is drawn as error bars on ``<metric>`` rather than as its own panel.
     """
     if not prefix_rows:
@@ -71,6 +73,48 @@ def plot_prefix_curves(prefix_rows: Sequence[Mapping[str, Any]], path: storage.P
         axes.set_title(TITLES.get(metric, metric), fontsize=10)
         axes.grid(True, alpha=0.3)
     save_figure(figure, path, dpi=100)
+
+
+def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: storage.PathLike) -> Figure:
+    """Writes a PNG of PSNR (and SSIM, when the rows hold it) against bits, and returns the figure.
+
+    ``rows`` are the evaluation JSON's ``rate_distortion`` list (``tokens``, ``bits``, ``psnr``,
+    ``thumbnail_side``, ``thumbnail_bits_per_channel``, ``thumbnail_psnr``, ``mean_colour_psnr``,
+    ``ssim`` ...). One line is the tokenizer's prefix decoder, one the same-bits no-model codec
+    (each point labelled with its thumbnail side, or its bits per channel under 24 bits), and a
+    dashed level the mean colour. The x axis is log2 bits, each tick labelled with its tokens.
+
+    Raises:
+      ValueError: if there is no row.
+    """
+    if not rows:
+        raise ValueError("plot_rate_distortion needs at least one row")
+    rows = sorted(rows, key=lambda row: row["bits"])
+    metrics = [m for m in ("psnr", "ssim") if all(m in row and f"thumbnail_{m}" in row for row in rows)]
+    figure = new_figure(5.0 * len(metrics), 3.8)
+    bits = [row["bits"] for row in rows]
+    for index, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), index + 1)
+        axes.plot(bits, [row[metric] for row in rows], marker="o", label="tokenizer (first k tokens)")
+        axes.plot(bits, [row[f"thumbnail_{metric}"] for row in rows], marker="s", label="same-bits thumbnail")
+        for row in rows:
+            side = row["thumbnail_side"]
+            label = (f"{side}x{side}" if row["thumbnail_bits_per_channel"] == 8
+                     else f"mean, {row['thumbnail_bits_per_channel']} bit/ch")
+            axes.annotate(label, (row["bits"], row[f"thumbnail_{metric}"]), xytext=(0, -12),
+                          textcoords="offset points", ha="center", fontsize=7)
+        if f"mean_colour_{metric}" in rows[0]:
+            axes.axhline(rows[0][f"mean_colour_{metric}"], color="grey", linestyle="--",
+                         label="mean colour (24 bits)")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(bits, [f"{b:g}\n({row['tokens']})" for b, row in zip(bits, rows)])
+        axes.set_xticks([], minor=True)
+        axes.set_xlabel("bits per image (tokens)")
+        axes.set_title(TITLES.get(metric, metric), fontsize=10)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
+    save_figure(figure, path, dpi=100)
+    return figure
 
 
 def plot_by_position(

@@ -17,9 +17,11 @@ def evaluate_reconstruction(
 
     ``images``: uint8 ``[N, S, S, 3]`` at the tokenizer's image size. Returns ``(metrics,
     rows)``: ``metrics`` has ``psnr`` (all tokens; per image, averaged over images),
-    ``psnr_first_{k}`` for every preview length k, ``ssim`` (images of at least 11 px),
-    ``codebook_usage`` and ``perplexity`` (of all the set's ids); ``rows`` are the first
-    ``num_shown`` inputs and their reconstructions from each preview length.
+    ``psnr_first_{k}`` for every prefix length k (1, 2, 4, ..., L), ``ssim`` (images of at least
+    11 px), ``codebook_usage`` and ``perplexity`` (of all the set's ids), and ``rate_distortion``
+    (a list of rows: every length's bits and figures beside the same-bits thumbnail and the mean
+    colour, :mod:`nativetok_jax.evaluation.rate_distortion`); ``rows`` are the first ``num_shown``
+    inputs and their reconstructions from each preview length (1, 4, 16, ..., L).
     """
     rows: list[np.ndarray] = []
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))

@@ -1,7 +1,7 @@
 """A tokenizer's reconstruction quality over a whole image set, from all tokens and from prefixes.
 
 One pass over the images: each batch is encoded once and decoded from the first k tokens for
-every preview length k (1, 4, 16, ..., L), and every reconstruction is compared with its
+every prefix length k (1, 2, 4, ..., L), and every reconstruction is compared with its
 original. Per length:
 
 - ``psnr``: per image (MSE over pixels and channels, peak 255), averaged over images;
@@ -13,6 +13,10 @@ original. Per length:
 - ``rfid``: Frechet distance between the Inception features of the reconstructions and of the
   originals (or given reference statistics), and ``inception_score`` (``_std`` over its splits)
   of the reconstructions (with an Inception module).
+
+With the prefixes comes the rate-distortion curve (:mod:`nativetok_jax.evaluation.rate_distortion`):
+every length's bits (``k log2(codebook_size)``) and the model's figures beside the no-model
+codecs that spend as many bits, measured in the same pass by the same metric functions.
 
 Images stay uint8 until the metrics read them. Every batch is padded to the first batch's size
 (repeating its last image; the copies are dropped from every sum), so each jitted function
@@ -33,6 +37,7 @@ from flax import nnx
 
 from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
 from nativetok_jax.evaluation.metrics import psnr_per_image
+from nativetok_jax.evaluation.rate_distortion import SameBitsTotals
 from nativetok_jax.evaluation.ssim import WIN_SIZE, ssim
 from nativetok_jax.models.inception import FEATURE_DIM, InceptionV3
 from nativetok_jax.models.lpips import LPIPS
@@ -152,9 +157,11 @@ def evaluate_tokenizer(
     ``prefix``, a ``prefix`` list with ``num_tokens`` and the same metrics for every preview length
     (the last is the full length). rFID compares the reconstructions with ``reference`` statistics
     when given, else with the originals' own, computed in the same pass and returned as
-    ``reference`` (``None`` without Inception) so that they can be saved and reused. ``shown``, a
-    list, receives rows for a picture: the first ``num_shown`` originals, then their
-    reconstructions from each length. Raises ``ValueError`` for no images, fewer than 2
+    ``reference`` (``None`` without Inception) so that they can be saved and reused. With
+    ``prefix``, ``rate_distortion`` rows (:meth:`SameBitsTotals.rows`) put each length's bits and
+    figures beside the same-bits thumbnail and the mean colour. ``shown``, a list, receives rows
+    for a picture: the first ``num_shown`` originals, then their reconstructions from each preview
+    length (1, 4, 16, ..., L). Raises ``ValueError`` for no images, fewer than 2
     with Inception, or reference statistics of the wrong size.
     """
     if reference is not None:
@@ -164,14 +171,16 @@ def evaluate_tokenizer(
             raise ValueError(f"reference statistics have {np.shape(reference[0])} means; the Inception "
                              f"features have {FEATURE_DIM} dimensions")
     num_tokens = tokenizer.num_tokens
-    lengths = preview_lengths(num_tokens) if prefix else [num_tokens]
+    lengths = preview_lengths(num_tokens, ratio=2) if prefix else [num_tokens]
+    pictured = [k for k in lengths if k in preview_lengths(num_tokens)]
+    same_bits = SameBitsTotals(lengths, tokenizer.codebook_size) if prefix else None
     pair_metrics = _pair_metrics_fn(lpips, with_ssim=tokenizer.image_size >= WIN_SIZE)
     inception_outputs = inception_outputs_fn(inception) if inception is not None else None
     originals_features = FeatureStatistics() if inception is not None and reference is None else None
     totals = {k: _PrefixTotals(k, inception is not None) for k in lengths}
     code_counts = np.zeros((num_tokens, tokenizer.codebook_size), np.int64)  # per token position
     num_images, padded_size = 0, None
-    shown_parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(lengths))]
+    shown_parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(pictured))]
 
     for batch_index, batch in enumerate(batches):
         batch = np.asarray(batch)
@@ -185,10 +194,12 @@ def evaluate_tokenizer(
         take = min(count, num_shown - num_images) if shown is not None else 0
         if take > 0:
             shown_parts[0].append(batch[:take])
-        for row, k in enumerate(lengths, start=1):
+        if same_bits is not None:
+            same_bits.add(images, count, pair_metrics)
+        for k in lengths:
             reconstructions = np.asarray(tokenizer.decode(ids[:, :k]))
-            if take > 0:
-                shown_parts[row].append(reconstructions[:take])
+            if take > 0 and k in pictured:  # the picture's rows: the preview lengths 1, 4, 16, ...
+                shown_parts[1 + pictured.index(k)].append(reconstructions[:take])
             totals[k].add(pair_metrics(images, reconstructions), count)
             if inception_outputs is not None:
                 totals[k].add_inception(*inception_outputs(reconstructions), count)
@@ -209,6 +220,7 @@ def evaluate_tokenizer(
     metrics["num_images"] = num_images
     if prefix:
         metrics["prefix"] = rows
+        metrics["rate_distortion"] = same_bits.rows(rows, num_images)
     return metrics, reference
 
 

@@ -13,7 +13,8 @@ at equal steps, batch and seed, five Dynamic VAEs from one config (``DIR/<arm>``
 Each is judged on the same held-out images with its posterior mean: PSNR over all pixels (MSE
 pooled over the set), PSNR over the regions it routed fine and coarse, and PSNR over the regions
 the *entropy* router calls fine and coarse (the same pixels for every arm, so the arms compare
-there directly). Beside them, the model-free version (block means at the two grains, routed by
+there directly), and the block means of its own routing (``block_mean_psnr``: does the trained
+arm beat the model-free codec of the same routing?). Beside them, the model-free version (block means at the two grains, routed by
 entropy versus at random: :mod:`nativetok_jax.evaluation.block_mean_routing`), which runs in
 seconds. Writes ``DIR/grain_routing.json`` and ``DIR/grain_routing.png``; reports whatever it
 measures. The default config (``configs/grain_routing.py``) is the demo DVAE with a short
@@ -115,23 +116,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0) -> dict
 
 
 def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, batch_size: int = 64) -> dict[str, Any]:
-    """One arm's held-out PSNRs, its fine fraction and latent floats per image.
+    """One arm's held-out PSNRs, its fine fraction and latent floats per image, and
+    ``block_mean_psnr``: the block means of the arm's own routing (the codec with no model).
 
     ``psnr`` is the project's one PSNR, the mean over images (``evaluation.metrics.psnr``, as the
     trainer's evaluation reports it); the region PSNRs pool the squared error over the regions'
     pixels of the whole set, since an image may have no region of a grain.
     """
+    from nativetok_jax.evaluation.block_mean_routing import routed_block_means
     from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
     from nativetok_jax.evaluation.metrics import psnr_of_squared_error, psnr_per_image
     from nativetok_jax.models import grain
 
     totals = {name: [0.0, 0] for name in ("fine", "coarse", "entropy_fine", "entropy_coarse")}
-    fine, floats, per_image = [], [], []
+    fine, floats, per_image, block_means = [], [], [], []
     for index in range(0, len(images), batch_size):
         batch = images[index:index + batch_size]
         latents, grains = dvae.encode(batch, seed=seed + index)
         rebuilt, grains = np.asarray(dvae.decode(latents, grains)), np.asarray(grains)
         per_image.append(np.asarray(psnr_per_image(batch, rebuilt), np.float64))
+        # The model-free codec of the arm's own routing, at the same codes: is the training worth it?
+        block_means.append(np.asarray(psnr_per_image(batch, routed_block_means(batch, grains, dvae.router.factors)),
+                                      np.float64))
         for prefix, routed in (("", grains), ("entropy_", entropy_grains[index:index + batch_size])):
             for name, (error, count) in region_squared_errors(batch, rebuilt, routed).items():
                 totals[prefix + name][0] += error
@@ -139,6 +145,7 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
         fine.append(grains.mean())
         floats.append(np.asarray(grain.code_weights(grains, (2, 1))).sum(axis=(1, 2)) * dvae.latent_shape[-1])
     return {"psnr": float(np.concatenate(per_image).mean()),
+            "block_mean_psnr": float(np.concatenate(block_means).mean()),
             **{f"psnr_{name}_regions": psnr_of_squared_error(*value) for name, value in totals.items()},
             "fine_fraction": float(np.mean(fine)), "latent_floats_per_image": float(np.concatenate(floats).mean()),
             "latent_scale": dvae.latent_scale}
@@ -191,11 +198,11 @@ def table(report: dict[str, Any]) -> str:
         return f"{value:8.2f}" if value is not None else f"{'-':>8s}"
 
     lines = [f"{'arm':13s} {'PSNR':>8s} {'own fine':>8s} {'own crs':>8s} {'ent fine':>8s} {'ent crs':>8s} "
-             f"{'fine %':>6s} {'floats':>7s}"]
-    for arm, r in report["arms"].items():
+             f"{'fine %':>6s} {'floats':>7s} {'blk mean':>8s}"]
+    for arm, r in report["arms"].items():  # blk mean: block means of the arm's own routing
         lines.append(f"{arm:13s} {db(r['psnr'])} {db(r['psnr_fine_regions'])} {db(r['psnr_coarse_regions'])} "
                      f"{db(r['psnr_entropy_fine_regions'])} {db(r['psnr_entropy_coarse_regions'])} "
-                     f"{100 * r['fine_fraction']:6.1f} {r['latent_floats_per_image']:7.0f}")
+                     f"{100 * r['fine_fraction']:6.1f} {r['latent_floats_per_image']:7.0f} {db(r['block_mean_psnr'])}")
     lines.append("model-free (block means):")
     for arm, r in report["model_free"]["arms"].items():
         lines.append(f"{arm:13s} {db(r['psnr'])} {db(r['psnr_fine_regions'])} {db(r['psnr_coarse_regions'])} "

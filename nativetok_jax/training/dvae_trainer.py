@@ -155,7 +155,8 @@ def estimate_latent_scale(dvae: DVAE, batches: Any, num_batches: int, seed: int)
 
 def _evaluate(evaluator: DVAE, state: TrainState, images: np.ndarray, step: int, outputs: loop.Outputs,
               seed: int) -> dict[str, Any]:
-    """Held-out quality (EMA weights when kept): PSNR overall and per grain, fine fraction; grids."""
+    """Held-out quality (EMA weights when kept): PSNR overall and per grain, fine fraction, and the
+    block means of the model's own routing at the same number of codes (``block_mean_psnr``); grids."""
     dvae = evaluator.with_params(state["ema"] or state["params"])
     rows: list[np.ndarray] = []
     batch = min(len(images), 64)
@@ -163,8 +164,10 @@ def _evaluate(evaluator: DVAE, state: TrainState, images: np.ndarray, step: int,
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)}
     outputs.scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // dvae.image_size))
-    logging.info("step %d: held-out PSNR %.2f dB (fine regions %s, coarse %s), fine fraction %.3f", step,
-                 metrics["psnr"], _db(metrics["psnr_fine"]), _db(metrics["psnr_coarse"]), metrics["fine_fraction"])
+    logging.info("step %d: held-out PSNR %.2f dB (fine regions %s, coarse %s), fine fraction %.3f; block means of "
+                 "its routing %.2f dB at %.1f codes per image", step, metrics["psnr"], _db(metrics["psnr_fine"]),
+                 _db(metrics["psnr_coarse"]), metrics["fine_fraction"], metrics["block_mean_psnr"],
+                 metrics["codes_per_image"])
     return metrics
 
 

@@ -80,10 +80,19 @@ class Outputs:
         image to TensorBoard."""
         if jax.process_index() != 0:
             return
+        image = save_grid(str(self._image_path(name, step)), rows, upscale=upscale)
+        self.writer.write_images(step, {name: image[None]})
+
+    def plot(self, name: str, step: int, draw: Callable[[epath.Path], Any]) -> None:
+        """Calls ``draw(path)`` (e.g. a function of :mod:`nativetok_jax.evaluation.plots`) with
+        ``images/<name>_<step>.png``, beside the grids."""
+        if jax.process_index() == 0:
+            draw(self._image_path(name, step))
+
+    def _image_path(self, name: str, step: int) -> epath.Path:
         directory = self.workdir / "images"
         directory.mkdir(parents=True, exist_ok=True)
-        image = save_grid(str(directory / f"{name}_{step:07d}.png"), rows, upscale=upscale)
-        self.writer.write_images(step, {name: image[None]})
+        return directory / f"{name}_{step:07d}.png"
 
 
 @dataclasses.dataclass

@@ -26,7 +26,8 @@ from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import open_sources
-from nativetok_jax.evaluation.baselines import baseline_psnrs
+from nativetok_jax.evaluation.plots import plot_rate_distortion
+from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
@@ -183,14 +184,18 @@ def _evaluate(
     step: int,
     outputs: loop.Outputs,
 ) -> dict[str, float]:
-    """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines."""
+    """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines: the
+    same-bits thumbnail and the mean colour at every prefix length (``rate_distortion``, plotted to
+    ``images/rate_distortion_<step>.png``), and at all tokens as ``baseline_psnr_<codec>``."""
     weights = state["ema"] if state["ema"] else state["params"]
     tokenizer = evaluator.with_params(weights)
     metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=min(len(images), 64))
-    baselines = baseline_psnrs(images, config.model.num_tokens, config.model.quantizer.codebook_size)
+    whole = metrics["rate_distortion"][-1]  # all tokens
+    baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
-    outputs.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    outputs.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if k != "rate_distortion"})
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // config.model.image_size))
+    outputs.plot("rate_distortion", step, lambda path: plot_rate_distortion(metrics["rate_distortion"], path))
     logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],
                  {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")},
                  {k: round(v, 2) for k, v in baselines.items()})

@@ -1,0 +1,79 @@
+"""The tokenizer as a codec: the prefix decoder's rate-distortion curve beside no-model codecs
+that spend the same bits.
+
+A tokenizer's first k ids carry ``bits = k * log2(codebook_size)`` (a fixed-length code; an
+entropy coder could spend fewer). At each k = 1, 2, 4, ..., L the curve holds the prefix
+decoder's PSNR and SSIM (and LPIPS) next to
+
+- the same-bits thumbnail (:func:`nativetok_jax.evaluation.baselines.same_bits_codec`): the
+  largest ``s x s`` RGB thumbnail at 8 bits per value with ``24 s^2 <= bits``, enlarged
+  bicubically; under 24 bits, the mean colour quantised to ``floor(bits / 3)`` bits per channel;
+- the mean colour at 8 bits per channel (24 bits, whatever the row's budget): what a decoder that
+  ignores its tokens can reach.
+
+Every metric is per image and averaged over images, as the tokenizer's own
+(:mod:`nativetok_jax.evaluation.tokenizer_metrics` accumulates both in one pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from nativetok_jax.evaluation.baselines import mean_colour, same_bits_codec, token_bits
+
+MEAN_COLOUR = "mean_colour"
+PROTOCOL = ("bits = tokens x log2(codebook_size); thumbnail: the largest s x s RGB thumbnail at 8 bits per value "
+            "with 24 s^2 <= bits (PIL box downscaling, bicubic enlargement), under 24 bits the mean colour "
+            "quantised to floor(bits / 3) bits per channel (same_bits_codec says which); mean colour: each image's "
+            "mean colour at 8 bits per channel (24 bits at every row); metrics per image, averaged over images")
+
+PairMetrics = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+
+
+class SameBitsTotals:
+    """The no-model codecs' metric sums at the bit budget of every prefix length.
+
+    ``lengths``: the prefix lengths (tokens); ``codebook_size``: the tokenizer's. Each distinct
+    codec is run once per batch, however many lengths share it.
+    """
+
+    def __init__(self, lengths: Iterable[int], codebook_size: int):
+        self.codebook_size = codebook_size
+        self.codecs = {k: same_bits_codec(token_bits(k, codebook_size)) for k in lengths}
+        self.reconstruct: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+            codec.name: codec for codec in self.codecs.values()}
+        self.reconstruct[MEAN_COLOUR] = mean_colour
+        self.sums: dict[str, dict[str, float]] = {name: {} for name in self.reconstruct}
+
+    def add(self, images: np.ndarray, count: int, pair_metrics: PairMetrics) -> None:
+        """Adds the first ``count`` images of the uint8 batch ``images`` (padded past ``count``, so
+        ``pair_metrics(originals, reconstructions) -> {metric: [B]}`` keeps one compiled shape)."""
+        for name, codec in self.reconstruct.items():
+            for metric, values in pair_metrics(images, codec(images)).items():
+                totals = self.sums[name]
+                totals[metric] = totals.get(metric, 0.0) + float(np.sum(np.asarray(values)[:count], dtype=np.float64))
+
+    def rows(self, prefix_rows: Iterable[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
+        """One row per prefix length: ``tokens``, ``bits``, the model's ``psnr``, ``ssim`` (and
+        ``lpips``) from ``prefix_rows`` (the evaluation's ``prefix`` list), the same-bits codec
+        (``same_bits_codec``, its name; ``same_bits_codec_description``; ``thumbnail_side``,
+        ``thumbnail_bits``, ``thumbnail_bits_per_channel``)
+        and its ``thumbnail_<metric>``, and ``mean_colour_<metric>``."""
+        means = {name: {metric: total / num_images for metric, total in sums.items()}
+                 for name, sums in self.sums.items()}
+        rows = []
+        for prefix in prefix_rows:
+            k = prefix["num_tokens"]
+            codec = self.codecs[k]
+            row: dict[str, Any] = {"tokens": k, "bits": token_bits(k, self.codebook_size)}
+            row.update({metric: prefix[metric] for metric in ("psnr", "ssim", "lpips") if metric in prefix})
+            row.update(same_bits_codec=codec.name, same_bits_codec_description=codec.description,
+                       thumbnail_side=codec.side, thumbnail_bits=codec.bits,
+                       thumbnail_bits_per_channel=codec.bits_per_channel)
+            row.update({f"thumbnail_{metric}": value for metric, value in means[codec.name].items()})
+            row.update({f"{MEAN_COLOUR}_{metric}": value for metric, value in means[MEAN_COLOUR].items()})
+            rows.append(row)
+        return rows

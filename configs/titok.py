@@ -5,12 +5,12 @@ count; the default, 32, is TiTok-L-32.
     --config configs/titok.py        # TiTok-L-32
 """
 
-from nativetok_jax.config import base_config
+from nativetok_jax.config import base_config, config_choice
 
 
 def get_config(num_tokens: str | None = None):
     config = base_config()
     config.model.kind = "titok"
-    config.model.num_tokens = int(num_tokens or 32)
+    config.model.num_tokens = int(config_choice("configs/titok.py", num_tokens, ("32", "64", "128"), default="32"))
     config.model.encoder.update(width=1024, depth=24, num_heads=16)
     return config

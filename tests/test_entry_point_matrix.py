@@ -4,6 +4,7 @@ and what the command needs. One tiny run per kind for the module, every command 
 process through its own ``main`` (as ``python -m`` would, without the process start)."""
 
 import os
+import signal
 import sys
 from unittest import mock
 
@@ -175,3 +176,64 @@ def test_export_of_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys
     (workdir / "config.json").write_text(train_config().to_json_best_effort())
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"error: no checkpoints under {str(workdir)!r} or its training stages\n"
+
+
+# ----------------------------------------------------------------------------- the error boundary
+
+def test_a_bug_inside_evaluate_keeps_its_traceback_instead_of_blaming_the_data(runs, monkeypatch):
+    def shape_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (2,16) (2,8)")
+
+    monkeypatch.setattr(evaluate, "evaluate_tokenizer", shape_bug)
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        run_command(evaluate, ["--workdir", runs("tokenizer"), "--data", "photos", "--num_images", "2",
+                               "--out", "/nonexistent/eval.json"])
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def interrupt_at_step_2(monkeypatch, presses: int) -> None:
+    """Ctrl-C (SIGINT to this process) ``presses`` times just before the training loop's second step."""
+    from nativetok_jax.training import loop
+
+    real = loop.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def interrupted_step(state, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    sum(range(1000))  # the handler runs between two bytecodes, before the next press
+            return step(state, batch)
+
+        return interrupted_step
+
+    monkeypatch.setattr(loop, "make_train_step", make_train_step)
+
+
+def test_ctrl_c_saves_stops_and_prints_the_resume_line(runs, tmp_path, monkeypatch):
+    runs("tokenizer")  # compiled programs in the cache
+    workdir = str(tmp_path / "run")
+    interrupt_at_step_2(monkeypatch, presses=1)
+    code = train(conftest.write_config_file(tmp_path, "test_training.train_config"), workdir,
+                 "--config.train.num_steps=4", "--config.train.checkpoint_every=4")
+    assert code == (f"stopped: interrupted (Ctrl-C) at step 2; checkpoint saved in {workdir}/checkpoints; run the "
+                    "same command to resume")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the boundary put Python's back
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(runs, tmp_path, monkeypatch, capsys):
+    runs("tokenizer")
+    workdir = str(tmp_path / "run")
+    interrupt_at_step_2(monkeypatch, presses=2)
+    code = train(conftest.write_config_file(tmp_path, "test_training.train_config"), workdir,
+                 "--config.train.num_steps=4", "--config.train.checkpoint_every=4")
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "stopped: Ctrl-C twice, so without saving; the newest saved checkpoint is kept, run the same command to "
+        "resume from it")
+    assert not os.listdir(os.path.join(workdir, "checkpoints"))

@@ -37,6 +37,7 @@ from nativetok_jax.errors import UserError
 ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
 MAX_LISTED = 4
 # What each config.task is called in messages.
+GENERATOR_NAMES = {"ar": "AR", "maskgit": "MaskGIT"}
 TASK_NAMES = {"tokenizer": "tokenizer", "generator": "generator", "diffusion": "DiT", "dvae": "DVAE", "d2it": "D²iT"}
 
 
@@ -46,16 +47,17 @@ class WrongRunError(UserError):
 
 
 def describe_run(config: ml_collections.ConfigDict) -> str:
-    """``"an AR generator run (task 'generator')"``: what a run's config makes of its directory."""
-    task = config.get("task", "tokenizer")
+    """``"an AR generator run (task 'generator')"``, ``"an HNT tokenizer run (2 stages, task 'tokenizer')"``:
+    what a run's config makes of its directory."""
+    task, detail = config.get("task", "tokenizer"), ""
     if task == "generator":
-        what = f"{ {'ar': 'AR', 'maskgit': 'MaskGIT'}.get(config.generator.kind, config.generator.kind)} generator"
+        what = f"{GENERATOR_NAMES.get(config.generator.kind, config.generator.kind)} generator"
     elif task == "tokenizer" and (config.get("hnt", {}) or {}).get("stages"):
-        what = f"HNT tokenizer ({len(config.hnt.stages)} stages)"
+        what, detail = "HNT tokenizer", f"{len(config.hnt.stages)} stages, "
     else:
         what = TASK_NAMES.get(task, repr(task))
-    article = "an" if what[0] in "AEHIOU" or what.startswith(("a", "e", "i", "o", "u")) else "a"
-    return f"{article} {what} run (task {task!r})"
+    article = "an" if what[0] in "AEHIOU" else "a"  # "an AR", "an HNT", "a DiT"
+    return f"{article} {what} run ({detail}task {task!r})"
 
 
 def require_task(path: str | epath.PathLike, command: str, tasks: tuple[str, ...],

@@ -25,7 +25,7 @@ from test_training import train_config
 KINDS = ("tokenizer", "hnt", "ar", "maskgit", "dit", "dvae", "d2it")
 STEPS = ["--config.train.num_steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
 # What each kind's workdir is called in the refusals.
-WHAT = {"tokenizer": "a tokenizer run (task 'tokenizer')", "hnt": "an HNT tokenizer (2 stages) run (task 'tokenizer')",
+WHAT = {"tokenizer": "a tokenizer run (task 'tokenizer')", "hnt": "an HNT tokenizer run (2 stages, task 'tokenizer')",
         "ar": "an AR generator run (task 'generator')", "maskgit": "a MaskGIT generator run (task 'generator')",
         "dit": "a DiT run (task 'diffusion')", "dvae": "a DVAE run (task 'dvae')", "d2it": "a D²iT run (task 'd2it')"}
 LOADERS = {"tokenizer": Tokenizer, "hnt": Tokenizer, "ar": TrainedGenerator, "maskgit": TrainedGenerator,
@@ -140,7 +140,7 @@ def test_sample_draws_from_generators_and_diffusion_runs_and_refuses_the_rest_in
     if kind in ("ar", "maskgit", "dit", "d2it"):
         assert code == 0, code
         assert {"grid.png", "sample_00000.png", "sample_00001.png"} <= set(os.listdir(out))
-        assert capsys.readouterr().out.startswith(f"wrote 2 samples")
+        assert capsys.readouterr().out.startswith("wrote 2 samples")
         return
     assert code == (f"error: sample: {workdir} is {WHAT[kind]}; sample needs a generator, DiT or D²iT run (task "
                     "'generator', 'diffusion' or 'd2it'); a tokenizer or DVAE is judged with evaluate --workdir")

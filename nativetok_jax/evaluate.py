@@ -250,9 +250,9 @@ def run_evaluation(
         if path and not storage.path(path).is_file():
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
+    source = open_source(data, tfds_data_dir)
     is_dvae = require_task(workdir, "evaluate --workdir", ("tokenizer", "dvae"),
                            advice="judge a generator's images with sample, then evaluate --samples").get("task") == "dvae"
-    source = open_source(data, tfds_data_dir)
     check_loadable(workdir)
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
     tokenizer = (DVAE if is_dvae else Tokenizer).from_checkpoint(workdir, use_ema=use_ema)

@@ -103,3 +103,11 @@ def test_every_error_of_the_project_is_a_user_error_and_keeps_its_cause(tmp_path
     with pytest.raises(files.WeightsError) as error:
         files.load_weights(str(garbage))
     assert isinstance(error.value, errors.UserError) and error.value.__cause__ is not None
+
+
+def test_sample_labels_that_are_not_integers_are_one_line():
+    from nativetok_jax import sample
+
+    assert sample.parse_labels("0,3,1") == [0, 3, 1] and sample.parse_labels(None) is None
+    with pytest.raises(ConfigError, match=r"^--labels: expected comma-separated class ids such as 0,3,1, got 'a,b'$"):
+        sample.parse_labels("a,b")

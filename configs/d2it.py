@@ -48,11 +48,12 @@ separate embedding and output head for the fine regions would each fit). We keep
 budget so that D²iT and DiT compare at equal size; add blocks with ``model.refine_depth``.
 """
 
-from nativetok_jax.config import d2it_config
+from nativetok_jax.config import config_choice, d2it_config
 
 
-def get_config(arg: str = "B"):
-    config = d2it_config(arg or "B")
+def get_config(arg: str | None = None):
+    # No default: the argument picks the model's size.
+    config = d2it_config(config_choice("configs/d2it.py", arg, ("B", "L", "XL")))
     config.model.dtype = "bfloat16"
     return config
 

@@ -12,10 +12,11 @@ scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).
 
 import os
 
-from nativetok_jax.config import load_config_file, quantizer_warmup_steps
+from nativetok_jax.config import config_choice, load_config_file, quantizer_warmup_steps
 
 
-def get_config(kind: str = "nativetok"):
+def get_config(kind: str | None = None):
+    kind = config_choice("configs/demo_gan.py", kind, ("nativetok", "titok"), default="nativetok")  # the demo's
     config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     config.model.kind = kind
     if kind == "titok":  # the same latent width as the demo's experts

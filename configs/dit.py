@@ -3,6 +3,8 @@
     --config configs/dit.py:B         # DiT-B/2: 12 x 768, 12 heads, 130.5 M parameters
     --config configs/dit.py:XL/2      # DiT-XL/2: 28 x 1152, 16 heads, 675.1 M (FID 2.27 with guidance 1.5)
     --config configs/dit.py:S/8       # the smallest; sizes S, B, L, XL and patches 2, 4, 8
+
+The argument is required (SIZE alone means SIZE/2).
     --config.model.autoencoder.weights=sd_vae_ft_ema.npz
 
     python -m nativetok_jax.main --config configs/dit.py:B --workdir gs://bucket/dit_b2 \
@@ -22,11 +24,14 @@ respaced steps, guidance 1.5 on every channel (``model.sample.guided_channels=3`
 first-three-channels run exactly).
 """
 
-from nativetok_jax.config import dit_config
+from nativetok_jax.config import config_choice, dit_config
+
+CHOICES = ("S", "B", "L", "XL") + tuple(f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
 
 
-def get_config(arg: str = "B"):
-    size, _, patch = arg.partition("/")
-    config = dit_config(size or "B", int(patch or 2))
+def get_config(arg: str | None = None):
+    # No default: the argument picks the model's size (SIZE alone is SIZE/2).
+    size, _, patch = config_choice("configs/dit.py", arg, CHOICES).partition("/")
+    config = dit_config(size, int(patch or 2))
     config.model.dtype = "bfloat16"
     return config

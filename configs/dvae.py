@@ -32,10 +32,11 @@ Arguments: ``configs/dvae.py:ffhq`` reads a prepared TFDS ``ffhq`` (unconditiona
         --config.pretrained.lpips=weights/lpips.npz --workdir gs://...
 """
 
-from nativetok_jax.config import dvae_config
+from nativetok_jax.config import config_choice, dvae_config
 
 
-def get_config(arg: str = "imagenet"):
+def get_config(arg: str | None = None):
+    arg = config_choice("configs/dvae.py", arg, ("imagenet", "ffhq"), default="imagenet")  # documented default
     config = dvae_config()
     d = config.data
     d.source = "tfds"

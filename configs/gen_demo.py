@@ -14,10 +14,11 @@ classifier-free guidance uses).
 
 import os
 
-from nativetok_jax.config import generator_config, load_config_file
+from nativetok_jax.config import config_choice, generator_config, load_config_file
 
 
-def get_config(kind: str = "ar"):
+def get_config(kind: str | None = None):
+    kind = config_choice("configs/gen_demo.py", kind, ("ar", "maskgit"), default="ar")  # the demo's
     demo = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     config = generator_config()
     config.data = demo.data

@@ -10,18 +10,19 @@ class-label dropout 0.1, sampling with guidance; MaskGIT decodes in 8 steps with
 temperature 4.5. The training images are encoded once (centre crops with random flips).
 """
 
-from nativetok_jax.config import generator_config
+from nativetok_jax.config import config_choice, generator_config
 
 SIZES = {"B": (768, 12, 12), "L": (1024, 24, 16)}
 
 
-def get_config(arg: str = "ar,B"):
-    kind, _, size = arg.partition(",")
+def get_config(arg: str | None = None):
+    # No default: the argument picks the generator's kind and size.
+    kind, _, size = config_choice("configs/gen_imagenet.py", arg, ("ar,B", "ar,L", "maskgit")).partition(",")
     config = generator_config()
     g = config.generator
     g.kind = kind
     if kind == "ar":
-        g.width, g.depth, g.num_heads = SIZES[size or "B"]
+        g.width, g.depth, g.num_heads = SIZES[size]
         g.sample.update(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=2.0)
     else:
         g.width, g.depth, g.num_heads = 768, 24, 16

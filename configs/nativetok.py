@@ -1,4 +1,5 @@
-"""NativeTok at the paper's sizes, 256 px; the argument is the token count (32, 64 or 128).
+"""NativeTok at the paper's sizes, 256 px; the argument is the token count (32, 64 or 128), and it
+is required (``configs/nativetok.py`` alone is a one-line error, not a 582 M model by default).
 
     --config configs/nativetok.py:64
 
@@ -8,10 +9,13 @@ Decoder: TiTok-L (width 1024, 24 layers, 16 heads) with the pixel head; set
 --config.model.decoder.head=proxy_codes for the MaskGIT-VQGAN proxy-code head.
 """
 
-from nativetok_jax.config import base_config
+from nativetok_jax.config import base_config, config_choice
+
+TOKEN_COUNTS = ("32", "64", "128")
 
 
 def get_config(num_tokens: str | None = None):
+    # No default: without ':32' this would silently be the 582 M model at batch 256.
     config = base_config()
-    config.model.num_tokens = int(num_tokens or 32)
+    config.model.num_tokens = int(config_choice("configs/nativetok.py", num_tokens, TOKEN_COUNTS))
     return config

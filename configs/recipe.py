@@ -5,7 +5,7 @@
     --config.pretrained.lpips=weights/lpips.npz \
     --config.data.source=tfds --config.data.tfds_name=imagenet2012 --config.data.tfds_data_dir=...
 
-The argument is ``KIND,TOKENS`` (``nativetok`` or ``titok``; 32, 64 or 128 tokens).
+The argument is ``KIND,TOKENS`` (``nativetok`` or ``titok``; 32, 64 or 128 tokens), and it is required.
 
 Stage 1, ``proxy_codes``: the decoder's proxy-code head learns, per 16x16 cell, the MaskGIT
 VQGAN's code of each image (cross-entropy), with the quantiser's losses. Stage 2,
@@ -16,7 +16,7 @@ soft codes go through the frozen VQGAN decoder to pixels, trained with L2 + LPIP
 does not state them (docs/nativetok.md); TiTok's optimiser settings are the defaults.
 """
 
-from nativetok_jax.config import base_config
+from nativetok_jax.config import ConfigError, base_config, config_choice
 
 MODEL_SIZES = {
     "nativetok": {},  # the base config: MIT 1024 x 18, experts 256 x 2, TiTok-L decoder
@@ -28,11 +28,18 @@ FROZEN_IN_FINETUNE = {
 }
 
 
-def get_config(arg: str = "nativetok,32"):
+def get_config(arg: str | None = None):
+    # No default: the argument picks the model the recipe trains (any token count).
+    if not arg:
+        config_choice("configs/recipe.py", arg, ("nativetok,32", "nativetok,64", "titok,32", "KIND,TOKENS"))
     kind, _, tokens = arg.partition(",")
+    config_choice("configs/recipe.py", kind, tuple(MODEL_SIZES))
+    if not tokens.isdigit() or int(tokens) < 1:
+        raise ConfigError(f"configs/recipe.py:{arg}: expected KIND,TOKENS with TOKENS a positive integer, "
+                          f"e.g. configs/recipe.py:{kind},32")
     config = base_config()
     config.model.kind = kind
-    config.model.num_tokens = int(tokens or 32)
+    config.model.num_tokens = int(tokens)
     for part, sizes in MODEL_SIZES.get(kind, {}).items():
         config.model[part].update(sizes)
     config.model.decoder.head = "proxy_codes"

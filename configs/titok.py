@@ -11,7 +11,7 @@ released tokenizer of that name (``config.titok_release_config``), for the weigh
     --config configs/titok.py:B-64     # TiTok-B-64's released architecture
 """
 
-from nativetok_jax.config import base_config, titok_release_config
+from nativetok_jax.config import TITOK_RELEASES, base_config, config_choice, titok_release_config
 
 
 def get_config(arg: str | None = None):
@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
         return titok_release_config(arg)
     config = base_config()
     config.model.kind = "titok"
-    config.model.num_tokens = int(arg or 32)
+    config.model.num_tokens = int(config_choice("configs/titok.py", arg, ("32", "64", "128", *TITOK_RELEASES),
+                                                default="32"))
     config.model.encoder.update(width=1024, depth=24, num_heads=16)
     return config

@@ -39,7 +39,7 @@ import os
 
 import ml_collections
 
-from nativetok_jax.config import load_config_file
+from nativetok_jax.config import config_choice, load_config_file
 
 CONFIGS = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_STEPS = 1000
@@ -62,8 +62,7 @@ def shorten_schedule(train: ml_collections.ConfigDict, num_steps: int) -> None:
 
 def get_config(scale: str = "demo"):
     """``demo`` (the default), ``table`` (the demo's sizes, four arms, three seeds) or ``imagenet``."""
-    if scale not in ("demo", "table", "imagenet"):
-        raise ValueError(f"configs/token_order.py: scale must be demo, table or imagenet, got {scale!r}")
+    scale = config_choice("configs/token_order.py", scale, ("demo", "table", "imagenet"), default="demo")
     config = ml_collections.ConfigDict()
     if scale == "imagenet":
         native = load_config_file(os.path.join(CONFIGS, "recipe.py:nativetok,32"))

@@ -23,8 +23,14 @@ from etils import epath
 
 from nativetok_jax import storage
 from nativetok_jax.config import config_from_dict
+from nativetok_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
+
+
+class RunDirectoryError(UserError, FileNotFoundError):
+    """A path given as a training run's directory holds no run (no ``config.json``) or no checkpoint."""
+
 # orbax splits the writing of a replicated array across its replicas, which costs one small XLA
 # compile per array shape and device at the first save (8 s for the tiny test model on 8 CPU
 # devices); only arrays whose slices are at least this large are worth it.
@@ -111,7 +117,7 @@ def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict)
 def read_config(directory: storage.PathLike) -> ml_collections.ConfigDict:
     path = storage.path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {str(directory)!r}: not a training run's directory")
+        raise RunDirectoryError(f"no {CONFIG_FILE} in {str(directory)!r}: not a training run's directory")
     return config_from_dict(json.loads(path.read_text()))  # runs written before a field existed get its default
 
 
@@ -124,7 +130,7 @@ def final_stage_directory(path: storage.PathLike) -> epath.Path:
     stages = [s["name"] for s in (config.get("hnt", {}) or {}).get("stages", ()) or ()]
     with_checkpoints = [directory / name for name in stages if checkpoint_directory(directory / name).is_dir()]
     if not with_checkpoints:
-        raise FileNotFoundError(f"no checkpoints under {str(path)!r} or its training stages")
+        raise RunDirectoryError(f"no checkpoints under {str(path)!r} or its training stages")
     return with_checkpoints[-1]
 
 
@@ -135,14 +141,14 @@ def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: i
     """
     directory = checkpoint_directory(stage_directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints under {str(stage_directory)!r} (expected {str(directory)!r})")
+        raise RunDirectoryError(f"no checkpoints under {str(stage_directory)!r} (expected {str(directory)!r})")
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers=_handlers(),
     ) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {str(directory)!r}")
+            raise RunDirectoryError(f"no finished checkpoint in {str(directory)!r}")
         metadata = manager.item_metadata(step)["state"]
         key = "ema" if use_ema and "ema" in metadata and metadata["ema"] else "params"
         wanted = {key: metadata[key]}

@@ -8,12 +8,15 @@ a ``ConfigError`` that names the field, before anything is built or compiled.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
+from nativetok_jax.errors import UserError
 from nativetok_jax import storage
 
 MODEL_KINDS = ("nativetok", "titok")
@@ -46,7 +49,7 @@ DEFAULT_RULES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field has a value the code cannot use; the message names the field."""
 
 
@@ -421,7 +424,28 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    if arg and not inspect.signature(get_config).parameters:
+        raise ConfigError(f"{path} takes no argument, got {arg!r}: give {path} without ':{arg}'")
+    return get_config(arg) if arg else get_config()
+
+
+def config_choice(path: str, arg: str | None, choices: Sequence[str], default: str | None = None) -> str:
+    """The argument a config file was given (``--config PATH:ARG``), one of ``choices``.
+
+    Without an argument: ``default`` when the config documents one meant for that, else a
+    ``ConfigError`` listing the choices (a paper-scale config must not silently pick a size).
+    An argument not among ``choices`` is a ``ConfigError`` listing them too."""
+    listed = ", ".join(f"{path}:{choice}" for choice in choices)
+    if not arg:
+        if default is None:
+            raise ConfigError(f"{path} needs an argument, one of: {listed}")
+        return default
+    if arg not in choices:
+        raise ConfigError(f"{path}: unknown argument {arg!r}; one of: {listed}")
+    return arg
 
 
 def _require(condition: bool, field: str, message: str) -> None:

@@ -2,6 +2,8 @@
 
     vae = DVAE.from_config(config, seed=0)        # config: nativetok_jax.config.dvae_config()
     vae = DVAE.from_checkpoint(workdir)           # a trained run (task="dvae"), its latent scale included
+    vae.save_pretrained("exported/dvae")          # config.json + model.safetensors (+ thresholds.json)
+    vae = DVAE.from_pretrained("exported/dvae")
     latents, grains = vae.encode(images)          # uint8 [B, H, W, 3] -> float32 [B, h, w, C], int32 [B, H/S, W/S]
     images = vae.decode(latents, grains)          # -> uint8 [B, H, W, 3]
     z = latents * vae.latent_scale               # what a diffusion model sees (unit variance)
@@ -31,8 +33,10 @@ from nativetok_jax.config import validate_dvae_model
 from nativetok_jax.models import grain
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
+from nativetok_jax.pretrained import export
 
 LATENT_SCALE_FILE = "latent_scale.json"  # written by the trainer beside the checkpoints
+THRESHOLDS_FILE = "thresholds.json"  # an export's copy of the entropy thresholds its router reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,28 @@ class DVAE:
         scale_file = storage.path(path) / LATENT_SCALE_FILE
         scale = json.loads(scale_file.read_text())["latent_scale"] if scale_file.is_file() else 1.0
         return cls.from_params(config, _list_keys(params), latent_scale=scale, mesh=mesh)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, mesh: jax.sharding.Mesh | None = None) -> DVAE:
+        """The DVAE :meth:`save_pretrained` wrote to ``directory``, with its latent scale and (entropy
+        routing) the thresholds file saved beside it. Raises ``WeightsError`` (one line) for a
+        missing or foreign file, ``ValueError`` for parameters that do not fit."""
+        config, params, meta = export.load_pretrained(directory, kind="dvae")
+        thresholds = storage.path(directory) / THRESHOLDS_FILE
+        if thresholds.is_file():  # the router reads the export's copy, not the training run's file
+            config.model.grain.thresholds = str(thresholds)
+        return cls.from_params(config, _list_keys(params), latent_scale=meta["latent_scale"], mesh=mesh)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes ``directory/config.json`` (config, ``latent_scale``), ``model.safetensors`` and, for
+        entropy routing, a copy of the thresholds file as ``thresholds.json``: what
+        :meth:`from_pretrained` loads. On several hosts every process calls it; process 0 writes."""
+        export.save_pretrained(directory, kind="dvae", config=self.config, params=self._params,
+                               latent_scale=self.latent_scale, image_size=self.image_size,
+                               latent_shape=list(self.latent_shape), grain_map_shape=list(self.grain_map_shape))
+        source = self.model_config.thresholds
+        if source and jax.process_index() == 0:
+            storage.write_bytes(storage.path(directory) / THRESHOLDS_FILE, storage.path(source).read_bytes())
 
     # ----------------------------------------------------------------------------- properties
 

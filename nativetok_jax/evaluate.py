@@ -37,8 +37,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
+from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax import checkpoints, storage  # noqa: E402
-from nativetok_jax.config import ConfigError  # noqa: E402
+from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
 from nativetok_jax.data.sources import (  # noqa: E402
@@ -61,6 +62,7 @@ from nativetok_jax.evaluation.precision_recall import (  # noqa: E402
 from nativetok_jax.evaluation.rate_distortion import PROTOCOL as RATE_DISTORTION_PROTOCOL  # noqa: E402
 from nativetok_jax.evaluation.ssim import K1, K2, SIGMA, WIN_SIZE  # noqa: E402
 from nativetok_jax.evaluation.tokenizer_metrics import (  # noqa: E402
+    TooFewImagesError,
     evaluate_tokenizer,
     inception_score_splits,
     inception_statistics,
@@ -71,8 +73,7 @@ from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
 from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
-from nativetok_jax.workdir import check_loadable  # noqa: E402
-from nativetok_jax.training.guards import ends_preempted_runs  # noqa: E402
+from nativetok_jax.workdir import check_loadable, require_task  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
 # (training, sampling) also define --workdir and --out, and importing two of them into one process
@@ -107,7 +108,6 @@ flags.DEFINE_bool("prefix", True, "Also evaluate prefix decoding (first 1, 2, 4,
                   flag_values=FLAGS)
 flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
-HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "-?")
 PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
 INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
@@ -123,7 +123,7 @@ PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit
 FID_MIN_IMAGES = 2048
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A flag or input the evaluation cannot use; the message names it."""
 
 
@@ -155,7 +155,7 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
     try:
         return factory()
     except DataError as error:  # its message names a config field; here the flag is the cause
-        raise EvaluationError(f"--data: {str(error).split(': ', 1)[-1]}") from None
+        raise EvaluationError(f"--data: {str(error).split(': ', 1)[-1]}") from error
 
 
 def image_batches(source: Any, image_size: int, batch_size: int, num_images: int | None,
@@ -198,7 +198,7 @@ def read_reference_stats(path: str, image_size: int) -> tuple[np.ndarray, np.nda
     try:
         return fid.load_statistics(path, image_size=image_size)
     except ValueError as error:
-        raise EvaluationError(f"--reference_stats: {error}") from None
+        raise EvaluationError(f"--reference_stats: {error}") from error
 
 
 def samples_image_size(samples: str, generated: FolderSource, reference_stats: str | None) -> tuple[int, str]:
@@ -213,7 +213,7 @@ def samples_image_size(samples: str, generated: FolderSource, reference_stats: s
         try:
             recorded_size = fid.recorded_image_size(reference_stats)
         except ValueError as error:
-            raise EvaluationError(f"--reference_stats: {error}") from None
+            raise EvaluationError(f"--reference_stats: {error}") from error
         if recorded_size is not None:
             return recorded_size, f"the reference statistics {reference_stats}"
     first = decode(generated[0]["image"], SkippedImages())
@@ -257,8 +257,9 @@ def run_evaluation(
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
+    is_dvae = require_task(workdir, "evaluate --workdir", ("tokenizer", "dvae"),
+                           advice="judge a generator's images with sample, then evaluate --samples").get("task") == "dvae"
     check_loadable(workdir)
-    is_dvae = checkpoints.read_config(checkpoints.final_stage_directory(workdir)).get("task") == "dvae"
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
     tokenizer = (DVAE if is_dvae else Tokenizer).from_checkpoint(workdir, use_ema=use_ema)
     prefix = prefix and not is_dvae
@@ -325,9 +326,8 @@ def run_evaluation(
         else:
             metrics, reference = evaluate_tokenizer(tokenizer, batches, lpips=lpips, inception=inception,
                                                     reference=reference, prefix=prefix)
-    except ValueError as error:  # no readable image, or too few for rFID: the data's fault
-        raise EvaluationError(f"--data {data}: {str(error).strip().splitlines()[0]} "
-                              f"({skipped.count} unreadable)") from None
+    except TooFewImagesError as error:  # no readable image, or too few for rFID: the data's fault
+        raise EvaluationError(f"--data {data}: {error} ({skipped.count} unreadable)") from error
     if inception_path:
         inception_caveats(metrics["num_images"], protocol["inception"])
     if write_reference:
@@ -377,7 +377,7 @@ def run_sample_evaluation(
     try:
         generated = FolderSource.samples(samples, "--samples")
     except DataError as error:
-        raise EvaluationError(f"--samples: {str(error).split(': ', 1)[-1]}") from None
+        raise EvaluationError(f"--samples: {str(error).split(': ', 1)[-1]}") from error
     size, size_source = samples_image_size(samples, generated, reference_stats)
     logging.info("--samples: %d images of %d x %d px (the size of %s)", len(generated), size, size, size_source)
     inception = load_inception(inception_path)
@@ -430,7 +430,7 @@ def _convert_adm_reference_batch(path: str | None, reference_stats: str, protoco
     try:
         images, statistics = read_adm_reference_batch(path)
     except ValueError as error:
-        raise EvaluationError(f"--reference_batch: {error}") from None
+        raise EvaluationError(f"--reference_batch: {error}") from error
     if statistics is not None and not storage.path(reference_stats).is_file():
         fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1])
         protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "converted",
@@ -450,7 +450,7 @@ def _reference_features(path: str | None, reference_batch: str | None, adm_image
         try:
             return load_features(path)
         except ValueError as error:
-            raise EvaluationError(f"--reference_features: {error}") from None
+            raise EvaluationError(f"--reference_features: {error}") from error
     if adm_images is not None:
         images = adm_images[:num_images]
         batches = (np.stack([center_crop(image, size) for image in images[i:i + batch_size]])
@@ -472,34 +472,27 @@ def _reference_features(path: str | None, reference_batch: str | None, adm_image
     return features
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """This command's flags, then absl's own (``--verbosity``, ...) from what is left; a bad or
-    missing flag is one ``error:`` line."""
-    if any(arg in HELP_FLAGS for arg in argv[1:]):
-        print(f"{__doc__}\nflags:\n{FLAGS.module_help(sys.modules[__name__])}")
-        sys.exit(0)
-    try:
-        return flags.FLAGS(FLAGS(argv, known_only=True))
-    except flags.Error as error:  # several missing flags come as several lines
-        sys.exit(f"error: {'; '.join(str(error).splitlines())}")
+# This command's flags, then absl's own (``--verbosity``, ...); a bad or missing flag is one line.
+parse_flags = own_flags_parser(FLAGS, __name__)
 
 
-@ends_preempted_runs()  # one line for a preempted run, as every entry point
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     checkpoints.quiet_orbax_logs()
+    with boundary():  # the project's errors are one line, a bug keeps its traceback; a preempted run one line
+        _evaluate_and_report()
+
+
+def _evaluate_and_report() -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.samples):
         sys.exit("error: give either --workdir (a tokenizer to judge) or --samples (generated images)")
     if FLAGS.samples:
-        try:
-            report = run_sample_evaluation(
-                FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
-                data=FLAGS.data, tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images,
-                batch_size=FLAGS.batch_size, reference_features=FLAGS.reference_features,
-                reference_batch=FLAGS.reference_batch)
-        except (EvaluationError, files.WeightsError, ValueError) as error:
-            sys.exit(f"error: {str(error).splitlines()[0]}")
+        report = run_sample_evaluation(
+            FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
+            data=FLAGS.data, tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images,
+            batch_size=FLAGS.batch_size, reference_features=FLAGS.reference_features,
+            reference_batch=FLAGS.reference_batch)
         protocol = report["protocol"]
         extras = "".join(f", {name} {report[name]:.4f}" for name in ("precision", "recall") if name in report)
         print(f"{report['num_samples']} samples: gFID {report['gfid']:.3f}, Inception Score "
@@ -509,15 +502,12 @@ def main(argv: list[str]) -> None:
         return
     if not FLAGS.data:
         sys.exit("error: --data: which images to reconstruct (a folder, tfds:NAME:SPLIT or 'photos')")
-    try:
-        report = run_evaluation(
-            FLAGS.workdir, FLAGS.data, FLAGS.out, tfds_data_dir=FLAGS.tfds_data_dir,
-            num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, lpips_path=FLAGS.lpips,
-            inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
-            use_ema=FLAGS.use_ema, prefix=FLAGS.prefix,
-        )
-    except (EvaluationError, ConfigError, files.WeightsError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    report = run_evaluation(
+        FLAGS.workdir, FLAGS.data, FLAGS.out, tfds_data_dir=FLAGS.tfds_data_dir,
+        num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, lpips_path=FLAGS.lpips,
+        inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,
+        use_ema=FLAGS.use_ema, prefix=FLAGS.prefix,
+    )
     extras = "".join(f", {name} {report[name]:.4g}" for name in ("lpips", "rfid", "inception_score")
                      if name in report)
     if "inception_score" in report:

@@ -15,7 +15,6 @@ Run it on one process.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,6 +23,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from nativetok_jax.config import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +60,7 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
     from nativetok_jax.models.dvae import DVAEConfig
 
     if num_images < 1 or batch_size < 1:
-        raise ValueError(f"--num_images and --batch_size must be positive, got {num_images} and {batch_size}")
+        raise ConfigError(f"--num_images and --batch_size must be positive, got {num_images} and {batch_size}")
     settings = DVAEConfig.from_model_config(config.model).entropy_settings
     train, _ = sources.open_sources(config.data, config.data.num_eval_images)
     iterator = pipeline.train_iterator(config.data, train, image_size=config.model.image_size,
@@ -79,19 +80,18 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.data.sources import DataError
-    from nativetok_jax.models.grain import GrainError
+    from nativetok_jax.command import boundary
 
-    try:
+    with boundary():
         thresholds = compute_thresholds(FLAGS.config, FLAGS.num_images, FLAGS.batch_size)
         thresholds.save(FLAGS.out)
-    except (DataError, GrainError, ValueError) as error:
-        sys.exit(f"error: {error}")
     median = thresholds.threshold_at(50)
     print(f"wrote {FLAGS.out}: entropy percentiles 1..99 of {thresholds.num_regions} regions "
           f"({FLAGS.num_images} crops); median {median:.4f} nats (fine ratio 0.5 threshold)")
 
 
 if __name__ == "__main__":
+    from nativetok_jax.command import config_flags_parser
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flags_parser)

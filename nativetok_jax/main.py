@@ -12,7 +12,6 @@ from the newest checkpoint. Several processes (TPU pod workers, multi-node GPU) 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes TensorBoard events here.
@@ -49,15 +48,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
     from nativetok_jax import checkpoints
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.sources import DataError
-    from nativetok_jax.data.token_store import TokenStoreError
-    from nativetok_jax.models.grain import GrainError
-    from nativetok_jax.pretrained.files import WeightsError
+    from nativetok_jax.command import boundary
     from nativetok_jax.training.diffusion_trainer import train_diffusion
     from nativetok_jax.training.generator_trainer import train_generator
-    from nativetok_jax.training.hnt import RestoreError
-    from nativetok_jax.training.guards import NonFiniteLossError, ends_preempted_runs
     from nativetok_jax.training.trainer import train_and_evaluate
     from nativetok_jax.workdir import check_resume
 
@@ -67,28 +60,22 @@ def main(argv: list[str]) -> None:
     start = time.time()
     task = FLAGS.config.get("task", "tokenizer")
     generator = task == "generator"
-    try:
+    with boundary():  # the project's errors (config, data, weights, runs) are one line; a bug keeps its traceback
         check_resume(FLAGS.config, FLAGS.workdir)  # before anything is written to the workdir
-        with ends_preempted_runs():
-            if task == "diffusion":
-                summary = train_diffusion(FLAGS.config, FLAGS.workdir)
-            elif task == "dvae":
-                from nativetok_jax.training.dvae_trainer import train_dvae
+        if task == "diffusion":
+            summary = train_diffusion(FLAGS.config, FLAGS.workdir)
+        elif task == "dvae":
+            from nativetok_jax.training.dvae_trainer import train_dvae
 
-                summary = train_dvae(FLAGS.config, FLAGS.workdir)
-            elif task == "d2it":
-                from nativetok_jax.training.d2it_trainer import train_d2it
+            summary = train_dvae(FLAGS.config, FLAGS.workdir)
+        elif task == "d2it":
+            from nativetok_jax.training.d2it_trainer import train_d2it
 
-                summary = train_d2it(FLAGS.config, FLAGS.workdir)
-            elif generator:
-                summary = train_generator(FLAGS.config, FLAGS.workdir)
-            else:
-                summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, RestoreError, NonFiniteLossError, WeightsError, TokenStoreError,
-            GrainError) as error:
-        sys.exit(f"error: {error}")
-    except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
-        sys.exit(f"error: {error}")
+            summary = train_d2it(FLAGS.config, FLAGS.workdir)
+        elif generator:
+            summary = train_generator(FLAGS.config, FLAGS.workdir)
+        else:
+            summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
     if task == "diffusion":
         print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse} after {summary['step']} steps; "
@@ -115,4 +102,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from nativetok_jax.command import config_flags_parser
+
+    app.run(main, flags_parser=config_flags_parser)

@@ -12,7 +12,6 @@ samples are seeded: the same command writes the same images.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,31 +23,41 @@ from absl import app, flags, logging  # noqa: E402
 
 from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
 
-FLAGS = flags.FLAGS
+# This command's flags live in their own registry (as evaluate's): importing several entry points
+# into one process (a test session, a notebook) must not fail with a duplicate --workdir.
+FLAGS = flags.FlagValues()
 
 
-def define_flags() -> None:
-    """Command-line flags, defined only when run as a program (the functions stay importable)."""
-    flags.DEFINE_string("workdir", None, "A generator's training directory.")
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The command-line flags, in ``flag_values``."""
+    flags.DEFINE_string("workdir", None, "A generator's training directory.", flag_values=flag_values)
     flags.DEFINE_string("out", None, "Directory for the PNGs and ids.npz (samples.npz for diffusion); "
-                        "default WORKDIR/samples.")
-    flags.DEFINE_integer("num_samples", None, "How many images (default: the config's).")
-    flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the classes).")
-    flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).")
-    flags.DEFINE_integer("batch_size", 64, "Images sampled per call.")
-    flags.DEFINE_float("temperature", None, "Softmax temperature (0: greedy decoding).")
-    flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).")
-    flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off).")
-    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).")
-    flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps; diffusion: sampler steps (respaced).")
-    flags.DEFINE_string("sampler", None, "Diffusion only: ddpm (DiT's FID protocol) or ddim (default: the config's).")
-    flags.DEFINE_float("choice_temperature", None, "MaskGIT: scale of the Gumbel noise on the confidences.")
-    flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
+                        "default WORKDIR/samples.", flag_values=flag_values)
+    flags.DEFINE_integer("num_samples", None, "How many images (default: the config's).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled (default: 0, 1, 2, ... cycling the "
+                        "classes).", flag_values=flag_values)
+    flags.DEFINE_integer("seed", None, "Sampling seed (default: the config's).", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 64, "Images sampled per call.", flag_values=flag_values)
+    flags.DEFINE_float("temperature", None, "Softmax temperature (0: greedy decoding).", flag_values=flag_values)
+    flags.DEFINE_integer("top_k", None, "Keep the k most likely ids (0: all).", flag_values=flag_values)
+    flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off).", flag_values=flag_values)
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance: uncond + scale * (cond - uncond).",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("num_steps", None, "MaskGIT decoding steps; diffusion: sampler steps (respaced).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("sampler", None, "Diffusion only: ddpm (DiT's FID protocol) or ddim (default: the "
+                        "config's).", flag_values=flag_values)
+    flags.DEFINE_float("choice_temperature", None, "MaskGIT: scale of the Gumbel noise on the confidences.",
+                       flag_values=flag_values)
+    flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=flag_values)
     flags.DEFINE_string("grain_maps", None, "D²iT only: where the grain maps come from: model (the grain transformer; "
                         "default), ground_truth (the held-out store's, with its labels) or random (at the data's fine "
-                        "fraction).")
-    flags.mark_flags_as_required(["workdir"])
+                        "fraction).", flag_values=flag_values)
+    flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
 
+
+define_flags()
 
 SETTINGS = ("temperature", "top_k", "top_p", "guidance_scale", "num_steps", "choice_temperature", "seed",
             "num_samples")
@@ -78,9 +87,9 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     from nativetok_jax import checkpoints
     from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
     from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.workdir import check_loadable, require_task
 
-    config = checkpoints.read_config(workdir)
+    config = require_task(workdir, "sample", ("generator",))
     g = config.generator
     tokenizer_config = checkpoints.read_config(checkpoints.final_stage_directory(g.tokenizer))
     settings = sampling_settings(g, overrides, vocab_size=tokenizer_config.model.quantizer.codebook_size)
@@ -97,7 +106,7 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     else:
         labels = (np.arange(settings.num_samples) % num_classes).astype(np.int32)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+        raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     ids = []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size]
@@ -123,12 +132,6 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
 
 TOKEN_ONLY = ("temperature", "top_k", "top_p", "choice_temperature")
 SAMPLES_NPZ = "samples.npz"  # uint8 [N, H, W, 3] as arr_0, labels as arr_1: ADM's evaluator layout
-
-
-def _task(workdir: str) -> str:
-    from nativetok_jax import checkpoints
-
-    return checkpoints.read_config(workdir).get("task", "tokenizer")
 
 
 def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None = None, num_steps: int | None = None,
@@ -198,9 +201,9 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     from nativetok_jax.models.dit import dit_from_config
     from nativetok_jax.pretrained.sd_vae import latent_space
     from nativetok_jax.training.diffusion_trainer import diffusion_sampler, image_decoder
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.workdir import check_loadable, require_task
 
-    config = checkpoints.read_config(workdir)
+    config = require_task(workdir, "sample", ("diffusion",))
     model = config.model
     settings = diffusion_settings(model, **flags_given)
     n, num_classes = settings["num_samples"], model.num_classes
@@ -266,14 +269,14 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     from nativetok_jax.evaluation.grids import save_grid, save_png
     from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
     from nativetok_jax.training import d2it_trainer
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.workdir import check_loadable, require_task
 
     mode = grain_maps or "model"
     if mode not in d2it_trainer.GRAIN_MAP_MODES:
         raise ConfigError(f"--grain_maps: must be one of {d2it_trainer.GRAIN_MAP_MODES}, got {mode!r}")
     if mode == "ground_truth" and labels:
         raise ConfigError("--labels: ground-truth grain maps come with their own labels (the held-out store's)")
-    config = checkpoints.read_config(workdir)
+    config = require_task(workdir, "sample", ("d2it",))
     model = config.model
     settings = diffusion_settings(model, **flags_given)
     n, num_classes = settings["num_samples"], model.num_classes
@@ -328,47 +331,65 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     return images, grains
 
 
+def parse_labels(text: str | None) -> list[int] | None:
+    """``--labels 0,3,1`` as integers; anything else is a ``ConfigError`` naming the flag."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--labels: expected comma-separated class ids such as 0,3,1, got {text!r}") from None
+
+
+SAMPLED_TASKS = ("generator", "diffusion", "d2it")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    labels = [int(x) for x in FLAGS.labels.split(",")] if FLAGS.labels else None
-    from nativetok_jax.training.guards import ends_preempted_runs
+    from nativetok_jax.command import boundary
 
+    with boundary():  # the project's errors (flags, runs, files) are one line; a bug keeps its traceback
+        _sample_and_report()
+
+
+def _sample_and_report() -> None:
+    from nativetok_jax.workdir import require_task
+
+    labels = parse_labels(FLAGS.labels)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
-    try:
-        task = _task(FLAGS.workdir)
-        if FLAGS.grain_maps is not None and task != "d2it":
-            raise ConfigError("--grain_maps: only D²iT workdirs (task 'd2it') use it")
-        with ends_preempted_runs():
-            if task == "d2it":
-                images, _ = sample_d2it(
-                    FLAGS.workdir, out, grain_maps=FLAGS.grain_maps, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-                    guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
-                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
-                    unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
-                print(f"wrote {len(images)} samples with their grain maps to {out} (grid.png, sample_*.png, "
-                      f"{SAMPLES_NPZ})")
-                return
-            if task == "diffusion":
-                images = sample_diffusion(
-                    FLAGS.workdir, out, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-                    guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
-                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
-                    unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
-                print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})")
-                return
-            if FLAGS.sampler is not None:
-                raise ConfigError("--sampler: only diffusion models use it")
-            images = sample_images(
-                FLAGS.workdir, out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
-                batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
-                choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
-    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
-        sys.exit(f"error: {str(error).splitlines()[0]}")
+    task = require_task(FLAGS.workdir, "sample", SAMPLED_TASKS,
+                        advice="a tokenizer or DVAE is judged with evaluate --workdir").get("task")
+    if FLAGS.grain_maps is not None and task != "d2it":
+        raise ConfigError("--grain_maps: only D²iT workdirs (task 'd2it') use it")
+    if task == "d2it":
+        images, _ = sample_d2it(
+            FLAGS.workdir, out, grain_maps=FLAGS.grain_maps, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+            guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
+            num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
+            unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
+        print(f"wrote {len(images)} samples with their grain maps to {out} (grid.png, sample_*.png, "
+              f"{SAMPLES_NPZ})")
+        return
+    if task == "diffusion":
+        images = sample_diffusion(
+            FLAGS.workdir, out, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+            guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
+            num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
+            unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
+        print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})")
+        return
+    if FLAGS.sampler is not None:
+        raise ConfigError("--sampler: only diffusion models use it")
+    images = sample_images(
+        FLAGS.workdir, out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+        guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
+        choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
     print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, ids.npz)")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from nativetok_jax.command import own_flags_parser
+
+    app.run(main, flags_parser=own_flags_parser(FLAGS, __name__))

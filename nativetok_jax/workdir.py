@@ -15,6 +15,10 @@ raises a one-line ``ConfigError`` naming the config fields that differ from the 
 learning rate, logging) may change between runs. ``main`` calls it first, and
 ``checkpoints.write_config`` calls it before replacing a ``config.json``. :func:`check_loadable`
 applies the same comparison to a run's own ``config.json``, for ``evaluate`` and ``sample``.
+
+:func:`require_task` is what every command that reads a run asks first: what kind of run a
+directory holds (its ``config.task``), refused in one line (``WrongRunError``) naming what the
+directory is and what the command needs.
 """
 
 from __future__ import annotations
@@ -28,9 +32,55 @@ from flax import nnx, traverse_util
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import ConfigError, validate_generator, validate_model
+from nativetok_jax.errors import UserError
 
 ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
 MAX_LISTED = 4
+# What each config.task is called in messages.
+GENERATOR_NAMES = {"ar": "AR", "maskgit": "MaskGIT"}
+TASK_NAMES = {"tokenizer": "tokenizer", "generator": "generator", "diffusion": "DiT", "dvae": "DVAE", "d2it": "D²iT"}
+
+
+class WrongRunError(UserError):
+    """A command was given the directory of a run of a kind it does not serve; the message names
+    what the directory holds and what the command needs."""
+
+
+def describe_run(config: ml_collections.ConfigDict) -> str:
+    """``"an AR generator run (task 'generator')"``, ``"an HNT tokenizer run (2 stages, task 'tokenizer')"``:
+    what a run's config makes of its directory."""
+    task, detail = config.get("task", "tokenizer"), ""
+    if task == "generator":
+        what = f"{GENERATOR_NAMES.get(config.generator.kind, config.generator.kind)} generator"
+    elif task == "tokenizer" and (config.get("hnt", {}) or {}).get("stages"):
+        what, detail = "HNT tokenizer", f"{len(config.hnt.stages)} stages, "
+    else:
+        what = TASK_NAMES.get(task, repr(task))
+    article = "an" if what[0] in "AEHIOU" else "a"  # "an AR", "an HNT", "a DiT"
+    return f"{article} {what} run ({detail}task {task!r})"
+
+
+def require_task(path: str | epath.PathLike, command: str, tasks: tuple[str, ...],
+                 advice: str = "") -> ml_collections.ConfigDict:
+    """The config of the run in ``path`` when its ``task`` is one of ``tasks``.
+
+    Raises:
+      checkpoints.RunDirectoryError: ``path`` holds no run (no ``config.json``).
+      WrongRunError: a run of another task: ``"sample: DIR is a tokenizer run (task 'tokenizer');
+        sample needs a generator, DiT or D²iT run (task 'generator', 'diffusion' or 'd2it')"``,
+        then ``advice``.
+    """
+    config = checkpoints.read_config(path)
+    task = config.get("task", "tokenizer")
+    if task in tasks:
+        return config
+    names = [TASK_NAMES[t] for t in tasks]
+    needs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    quoted = [repr(t) for t in tasks]
+    task_list = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    article = "an" if needs[0] in "AEIOU" else "a"
+    raise WrongRunError(f"{command}: {path} is {describe_run(config)}; {command} needs {article} {needs} run "
+                        f"(task {task_list}){'; ' + advice if advice else ''}")
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> None:

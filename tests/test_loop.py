@@ -252,7 +252,7 @@ def test_every_entry_point_ends_a_preempted_run_with_one_line():
     assert stop.value.code.startswith("stopped: SIGTERM") and stop.value.code.endswith("run the same command to resume")
     for module in ("main", "sample", "evaluate", "experiments/token_order"):
         with open(os.path.join(ROOT, "nativetok_jax", f"{module}.py")) as f:
-            assert "ends_preempted_runs" in f.read(), module
+            assert "with boundary():" in f.read(), module  # command.boundary: ends_preempted_runs and one-line errors
 
 
 def test_sigterm_saves_within_a_few_steps_although_logs_are_rare(tmp_path):

@@ -37,6 +37,8 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from nativetok_jax.errors import UserError
+
 WHITE = 255
 ORIENTATION = 0x0112  # the EXIF tag
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -46,7 +48,7 @@ ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(UserError, ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 

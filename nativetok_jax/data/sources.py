@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from nativetok_jax.errors import UserError
 from nativetok_jax.data.photos import load_photos
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -28,7 +29,7 @@ SAMPLE_GLOB = "sample_*.png"
 SAMPLE_IDS_FILE = "ids.npz"  # token ids, labels and the image size of the samples
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The configured data cannot be read; the message names the config field and the cause."""
 
 
@@ -185,7 +186,7 @@ class TfdsSource:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(
                 f"config.data.tfds_name: cannot open {name!r} split {split!r} in data_dir {data_dir!r}: {first_line}"
-            ) from None
+            ) from error
         if len(self._source) == 0:
             raise DataError(f"config.data.tfds_name: {name!r} split {split!r} is empty")
         self.num_classes = int(getattr(_feature(self._source, "label"), "num_classes", 1) or 1)

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from nativetok_jax.errors import UserError
 from nativetok_jax.data.token_store import TokenSource
 
 IDENTITY, REVERSED, RANDOM = "identity", "reversed", "random"
 
 
-class TokenOrderError(ValueError):
+class TokenOrderError(UserError, ValueError):
     """A ``token_order.permutation`` that names no order; the message says what is accepted."""
 
 

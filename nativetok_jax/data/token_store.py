@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from nativetok_jax.errors import UserError
 from nativetok_jax import storage
 
 META = "meta.json"
 
 
-class TokenStoreError(ValueError):
+class TokenStoreError(UserError, ValueError):
     """A token store that cannot be used as asked; the message says why and what to do."""
 
 

@@ -36,6 +36,7 @@ from nativetok_jax.evaluation.tokenizer_metrics import (
     Statistics,
     _pad,
     _pair_metrics_fn,
+    check_image_count,
     inception_outputs_fn,
     inception_score_splits,
 )
@@ -138,10 +139,7 @@ def evaluate_dvae(
             for part, rows in zip(shown_parts, (images, reconstructions, grain_map_picture(images, grains[:count]))):
                 part.append(rows[:take])
         num_images += count
-    if num_images == 0:
-        raise ValueError("no images to evaluate")
-    if inception is not None and num_images < 2:
-        raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
+    check_image_count(num_images, inception is not None)
     metrics: dict[str, Any] = {name: sums[name] / num_images for name in PAIR_METRICS if name in sums}
     metrics.update({f"psnr_{name}": psnr_of_squared_error(*totals) for name, totals in regions.items()})
     fine = sum(v[0] for v in fine_by_class.values())

@@ -180,7 +180,7 @@ def _read_npz(path: str | epath.PathLike, keys: tuple[str, ...]) -> tuple[Any, .
                 return (*(data[key] for key in keys), size)
     except Exception as e:  # zipfile, pickle refusal, our own ValueErrors: one line each
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not an FID statistics file: {first_line}") from None
+        raise ValueError(f"{path} is not an FID statistics file: {first_line}") from e
 
 
 def _check_shapes(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

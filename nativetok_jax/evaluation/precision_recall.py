@@ -123,7 +123,7 @@ def _read_npz(path: storage.PathLike, what: str, read):
             return read(data)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not {what}: {first_line}") from None
+        raise ValueError(f"{path} is not {what}: {first_line}") from e
 
 
 def _require_arrays(data, names: tuple[str, ...]) -> None:

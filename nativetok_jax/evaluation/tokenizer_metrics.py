@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from nativetok_jax.errors import UserError
 from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, inception_score
 from nativetok_jax.evaluation.metrics import psnr_per_image
 from nativetok_jax.evaluation.rate_distortion import SameBitsTotals
@@ -49,6 +50,19 @@ LOG_EVERY_BATCHES = 10
 PAIR_METRICS = ("psnr", "ssim", "lpips")  # per image pair, averaged; in the order they are reported
 
 Statistics = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D]) of Inception features
+
+
+class TooFewImagesError(UserError, ValueError):
+    """The images given to an evaluation were too few (none readable, or one where a covariance
+    needs two): the data's fault, which the caller names."""
+
+
+def check_image_count(num_images: int, inception: bool) -> None:
+    """Raises ``TooFewImagesError`` for no images, or fewer than 2 with Inception metrics."""
+    if num_images == 0:
+        raise TooFewImagesError("no images to evaluate")
+    if inception and num_images < 2:
+        raise TooFewImagesError(f"rFID needs at least 2 images (a covariance), got {num_images}")
 
 
 def inception_score_splits(num_images: int) -> int:
@@ -207,10 +221,7 @@ def evaluate_tokenizer(
         if (batch_index + 1) % LOG_EVERY_BATCHES == 0:
             logging.info("evaluated %d images", num_images)
 
-    if num_images == 0:
-        raise ValueError("no images to evaluate")
-    if inception is not None and num_images < 2:
-        raise ValueError(f"rFID needs at least 2 images (a covariance), got {num_images}")
+    check_image_count(num_images, inception is not None)
     if originals_features is not None:
         reference = (originals_features.mu, originals_features.sigma)
     if shown is not None:
@@ -240,5 +251,5 @@ def inception_statistics(batches: Iterable[np.ndarray], inception: InceptionV3,
             features_out.append(np.asarray(features[: len(batch)], np.float32))
         logits.append(np.asarray(batch_logits[: len(batch)]))
     if statistics.count < 2:
-        raise ValueError(f"Inception statistics need at least 2 images, got {statistics.count}")
+        raise TooFewImagesError(f"Inception statistics need at least 2 images, got {statistics.count}")
     return (statistics.mu, statistics.sigma), np.concatenate(logits), statistics.count

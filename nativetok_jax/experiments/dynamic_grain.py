@@ -350,5 +350,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from nativetok_jax.command import config_flags_parser
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flags_parser)

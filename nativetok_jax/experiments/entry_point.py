@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 
 def run_and_report(run: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str], written: str) -> None:
-    """Runs ``run()`` (SIGTERM ends it as a preempted run), exits with one line ``error: ...`` for bad
-    input (config, data, grain or value errors, missing files), else prints the time taken, what was
-    ``written`` and ``table(report)``."""
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.sources import DataError
-    from nativetok_jax.models.grain import GrainError
-    from nativetok_jax.training.guards import ends_preempted_runs
+    """Runs ``run()`` inside the entry points' error boundary (``command.boundary``: SIGTERM or
+    Ctrl-C ends it as a preempted run, the project's errors are one line ``error: ...``, a bug keeps
+    its traceback), then prints the time taken, what was ``written`` and ``table(report)``."""
+    from nativetok_jax.command import boundary
 
     start = time.time()
-    try:
-        with ends_preempted_runs():
-            report = run()
-    except (ConfigError, DataError, GrainError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {str(error).splitlines()[0]}")
+    with boundary():
+        report = run()
     print(f"done in {time.time() - start:.0f} s ({written}):")
     print(table(report))

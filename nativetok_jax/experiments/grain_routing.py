@@ -24,7 +24,6 @@ schedule; ``--steps`` overrides ``train.num_steps`` for every arm.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -213,21 +212,17 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.sources import DataError
-    from nativetok_jax.models.grain import GrainError
-    from nativetok_jax.training.guards import ends_preempted_runs
+    from nativetok_jax.command import boundary
 
     start = time.time()
-    try:
-        with ends_preempted_runs():
-            report = run(FLAGS.config, FLAGS.workdir, FLAGS.steps)
-    except (ConfigError, DataError, GrainError, ValueError) as error:
-        sys.exit(f"error: {str(error).splitlines()[0]}")
+    with boundary():
+        report = run(FLAGS.config, FLAGS.workdir, FLAGS.steps)
     print(f"done in {time.time() - start:.0f} s ({FLAGS.workdir}/{REPORT}, {PLOT}):")
     print(table(report))
 
 
 if __name__ == "__main__":
+    from nativetok_jax.command import config_flags_parser
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flags_parser)

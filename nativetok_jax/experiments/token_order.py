@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from typing import Any
 
@@ -53,6 +52,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from nativetok_jax.config import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -99,9 +100,9 @@ def selected_arms(spec: str) -> list[str]:
     names = [name.strip() for name in str(spec).split(",") if name.strip()]
     unknown = [name for name in names if name not in ARMS]
     if unknown or not names:
-        raise ValueError(f"arms: unknown {unknown or 'empty list'}; choose among {', '.join(ARMS)}")
+        raise ConfigError(f"arms: unknown {unknown or 'empty list'}; choose among {', '.join(ARMS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"arms: {spec!r} names an arm twice")
+        raise ConfigError(f"arms: {spec!r} names an arm twice")
     return names
 
 
@@ -133,10 +134,10 @@ def tokenizer_configs(config: ml_collections.ConfigDict, arms: list[str]) -> dic
     for field in ("num_tokens", "image_size"):
         values = {t.model[field] for t in tokenizers.values()}
         if len(values) > 1:
-            raise ValueError(f"every tokenizer needs the same model.{field}, got {sorted(values)}")
+            raise ConfigError(f"every tokenizer needs the same model.{field}, got {sorted(values)}")
     budgets = {(t.model.quantizer.codebook_size, t.train.num_steps, t.train.batch_size) for t in tokenizers.values()}
     if len(budgets) > 1:
-        raise ValueError("every tokenizer needs the same codebook size, steps and batch size (the same budget)")
+        raise ConfigError("every tokenizer needs the same codebook size, steps and batch size (the same budget)")
     return tokenizers
 
 
@@ -144,9 +145,9 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     """The selected arms, after checking every field the experiment adds (one-line errors)."""
     arms = selected_arms(config.arms)
     if not isinstance(config.seeds, int) or config.seeds < 1:
-        raise ValueError(f"seeds: must be an integer >= 1, got {config.seeds!r}")
+        raise ConfigError(f"seeds: must be an integer >= 1, got {config.seeds!r}")
     if not isinstance(config.permutation_seed, int):
-        raise ValueError(f"permutation_seed: must be an integer, got {config.permutation_seed!r}")
+        raise ConfigError(f"permutation_seed: must be an integer, got {config.permutation_seed!r}")
     return arms
 
 
@@ -437,25 +438,21 @@ def summary_table(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.sources import DataError
-
-    from nativetok_jax.training.guards import ends_preempted_runs
+    from nativetok_jax.command import boundary
 
     config = FLAGS.config
     for name in ("arms", "seeds", "match_parameters"):
         if getattr(FLAGS, name) is not None:
             config[name] = getattr(FLAGS, name)
     start = time.time()
-    try:
-        with ends_preempted_runs():
-            report = run(config, FLAGS.workdir)
-    except (ConfigError, DataError, ValueError) as error:
-        sys.exit(f"error: {str(error).splitlines()[0]}")
+    with boundary():
+        report = run(config, FLAGS.workdir)
     print(f"done in {time.time() - start:.0f} s ({FLAGS.workdir}/token_order.json, token_order.md):")
     print(summary_table(report))
 
 
 if __name__ == "__main__":
+    from nativetok_jax.command import config_flags_parser
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flags_parser)

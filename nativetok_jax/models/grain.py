@@ -39,12 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nativetok_jax.errors import UserError
+
 # ITU-R BT.601 luma weights, as D²iT, DQ-VAE and MATLAB's rgb2gray use them (they sum to 0.9999).
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 ROUTINGS = ("entropy", "fine", "coarse", "random")
 
 
-class GrainError(ValueError):
+class GrainError(UserError, ValueError):
     """Images, thresholds or ratios the router cannot use; the message names the problem."""
 
 

@@ -2,13 +2,22 @@
 
     DIR/config.json        {"format": "nativetok_jax", "format_version": 1, "kind": "tokenizer",
                             "config": {...the run's resolved config...}, ...}
-    DIR/model.safetensors  every parameter, named by its '/'-joined path ("mit/embed/kernel")
+    DIR/model.safetensors  every parameter, named by its '/'-joined path ("mit/embed/kernel"; a list
+                           layer's index is a path part: "encoder/down/0/...")
 
 This is what TiTok and Hugging Face users expect of a released model: two plain files that any
 safetensors reader (PyTorch, NumPy, JAX) opens, no orbax checkpoint, no training state, no
-pickle. ``Tokenizer.save_pretrained`` / ``Tokenizer.from_pretrained`` and the generators'
-``Sampler.save_pretrained`` / ``Sampler.from_pretrained`` use it; a generator directory holds its
-tokenizer in ``DIR/tokenizer``. From a training workdir::
+pickle. Every kind of run exports to it, each class with ``save_pretrained`` / ``from_pretrained``:
+
+    kind         class                                       what DIR holds besides the two files
+    tokenizer    nativetok_jax.Tokenizer                     (HNT runs: the last stage's tokenizer)
+    generator    generation.pretrained.TrainedGenerator      its tokenizer in DIR/tokenizer/
+    dvae         nativetok_jax.dvae.DVAE                     the entropy thresholds file, DIR/thresholds.json
+    dit          generation.diffusion_models.TrainedDiT      nothing: the SD-VAE file stays the config's
+    d2it         generation.diffusion_models.TrainedD2iT     its DVAE in DIR/dvae/
+
+The DiT layout (what a converter of released DiT checkpoints targets) is in docs/export.md. From a
+training workdir of any kind::
 
     python -m nativetok_jax.pretrained.export --workdir workdirs/demo --out exported/demo
 """
@@ -28,18 +37,21 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from nativetok_jax.config import config_from_dict
+from nativetok_jax.errors import UserError, first_line
 from nativetok_jax.pretrained.files import WeightsError
 
 FORMAT = "nativetok_jax"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-KINDS = ("tokenizer", "generator")
+KINDS = ("tokenizer", "generator", "dvae", "dit", "d2it")
+# config.task of a training run -> the kind of model it exports.
+TASK_KINDS = {"tokenizer": "tokenizer", "generator": "generator", "dvae": "dvae", "diffusion": "dit", "d2it": "d2it"}
 
 
 def host_arrays(params: Any) -> dict[str, np.ndarray]:
     """``{"a/b/c": numpy array}`` of a nested dict of (possibly sharded, multi-host) arrays."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = {"/".join(map(str, key)): value for key, value in traverse_util.flatten_dict(params).items()}
     if any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in flat.values()):
         flat = multihost_utils.process_allgather(flat, tiled=True)
     return {key: np.ascontiguousarray(jax.device_get(value)) for key, value in flat.items()}
@@ -113,20 +125,26 @@ def load_pretrained(directory: str, *, kind: str) -> tuple[ml_collections.Config
 
 
 def export_run(workdir: str, out: str, *, use_ema: bool = True) -> str:
-    """Exports the newest checkpoint of a training workdir (tokenizer or generator) to ``out``;
-    returns the kind written."""
+    """Exports the newest checkpoint of a training workdir of any kind (tokenizer, HNT tokenizer,
+    generator, DiT, DVAE, D²iT) to ``out``; returns the kind written (:data:`KINDS`).
+
+    Raises ``checkpoints.RunDirectoryError`` for a directory without a run or a checkpoint (one
+    line), and the loaders' errors (``WeightsError``, ``ConfigError``) for what they cannot load."""
+    # The model classes import this module: they are imported here, when a run is exported.
     from nativetok_jax import checkpoints
-
-    config = checkpoints.read_config(checkpoints.final_stage_directory(workdir))
-    if config.get("task") == "generator":
-        from nativetok_jax.generation.pretrained import Sampler
-
-        Sampler.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
-        return "generator"
+    from nativetok_jax.dvae import DVAE
+    from nativetok_jax.generation.diffusion_models import TrainedD2iT, TrainedDiT
+    from nativetok_jax.generation.pretrained import TrainedGenerator
     from nativetok_jax.tokenizer import Tokenizer
+    from nativetok_jax.workdir import require_task
 
-    Tokenizer.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
-    return "tokenizer"
+    config = require_task(workdir, "export", tuple(TASK_KINDS))
+    checkpoints.final_stage_directory(workdir)  # a run without a checkpoint is one line, before any loading
+    kind = TASK_KINDS[config.get("task", "tokenizer")]
+    model_class = {"tokenizer": Tokenizer, "generator": TrainedGenerator, "dvae": DVAE, "dit": TrainedDiT,
+                   "d2it": TrainedD2iT}[kind]
+    model_class.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
+    return kind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nativetok_jax.pretrained.export",
                                      description="Export a training run's newest checkpoint as config.json + "
                                                  "model.safetensors.")
-    parser.add_argument("--workdir", required=True, help="a tokenizer's or generator's training workdir")
+    parser.add_argument("--workdir", required=True, help="a training workdir of any kind: tokenizer (HNT too), "
+                        "generator, DiT, DVAE, D²iT")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA ones")
     args = parser.parse_args(argv)
     try:
         kind = export_run(args.workdir, args.out, use_ema=not args.no_ema)
-    except (WeightsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+    except UserError as error:  # the project's own errors are one line; anything else is a bug
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
     print(f"exported the {kind} of {args.workdir} to {args.out}")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nativetok_jax.errors import UserError
 from nativetok_jax import storage
 
 FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ _META_KEY = "__meta__"
 _WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weight file that cannot be read, or whose contents do not fit the model."""
 
 
@@ -67,7 +68,7 @@ def load_weights(path: storage.PathLike, *, kind: str | None = None) -> tuple[di
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:  # zipfile, ValueError, OSError: all mean "not our format"
-        raise WeightsError(f"{path} is not a nativetok_jax weights file (.npz): {e}") from None
+        raise WeightsError(f"{path} is not a nativetok_jax weights file (.npz): {e}") from e
     if _META_KEY not in arrays:
         raise WeightsError(f"{path} has no '{_META_KEY}' header: convert it with nativetok_jax.convert")
     meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
@@ -96,7 +97,7 @@ def read_state_dict(path: storage.PathLike) -> dict[str, np.ndarray]:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read {path} as a PyTorch state dict: {first_line}") from None
+        raise WeightsError(f"cannot read {path} as a PyTorch state dict: {first_line}") from e
     for wrapper in ("state_dict", "model", "params"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
@@ -141,7 +142,7 @@ def read_flax_msgpack(path: storage.PathLike) -> dict[str, Any]:
     try:
         return serialization.msgpack_restore(data)
     except Exception as e:
-        raise WeightsError(f"{path} is not a Flax msgpack checkpoint: {type(e).__name__}") from None
+        raise WeightsError(f"{path} is not a Flax msgpack checkpoint: {type(e).__name__}") from e
 
 
 def model_arrays(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from nativetok_jax.errors import UserError
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import ConfigError, quantizer_warmup_steps
 
@@ -40,7 +41,7 @@ PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", 
 GROWING = (("experts", "stack"), ("decoder", "token_position"), ("encoder", "latent_tokens"))
 
 
-class RestoreError(ValueError):
+class RestoreError(UserError, ValueError):
     """Parameters from a checkpoint do not fit the model; the message lists what differs."""
 
 

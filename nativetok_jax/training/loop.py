@@ -14,8 +14,9 @@ place for all of them:
   (``train.checkpoint_every`` and at the end) on their schedules, with a progress report
   (steps/s, ETA) and an optional profiler window (``train.profile_steps`` from
   ``train.profile_first_step``);
-- asks at every step whether the run is preempted (``guards.Preemption``: JAX's preemption sync
-  point, agreed across hosts, or a SIGTERM flag) and then saves and raises ``Preempted``.
+- asks at every step whether the run is preempted or interrupted (``guards.Preemption``: JAX's
+  preemption sync point, agreed across hosts, or a SIGTERM or Ctrl-C flag) and then saves and
+  raises ``Preempted``.
 
 Example (a new model adds a loss and a config, not a loop)::
 
@@ -190,7 +191,7 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
                 store.save(step, state, task.batches)
                 last_saved = step
             if stop:
-                raise Preempted(f"preempted at step {step}; checkpoint saved in {store.directory}")
+                raise Preempted(f"{preemption.reason} at step {step}; checkpoint saved in {store.directory}")
         if not metrics:  # the run was already complete: evaluate what it left
             metrics = task.evaluate(state, step, outputs)
     finally:

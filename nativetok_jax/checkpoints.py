@@ -18,7 +18,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from nativetok_jax import storage
@@ -29,13 +28,6 @@ CONFIG_FILE = "config.json"
 # compile per array shape and device at the first save (8 s for the tiny test model on 8 CPU
 # devices); only arrays whose slices are at least this large are worth it.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-
-
-def quiet_orbax_logs() -> None:
-    """Keeps orbax's warnings in the absl log and drops its INFO line for every file it touches."""
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
-    )
 
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:

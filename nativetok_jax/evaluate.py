@@ -28,12 +28,13 @@ from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from nativetok_jax import checkpoints, storage  # noqa: E402
+from nativetok_jax import checkpoints, command_line, storage  # noqa: E402
 from nativetok_jax.config import ConfigError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
@@ -470,16 +471,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"{__doc__}\nflags:\n{FLAGS.module_help(sys.modules[__name__])}")
         sys.exit(0)
     try:
-        return flags.FLAGS(FLAGS(argv, known_only=True))
+        remaining = flags.FLAGS(FLAGS(argv, known_only=True))
     except flags.Error as error:  # several missing flags come as several lines
         sys.exit(f"error: {'; '.join(str(error).splitlines())}")
+    command_line.quiet_logs()
+    return remaining
 
 
 @ends_preempted_runs()  # one line for a preempted run, as every entry point
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    checkpoints.quiet_orbax_logs()
     if bool(FLAGS.workdir) == bool(FLAGS.samples):
         sys.exit("error: give either --workdir (a tokenizer to judge) or --samples (generated images)")
     if FLAGS.samples:

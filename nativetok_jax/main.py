@@ -16,9 +16,12 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes TensorBoard events here.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+
+from nativetok_jax import command_line  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].", lock_config=True)
@@ -48,7 +51,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
-    from nativetok_jax import checkpoints
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
     from nativetok_jax.data.token_store import TokenStoreError
@@ -63,7 +65,6 @@ def main(argv: list[str]) -> None:
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
-    checkpoints.quiet_orbax_logs()
     start = time.time()
     task = FLAGS.config.get("task", "tokenizer")
     generator = task == "generator"
@@ -114,4 +115,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

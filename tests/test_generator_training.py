@@ -149,3 +149,18 @@ def test_two_processes_share_token_extraction_and_resume(tokenizer_dir, tmp_path
     assert os.path.getmtime(token_store.shard_paths(train, 0)[0]) == written_0
     assert storage.read_json(os.path.join(workdir, "eval.json"))["step"] == 2
     assert checkpoints.load_params(workdir, use_ema=False)[1] == 2
+
+
+def test_a_relative_tokenizer_path_still_names_the_tokenizer_from_another_directory(tokenizer_dir, tmp_path,
+                                                                                   monkeypatch):
+    """The demo's ``generator.tokenizer = "workdirs/demo"`` is relative to where the run starts; the
+    run records the absolute path, so ``sample`` from another directory finds the same tokenizer."""
+    monkeypatch.chdir(os.path.dirname(tokenizer_dir))
+    config = tiny_generator_config(os.path.basename(tokenizer_dir))
+    config.generator.update(num_train_examples=16, num_eval_examples=16)
+    config.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
+    workdir = str(tmp_path / "generator")
+    train_generator(config, workdir)
+    assert checkpoints.read_config(workdir).generator.tokenizer == tokenizer_dir
+    monkeypatch.chdir(tmp_path)
+    assert sample_images(workdir, str(tmp_path / "samples"), num_samples=2).shape == (2, 16, 16, 3)

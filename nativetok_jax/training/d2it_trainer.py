@@ -200,6 +200,10 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     Raises ``ConfigError`` (one line, before anything compiles) for a bad field or a DVAE workdir
     that does not fit, ``TokenStoreError`` for a store made with other settings."""
     validate_d2it(config)
+    # The DVAE as an absolute path (a URL as it is): config.json then names the same run whatever
+    # directory a later command (sample, a resume) runs in.
+    config = config.copy_and_resolve_references()
+    config.dvae.workdir = str(storage.path(config.dvae.workdir))
     model_config, train = config.model, config.train
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0

@@ -99,6 +99,10 @@ def token_iterator(source: TokenSource, batch_size: int, seed: int) -> grain.Dat
 def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains the generator ``config`` describes in ``workdir``; returns the final evaluation."""
     validate_generator(config)
+    # The tokenizer as an absolute path (a URL as it is): config.json and the token stores then name
+    # the same run whatever directory a later command (sample, evaluate, a resume) runs in.
+    config = config.copy_and_resolve_references()
+    config.generator.tokenizer = str(storage.path(config.generator.tokenizer))
     g, train = config.generator, config.train
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0

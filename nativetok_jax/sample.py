@@ -25,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from nativetok_jax import command_line  # noqa: E402
 
-from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
+from nativetok_jax.config import ConfigError, require_unconditional_model, validate_sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -73,6 +73,9 @@ def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str,
         settings[name] = overrides[name]
         names[name] = f"--{name}"
     validate_sampling(settings, generator.kind, vocab_size=vocab_size, names=names)
+    require_unconditional_model(settings.guidance_scale, generator.label_drop_probability,
+                                names.get("guidance_scale", "config.generator.sample.guidance_scale"),
+                                "the run's generator.label_drop_probability")
     return settings
 
 
@@ -171,6 +174,9 @@ def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None 
     scale = s.guidance_scale if guidance_scale is None else guidance_scale
     if scale < 0:
         raise ConfigError(f"--guidance_scale: must be >= 0, got {scale}")
+    require_unconditional_model(scale, model.label_drop_probability,
+                                "--guidance_scale" if guidance_scale is not None else "config.model.sample.guidance_scale",
+                                "the run's model.label_drop_probability")
     count = 16 if num_samples is None else num_samples
     if count < 1:
         raise ConfigError(f"--num_samples: must be a positive integer, got {count}")

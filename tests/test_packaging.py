@@ -3,6 +3,7 @@ install command uses as constraints), the extras, and what the wheel carries."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -102,3 +103,28 @@ def test_the_wheel_carries_the_configs_license_and_py_typed(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Requires-Python: >=3.11" in metadata and "Provides-Extra: cuda12" in metadata
+
+
+@pytest.mark.slow
+def test_an_editable_install_imports_the_configs(tmp_path):
+    """The README's ``import nativetok_jax.configs`` recipe in ``pip install -e .`` (setuptools'
+    editable finder maps only regular packages below a package: configs/ needs its __init__.py)."""
+    import sysconfig
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = str(env_dir / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "deps.pth"), "w") as f:  # this interpreter's packages: no downloads
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    # A copy of the checkout, so that the editable install's finder does not touch ROOT's.
+    source = tmp_path / "checkout"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "*.egg-info", "build", "workdirs", "__pycache__"))
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(source)],
+                   check=True, capture_output=True, timeout=600)
+    result = subprocess.run([python, "-c", "import nativetok_jax.configs as c; print(c.__path__[0])"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(os.path.join(result.stdout.strip(), "demo.py"))

@@ -7,7 +7,9 @@ Quiet logs: the lines a user would otherwise read past are dropped from the absl
 - JAX's backend probe (``Unable to initialize backend 'tpu': ... Failed to open libtpu.so``, an
   INFO line of ``jax/_src/xla_bridge.py`` on every machine without a TPU);
 - orbax's INFO and WARNING lines (about 50 for one checkpoint restore: handler registration,
-  metadata reads, "read only" notices); orbax's errors stay.
+  metadata reads, "read only" notices); orbax's errors stay, except those of a save that ran out
+  of space (each of its threads logs the traceback; the command says it in one line instead,
+  :class:`~nativetok_jax.checkpoints.NoSpaceError`).
 
 The project's own INFO lines (progress, held-out metrics, where files went) are kept.
 """
@@ -21,6 +23,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from nativetok_jax import checkpoints
+
 HELP_FLAGS = frozenset({"-h", "-help", "--help", "-helpshort", "--helpshort", "-?"})
 FULL_HELP_FLAGS = frozenset({"-helpfull", "--helpfull"})
 # Path fragments of the log records hidden by default, with the level below which each is hidden.
@@ -30,7 +34,11 @@ QUIET_SOURCES = ((os.sep + "orbax" + os.sep, std_logging.ERROR),
 
 def is_noise(record: std_logging.LogRecord) -> bool:
     """Whether ``record`` is one of the lines hidden by default (see the module docstring)."""
-    return any(fragment in record.pathname and record.levelno < below for fragment, below in QUIET_SOURCES)
+    if any(fragment in record.pathname and record.levelno < below for fragment, below in QUIET_SOURCES):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return QUIET_SOURCES[0][0] in record.pathname and (
+        (error is not None and checkpoints.is_no_space(error)) or "No space left on device" in record.getMessage())
 
 
 def _keep(record: std_logging.LogRecord) -> bool:

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
+    from nativetok_jax.checkpoints import NoSpaceError
     from nativetok_jax.config import ConfigError
     from nativetok_jax.data.sources import DataError
     from nativetok_jax.data.token_store import TokenStoreError
@@ -89,6 +90,8 @@ def main(argv: list[str]) -> None:
             GrainError) as error:
         sys.exit(f"error: {error}")
     except FileNotFoundError as error:  # e.g. a tokenizer workdir without checkpoints
+        sys.exit(f"error: {error}")
+    except NoSpaceError as error:  # a full disk: one line, which checkpoint survived
         sys.exit(f"error: {error}")
     mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
     if task == "diffusion":

@@ -143,6 +143,14 @@ def checkpoint_directory(stage_directory: storage.PathLike) -> epath.Path:
     return storage.path(stage_directory) / "checkpoints"
 
 
+def latest_step(stage_directory: storage.PathLike) -> int | None:
+    """The newest finished checkpoint's step in a stage directory (orbax's finished checkpoints are
+    the directories named by their step; unfinished ones carry a temporary suffix), or ``None``."""
+    directory = checkpoint_directory(stage_directory)
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    return max(steps, default=None)
+
+
 def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:
     """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds).
 

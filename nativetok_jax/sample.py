@@ -206,8 +206,8 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     from nativetok_jax.layers.partitioning import axis_rules
     from nativetok_jax.models.dit import dit_from_config
     from nativetok_jax.pretrained.sd_vae import latent_space
-    from nativetok_jax.training.diffusion_trainer import diffusion_sampler, image_decoder
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.training.diffusion_trainer import autoencoder_upstream, diffusion_sampler, image_decoder
+    from nativetok_jax.workdir import check_loadable, check_upstream
 
     config = checkpoints.read_config(workdir)
     model = config.model
@@ -217,6 +217,7 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     check_loadable(workdir)
+    check_upstream(workdir, autoencoder_upstream(model.autoencoder), "sampling")  # the VAE it trained on
     autoencoder = latent_space(model.autoencoder)  # before the sampling: a missing VAE file fails fast
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
@@ -275,7 +276,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     from nativetok_jax.evaluation.grids import save_grid, save_png
     from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
     from nativetok_jax.training import d2it_trainer
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.workdir import check_loadable, check_upstream
 
     mode = grain_maps or "model"
     if mode not in d2it_trainer.GRAIN_MAP_MODES:
@@ -299,6 +300,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
     dvae = d2it_trainer.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
+    check_upstream(workdir, d2it_trainer.dvae_upstream(config, dvae), "sampling")  # the DVAE it trained on
     from flax import nnx
 
     graphdef, _ = nnx.split(nnx.eval_shape(

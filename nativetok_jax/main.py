@@ -20,9 +20,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice o
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax import command_line  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, images; rerun to resume.")

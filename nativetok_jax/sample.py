@@ -84,7 +84,8 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     from nativetok_jax import checkpoints
     from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
     from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.workdir import check_loadable
+    from nativetok_jax.training.generator_trainer import tokenizer_upstream
+    from nativetok_jax.workdir import check_loadable, check_upstream
 
     config = checkpoints.read_config(workdir)
     g = config.generator
@@ -95,6 +96,7 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
         raise ConfigError(f"--batch_size: must be a positive integer, got {batch_size}")
     check_loadable(g.tokenizer)
     check_loadable(workdir)
+    check_upstream(workdir, tokenizer_upstream(g.tokenizer), "sampling")  # the tokenizer it trained on
     generator = TrainedGenerator.from_checkpoint(workdir, use_ema=overrides.get("use_ema", True))
     tokenizer, num_classes = generator.tokenizer, generator.num_classes
     wanted = overrides.get("labels")

@@ -33,9 +33,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice o
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax import command_line  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 ARMS = ("entropy", "random", "fine", "coarse", "single_grain")

@@ -10,6 +10,8 @@ the newest ``keep`` steps, and leftovers of a save killed half-way are cleaned u
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 from typing import Any
 
@@ -18,7 +20,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from nativetok_jax import storage
@@ -37,13 +38,6 @@ class RunDirectoryError(UserError, FileNotFoundError):
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
-def quiet_orbax_logs() -> None:
-    """Keeps orbax's warnings in the absl log and drops its INFO line for every file it touches."""
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
-    )
-
-
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
     """orbax's standard handlers, with replica-parallel saving kept for large arrays only."""
     handlers = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
@@ -57,6 +51,29 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": state, "data": grain.checkpoint.CheckpointHandler()}
 
 
+class NoSpaceError(UserError, OSError):
+    """A checkpoint save ran out of space on the device; the message names the directory and the
+    newest intact checkpoint (a rerun resumes from it)."""
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether ``error``, or an exception it was raised from or during (exception groups
+    included), is "no space left on device" (``ENOSPC``; tensorstore reports it in its message)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return False
+
+
 class Checkpoints:
     """Save, find and restore the checkpoints of one stage directory (local, or a URL such as
     ``gs://bucket/run/checkpoints``, which orbax writes to directly)."""
@@ -67,19 +84,47 @@ class Checkpoints:
             max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Saves checkpoint ``step`` whole (orbax's temporary directory renamed when complete).
+
+        Raises:
+          NoSpaceError: the device filled up during the save (one line: the directory, the newest
+            intact checkpoint, what to do); the half-written checkpoint is removed and the manager
+            closed, so no thread of it writes on at exit.
+        """
+        intact = self._manager.latest_step()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as error:
+            if not is_no_space(error):
+                raise
+            self._abandon(step)
+            kept = f"checkpoint {intact} is intact" if intact is not None else "no earlier checkpoint was saved"
+            raise NoSpaceError(f"no space left on {self.directory} while saving checkpoint {step}; {kept}; "
+                               "free space and rerun to resume") from None
+
+    def _abandon(self, step: int) -> None:
+        """After a failed save: closes the manager (errors of its threads suppressed) and removes
+        what the save left, to give back the space it took."""
+        with contextlib.suppress(Exception):
+            self._manager.close()
+        self._closed = True
+        for leftover in self.directory.glob(f"{step}*"):
+            if leftover.name == str(step) or ".orbax-checkpoint-tmp" in leftover.name:
+                with contextlib.suppress(Exception):
+                    leftover.rmtree() if leftover.is_dir() else leftover.unlink()
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
         """The state saved at ``step`` placed like ``abstract_state``; moves ``data_iterator`` too."""
@@ -95,11 +140,21 @@ class Checkpoints:
         return restored["state"]
 
     def close(self) -> None:
-        self._manager.close()
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
 
 
 def checkpoint_directory(stage_directory: storage.PathLike) -> epath.Path:
     return storage.path(stage_directory) / "checkpoints"
+
+
+def latest_step(stage_directory: storage.PathLike) -> int | None:
+    """The newest finished checkpoint's step in a stage directory (orbax's finished checkpoints are
+    the directories named by their step; unfinished ones carry a temporary suffix), or ``None``."""
+    directory = checkpoint_directory(stage_directory)
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    return max(steps, default=None)
 
 
 def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:

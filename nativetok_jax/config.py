@@ -334,6 +334,8 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     p = g.label_drop_probability
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
     validate_sampling(g.sample, g.kind)
+    require_unconditional_model(g.sample.get("guidance_scale"), p, "config.generator.sample.guidance_scale",
+                                "generator.label_drop_probability")
     validate_loop(train)
     _number(train.get("learning_rate"), "train.learning_rate")
     _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
@@ -451,6 +453,20 @@ def config_choice(path: str, arg: str | None, choices: Sequence[str], default: s
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{field}: {message}")
+
+
+def require_unconditional_model(guidance_scale: Any, label_drop_probability: Any, field: str, drop_field: str) -> None:
+    """Raises ``ConfigError`` naming ``field`` when classifier-free guidance other than 1 (0 is the
+    unconditional model alone) is asked of a model trained with ``label_drop_probability`` 0 (``field``
+    as the message names it: ``config.<path>`` or a flag): its
+    null class's embedding never trained (it stays at its initial value), so the "unconditional"
+    prediction is an arbitrary one and guidance amplifies noise. Either number being malformed is
+    left to the field's own check."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (guidance_scale, label_drop_probability)):
+        return
+    if label_drop_probability == 0 and guidance_scale != 1:
+        raise ConfigError(f"{field}: guidance {guidance_scale:g} needs the unconditional model, which never trained: "
+                          f"{drop_field} is 0 (set the guidance to 1, or train with label dropout > 0)")
 
 
 def _positive_int(value, field: str) -> None:
@@ -729,6 +745,8 @@ def _validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int
         raise ConfigError(f"config.model.sample.respacing: {error}") from None
     _number(s.get("eta"), "model.sample.eta")
     _number(s.get("guidance_scale"), "model.sample.guidance_scale")
+    require_unconditional_model(s.guidance_scale, model.get("label_drop_probability"), "config.model.sample.guidance_scale",
+                                "model.label_drop_probability")
     g = s.get("guided_channels")
     _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
              f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
@@ -835,6 +853,8 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.preview.respacing: {error}") from None
     _number(p.get("eta"), "train.preview.eta")
     _number(p.get("guidance_scale"), "train.preview.guidance_scale")
+    require_unconditional_model(p.guidance_scale, config.model.get("label_drop_probability"),
+                                "config.train.preview.guidance_scale", "model.label_drop_probability")
     _require(data_source_ok(data), "data.source",
              f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
     _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",

@@ -32,14 +32,15 @@ from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS may import TensorFlow.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax import checkpoints, storage  # noqa: E402
 from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
+from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
 from nativetok_jax.data.sources import (  # noqa: E402
@@ -479,7 +480,6 @@ parse_flags = own_flags_parser(FLAGS, __name__)
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    checkpoints.quiet_orbax_logs()
     with boundary():  # the project's errors are one line, a bug keeps its traceback; a preempted run one line
         _evaluate_and_report()
 

@@ -15,6 +15,7 @@ import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes TensorBoard events here.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -47,7 +48,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
-    from nativetok_jax import checkpoints
     from nativetok_jax.command import boundary
     from nativetok_jax.training.diffusion_trainer import train_diffusion
     from nativetok_jax.training.generator_trainer import train_generator
@@ -56,7 +56,6 @@ def main(argv: list[str]) -> None:
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
-    checkpoints.quiet_orbax_logs()
     start = time.time()
     task = FLAGS.config.get("task", "tokenizer")
     generator = task == "generator"

@@ -15,13 +15,14 @@ import os
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from nativetok_jax.config import ConfigError, validate_sampling  # noqa: E402
+from nativetok_jax.config import ConfigError, require_unconditional_model, validate_sampling  # noqa: E402
 
 # This command's flags live in their own registry (as evaluate's): importing several entry points
 # into one process (a test session, a notebook) must not fail with a duplicate --workdir.
@@ -79,6 +80,9 @@ def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str,
         settings[name] = overrides[name]
         names[name] = f"--{name}"
     validate_sampling(settings, generator.kind, vocab_size=vocab_size, names=names)
+    require_unconditional_model(settings.guidance_scale, generator.label_drop_probability,
+                                names.get("guidance_scale", "config.generator.sample.guidance_scale"),
+                                "the run's generator.label_drop_probability")
     return settings
 
 
@@ -87,7 +91,8 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     from nativetok_jax import checkpoints
     from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
     from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.workdir import check_loadable, require_task
+    from nativetok_jax.training.generator_trainer import tokenizer_upstream
+    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     config = require_task(workdir, "sample", ("generator",))
     g = config.generator
@@ -98,6 +103,7 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
         raise ConfigError(f"--batch_size: must be a positive integer, got {batch_size}")
     check_loadable(g.tokenizer)
     check_loadable(workdir)
+    check_upstream(workdir, tokenizer_upstream(g.tokenizer), "sampling")  # the tokenizer it trained on
     generator = TrainedGenerator.from_checkpoint(workdir, use_ema=overrides.get("use_ema", True))
     tokenizer, num_classes = generator.tokenizer, generator.num_classes
     wanted = overrides.get("labels")
@@ -171,6 +177,9 @@ def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None 
     scale = s.guidance_scale if guidance_scale is None else guidance_scale
     if scale < 0:
         raise ConfigError(f"--guidance_scale: must be >= 0, got {scale}")
+    require_unconditional_model(scale, model.label_drop_probability,
+                                "--guidance_scale" if guidance_scale is not None else "config.model.sample.guidance_scale",
+                                "the run's model.label_drop_probability")
     count = 16 if num_samples is None else num_samples
     if count < 1:
         raise ConfigError(f"--num_samples: must be a positive integer, got {count}")
@@ -200,8 +209,8 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     from nativetok_jax.layers.partitioning import axis_rules
     from nativetok_jax.models.dit import dit_from_config
     from nativetok_jax.pretrained.sd_vae import latent_space
-    from nativetok_jax.training.diffusion_trainer import diffusion_sampler, image_decoder
-    from nativetok_jax.workdir import check_loadable, require_task
+    from nativetok_jax.training.diffusion_trainer import autoencoder_upstream, diffusion_sampler, image_decoder
+    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     config = require_task(workdir, "sample", ("diffusion",))
     model = config.model
@@ -211,6 +220,7 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     check_loadable(workdir)
+    check_upstream(workdir, autoencoder_upstream(model.autoencoder), "sampling")  # the VAE it trained on
     autoencoder = latent_space(model.autoencoder)  # before the sampling: a missing VAE file fails fast
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
@@ -269,7 +279,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     from nativetok_jax.evaluation.grids import save_grid, save_png
     from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
     from nativetok_jax.training import d2it_trainer
-    from nativetok_jax.workdir import check_loadable, require_task
+    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     mode = grain_maps or "model"
     if mode not in d2it_trainer.GRAIN_MAP_MODES:
@@ -293,6 +303,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
     dvae = d2it_trainer.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
+    check_upstream(workdir, d2it_trainer.dvae_upstream(config, dvae), "sampling")  # the DVAE it trained on
     from flax import nnx
 
     graphdef, _ = nnx.split(nnx.eval_shape(

@@ -10,6 +10,7 @@ objects appear whole on their own.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -64,3 +65,13 @@ def write_npz(target: PathLike, **arrays: Any) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     write_bytes(target, buffer.getvalue())
+
+
+def sha256(source: PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """The hex SHA-256 of the file at ``source`` (local or a URL), read in chunks: what identifies
+    a weights file's content, where its path does not (a re-conversion writes the same path)."""
+    digest = hashlib.sha256()
+    with path(source).open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

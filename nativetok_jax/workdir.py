@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, traverse_util
 
-from nativetok_jax import checkpoints, sharding
+from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import ConfigError, validate_generator, validate_model
 from nativetok_jax.errors import UserError
 
@@ -209,3 +209,40 @@ def changed_fields(directory: epath.Path, config: ml_collections.ConfigDict) -> 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
     flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
     return {key: list(value) if isinstance(value, tuple) else value for key, value in flat.items()}
+
+
+# ------------------------------------------------------------------------------ upstream models
+
+UPSTREAM_FILE = "upstream.json"
+
+
+def record_upstream(workdir: str | epath.PathLike, upstream: dict[str, Any], *, is_main: bool = True) -> None:
+    """Records what a run trains on that lives outside it (``upstream``: ``{"model.autoencoder.weights
+    sha256": "…", "dvae step": 5000, "dvae latent_scale": 0.9}``) in ``WORKDIR/upstream.json`` at its
+    first start; a resumed run whose upstream changed since is refused (:func:`check_upstream`).
+
+    Raises:
+      ConfigError: ``upstream`` differs from what the run recorded (one line naming each field).
+    """
+    check_upstream(workdir, upstream, "resuming")
+    target = storage.path(workdir) / UPSTREAM_FILE
+    if is_main and not target.exists():
+        storage.write_json(target, upstream)
+
+
+def check_upstream(workdir: str | epath.PathLike, current: dict[str, Any], action: str) -> None:
+    """Raises ``ConfigError`` when a field of ``WORKDIR/upstream.json`` differs from ``current``'s:
+    ``action`` (resuming, sampling) would silently use another upstream model than the run
+    trained with (a VAE re-converted at the same path decodes the run's latents wrongly; a DVAE
+    trained further encodes and scales its latents otherwise). Runs without the file (older ones)
+    and fields ``current`` does not give are not checked."""
+    source = storage.path(workdir) / UPSTREAM_FILE
+    if not source.exists():
+        return
+    recorded = storage.read_json(source)
+    changed = [f"{name}: {recorded[name]!r} when it trained, {current[name]!r} now" for name in sorted(recorded)
+               if name in current and current[name] != recorded[name]]
+    if changed:
+        raise ConfigError(f"{storage.path(workdir)} was trained on other upstream models ({'; '.join(changed)}); "
+                          f"{action} would silently use the new ones: restore what it trained with, or train a new "
+                          "run")

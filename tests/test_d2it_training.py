@@ -192,3 +192,26 @@ def test_resume_check_names_the_changed_fields_of_either_transformer(trained):
         expected = rf"holds checkpoints \(step {STEPS}\) of another model: config.{field} is"
         with pytest.raises(ConfigError, match=expected):
             check_resume(config, run_dir)
+
+
+def test_sampling_refuses_a_dvae_that_changed_since_the_run_trained(trained, tmp_path):
+    """The run records its DVAE's step and latent scale; a DVAE trained further or rescaled since
+    (here: the record says otherwise) would encode and scale latents otherwise: refused in one line."""
+    import json
+    import shutil
+
+    from nativetok_jax.dvae import DVAE
+    from nativetok_jax.sample import sample_d2it
+    from nativetok_jax.workdir import UPSTREAM_FILE
+
+    dvae_dir, run_dir, _ = trained
+    with open(os.path.join(run_dir, UPSTREAM_FILE)) as f:
+        recorded = json.load(f)
+    assert recorded == {"dvae step": 4, "dvae latent_scale": DVAE.from_checkpoint(dvae_dir).latent_scale}
+    changed = str(tmp_path / "run")
+    shutil.copytree(run_dir, changed)
+    with open(os.path.join(changed, UPSTREAM_FILE), "w") as f:
+        json.dump(dict(recorded, **{"dvae step": 2}), f)
+    with pytest.raises(ConfigError, match=r"was trained on other upstream models \(dvae step: 2 when it trained, 4 "
+                                          r"now\); sampling would silently use the new ones"):
+        sample_d2it(changed, str(tmp_path / "out"), num_samples=1, num_steps=2, sampler="ddim")

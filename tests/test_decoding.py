@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from nativetok_jax.data.decoding import UnreadableImageError, array_to_rgb, read_rgb
+from nativetok_jax.data.pipeline import SkippedImages, decode
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)  # 7 wide, 5 tall: orientation shows
@@ -173,3 +174,53 @@ def test_truncated_and_foreign_files_name_the_file(tmp_path):
     for name in ("cut.png", "text.jpg", "missing.png"):
         with pytest.raises(UnreadableImageError, match=f"cannot read image .*{name}"):
             read_rgb(str(tmp_path / name))
+
+
+# Depths with no agreed scale: what a viewer (and PIL's own 8-bit view) shows for each.
+LEVELS = np.array([[0, 1, 64, 128], [200, 254, 255, 17]])
+
+
+@pytest.mark.parametrize("name, values", [
+    ("float255.tif", LEVELS.astype(np.float32)),  # read as [0, 1] before: 98 % white
+    ("int255.tif", LEVELS.astype(np.int32)),  # read as 16-bit before: black
+])
+def test_32_bit_images_of_0_to_255_read_as_pils_8_bit_view(tmp_path, name, values):
+    path = write(tmp_path, name, Image.fromarray(values))
+    with Image.open(path) as image:
+        pil_view = np.asarray(image.convert("L"))
+    np.testing.assert_array_equal(pil_view, LEVELS)
+    np.testing.assert_array_equal(read_rgb(path), np.repeat(LEVELS[..., None], 3, -1).astype(np.uint8))
+
+
+def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
+    """PIL opens a 16-bit PGM as ``I``; its values are 16-bit whatever their range."""
+    path = tmp_path / "dark.pgm"
+    path.write_bytes(b"P5 4 2 65535\n" + LEVELS.astype(">u2").tobytes())
+    np.testing.assert_array_equal(read_rgb(str(path)), scaled16(LEVELS))
+
+
+def test_float_images_slightly_over_1_are_clipped_not_rescaled(tmp_path):
+    values = np.array([[0.0, 0.5, 1.0, 1.03]], np.float32)
+    got = read_rgb(write(tmp_path, "over.tif", Image.fromarray(values)))[..., 0]
+    assert got.tolist() == [[0, 128, 255, 255]]
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("nan.tif", np.array([[0.1, np.nan], [0.5, 0.7]], np.float32), "1 of its 4 pixels are NaN"),
+    ("negative.tif", np.array([[-200, 0], [100, 255]], np.int32), r"int32 values span \[-200, 255\]"),
+    ("huge.tif", np.array([[0, 1e6], [5, 9]], np.float32), r"float32 values span \[0, 1e\+06\], which fits no brightness"),
+])
+def test_images_with_no_brightness_scale_are_refused_naming_the_file(tmp_path, name, values, message):
+    path = write(tmp_path, name, Image.fromarray(values))
+    with pytest.raises(UnreadableImageError, match=rf"^cannot read image .*{name}: (its )?{message}"):
+        read_rgb(path)
+    if values.dtype == np.float32:
+        with pytest.raises(UnreadableImageError, match=message):
+            array_to_rgb(values)
+
+
+def test_a_folder_skips_a_nan_image_with_a_warning(tmp_path):
+    path = write(tmp_path, "nan.tif", Image.fromarray(np.full((4, 4), np.nan, np.float32)))
+    skipped = SkippedImages()
+    assert decode(path, skipped) is None
+    assert skipped.names == [path] and "16 of its 16 pixels are NaN" in skipped.examples[0]

@@ -212,3 +212,33 @@ def test_the_routing_experiment_reports_every_arm(tmp_path):
     assert saved["arms"]["entropy"]["psnr"] == report["arms"]["entropy"]["psnr"]
     assert os.path.getsize(tmp_path / "experiment" / "grain_routing.png") > 0
     assert "single_grain" in table(report)
+
+
+def test_a_trained_dvae_keeps_routing_with_the_thresholds_it_trained_with(tmp_path):
+    """The run copies its thresholds file: regenerating the file at the same path neither re-routes
+    the trained model nor passes unnoticed on resume; a file measured on other crops is refused."""
+    from nativetok_jax.training.dvae_trainer import THRESHOLDS_FILE, train_dvae
+
+    settings = grain.EntropySettings(4)
+    measured_on = dict(source="photos", image_size=16, crop_min=0.1, crop_max=0.3)
+    path = str(tmp_path / "thresholds.json")
+    grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings, measured_on).save(path)
+    config = dvae_train_config(num_steps=2, checkpoint_every=2, routing="entropy", thresholds=path)
+    workdir = str(tmp_path / "run")
+    train_dvae(config, workdir)
+    trained = DVAE.from_checkpoint(workdir).router.thresholds
+    assert trained == pytest.approx((1.5,), abs=0.02)
+    assert checkpoints.read_config(workdir).model.grain.thresholds == os.path.join(workdir, THRESHOLDS_FILE)
+
+    grain.GrainThresholds.from_entropies(np.linspace(0, 1, 100), settings, measured_on).save(path)  # regenerated
+    assert DVAE.from_checkpoint(workdir).router.thresholds == trained
+    with pytest.raises(ConfigError, match=r"^config\.model\.grain\.thresholds: .*thresholds\.json differs from the "
+                                          r"thresholds this run trained with"):
+        train_dvae(dvae_train_config(num_steps=4, routing="entropy", thresholds=path), workdir)
+
+    for field, value in (("model.image_size", 64), ("data.crop_min", 0.5)):
+        other = str(tmp_path / f"other_{field}.json")
+        grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings,
+                                             dict(measured_on, **{field.split(".")[1]: value})).save(other)
+        with pytest.raises(ConfigError, match=rf"measured on other images: {field} {value} \(this run: "):
+            train_dvae(dvae_train_config(routing="entropy", thresholds=other), str(tmp_path / field))

@@ -2,6 +2,7 @@
 trains through the same entry point as the tokenizer, and `sample` writes seeded PNGs; on two
 processes each encodes its own share of the tokens and a resumed run redoes only what is missing."""
 
+import json
 import os
 import socket
 
@@ -149,3 +150,25 @@ def test_two_processes_share_token_extraction_and_resume(tokenizer_dir, tmp_path
     assert os.path.getmtime(token_store.shard_paths(train, 0)[0]) == written_0
     assert storage.read_json(os.path.join(workdir, "eval.json"))["step"] == 2
     assert checkpoints.load_params(workdir, use_ema=False)[1] == 2
+
+
+def test_a_generator_run_names_its_tokenizer_by_absolute_path_and_step(tokenizer_dir, tmp_path, monkeypatch):
+    """The demo's ``generator.tokenizer = "workdirs/demo"`` is relative to where the run starts; the
+    run records the absolute path, so ``sample`` from another directory finds the same tokenizer.
+    It records the tokenizer's step too: sampling on a tokenizer trained further since is refused."""
+    monkeypatch.chdir(os.path.dirname(tokenizer_dir))
+    config = tiny_generator_config(os.path.basename(tokenizer_dir))
+    config.generator.update(num_train_examples=16, num_eval_examples=16)
+    config.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
+    workdir = str(tmp_path / "generator")
+    train_generator(config, workdir)
+    assert checkpoints.read_config(workdir).generator.tokenizer == tokenizer_dir
+    monkeypatch.chdir(tmp_path)
+    assert sample_images(workdir, str(tmp_path / "samples"), num_samples=2).shape == (2, 16, 16, 3)
+    upstream = os.path.join(workdir, "upstream.json")
+    with open(upstream) as f:
+        assert json.load(f) == {"tokenizer step": 2}
+    with open(upstream, "w") as f:  # as if the tokenizer had been at step 1 when the generator trained
+        json.dump({"tokenizer step": 1}, f)
+    with pytest.raises(ConfigError, match=r"other upstream models \(tokenizer step: 1 when it trained, 2 now\)"):
+        sample_images(workdir, str(tmp_path / "again"), num_samples=2)

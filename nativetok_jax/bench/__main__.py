@@ -1,4 +1,6 @@
-"""``python -m nativetok_jax.bench {model,train,generate,compare,profile,diffusion} [options]``."""
+"""``python -m nativetok_jax.bench {model,train,generate,compare,profile,diffusion} [options]``: measure
+the project's models (``python -m nativetok_jax.bench NAME --help`` for one benchmark's options).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +15,22 @@ BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run,
               "diffusion": diffusion.run}
 
 
+HELP_FLAGS = ("-h", "--help", "-help")
+
+
+def usage() -> str:
+    """The docstring, then each benchmark with the first line of its module's docstring."""
+    lines = [__doc__.strip(), "", "benchmarks:"]
+    for name, run in BENCHMARKS.items():
+        summary = (sys.modules[run.__module__].__doc__ or "").strip().split("\n\n")[0]
+        lines.append(f"  {name:<10} {' '.join(summary.split())}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] in HELP_FLAGS:
+        print(usage())
+        return
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: python -m nativetok_jax.bench {{{','.join(BENCHMARKS)}}} [--help]")
     jax.config.update("jax_enable_compilation_cache", False)  # compile times must be real compiles

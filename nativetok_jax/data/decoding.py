@@ -7,12 +7,15 @@ looks to the model as it looks to the person who took it:
   a phone photo stored sideways with orientation 6 is read upright, as every viewer shows it.
 - **Depth by meaning.** 16-bit samples (``I;16*`` grey, 48-bit RGB) are scaled to 8 bits,
   ``round(v * 255 / 65535)``, never clipped at 255 (what ``Image.convert`` does to ``I;16``,
-  turning a 16-bit photo almost white). ``I`` (32-bit integer) images are read as 16-bit too
-  (values outside [0, 65535] clipped): PIL opens 16-bit PGM/PNG/TIFF files of some kinds as ``I``,
-  and 32-bit integer images have no agreed brightness scale.
-  ``F`` (32-bit float) images are taken to span [0, 1], the convention of float TIFFs; values
-  outside are clipped. 48-bit RGB PNGs are read by PIL as 8-bit RGB (their high bytes): already
-  the meaning.
+  turning a 16-bit photo almost white). PIL opens 16-bit PGM/PPM and PNG files and 16-bit TIFFs of
+  some kinds as ``I``: those are scaled from 16 bits too. Other ``I`` (32-bit integer) and ``F``
+  (32-bit float) images have no agreed brightness scale, and both conventions occur (float TIFFs
+  of [0, 1] and of 0..255; integer TIFFs of 0..255 and of 0..65535), so the scale is read from the
+  values (:func:`full_scale`): the smallest of 1 (floats only), 255 and 65535 that holds the
+  image's largest value; small overshoots of a float scale are clipped. An image whose values fit
+  no scale (negative, or beyond 65535) is refused, and so is one with NaN pixels (an
+  ``UnreadableImageError`` naming the file: the data pipeline skips it with a warning). 48-bit
+  RGB PNGs are read by PIL as 8-bit RGB (their high bytes): already the meaning.
 - **Colour.** Palette (``P``), bilevel (``1``), grey (``L``), ``CMYK``, ``YCbCr``, ``LAB`` and
   ``HSV`` are converted with PIL's own rules (``Image.convert("RGB")``; CMYK without an ICC
   transform, as PIL does).
@@ -24,8 +27,8 @@ looks to the model as it looks to the person who took it:
 
 TFDS ``Image`` features are read undecoded and decoded here too (TensorFlow's decoder ignores
 EXIF orientation). Arrays follow the same rules by dtype: ``uint8`` as is, ``uint16`` scaled,
-floats taken to span [0, 1]; ``[H, W]`` and ``[H, W, 1]`` are grey, ``[H, W, 2]`` grey + alpha,
-``[H, W, 4]`` RGBA.
+floats scaled by :func:`full_scale` (NaN refused); ``[H, W]`` and ``[H, W, 1]`` are grey,
+``[H, W, 2]`` grey + alpha, ``[H, W, 4]`` RGBA.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ from nativetok_jax.errors import UserError
 
 WHITE = 255
 ORIENTATION = 0x0112  # the EXIF tag
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Formats whose ``I`` images PIL makes only from 16-bit samples (PGM/PPM maxval > 255, 16-bit PNG).
+SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+BITS_PER_SAMPLE = 258  # the TIFF tag
+# A float image whose largest value exceeds a scale by at most this fraction is taken at that
+# scale (resampling overshoots a little), its excess clipped.
+FLOAT_OVERSHOOT = 0.05
 ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 # PIL raises SyntaxError for some malformed headers (a broken PNG chunk), DecompressionBombError
 # for images over twice Image.MAX_IMAGE_PIXELS.
@@ -85,10 +94,11 @@ def to_viewed_rgb(image: Image.Image) -> np.ndarray:
     if image.getexif().get(ORIENTATION, 1) != 1:  # copies only images that need turning
         image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode in SIXTEEN_BIT_MODES:
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and _sixteen_bit_source(image)):
         return _grey_to_rgb(_scale(np.asarray(image), 65535))
-    if mode == "F":
-        return _grey_to_rgb(_scale(np.asarray(image), 1.0))
+    if mode in ("I", "F"):
+        values = np.asarray(image)
+        return _grey_to_rgb(_scale(values, full_scale(values)))
     if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         return _on_white(np.asarray(image.convert("RGBA")))
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -111,7 +121,7 @@ def array_to_rgb(array: Any) -> np.ndarray:
     elif array.dtype == np.uint16:
         pixels = _scale(array, 65535)
     elif np.issubdtype(array.dtype, np.floating):
-        pixels = _scale(array, 1.0)
+        pixels = _scale(array, full_scale(array))
     else:
         raise UnreadableImageError(f"cannot read an image array of shape {array.shape} and dtype {array.dtype} "
                                    "(expected uint8, uint16 or float)")
@@ -121,10 +131,42 @@ def array_to_rgb(array: Any) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(pixels, 3 // pixels.shape[-1], axis=-1))
 
 
+def _sixteen_bit_source(image: Image.Image) -> bool:
+    """Whether an ``I`` image came from 16-bit samples (module doc)."""
+    if image.format in SIXTEEN_BIT_I_FORMATS:
+        return True
+    bits = getattr(image, "tag_v2", {}).get(BITS_PER_SAMPLE) if image.format == "TIFF" else None
+    return bits == 16 or (isinstance(bits, tuple) and bits[:1] == (16,))
+
+
+def full_scale(values: np.ndarray) -> float:
+    """The brightness of white in an image of 32-bit integer or float ``values`` (module doc): 1.0
+    (floats only), 255 or 65535, the smallest whose range holds the values (a float's by up to
+    :data:`FLOAT_OVERSHOOT`).
+
+    Raises:
+      UnreadableImageError: NaN values, or values no scale holds (negative, or above 65535).
+    """
+    values = np.asarray(values)
+    floating = np.issubdtype(values.dtype, np.floating)
+    if floating and np.isnan(values).any():
+        raise UnreadableImageError(f"{int(np.isnan(values).sum())} of its {values.size} pixels are NaN")
+    low, high = (values.min(), values.max()) if values.size else (0, 0)
+    slack = 1 + FLOAT_OVERSHOOT if floating else 1
+    scales = (1.0, 255.0, 65535.0) if floating else (255.0, 65535.0)
+    for scale in scales:
+        if high <= scale * slack:
+            if low < -FLOAT_OVERSHOOT * scale:
+                break
+            return scale
+    raise UnreadableImageError(f"its {values.dtype} values span [{low:g}, {high:g}], which fits no brightness scale "
+                               "(0..1, 0..255 or 0..65535)")
+
+
 def _scale(values: np.ndarray, full_scale: float) -> np.ndarray:
     """``values`` in [0, full_scale] to uint8 [0, 255] by rounding (out-of-range values clipped)."""
     scaled = np.asarray(values, np.float64) * (255.0 / full_scale)
-    return np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:

@@ -42,11 +42,13 @@ import time
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice on import; it computes nothing here
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
 
 FLAGS = flags.FLAGS
 REPORT, PLOT, TABLE = "dynamic_grain.json", "dynamic_grain.png", "dynamic_grain.md"

@@ -65,6 +65,7 @@ from nativetok_jax.training.generator_trainer import token_iterator
 from nativetok_jax.training.grain_latent_extraction import extract_grain_latents
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
+from nativetok_jax.workdir import record_upstream
 
 Batch = dict[str, jax.Array]
 GRAIN_LATENTS = "grain_latents"  # the stores' directory inside the DVAE workdir
@@ -94,6 +95,13 @@ def open_dvae(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None 
                           f"latent_channels {config.model.latent_channels}), the DVAE in {workdir} makes "
                           f"{tuple(dvae.latent_shape)}")
     return dvae
+
+
+def dvae_upstream(config: ml_collections.ConfigDict, dvae: DVAE) -> dict[str, Any]:
+    """What identifies the trained DVAE a D²iT run diffuses the latents of, beyond its workdir: its
+    newest checkpoint's step and its latent scale (a DVAE trained further, or rescaled, encodes and
+    scales latents otherwise). Recorded by :func:`workdir.record_upstream`."""
+    return {"dvae step": checkpoints.latest_step(config.dvae.workdir), "dvae latent_scale": float(dvae.latent_scale)}
 
 
 def store_directory(config: ml_collections.ConfigDict) -> epath.Path:
@@ -200,12 +208,17 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     Raises ``ConfigError`` (one line, before anything compiles) for a bad field or a DVAE workdir
     that does not fit, ``TokenStoreError`` for a store made with other settings."""
     validate_d2it(config)
+    # The DVAE as an absolute path (a URL as it is): config.json then names the same run whatever
+    # directory a later command (sample, a resume) runs in.
+    config = config.copy_and_resolve_references()
+    config.dvae.workdir = str(storage.path(config.dvae.workdir))
     model_config, train = config.model, config.train
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
     dvae = open_dvae(config, mesh)
+    record_upstream(workdir, dvae_upstream(config, dvae), is_main=is_main)
     train_latents, eval_latents = grain_latent_stores(config, dvae)
     if is_main:
         checkpoints.write_config(workdir, config)

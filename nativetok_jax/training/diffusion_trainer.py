@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from nativetok_jax import checkpoints, sharding
+from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import ConfigError, dit_latent_shape, validate_dit
 from nativetok_jax.data.latent_store import LatentSource
 from nativetok_jax.data.sources import PhotoSource, open_sources
@@ -48,6 +48,7 @@ from nativetok_jax.training.generator_trainer import token_iterator
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import encode_into_store
+from nativetok_jax.workdir import record_upstream
 
 Batch = dict[str, jax.Array]
 Autoencoder = KLAutoencoder | PixelSpace
@@ -127,6 +128,15 @@ def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
                         config.latents.num_train_examples or len(train_source), num_eval, data_classes)
 
 
+def autoencoder_upstream(autoencoder: ml_collections.ConfigDict) -> dict[str, str]:
+    """What identifies the autoencoder a DiT run's latents come from, beyond its config: the SD-VAE
+    weights' SHA-256 (a file re-converted at the same path has another); pixel space: nothing.
+    Recorded by :func:`workdir.record_upstream` and the latent stores' description."""
+    if autoencoder.kind != "sd_vae" or not autoencoder.get("weights"):
+        return {}
+    return {"model.autoencoder.weights sha256": storage.sha256(autoencoder.weights)}
+
+
 def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
                   workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
     """The (train, held-out) latent stores (:func:`store_sources`), encoded now unless finished
@@ -145,6 +155,7 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
                                                                           and data.source == "photos"),
                        image_size=model.image_size, moments_shape=list(moments_shape(model)),
                        num_classes=model.num_classes)
+    description.update(autoencoder_upstream(ae))  # a store of another file's latents is not reused
     shape = moments_shape(model)
     encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
     directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
@@ -214,6 +225,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
+    record_upstream(workdir, autoencoder_upstream(model_config.autoencoder), is_main=is_main)
     autoencoder = latent_space(model_config.autoencoder)
     train_latents, eval_latents = latent_stores(config, autoencoder, workdir)
     if is_main:

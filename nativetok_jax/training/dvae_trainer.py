@@ -31,13 +31,13 @@ from etils import epath
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import validate_dvae
+from nativetok_jax.config import ConfigError, validate_dvae
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.dvae import DVAE, LATENT_SCALE_FILE
 from nativetok_jax.evaluation.dvae_metrics import evaluate_dvae
 from nativetok_jax.models import grain
-from nativetok_jax.models.dvae import DynamicVAE, build_dvae, kl_divergence, latent_scale_of, sample_latents
+from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, build_dvae, kl_divergence, latent_scale_of, sample_latents
 from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import loop
 from nativetok_jax.training.adversarial import Discriminator, build_discriminator, uses_discriminator
@@ -83,6 +83,47 @@ def dvae_objective(
                      networks.arrays if networks.arrays else None)
 
 
+THRESHOLDS_FILE = "grain_thresholds.json"  # the run's own copy of the thresholds it routes with
+# What a thresholds file must have been measured on to route this run's crops at its fine ratio.
+MEASURED_ON = (("image_size", "model.image_size"), ("crop_min", "data.crop_min"), ("crop_max", "data.crop_max"))
+
+
+def pin_thresholds(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> ml_collections.ConfigDict:
+    """The config to record in ``config.json``: with entropy routing, ``model.grain.thresholds``
+    names the run's own copy of the thresholds file (``WORKDIR/grain_thresholds.json``, written at
+    the first start), so a file regenerated later at the original path cannot re-route the trained
+    model (``DVAE.from_checkpoint`` and D²iT read the copy). Other routings: ``config`` unchanged.
+
+    Raises:
+      ConfigError: the file was measured on other images than this run's (image size, crop
+        scales: its regions' entropies, hence its fine fraction, differ), or a resumed run is
+        given a file whose thresholds differ from the copy it trained with.
+      GrainError: the file is missing, unreadable, or of other entropy settings.
+    """
+    model = config.model
+    if model.grain.routing != "entropy":
+        return config
+    named = storage.path(model.grain.thresholds)
+    measured = grain.GrainThresholds.load(str(named), DVAEConfig.from_model_config(model).entropy_settings)
+    wanted = dict(image_size=model.image_size, crop_min=config.data.crop_min, crop_max=config.data.crop_max)
+    other = [f"{field} {measured.data[key]!r} (this run: {wanted[key]!r})" for key, field in MEASURED_ON
+             if key in measured.data and measured.data[key] != wanted[key]]
+    if other:
+        raise ConfigError(f"config.model.grain.thresholds: {named} was measured on other images: {', '.join(other)}; "
+                          "measure this run's with `python -m nativetok_jax.grain_thresholds --config C --out T.json`")
+    copy = storage.path(workdir) / THRESHOLDS_FILE
+    if copy.exists():
+        trained = grain.GrainThresholds.load(str(copy))
+        if named != copy and trained.percentiles != measured.percentiles:
+            raise ConfigError(f"config.model.grain.thresholds: {named} differs from the thresholds this run trained "
+                              f"with ({copy}); name that copy to resume, or give a new --workdir")
+    elif jax.process_index() == 0:
+        storage.write_text(copy, named.read_text())
+    pinned = config.copy_and_resolve_references()
+    pinned.model.grain.thresholds = str(copy)
+    return pinned
+
+
 def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains the Dynamic VAE of ``config`` in ``workdir`` (resuming when it holds checkpoints);
     writes ``latent_scale.json`` and ``eval.json``; returns the final evaluation summary."""
@@ -96,8 +137,9 @@ def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     skipped = SkippedImages()
     held_out = eval_images(data, eval_source, image_size=size, num_images=data.num_eval_images, seed=train.seed,
                            skipped=skipped)
+    pinned = pin_thresholds(config, workdir)  # before anything else is written to the workdir
     if is_main:
-        checkpoints.write_config(workdir, config)
+        checkpoints.write_config(workdir, pinned)
     networks = load_networks(config)
     built = build_state(lambda r: build_dvae(config.model, r), train=train, mesh=mesh, rules=rules)
     discriminator = None

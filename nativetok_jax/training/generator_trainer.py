@@ -42,6 +42,7 @@ from nativetok_jax.training.loop import Task
 from nativetok_jax.training.state import build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
+from nativetok_jax.workdir import record_upstream
 
 Batch = dict[str, jax.Array]
 HELD_OUT_NLL = "held_out_nll.npz"  # "nll": float32 [num_eval_examples, L], the last evaluation's per-token NLLs
@@ -96,14 +97,26 @@ def token_iterator(source: TokenSource, batch_size: int, seed: int) -> grain.Dat
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 
+def tokenizer_upstream(tokenizer: str) -> dict[str, Any]:
+    """What identifies the trained tokenizer a generator models the ids of, beyond its workdir: its
+    final stage's newest checkpoint step (a tokenizer trained further gives other ids for the same
+    images). Recorded by :func:`workdir.record_upstream`."""
+    return {"tokenizer step": checkpoints.latest_step(checkpoints.final_stage_directory(tokenizer))}
+
+
 def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains the generator ``config`` describes in ``workdir``; returns the final evaluation."""
     validate_generator(config)
+    # The tokenizer as an absolute path (a URL as it is): config.json and the token stores then name
+    # the same run whatever directory a later command (sample, evaluate, a resume) runs in.
+    config = config.copy_and_resolve_references()
+    config.generator.tokenizer = str(storage.path(config.generator.tokenizer))
     g, train = config.generator, config.train
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
+    record_upstream(workdir, tokenizer_upstream(g.tokenizer), is_main=is_main)
     tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
     order = g.token_order.permutation
     train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir))

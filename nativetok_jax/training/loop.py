@@ -198,6 +198,8 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
         preemption.restore()
         if profile is not None:
             profile.close()
-        writer.flush()
+        # Closed here, not by tensorboardX's exit hook: Python 3.12 cannot start the writer's
+        # queue thread at interpreter shutdown (a traceback after a run's last line).
+        writer.close()
         store.close()
     return Result(state, step, metrics)

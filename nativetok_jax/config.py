@@ -810,7 +810,6 @@ def validate_d2it(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field of a D²iT run (``task="d2it"``) that cannot work:
     the content transformer (``model``), the grain transformer, the DVAE workdir, ``train`` (with
     ``grain_loss_weight``) and the data and latent-store fields DiT's runs have."""
-    from nativetok_jax.models.grain_transformer import validate_grain_transformer_config
 
     validate_d2it_model(config.model)
     validate_grain_transformer_config(config.grain_transformer)
@@ -1041,10 +1040,38 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
     config.task = "d2it"
     config.model = d2it_model_config(size)
     config.dvae = ml_collections.ConfigDict(dict(workdir=""))
-    from nativetok_jax.models.grain_transformer import default_grain_transformer_config
 
     config.grain_transformer = default_grain_transformer_config()
     # Both transformers train in one step (models/dynamic_diffusion_transformer.py says why) [C]:
     # loss = content loss + grain_loss_weight * the grain transformer's masked cross-entropy.
     config.train.grain_loss_weight = 1.0
     return config
+
+
+# The Dynamic Grain Transformer's section (models/grain_transformer.py reads it).
+
+def default_grain_transformer_config() -> ml_collections.ConfigDict:
+    """The ``config.grain_transformer`` section (``models/grain_transformer.py`` documents every field)."""
+    return ml_collections.ConfigDict(dict(
+        width=384, depth=6, num_heads=6, mlp_ratio=4.0, remat=False, dtype="float32",
+        label_drop_probability=0.1,
+        num_steps=8, temperature=1.0, choice_temperature=math.inf, guidance_scale=1.0,
+    ))
+
+
+def validate_grain_transformer_config(section: ml_collections.ConfigDict, field: str = "grain_transformer") -> None:
+    """Raises :class:`~nativetok_jax.config.ConfigError` naming the first field of ``section``
+    (``config.<field>.<name>``) that cannot work."""
+    _validate_transformer(section, field)
+    _require(section.get("dtype") in DTYPES, f"{field}.dtype", f"must be one of {DTYPES}, got {section.get('dtype')!r}")
+    drop = section.get("label_drop_probability")
+    _require(isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop < 1,
+             f"{field}.label_drop_probability", f"must lie in [0, 1), got {drop!r}")
+    steps = section.get("num_steps")
+    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, f"{field}.num_steps",
+             f"must be a positive integer, got {steps!r}")
+    for name in ("temperature", "choice_temperature", "guidance_scale"):
+        _number(section.get(name), f"{field}.{name}")
+        # An infinite choice temperature is a uniformly random keep order; elsewhere inf means nothing.
+        _require(math.isfinite(section.get(name)) or name == "choice_temperature", f"{field}.{name}",
+                 f"must be finite, got {section.get(name)!r}")

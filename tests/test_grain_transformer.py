@@ -22,13 +22,12 @@ import pytest
 from flax import nnx
 
 from nativetok_jax import sharding
-from nativetok_jax.config import DEFAULT_RULES, ConfigError
+from nativetok_jax.config import DEFAULT_RULES, ConfigError, default_grain_transformer_config
 from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
 from nativetok_jax.generation.grain_maps import sample_grain_maps
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.grain_transformer import (
     GrainTransformer,
-    default_grain_transformer_config,
     grain_sampling_settings,
     grain_transformer_from_config,
     grain_transformer_loss,

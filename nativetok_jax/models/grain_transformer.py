@@ -45,7 +45,6 @@ fraction, the latent budget the content transformer spends, follows the data's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,37 +54,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.config import DTYPES, _number, _require, _validate_transformer
+from nativetok_jax.config import validate_grain_transformer_config
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 
 GRAIN_VOCABULARY = 2  # grain ids: 0 coarse, 1 fine (the grain latent store's convention)
-
-
-def default_grain_transformer_config() -> ml_collections.ConfigDict:
-    """The ``config.grain_transformer`` section; the module docstring documents every field."""
-    return ml_collections.ConfigDict(dict(
-        width=384, depth=6, num_heads=6, mlp_ratio=4.0, remat=False, dtype="float32",
-        label_drop_probability=0.1,
-        num_steps=8, temperature=1.0, choice_temperature=math.inf, guidance_scale=1.0,
-    ))
-
-
-def validate_grain_transformer_config(section: ml_collections.ConfigDict, field: str = "grain_transformer") -> None:
-    """Raises :class:`~nativetok_jax.config.ConfigError` naming the first field of ``section``
-    (``config.<field>.<name>``) that cannot work."""
-    _validate_transformer(section, field)
-    _require(section.get("dtype") in DTYPES, f"{field}.dtype", f"must be one of {DTYPES}, got {section.get('dtype')!r}")
-    drop = section.get("label_drop_probability")
-    _require(isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop < 1,
-             f"{field}.label_drop_probability", f"must lie in [0, 1), got {drop!r}")
-    steps = section.get("num_steps")
-    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, f"{field}.num_steps",
-             f"must be a positive integer, got {steps!r}")
-    for name in ("temperature", "choice_temperature", "guidance_scale"):
-        _number(section.get(name), f"{field}.{name}")
-        # An infinite choice temperature is a uniformly random keep order; elsewhere inf means nothing.
-        _require(math.isfinite(section.get(name)) or name == "choice_temperature", f"{field}.{name}",
-                 f"must be finite, got {section.get(name)!r}")
 
 
 class GrainTransformer(MaskedTokenTransformer):

@@ -33,7 +33,7 @@ from nativetok_jax.config import validate_dvae_model
 from nativetok_jax.models import grain
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
-from nativetok_jax.pretrained import export
+from nativetok_jax.pretrained import directory as pretrained_directory
 
 LATENT_SCALE_FILE = "latent_scale.json"  # written by the trainer beside the checkpoints
 THRESHOLDS_FILE = "thresholds.json"  # an export's copy of the entropy thresholds its router reads
@@ -143,7 +143,7 @@ class DVAE:
         """The DVAE :meth:`save_pretrained` wrote to ``directory``, with its latent scale and (entropy
         routing) the thresholds file saved beside it. Raises ``WeightsError`` (one line) for a
         missing or foreign file, ``ValueError`` for parameters that do not fit."""
-        config, params, meta = export.load_pretrained(directory, kind="dvae")
+        config, params, meta = pretrained_directory.load_pretrained(directory, kind="dvae")
         thresholds = storage.path(directory) / THRESHOLDS_FILE
         if thresholds.is_file():  # the router reads the export's copy, not the training run's file
             config.model.grain.thresholds = str(thresholds)
@@ -153,7 +153,7 @@ class DVAE:
         """Writes ``directory/config.json`` (config, ``latent_scale``), ``model.safetensors`` and, for
         entropy routing, a copy of the thresholds file as ``thresholds.json``: what
         :meth:`from_pretrained` loads. On several hosts every process calls it; process 0 writes."""
-        export.save_pretrained(directory, kind="dvae", config=self.config, params=self._params,
+        pretrained_directory.save_pretrained(directory, kind="dvae", config=self.config, params=self._params,
                                latent_scale=self.latent_scale, image_size=self.image_size,
                                latent_shape=list(self.latent_shape), grain_map_shape=list(self.grain_map_shape))
         source = self.model_config.thresholds

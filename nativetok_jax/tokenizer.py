@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.models import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
-from nativetok_jax.pretrained import export
+from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
 
 # Maps proxy-code logits [B, h, w, K] to images [B, H, W, 3] in [-1, 1]: an NNX module such as
@@ -170,7 +170,7 @@ class Tokenizer:
         ``model.safetensors``; no orbax checkpoint, no run directory). A proxy-code model loads
         its VQGAN from the file its config names, unless one is given. Raises ``WeightsError``
         (one line) for a missing or foreign file and ``ValueError`` for parameters that do not fit."""
-        config, params, _ = export.load_pretrained(directory, kind="tokenizer")
+        config, params, _ = pretrained_directory.load_pretrained(directory, kind="tokenizer")
         if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
             proxy_decoder = load_proxy_decoder(config)
         return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
@@ -179,7 +179,7 @@ class Tokenizer:
         """Writes ``directory/config.json`` (this tokenizer's config) and ``model.safetensors``
         (its parameters, float32, named ``mit/...``, ``experts/...``): what :meth:`from_pretrained`
         and any safetensors reader load. On several hosts every process calls it; process 0 writes."""
-        export.save_pretrained(directory, kind="tokenizer", config=self.config, params=self._params,
+        pretrained_directory.save_pretrained(directory, kind="tokenizer", config=self.config, params=self._params,
                                image_size=self.image_size, num_tokens=self.num_tokens,
                                codebook_size=self.codebook_size)
 

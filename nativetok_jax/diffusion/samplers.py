@@ -20,7 +20,6 @@ copies at every step. Without ``grains`` the samplers are DiT's, unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -29,7 +29,7 @@ from nativetok_jax import checkpoints, sharding
 from nativetok_jax.dvae import DVAE
 from nativetok_jax.models.dit import dit_from_config
 from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-from nativetok_jax.pretrained import export
+from nativetok_jax.pretrained import directory as pretrained_directory
 
 DVAE_DIRECTORY = "dvae"
 
@@ -85,13 +85,13 @@ class TrainedDiT(_TrainedTransformer):
     def from_pretrained(cls, directory: str) -> TrainedDiT:
         """What :meth:`save_pretrained` wrote (``WeightsError`` for a missing or foreign file,
         ``ValueError`` for parameters that do not fit the config)."""
-        config, params, _ = export.load_pretrained(directory, kind="dit")
+        config, params, _ = pretrained_directory.load_pretrained(directory, kind="dit")
         return cls(config, params)
 
     def save_pretrained(self, directory: str) -> None:
         """``directory/config.json`` and ``model.safetensors`` (docs/export.md lists the names)."""
         m = self.config.model
-        export.save_pretrained(directory, kind="dit", config=self.config, params=self.params,
+        pretrained_directory.save_pretrained(directory, kind="dit", config=self.config, params=self.params,
                                image_size=m.image_size, num_classes=m.num_classes, patch_size=m.patch_size)
 
 
@@ -119,14 +119,14 @@ class TrainedD2iT(_TrainedTransformer):
     @classmethod
     def from_pretrained(cls, directory: str) -> TrainedD2iT:
         """What :meth:`save_pretrained` wrote, its DVAE from ``directory/dvae``."""
-        config, params, _ = export.load_pretrained(directory, kind="d2it")
+        config, params, _ = pretrained_directory.load_pretrained(directory, kind="d2it")
         dvae = DVAE.from_pretrained(os.path.join(directory, DVAE_DIRECTORY), mesh=sharding.make_mesh(config.mesh))
         return cls(config, params, dvae)
 
     def save_pretrained(self, directory: str) -> None:
         """``directory/config.json``, ``model.safetensors`` (both transformers: ``content/...``,
         ``grain/...``) and the DVAE in ``directory/dvae/``: a self-contained model."""
-        export.save_pretrained(directory, kind="d2it", config=self.config, params=self.params,
+        pretrained_directory.save_pretrained(directory, kind="d2it", config=self.config, params=self.params,
                                image_size=self.dvae.image_size, num_classes=self.config.model.num_classes,
                                grain_map_shape=list(self.dvae.grain_map_shape))
         self.dvae.save_pretrained(os.path.join(directory, DVAE_DIRECTORY))

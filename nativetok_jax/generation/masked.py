@@ -29,7 +29,7 @@ from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 _ROUNDING_SLACK = 1e-9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _masked_counts(num_steps: int, num_tokens: int) -> tuple[int, ...]:
     """Tokens still masked before decoding (index 0) and after each step (index ``step + 1``)."""
     if num_steps < 1 or num_tokens < 1:

@@ -25,7 +25,7 @@ from nativetok_jax.data.token_order import to_tokenizer_order, token_permutation
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators import build_generator
-from nativetok_jax.pretrained import export
+from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.tokenizer import Tokenizer
 
 TOKENIZER_DIRECTORY = "tokenizer"
@@ -71,7 +71,7 @@ class TrainedGenerator:
     @classmethod
     def from_pretrained(cls, directory: str) -> TrainedGenerator:
         """What :meth:`save_pretrained` wrote: no orbax checkpoint, no run directory."""
-        config, params, _ = export.load_pretrained(directory, kind="generator")
+        config, params, _ = pretrained_directory.load_pretrained(directory, kind="generator")
         tokenizer = Tokenizer.from_pretrained(os.path.join(directory, TOKENIZER_DIRECTORY),
                                               mesh=sharding.make_mesh(config.mesh))
         return cls(config, params, tokenizer)
@@ -79,7 +79,7 @@ class TrainedGenerator:
     def save_pretrained(self, directory: str) -> None:
         """``directory/config.json`` and ``model.safetensors`` for the generator, and its tokenizer
         in ``directory/tokenizer/``: a self-contained model to sample from."""
-        export.save_pretrained(directory, kind="generator", config=self.config, params=self.params,
+        pretrained_directory.save_pretrained(directory, kind="generator", config=self.config, params=self.params,
                                num_classes=self.num_classes, num_tokens=self.tokenizer.num_tokens,
                                vocab_size=self.tokenizer.codebook_size)
         self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIRECTORY))

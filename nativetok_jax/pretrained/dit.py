@@ -39,7 +39,7 @@ from nativetok_jax import checkpoints, storage
 from nativetok_jax.config import DIT_SIZES, ConfigError, dit_config
 from nativetok_jax.models.dit import dit_from_config, sincos_2d_positions
 from nativetok_jax.pretrained import files
-from nativetok_jax.pretrained.maskgit_vqgan import _map, _strip_prefix
+from nativetok_jax.pretrained.maskgit_vqgan import _strip_prefix
 
 DIT_SOURCE = "facebookresearch/DiT checkpoint"
 DIFFUSERS_SOURCE = "diffusers DiTTransformer2DModel"

@@ -36,6 +36,7 @@ FULL_DISK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_no_space_is_one_line_naming_the_intact_checkpoint_and_the_rerun_resumes(tmp_path):
     config_file = conftest.write_config_file(tmp_path, "test_diffusion_training.tiny_dit_config", num_steps=4,
                                              checkpoint_every=2)

@@ -52,6 +52,7 @@ def kernel_state(monkeypatch):
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_every_cell_runs_twice_in_order_with_a_tiny_config(tmp_path, monkeypatch, kernel_state):
     config_file = conftest.write_config_file(tmp_path, "test_training.train_config", num_steps=4, log_every=2,
                                              checkpoint_every=4)
@@ -74,6 +75,7 @@ def test_every_cell_runs_twice_in_order_with_a_tiny_config(tmp_path, monkeypatch
     assert first.splitlines()[-1] == second.splitlines()[-1]  # the same export
 
 
+@pytest.mark.slow
 def test_the_install_cell_clones_once_and_lands_in_the_clone_each_time(tmp_path, monkeypatch, kernel_state):
     clone = str(tmp_path / "nativetok_jax")
     install = replace_once(code_cells()[0], 'CLONE_DIR = "/content/nativetok_jax"', f"CLONE_DIR = {clone!r}")
@@ -91,6 +93,7 @@ def test_the_install_cell_clones_once_and_lands_in_the_clone_each_time(tmp_path,
     assert os.getcwd() == clone and os.path.exists(marker)
 
 
+@pytest.mark.slow
 def test_without_a_checkout_or_url_the_install_cell_says_what_to_set(tmp_path, monkeypatch, kernel_state):
     install = replace_once(code_cells()[0], 'CLONE_DIR = "/content/nativetok_jax"',
                            f"CLONE_DIR = {str(tmp_path / 'absent')!r}")

@@ -35,6 +35,7 @@ def run(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
 def test_help_exits_0_with_the_commands_help(module):
     result = run(module, "--help")
@@ -60,6 +61,7 @@ def test_noise_is_orbax_below_error_and_jaxs_backend_probe():
     assert command_line.is_noise(full)  # the command says it in one line
 
 
+@pytest.mark.slow
 def test_sample_log_is_quiet_unless_verbosity_asks(tmp_path):
     workdir = str(tmp_path / "dit")
     train_diffusion(tiny_dit_config(num_steps=2, checkpoint_every=2), workdir)

@@ -109,6 +109,7 @@ def start_main(config_file: str, workdir: str, *flags: str) -> subprocess.Popen:
                              *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run_and_samples(tmp_path):
     config_file = conftest.write_config_file(str(tmp_path), "test_diffusion_training.tiny_dit_config",
                                              num_steps=10, checkpoint_every=2, eval_every=10)

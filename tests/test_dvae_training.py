@@ -181,6 +181,7 @@ def test_the_grain_latent_store_resumes_and_refuses_other_settings(tmp_path):
         extract(seed=1)
 
 
+@pytest.mark.slow
 def test_the_routing_experiment_reports_every_arm(tmp_path):
     from nativetok_jax.data.pipeline import eval_images
     from nativetok_jax.data.sources import open_sources

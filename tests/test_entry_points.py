@@ -22,6 +22,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_main_reports_a_bad_config_field_in_one_line(tmp_path):
     result = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.encoder.num_heads=3")
     assert result.returncode != 0

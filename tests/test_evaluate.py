@@ -221,6 +221,7 @@ def test_a_folder_without_readable_images_is_one_line_error(workdir, tmp_path):
     assert code == f"error: --data {tmp_path}: no images to evaluate (1 unreadable)"
 
 
+@pytest.mark.slow
 def test_command_line_reports_bad_input_in_one_line_and_exit_code_1(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nativetok_jax.evaluate", "--workdir", str(tmp_path), "--data", "/no/such/images",

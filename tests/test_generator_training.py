@@ -125,6 +125,7 @@ def run_two_processes(config_file: str, workdir: str, *flags: str) -> None:
         assert code == 0, stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_share_token_extraction_and_resume(tokenizer_dir, tmp_path):
     config_file = conftest.write_config_file(tmp_path, "test_generator_training.tiny_generator_config",
                                              tokenizer_dir=tokenizer_dir)

@@ -308,6 +308,7 @@ def folder_config(tmp_path):
     return config
 
 
+@pytest.mark.slow
 def test_thresholds_tool_end_to_end_on_a_folder(tmp_path):
     config = folder_config(tmp_path)
     config_file = tmp_path / "dvae_folder.py"

@@ -74,6 +74,7 @@ def slurm(procid: int, localid: int, ntasks: int, nodes: int = 2, gpus: str = "0
 COORDINATOR = "gpu-node07:61586"
 
 
+@pytest.mark.slow
 def test_slurm_one_task_per_node_drives_all_eight_gpus(probe):
     result = run_multi_gpu(probe, **slurm(procid=1, localid=0, ntasks=2))
     assert result.returncode == 0, result.stderr
@@ -83,6 +84,7 @@ def test_slurm_one_task_per_node_drives_all_eight_gpus(probe):
     assert given["local_device_ids"] == [0, 1, 2, 3, 4, 5, 6, 7]  # jax alone would give [0]
 
 
+@pytest.mark.slow
 def test_slurm_one_task_per_gpu_drives_its_own_gpu(probe):
     result = run_multi_gpu(probe, **slurm(procid=11, localid=3, ntasks=16))
     assert result.returncode == 0, result.stderr
@@ -91,18 +93,21 @@ def test_slurm_one_task_per_gpu_drives_its_own_gpu(probe):
     assert given["local_device_ids"] == [3]
 
 
+@pytest.mark.slow
 def test_slurm_gpus_per_task_one_uses_the_single_visible_gpu(probe):
     result = run_multi_gpu(probe, **slurm(procid=5, localid=5, ntasks=16, gpus="5"))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["local_device_ids"] == [0]  # CUDA_VISIBLE_DEVICES=5 is device 0
 
 
+@pytest.mark.slow
 def test_slurm_two_tasks_per_node_split_the_gpus_in_halves(probe):
     result = run_multi_gpu(probe, **slurm(procid=3, localid=1, ntasks=4))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["local_device_ids"] == [4, 5, 6, 7]
 
 
+@pytest.mark.slow
 def test_slurm_tasks_that_cannot_share_the_gpus_stop_with_one_line(probe):
     result = run_multi_gpu(probe, **slurm(procid=0, localid=0, ntasks=6))  # 3 tasks per node, 8 GPUs
     assert result.returncode != 0 and result.stdout == ""
@@ -110,6 +115,7 @@ def test_slurm_tasks_that_cannot_share_the_gpus_stop_with_one_line(probe):
                                      "use --ntasks-per-node=1 or --ntasks-per-node=8")
 
 
+@pytest.mark.slow
 def test_one_machine_starts_one_process_without_distributed_setup(probe):
     result = run_multi_gpu(probe, "--config.train.batch_size=512", CUDA_VISIBLE_DEVICES="0,1,2,3")
     assert result.returncode == 0, result.stderr
@@ -119,6 +125,7 @@ def test_one_machine_starts_one_process_without_distributed_setup(probe):
     assert given["extra"] == ["--config.train.batch_size=512"]
 
 
+@pytest.mark.slow
 def test_manual_nodes_pass_the_coordinator_and_rank(probe):
     result = run_multi_gpu(probe, NUM_NODES="2", NODE_RANK="1", COORDINATOR="10.0.0.1:12345",
                            **slurm(procid=0, localid=0, ntasks=1))  # NUM_NODES wins over SLURM
@@ -173,6 +180,7 @@ def option(call: list[str], name: str) -> str:
     return next(arg.split("=", 1)[1] for arg in call if arg.startswith(f"--{name}="))
 
 
+@pytest.mark.slow
 def test_tpu_pod_train_runs_every_worker_with_its_own_log_after_freeing_the_tpu(gcloud, tmp_path):
     result, calls = run_tpu_pod(gcloud, tmp_path, "train", "--config.train.batch_size=512",
                                 WORKDIR="gs://bucket/nt32", FINISH="1")
@@ -189,6 +197,7 @@ def test_tpu_pod_train_runs_every_worker_with_its_own_log_after_freeing_the_tpu(
             assert f.read() == f"worker {worker}: starting\nworker {worker}: done\n"
 
 
+@pytest.mark.slow
 def test_tpu_pod_stops_every_worker_when_one_fails(gcloud, tmp_path):
     start = time.monotonic()
     result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="gs://bucket/nt32", FAIL_WORKER="2")
@@ -206,12 +215,14 @@ def test_tpu_pod_stops_every_worker_when_one_fails(gcloud, tmp_path):
                 os.kill(int(f.read()), 0)
 
 
+@pytest.mark.slow
 def test_tpu_pod_train_refuses_a_workdir_the_workers_do_not_share(gcloud, tmp_path):
     result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="/home/me/run")
     assert result.returncode == 2 and calls == []
     assert result.stderr.strip() == "error: WORKDIR must be a gs:// path that all workers share (got '/home/me/run')"
 
 
+@pytest.mark.slow
 def test_tpu_pod_setup_installs_the_tested_versions_into_a_venv(gcloud, tmp_path):
     result, calls = run_tpu_pod(gcloud, tmp_path, "setup", NUM_WORKERS="4")
     assert result.returncode == 0, result.stderr

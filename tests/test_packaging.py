@@ -102,6 +102,7 @@ def wheel(tmp_path_factory) -> str:
     return str(out / name)
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_configs_license_and_py_typed(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())

@@ -51,6 +51,7 @@ def read_events(logdir: str) -> event_accumulator.EventAccumulator:
     return accumulator
 
 
+@pytest.mark.slow
 def test_without_tensorflow_the_writer_writes_events_tensorboard_reads(tmp_path):
     logdir = str(tmp_path / "run")
     result = run_without_tensorflow(f"""
@@ -91,6 +92,7 @@ def test_without_tensorflow_the_writer_writes_events_tensorboard_reads(tmp_path)
     assert any("hparams" in tag or "note" in tag for tag in events.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_without_tensorflow_training_writes_its_events_and_checkpoints(tmp_path):
     """The README's install has no TensorFlow: the trainer imports nothing that needs it."""
     config_file = conftest.write_config_file(tmp_path, "test_training.train_config", num_steps=2, log_every=1,
@@ -142,6 +144,7 @@ def test_with_tensorflow_clu_writes_the_events(tmp_path):
     assert 5 in [e.step for e in events.Tensors("loss")]
 
 
+@pytest.mark.slow
 def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
     """Preparing needs TensorFlow (the [tensorflow] extra); reading the prepared files does not."""
     tfds = pytest.importorskip("tensorflow_datasets")

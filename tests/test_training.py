@@ -103,6 +103,7 @@ def test_trainer_writes_its_outputs_and_the_tokenizer_loads_them(tmp_path):
     assert tokenizer.decode(tokenizer.encode(images)[:, :2]).shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
     config_file = write_config_file(str(tmp_path), checkpoint_every=2)
     runs = {name: str(tmp_path / name) for name in ("straight", "killed", "terminated")}
@@ -201,6 +202,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         assert all(np.all(np.isfinite(v)) for v in flat(params).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -220,6 +222,7 @@ def test_bad_input_stops_main_with_one_line(tmp_path, flags, message):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     config_file = write_config_file(str(tmp_path), checkpoint_every=2)
     workdir = str(tmp_path / "multi")

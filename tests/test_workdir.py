@@ -100,6 +100,7 @@ def test_each_training_stage_is_checked_against_its_own_directory(finished_run, 
         check_resume(config, workdir)
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_in_one_line_and_writes_nothing(finished_run, tmp_path):
     before = snapshot(finished_run)
     result = subprocess.run(

@@ -150,26 +150,28 @@ class HeldOutLikelihood:
     crop's per-token NLLs from :meth:`per_token` (rows in the store's order, so two generators on
     stores of the same crops are paired crop by crop).
 
-    MaskGIT's "NLL" is its masked-token loss at random cosine masks drawn from a fixed seed (an
-    estimate, comparable between checkpoints of one run), not a sequence likelihood.
+    MaskGIT's "NLL" is each crop's masked-token loss at a random cosine mask drawn from
+    ``fold_in(key(seed), crop index)`` (an estimate, comparable between checkpoints of one run and
+    independent of ``batch_size``), not a sequence likelihood.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, generator: ml_collections.ConfigDict, tokens: TokenSource,
-                 mesh: jax.sharding.Mesh, rules: sharding.Rules, batch_size: int = 64):
+                 mesh: jax.sharding.Mesh, rules: sharding.Rules, batch_size: int = 64, seed: int = 0):
         self.ids, self.labels = tokens.arrays()
         self.batch_size = min(batch_size, len(self.ids))
         self.mesh, self.rules = mesh, rules
         kind = generator.kind
 
         @jax.jit
-        def batch_nll(params, ids, labels, key):
+        def batch_nll(params, ids, labels, indices):
             model = nnx.merge(graphdef, params)
             if kind == "ar":
                 logits = model(ids, labels)
                 log_probs = jax.nn.log_softmax(logits, axis=-1)
                 return -jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]  # [B, L]
-            loss, _ = model.masked_token_loss(ids, labels, key=key, label_drop_probability=0.0)
-            return jnp.broadcast_to(loss, ids.shape)
+            # Crop i's masks from fold_in(key(seed), i): the same whatever the evaluation batch.
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+            return jnp.broadcast_to(model.example_masked_nll(ids, labels, keys)[:, None], ids.shape)
 
         self._batch_nll = batch_nll
 
@@ -185,8 +187,8 @@ class HeldOutLikelihood:
                 ids = np.concatenate([ids, np.zeros((pad,) + ids.shape[1:], ids.dtype)])
                 labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
                 # The batch spans every process's devices: each process needs all of it.
-                nll = multihost_utils.process_allgather(self._batch_nll(params, ids, labels, jax.random.key(start)),
-                                                        tiled=True)
+                indices = np.arange(start, start + self.batch_size, dtype=np.int32)
+                nll = multihost_utils.process_allgather(self._batch_nll(params, ids, labels, indices), tiled=True)
                 nll = np.asarray(nll)[: self.batch_size - pad]
                 rows.append(nll)
         return np.concatenate(rows).astype(np.float32)

@@ -187,6 +187,13 @@ class DVAE:
         placed = sharding.place_params(params, self._compiled.shapes, self._compiled.shardings, "DVAE")
         return DVAE(self._compiled, placed, self._latent_scale if latent_scale is None else latent_scale)
 
+    def with_mesh(self, mesh: jax.sharding.Mesh) -> DVAE:
+        """The same DVAE with its parameters placed on ``mesh`` (e.g. this process's own devices,
+        to encode without the other hosts). Gathers every parameter to the host first: on several
+        processes every one of them must call this together."""
+        return DVAE.from_params(self.config, sharding.host_params(self._params), latent_scale=self._latent_scale,
+                                mesh=mesh)
+
     # ----------------------------------------------------------------------------- encode/decode
 
     def _run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:

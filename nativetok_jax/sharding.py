@@ -14,9 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 
 from nativetok_jax.config import validate_mesh, validate_rules
-from nativetok_jax.layers.partitioning import Rules, shard_spec_for
+from nativetok_jax.layers.partitioning import Rules, axis_rules, shard_spec_for
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -122,14 +123,18 @@ def place_params(params: Params, shapes: Params, shardings: Params, what: str) -
     return jax.device_put(jax.tree.map(jax.numpy.asarray, params), shardings)
 
 
+def host_params(params: Params) -> Params:
+    """Every parameter whole, as host numpy arrays (gathered from the other processes first when
+    sharded across them: on several processes every one of them must call this together)."""
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
 def run_batched(fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Rules, params: Params, *arrays: Any,
                 **static: Any) -> Any:
     """``fn(params, *arrays, **static)`` with each array (``None`` passes through) split over the
     batch axes, under the mesh and the axis rules; on several hosts every host gets whole results."""
-    from jax.experimental import multihost_utils
-
-    from nativetok_jax.layers.partitioning import axis_rules
-
     placed = [None if a is None else jax.device_put(a, batch_sharding(mesh, np.shape(a))) for a in arrays]
     with jax.set_mesh(mesh), axis_rules(rules):
         result = fn(params, *placed, **static)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.models import Autoencoder, build_model
@@ -223,10 +222,7 @@ class Tokenizer:
         """The same tokenizer with its parameters placed on ``mesh`` (e.g. this process's own
         devices, to encode without the other hosts). Gathers every parameter to the host first:
         on several processes every one of them must call this together."""
-        params = self._params
-        if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
-            params = multihost_utils.process_allgather(params, tiled=True)
-        return Tokenizer.from_params(self.config, jax.device_get(params), mesh=mesh,
+        return Tokenizer.from_params(self.config, sharding.host_params(self._params), mesh=mesh,
                                      proxy_decoder=self._proxy_decoder)
 
     # ----------------------------------------------------------------------------- encode/decode

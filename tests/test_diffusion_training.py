@@ -69,7 +69,7 @@ def test_latent_store_holds_both_flips_exactly_resumes_and_refuses_other_setting
     # Shards: an interrupted encoding redoes only what is missing; other settings are refused.
     encode = latent_encoder(PixelSpace(), deterministic=True)
     kwargs = dict(data=data, image_size=8, num_examples=40, seed=3, description={"test": 1},
-                  value_shape=(2, 1, 8, 8, 3), value_dtype=np.float32, store=LatentSource, batch_size=16,
+                  value_shapes=(2, 1, 8, 8, 3), store=LatentSource, batch_size=16,
                   shard_size=16)
     directory = str(tmp_path / "store")
     first = encode_into_store(encode, source, directory, **kwargs).arrays()[0]

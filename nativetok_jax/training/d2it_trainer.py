@@ -129,13 +129,12 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[
 def store_arrays(store: GrainLatentSource) -> dict[str, np.ndarray]:
     """Every example of a (held-out) store: ``mean``, ``logvar`` ``[N, 2, h, w, C]``, ``grains``
     ``[N, 2, gh, gw]``, ``label`` ``[N]``."""
-    rows = [store[i] for i in range(len(store))]
-    return {name: np.stack([row[name] for row in rows]) for name in ("mean", "logvar", "grains", "label")}
+    return store.columns()
 
 
 def fine_fraction(store: GrainLatentSource) -> float:
     """The fraction of fine regions over a store's grain maps (both orientations: the same maps)."""
-    return float(np.mean([store[i]["grains"][0].mean() for i in range(len(store))]))
+    return float(store.columns("grains")["grains"][:, 0].mean())
 
 
 # ------------------------------------------------------------------------------------ the objective

@@ -148,8 +148,7 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
     shape = moments_shape(model)
     encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
     directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
-    common = dict(image_size=model.image_size, value_shape=shape, value_dtype=np.float32, store=LatentSource,
-                  batch_size=latents.batch_size)
+    common = dict(image_size=model.image_size, value_shapes=shape, store=LatentSource, batch_size=latents.batch_size)
     train = encode_into_store(encode, sources.train, directory / "train", data=sources.train_data,
                               num_examples=sources.num_train, seed=config.train.seed,
                               description=description, **common)

@@ -88,7 +88,7 @@ def init_sharded(
     def init() -> Params:
         return params_of(build(nnx.Rngs(seed)))
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), axis_rules(rules):
         params = init()
     return graphdef, params, shardings
 

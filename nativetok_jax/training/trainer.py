@@ -28,6 +28,7 @@ from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterat
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.evaluation.baselines import baseline_psnrs
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
@@ -163,12 +164,14 @@ class CodebookFit:
             return {**state, "params": params, "ema": ema, "opt_state": opt_state}
 
         self._fit = jax.jit(fit, out_shardings=built.shardings, donate_argnums=0)
+        self.mesh, self.rules = built.mesh, built.rules
 
     def __call__(self, state: TrainState, iterator: Any) -> TrainState:
         images = [jax.make_array_from_process_local_data(self.image_sharding, next(iterator)["image"])
                   for _ in range(self.count)]
         images = jax.numpy.concatenate(images) if self.count > 1 else images[0]
-        state = self._fit(state, images)
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):  # the encoder's activation constraints
+            state = self._fit(state, images)
         logging.info("fitted the codebook to %d encoder outputs at step %d; its Adam moments start afresh",
                      self.count * self.config.train.batch_size * self.config.model.num_tokens,
                      int(jax.device_get(state["step"])))

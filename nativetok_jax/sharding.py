@@ -67,6 +67,24 @@ def param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules) ->
     )
 
 
+def restore_placement(axes: Params, mesh: jax.sharding.Mesh, rules: Rules):
+    """:data:`nativetok_jax.checkpoints.Placement` for a model whose parameters carry the logical
+    ``axes`` (:func:`param_axes`): a stored parameter of any shape (an earlier HNT stage's fewer
+    experts, too) is sharded by its own axis names through ``rules``; one the model does not have is
+    replicated (the caller's shape check then names it)."""
+    table = {tuple(map(str, path)): names for path, names in
+             traverse_util.flatten_dict(axes, is_leaf=lambda _, x: isinstance(x, tuple)).items()}
+    axis_sizes = dict(mesh.shape)
+
+    def place(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        names = table.get(path)
+        if names is None or len(names) != len(shape):
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.sharding.NamedSharding(mesh, shard_spec_for(names, shape, rules, axis_sizes))
+
+    return place
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> jax.sharding.NamedSharding:
     """Splits the leading (batch) dimension over ``data`` and ``fsdp`` when they divide it."""
     spec = shard_spec_for(("batch",) + (None,) * (len(shape) - 1), shape, (("batch", BATCH_AXES),), dict(mesh.shape))

@@ -52,6 +52,7 @@ class _Compiled:
     rules: sharding.Rules
     shardings: sharding.Params
     shapes: sharding.Params  # ShapeDtypeStructs of the parameters
+    axes: sharding.Params  # their logical axis names
     encode: Callable[..., jax.Array]
     decode: Callable[..., jax.Array]
 
@@ -84,6 +85,7 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
         rules=rules,
         shardings=sharding.param_shardings(abstract, mesh, rules),
         shapes=sharding.params_of(abstract),
+        axes=sharding.param_axes(abstract),
         encode=jax.jit(encode),
         decode=jax.jit(decode, static_argnums=2),
     )
@@ -151,10 +153,13 @@ class Tokenizer:
         """
         stage = checkpoints.final_stage_directory(path)
         config = checkpoints.read_config(stage)
-        params, _ = checkpoints.load_params(stage, use_ema=use_ema)
+        compiled = _compile(config, mesh)
+        # Restored straight into their shardings: no host holds more than its devices' shards.
+        params, _ = checkpoints.load_params(stage, use_ema=use_ema, placement=sharding.restore_placement(
+            compiled.axes, compiled.mesh, compiled.rules))
         if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
             proxy_decoder = load_proxy_decoder(config)
-        return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
+        return cls(compiled, None, proxy_decoder).with_params(params)
 
     @classmethod
     def from_pretrained(

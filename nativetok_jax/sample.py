@@ -213,8 +213,10 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     rules = sharding.rules_of(config)
     from flax import nnx
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: dit_from_config(model, nnx.Rngs(0))))
-    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    abstract = nnx.eval_shape(lambda: dit_from_config(model, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
+        sharding.param_axes(abstract), mesh, rules))
     sample = diffusion_sampler(graphdef, model, mesh, method=settings["method"], respacing=settings["respacing"],
                                eta=settings["eta"], guidance_scale=settings["guidance_scale"])
     decode = image_decoder(autoencoder)
@@ -292,9 +294,11 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     dvae = d2it_trainer.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
     from flax import nnx
 
-    graphdef, _ = nnx.split(nnx.eval_shape(
-        lambda: dynamic_diffusion_transformer_from_config(config, dvae.grain_map_shape, nnx.Rngs(0))))
-    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    abstract = nnx.eval_shape(
+        lambda: dynamic_diffusion_transformer_from_config(config, dvae.grain_map_shape, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
+        sharding.param_axes(abstract), mesh, rules))
     sampler = d2it_trainer.D2iTSampler(graphdef, config, dvae, dvae.latent_scale, mesh, rules,
                                        method=settings["method"], respacing=settings["respacing"], eta=settings["eta"],
                                        guidance_scale=settings["guidance_scale"])
@@ -332,9 +336,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     labels = [int(x) for x in FLAGS.labels.split(",")] if FLAGS.labels else None
+    from nativetok_jax import storage
     from nativetok_jax.training.guards import ends_preempted_runs
 
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+    out = FLAGS.out or str(storage.path(FLAGS.workdir) / "samples")
     try:
         task = _task(FLAGS.workdir)
         if FLAGS.grain_maps is not None and task != "d2it":

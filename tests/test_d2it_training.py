@@ -60,6 +60,7 @@ def test_tiny_d2it_trains_both_transformers_and_its_losses_fall(trained):
         assert values[-6:].mean() < values[:6].mean(), (name, values)
     assert set(os.listdir(os.path.join(run_dir, "images"))) == {f"samples_{STEPS:07d}.png"}
     assert json.loads(open(os.path.join(run_dir, "eval.json")).read())["step"] == STEPS
+    assert summary["data"]["source"] == "photos"
     # The stores live in the DVAE's workdir (shared by every D²iT run on it).
     assert set(os.listdir(os.path.join(dvae_dir, "grain_latents"))) == {"train", "eval"}
     params, _ = checkpoints.load_params(run_dir)

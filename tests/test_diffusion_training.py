@@ -130,6 +130,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_and_samples(tmp_path):
     conftest.assert_same_checkpoint(runs["straight"], runs["killed"], 10)
     summary = json.loads(open(os.path.join(runs["straight"], "eval.json")).read())
     assert {"eps_mse_t100", "eps_mse_t500", "eps_mse_t900"} <= set(summary) and summary["step"] == 10
+    assert summary["data"]["held_out_from"] == "other crops of the training photographs (data.photo_labels)"
     assert os.listdir(os.path.join(runs["straight"], "images")) == ["samples_0000010.png"]
     wider = tiny_dit_config(num_steps=10)
     wider.model.width = 64  # other parameter shapes: refused in one line before anything is written

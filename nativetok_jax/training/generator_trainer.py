@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_generator
-from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
 from nativetok_jax.generation.generate import generate_ids
@@ -55,11 +55,12 @@ def generator_loss(model: Any, kind: str, ids: jax.Array, labels: jax.Array, key
     return model.masked_token_loss(ids, labels, key=key, label_drop_probability=label_drop_probability)
 
 
-def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 workdir: epath.PathLike) -> tuple[TokenSource, TokenSource]:
-    """The (train, eval) token stores, extracted now unless a finished matching store exists."""
+def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: epath.PathLike,
+                 sources: tuple[Any, Any] | None = None) -> tuple[TokenSource, TokenSource]:
+    """The (train, eval) token stores of ``sources`` (default: ``config.data``'s), extracted now
+    unless a finished matching store exists."""
     g, data = config.generator, config.data
-    train_source, eval_source = open_sources(data, data.num_eval_images)
+    train_source, eval_source = open_sources(data, data.num_eval_images) if sources is None else sources
     num_classes = g.num_classes or getattr(train_source, "num_classes", 1)
     directory = epath.Path(g.tokens_dir) if g.tokens_dir else epath.Path(workdir) / "tokens"
     description = dict(tokenizer=str(storage.path(g.tokenizer)), use_ema=g.use_ema, source=data.source,
@@ -106,7 +107,8 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     rules = sharding.rules_of(config)
     tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
     order = g.token_order.permutation
-    train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir))
+    sources = open_sources(config.data, config.data.num_eval_images)
+    train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir, sources))
     num_classes = train_tokens.num_classes
     if is_main:
         checkpoints.write_config(workdir, config)
@@ -138,7 +140,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     )
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_tokens),
-                   num_eval_examples=len(eval_tokens),
+                   num_eval_examples=len(eval_tokens), data=describe_data(config.data, *sources),
                    token_order=dict(permutation=order, positions=token_permutation(order, tokenizer.num_tokens).tolist()))
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2))

@@ -25,7 +25,7 @@ from flax import traverse_util
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
-from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.evaluation.baselines import baseline_psnrs
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.layers.partitioning import axis_rules
@@ -71,7 +71,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                               evaluation_images, skipped)
         summary["stages"].append(dict(name=stage.name or "main", num_tokens=stage.num_tokens, **result))
         previous = (stage_dir, stage.num_tokens)
-    summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples)
+    summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples,
+                   data=describe_data(config.data, train_source, eval_source))
     if is_main:
         (epath.Path(workdir) / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -131,7 +132,7 @@ def _train_stage(
     task = Task(
         built, objective, iterator, shardings,
         evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs),
-        grow=(lambda state: hnt.grow_state(state, built.shardings, previous[0])) if previous else None,
+        grow=(lambda state: hnt.grow_state(state, built, previous[0])) if previous else None,
         before_step=before_step if warmup else None,
         log_scalars=lambda: {"skipped_images": skipped.count},
         name=f"stage {stage.name}" if stage.name else "tokenizer",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -189,10 +190,19 @@ def final_stage_directory(path: storage.PathLike) -> epath.Path:
     return with_checkpoints[-1]
 
 
-def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: int | None = None) -> tuple[dict, int]:
-    """Host copies (numpy) of the parameters in a stage directory's newest checkpoint.
+# Where a restored parameter goes: (its path, string keys; its stored shape) -> its sharding.
+Placement = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
 
-    Returns ``(params, step)``; the EMA weights when the run kept them and ``use_ema``.
+
+def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: int | None = None, *,
+                placement: Placement | None = None) -> tuple[dict, int]:
+    """The parameters in a stage directory's newest checkpoint (or its ``step``).
+
+    Returns ``(params, step)``; the EMA weights when the run kept them and ``use_ema``. With
+    ``placement`` (e.g. :func:`nativetok_jax.sharding.restore_placement`) every parameter is
+    restored straight into its sharding, each host reading only the shards its devices hold (a
+    model too large for one host's memory loads on a pod); without, as whole host numpy arrays
+    (small models, tools). Only the parameters are read, never the optimiser state.
     """
     directory = checkpoint_directory(stage_directory)
     if not directory.is_dir():
@@ -207,7 +217,13 @@ def load_params(stage_directory: storage.PathLike, use_ema: bool = True, step: i
         metadata = manager.item_metadata(step)["state"]
         key = "ema" if use_ema and "ema" in metadata and metadata["ema"] else "params"
         wanted = {key: metadata[key]}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        if placement is None:
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        else:
+            restore_args = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: ocp.ArrayRestoreArgs(
+                    sharding=placement(tuple(str(getattr(k, "key", k)) for k in path[1:]), tuple(leaf.shape)),
+                    global_shape=tuple(leaf.shape), dtype=leaf.dtype), wanted)
         restored = manager.restore(
             step,
             args=ocp.args.Composite(

@@ -338,7 +338,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
                                 "generator.label_drop_probability")
     validate_loop(train)
     _number(train.get("learning_rate"), "train.learning_rate")
-    _require(data_source_ok(config.data), "data.source", f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+    validate_data_source(config.data)
 
 
 def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_size: int | None = None,
@@ -414,8 +414,22 @@ def quantizer_warmup_steps(train: ml_collections.ConfigDict, num_steps: int | No
     return steps
 
 
-def data_source_ok(data: ml_collections.ConfigDict) -> bool:
-    return data.get("source") in ("photos", "folder", "tfds")
+DATA_SOURCES = ("photos", "folder", "tfds")
+# The folder source's own fields: one set with another source is a mistake the run would otherwise
+# make silently (a folder given without data.source=folder trains on the photographs). The TFDS
+# fields are not among them: the ImageNet configs name their dataset, and switching such a config to
+# another source (--config.data.source=photos) must not require clearing it.
+SOURCE_FIELDS = {"path": "folder", "eval_path": "folder"}
+
+
+def validate_data_source(data: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` for an unknown ``data.source`` or a field of another source set."""
+    source = data.get("source")
+    _require(source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {source!r}")
+    for field, owner in SOURCE_FIELDS.items():
+        _require(not data.get(field) or source == owner, f"data.{field}",
+                 f"is read only when data.source is {owner!r}, but data.source is {source!r}: add "
+                 f"--config.data.source={owner}, or leave data.{field} empty")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -546,8 +560,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
     _validate_objective(config)
     quantizer_warmup_steps(train)
-    _require(data.get("source") in ("photos", "folder", "tfds"), "data.source",
-             f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
+    validate_data_source(data)
     _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
     _positive_int(data.get("num_eval_images"), "data.num_eval_images")
@@ -854,8 +867,7 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     _number(p.get("guidance_scale"), "train.preview.guidance_scale")
     require_unconditional_model(p.guidance_scale, config.model.get("label_drop_probability"),
                                 "config.train.preview.guidance_scale", "model.label_drop_probability")
-    _require(data_source_ok(data), "data.source",
-             f"must be one of ('photos', 'folder', 'tfds'), got {data.get('source')!r}")
+    validate_data_source(data)
     _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
     _boolean(data.get("flip"), "data.flip")
@@ -941,8 +953,7 @@ def validate_dvae(config: ml_collections.ConfigDict) -> None:
     _require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {config.train.losses.get('pixel')!r}")
     _validate_objective(config)
-    _require(data_source_ok(config.data), "data.source",
-             f"must be one of ('photos', 'folder', 'tfds'), got {config.data.get('source')!r}")
+    validate_data_source(config.data)
 
 
 # ------------------------------------------------------------------------------------- D²iT's content transformer

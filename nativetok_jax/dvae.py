@@ -51,6 +51,7 @@ class _Compiled:
     rules: sharding.Rules
     shardings: sharding.Params
     shapes: sharding.Params
+    axes: sharding.Params  # the parameters' logical axis names
     encode: Callable[..., Any]
     decode: Callable[..., jax.Array]
 
@@ -79,7 +80,7 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
 
     return _Compiled(
         config=config, model_config=model_config, router=router, graphdef=graphdef, mesh=mesh, rules=rules,
-        shardings=sharding.param_shardings(abstract, mesh, rules), shapes=sharding.params_of(abstract),
+        shardings=sharding.param_shardings(abstract, mesh, rules), shapes=sharding.params_of(abstract), axes=sharding.param_axes(abstract),
         encode=jax.jit(encode, static_argnames="sample"), decode=jax.jit(decode),
     )
 
@@ -133,10 +134,13 @@ class DVAE:
         config = checkpoints.read_config(path)
         if config.get("task") != "dvae":
             raise ValueError(f"{path} holds a {config.get('task', 'tokenizer')!r} run, not a Dynamic VAE (task='dvae')")
-        params, _ = checkpoints.load_params(path, use_ema=use_ema)
+        compiled = _compile(config, mesh)
+        # Restored straight into their shardings: no host holds more than its devices' shards.
+        params, _ = checkpoints.load_params(path, use_ema=use_ema, placement=sharding.restore_placement(
+            compiled.axes, compiled.mesh, compiled.rules))
         scale_file = storage.path(path) / LATENT_SCALE_FILE
         scale = json.loads(scale_file.read_text())["latent_scale"] if scale_file.is_file() else 1.0
-        return cls.from_params(config, _list_keys(params), latent_scale=scale, mesh=mesh)
+        return cls(compiled, None, scale).with_params(_list_keys(params))
 
     @classmethod
     def from_pretrained(cls, directory: str, *, mesh: jax.sharding.Mesh | None = None) -> DVAE:
@@ -212,6 +216,13 @@ class DVAE:
         """The same DVAE with other parameters (same names and shapes, else ``ValueError``)."""
         placed = sharding.place_params(params, self._compiled.shapes, self._compiled.shardings, "DVAE")
         return DVAE(self._compiled, placed, self._latent_scale if latent_scale is None else latent_scale)
+
+    def with_mesh(self, mesh: jax.sharding.Mesh) -> DVAE:
+        """The same DVAE with its parameters placed on ``mesh`` (e.g. this process's own devices,
+        to encode without the other hosts). Gathers every parameter to the host first: on several
+        processes every one of them must call this together."""
+        return DVAE.from_params(self.config, sharding.host_params(self._params), latent_scale=self._latent_scale,
+                                mesh=mesh)
 
     # ----------------------------------------------------------------------------- encode/decode
 

@@ -150,7 +150,7 @@ def open_source(spec: str, tfds_data_dir: str | None) -> Any:
             raise EvaluationError(f"--data: expected tfds:NAME:SPLIT, got {spec!r}")
         factory = lambda: TfdsSource(parts[0], parts[1], tfds_data_dir)  # noqa: E731
     else:
-        if not os.path.isdir(spec):
+        if not storage.path(spec).is_dir():
             raise EvaluationError(f"--data: {spec!r} is not an image folder, tfds:NAME:SPLIT or {PHOTOS!r}")
         factory = lambda: FolderSource.scan(spec, "--data")  # noqa: E731
     try:
@@ -373,7 +373,7 @@ def run_sample_evaluation(
                               "or to write from --data)")
     if not out.endswith(".json"):
         raise EvaluationError(f"--out: expected a .json file name, got {out!r}")
-    if not os.path.isdir(samples):
+    if not storage.path(samples).is_dir():
         raise EvaluationError(f"--samples: {samples!r} is not a folder of images")
     try:
         generated = FolderSource.samples(samples, "--samples")
@@ -383,7 +383,7 @@ def run_sample_evaluation(
     logging.info("--samples: %d images of %d x %d px (the size of %s)", len(generated), size, size, size_source)
     inception = load_inception(inception_path)
     protocol: dict[str, Any] = {
-        "samples": os.path.abspath(samples), "batch_size": batch_size, "image_size": size,
+        "samples": str(storage.path(samples)), "batch_size": batch_size, "image_size": size,
         "image_size_from": size_source,
         "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
                       "input": INCEPTION_INPUT,

@@ -226,8 +226,10 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     rules = sharding.rules_of(config)
     from flax import nnx
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: dit_from_config(model, nnx.Rngs(0))))
-    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    abstract = nnx.eval_shape(lambda: dit_from_config(model, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
+        sharding.param_axes(abstract), mesh, rules))
     sample = diffusion_sampler(graphdef, model, mesh, method=settings["method"], respacing=settings["respacing"],
                                eta=settings["eta"], guidance_scale=settings["guidance_scale"])
     decode = image_decoder(autoencoder)
@@ -306,9 +308,11 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     check_upstream(workdir, d2it_trainer.dvae_upstream(config, dvae), "sampling")  # the DVAE it trained on
     from flax import nnx
 
-    graphdef, _ = nnx.split(nnx.eval_shape(
-        lambda: dynamic_diffusion_transformer_from_config(config, dvae.grain_map_shape, nnx.Rngs(0))))
-    params, step = checkpoints.load_params(workdir, use_ema=use_ema)
+    abstract = nnx.eval_shape(
+        lambda: dynamic_diffusion_transformer_from_config(config, dvae.grain_map_shape, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
+        sharding.param_axes(abstract), mesh, rules))
     sampler = d2it_trainer.D2iTSampler(graphdef, config, dvae, dvae.latent_scale, mesh, rules,
                                        method=settings["method"], respacing=settings["respacing"], eta=settings["eta"],
                                        guidance_scale=settings["guidance_scale"])
@@ -365,10 +369,11 @@ def main(argv: list[str]) -> None:
 
 
 def _sample_and_report() -> None:
+    from nativetok_jax import storage
     from nativetok_jax.workdir import require_task
 
     labels = parse_labels(FLAGS.labels)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+    out = FLAGS.out or str(storage.path(FLAGS.workdir) / "samples")
     task = require_task(FLAGS.workdir, "sample", SAMPLED_TASKS,
                         advice="a tokenizer or DVAE is judged with evaluate --workdir").get("task")
     if FLAGS.grain_maps is not None and task != "d2it":

@@ -14,9 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 
 from nativetok_jax.config import validate_mesh, validate_rules
-from nativetok_jax.layers.partitioning import Rules, shard_spec_for
+from nativetok_jax.layers.partitioning import Rules, axis_rules, shard_spec_for
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -66,6 +67,24 @@ def param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules) ->
     )
 
 
+def restore_placement(axes: Params, mesh: jax.sharding.Mesh, rules: Rules):
+    """:data:`nativetok_jax.checkpoints.Placement` for a model whose parameters carry the logical
+    ``axes`` (:func:`param_axes`): a stored parameter of any shape (an earlier HNT stage's fewer
+    experts, too) is sharded by its own axis names through ``rules``; one the model does not have is
+    replicated (the caller's shape check then names it)."""
+    table = {tuple(map(str, path)): names for path, names in
+             traverse_util.flatten_dict(axes, is_leaf=lambda _, x: isinstance(x, tuple)).items()}
+    axis_sizes = dict(mesh.shape)
+
+    def place(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        names = table.get(path)
+        if names is None or len(names) != len(shape):
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.sharding.NamedSharding(mesh, shard_spec_for(names, shape, rules, axis_sizes))
+
+    return place
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> jax.sharding.NamedSharding:
     """Splits the leading (batch) dimension over ``data`` and ``fsdp`` when they divide it."""
     spec = shard_spec_for(("batch",) + (None,) * (len(shape) - 1), shape, (("batch", BATCH_AXES),), dict(mesh.shape))
@@ -87,7 +106,7 @@ def init_sharded(
     def init() -> Params:
         return params_of(build(nnx.Rngs(seed)))
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), axis_rules(rules):
         params = init()
     return graphdef, params, shardings
 
@@ -122,14 +141,18 @@ def place_params(params: Params, shapes: Params, shardings: Params, what: str) -
     return jax.device_put(jax.tree.map(jax.numpy.asarray, params), shardings)
 
 
+def host_params(params: Params) -> Params:
+    """Every parameter whole, as host numpy arrays (gathered from the other processes first when
+    sharded across them: on several processes every one of them must call this together)."""
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
 def run_batched(fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Rules, params: Params, *arrays: Any,
                 **static: Any) -> Any:
     """``fn(params, *arrays, **static)`` with each array (``None`` passes through) split over the
     batch axes, under the mesh and the axis rules; on several hosts every host gets whole results."""
-    from jax.experimental import multihost_utils
-
-    from nativetok_jax.layers.partitioning import axis_rules
-
     placed = [None if a is None else jax.device_put(a, batch_sharding(mesh, np.shape(a))) for a in arrays]
     with jax.set_mesh(mesh), axis_rules(rules):
         result = fn(params, *placed, **static)

@@ -35,6 +35,12 @@ def path(path: PathLike) -> epath.Path:
     return resolved.absolute() if is_local(path) else resolved
 
 
+def canonical(path: PathLike) -> str:
+    """A name of ``path`` that is the same from every host and working directory, for a record
+    (a store's description): a local path absolute with its links resolved, a URL unchanged."""
+    return os.path.realpath(path) if is_local(path) else os.fspath(path)
+
+
 def write_bytes(target: PathLike, data: bytes) -> None:
     """Writes ``data`` to ``target`` whole, creating its parent directories."""
     target = path(target)

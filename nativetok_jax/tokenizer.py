@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.models import Autoencoder, build_model
@@ -54,6 +53,7 @@ class _Compiled:
     rules: sharding.Rules
     shardings: sharding.Params
     shapes: sharding.Params  # ShapeDtypeStructs of the parameters
+    axes: sharding.Params  # their logical axis names
     encode: Callable[..., jax.Array]
     decode: Callable[..., jax.Array]
 
@@ -86,6 +86,7 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
         rules=rules,
         shardings=sharding.param_shardings(abstract, mesh, rules),
         shapes=sharding.params_of(abstract),
+        axes=sharding.param_axes(abstract),
         encode=jax.jit(encode),
         decode=jax.jit(decode, static_argnums=2),
     )
@@ -153,10 +154,13 @@ class Tokenizer:
         """
         stage = checkpoints.final_stage_directory(path)
         config = checkpoints.read_config(stage)
-        params, _ = checkpoints.load_params(stage, use_ema=use_ema)
+        compiled = _compile(config, mesh)
+        # Restored straight into their shardings: no host holds more than its devices' shards.
+        params, _ = checkpoints.load_params(stage, use_ema=use_ema, placement=sharding.restore_placement(
+            compiled.axes, compiled.mesh, compiled.rules))
         if config.model.decoder.head == "proxy_codes" and proxy_decoder is None:
             proxy_decoder = load_proxy_decoder(config)
-        return cls.from_params(config, params, mesh=mesh, proxy_decoder=proxy_decoder)
+        return cls(compiled, None, proxy_decoder).with_params(params)
 
     @classmethod
     def from_pretrained(
@@ -224,10 +228,7 @@ class Tokenizer:
         """The same tokenizer with its parameters placed on ``mesh`` (e.g. this process's own
         devices, to encode without the other hosts). Gathers every parameter to the host first:
         on several processes every one of them must call this together."""
-        params = self._params
-        if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
-            params = multihost_utils.process_allgather(params, tiled=True)
-        return Tokenizer.from_params(self.config, jax.device_get(params), mesh=mesh,
+        return Tokenizer.from_params(self.config, sharding.host_params(self._params), mesh=mesh,
                                      proxy_decoder=self._proxy_decoder)
 
     # ----------------------------------------------------------------------------- encode/decode

@@ -60,6 +60,7 @@ def test_tiny_d2it_trains_both_transformers_and_its_losses_fall(trained):
         assert values[-6:].mean() < values[:6].mean(), (name, values)
     assert set(os.listdir(os.path.join(run_dir, "images"))) == {f"samples_{STEPS:07d}.png"}
     assert json.loads(open(os.path.join(run_dir, "eval.json")).read())["step"] == STEPS
+    assert summary["data"]["source"] == "photos"
     # The stores live in the DVAE's workdir (shared by every D²iT run on it).
     assert set(os.listdir(os.path.join(dvae_dir, "grain_latents"))) == {"train", "eval"}
     params, _ = checkpoints.load_params(run_dir)
@@ -215,3 +216,68 @@ def test_sampling_refuses_a_dvae_that_changed_since_the_run_trained(trained, tmp
     with pytest.raises(ConfigError, match=r"was trained on other upstream models \(dvae step: 2 when it trained, 4 "
                                           r"now\); sampling would silently use the new ones"):
         sample_d2it(changed, str(tmp_path / "out"), num_samples=1, num_steps=2, sampler="ddim")
+
+
+TWO_PROCESS_STORES = """
+import sys
+import jax
+
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+sys.path.insert(0, sys.argv[3])
+from test_d2it_training import tiny_d2it_config
+from test_diffusion_training import tiny_dit_config
+from nativetok_jax.training.d2it_trainer import train_d2it
+from nativetok_jax.training.diffusion_trainer import train_diffusion
+
+root, dvae_dir = sys.argv[4], sys.argv[5]
+train_diffusion(tiny_dit_config(num_steps=1, checkpoint_every=1), root + "/dit")
+config = tiny_d2it_config(dvae_dir, num_steps=1, eval_every=1, checkpoint_every=1)
+config.latents.directory = root + "/grain_latents"
+train_d2it(config, root + "/d2it")
+"""
+
+
+def test_two_processes_share_the_latent_and_grain_latent_stores(trained, tmp_path):
+    """One process pair trains DiT and D²iT for a step each: the stores each trainer writes are
+    split between the processes (one shard each) and hold what one process writes alone."""
+    import subprocess
+    import sys
+
+    from nativetok_jax.data.grain_latent_store import GrainLatentSource
+    from nativetok_jax.data.latent_store import LatentSource
+    from nativetok_jax.data.token_store import read_meta
+    from nativetok_jax.models.kl_autoencoder import PixelSpace
+    from nativetok_jax.training.diffusion_trainer import latent_stores
+    from test_diffusion_training import tiny_dit_config
+    from test_generator_training import free_port
+
+    dvae_dir = trained[0]
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    processes = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_STORES, f"localhost:{port}", str(i), tests,
+                                   str(tmp_path), dvae_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+
+    # 64 training examples over 2 processes: two shards of 32 (whole batches of 16), one each.
+    for store in (tmp_path / "dit" / "latents" / "train", tmp_path / "grain_latents" / "train"):
+        meta = read_meta(store)
+        assert meta["complete"] and meta["num_written"] == 64 and meta["shard_size"] == 32, store
+        assert sorted(p.name for p in store.glob("labels-*.npy")) == ["labels-00000.npy", "labels-00001.npy"]
+    alone = latent_stores(tiny_dit_config(), PixelSpace(), str(tmp_path / "alone"))
+    for mine, together in zip(alone, (LatentSource(tmp_path / "dit" / "latents" / split) for split in ("train", "eval"))):
+        for name, value in mine.columns().items():
+            np.testing.assert_array_equal(together.columns()[name], value)
+    for split in ("train", "eval"):  # the fixture's stores were written by one process
+        mine = GrainLatentSource(os.path.join(dvae_dir, "grain_latents", split)).columns()
+        together = GrainLatentSource(tmp_path / "grain_latents" / split).columns()
+        for name in ("grains", "label"):
+            np.testing.assert_array_equal(together[name], mine[name])
+        for name in ("mean", "logvar"):
+            np.testing.assert_allclose(together[name], mine[name], rtol=1e-5, atol=1e-5)
+    for run in ("dit", "d2it"):
+        assert json.loads((tmp_path / run / "eval.json").read_text())["step"] == 1

@@ -203,3 +203,33 @@ def test_the_training_pipeline_keeps_every_reading_thread_busy_without_a_grain_w
         iterator = train_iterator(data, FolderSource.scan(str(tmp_path)), image_size=8, batch_size=2, seed=0)
         next(iterator)
     assert "prefetch_buffer_size" not in caplog.text
+
+
+def test_the_data_a_run_reads_is_named_with_its_split_sizes(tmp_path, caplog):
+    import logging
+
+    from nativetok_jax.data.sources import describe_data
+
+    write_images(tmp_path, ["a.png", "b.png", "c.png"])
+    data = data_config(source="folder", path=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        train, held_out = open_sources(data, 64)
+    described = describe_data(data, train, held_out)
+    assert described == dict(
+        source="folder", path=str(tmp_path), train_images=2, held_out_images=1,
+        held_out_from="data.path: evenly spaced images, never trained on (data.eval_path names a folder of its own)")
+    assert (f"data: folder ({tmp_path}): 2 training images, 1 held out from data.path: evenly spaced images, "
+            "never trained on") in caplog.text
+    photos = describe_data(data_config(), *open_sources(data_config(), 4))
+    assert photos["source"] == "photos" and photos["path"] == "the photographs bundled with scikit-image"
+
+
+@pytest.mark.parametrize("field, value, owner", [("path", "DIR", "folder"), ("eval_path", "DIR", "folder")])
+def test_a_field_of_another_data_source_is_refused_in_one_line(field, value, owner):
+    from nativetok_jax.config import ConfigError, validate_data_source
+
+    data = data_config(**{field: value})  # data.source stays "photos"
+    with pytest.raises(ConfigError, match=rf"^config.data.{field}: is read only when data.source is '{owner}', "
+                                          rf"but data.source is 'photos': add --config.data.source={owner}"):
+        validate_data_source(data)
+    validate_data_source(data_config(source=owner, **{field: value}))

@@ -69,7 +69,7 @@ def test_latent_store_holds_both_flips_exactly_resumes_and_refuses_other_setting
     # Shards: an interrupted encoding redoes only what is missing; other settings are refused.
     encode = latent_encoder(PixelSpace(), deterministic=True)
     kwargs = dict(data=data, image_size=8, num_examples=40, seed=3, description={"test": 1},
-                  value_shape=(2, 1, 8, 8, 3), value_dtype=np.float32, store=LatentSource, batch_size=16,
+                  value_shapes=(2, 1, 8, 8, 3), store=LatentSource, batch_size=16,
                   shard_size=16)
     directory = str(tmp_path / "store")
     first = encode_into_store(encode, source, directory, **kwargs).arrays()[0]
@@ -131,6 +131,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_and_samples(tmp_path):
     conftest.assert_same_checkpoint(runs["straight"], runs["killed"], 10)
     summary = json.loads(open(os.path.join(runs["straight"], "eval.json")).read())
     assert {"eps_mse_t100", "eps_mse_t500", "eps_mse_t900"} <= set(summary) and summary["step"] == 10
+    assert summary["data"]["held_out_from"] == "other crops of the training photographs (data.photo_labels)"
     assert os.listdir(os.path.join(runs["straight"], "images")) == ["samples_0000010.png"]
     wider = tiny_dit_config(num_steps=10)
     wider.model.width = 64  # other parameter shapes: refused in one line before anything is written

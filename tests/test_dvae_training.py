@@ -46,6 +46,7 @@ def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     assert 0.2 < summary["fine_fraction"] < 0.8  # random routing at r = 0.5 on 8 x 16 regions
     files = set(os.listdir(workdir))
     assert {"config.json", "eval.json", "latent_scale.json", "checkpoints", "images"} <= files
+    assert summary["data"]["source"] == "photos" and summary["data"]["train_images"] > 0
     assert os.listdir(os.path.join(workdir, "images")) == ["reconstructions_0000030.png"]
 
     losses = _scalars(workdir, "l1_loss")

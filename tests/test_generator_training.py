@@ -74,6 +74,7 @@ def test_tiny_generator_trains_and_samples(tokenizer_dir, tmp_path):
     # The head starts at zero (uniform predictions, log V nats); 30 steps learn the code statistics.
     assert summary["nll_per_token"] < np.log(codebook_size) - 0.5
     assert len(summary["nll_by_position"]) == 8 and os.path.isfile(os.path.join(workdir, "eval.json"))
+    assert storage.read_json(os.path.join(workdir, "eval.json"))["data"]["source"] == summary["data"]["source"]
     assert os.path.isfile(os.path.join(workdir, "images", "samples_0000030.png"))
     # Rerunning with more steps resumes from the checkpoint and reuses the token stores.
     stores = [os.path.getmtime(os.path.join(workdir, "tokens", split, "ids-00000.npy")) for split in ("train", "eval")]

@@ -21,6 +21,7 @@ from test_training import finish, start_main, write_config_file
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import (ConfigError, generator_config, load_config_file, quantizer_warmup_steps,
                                   validate_training)
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import build_model
 from nativetok_jax.models.generators import build_generator
 from nativetok_jax.training import hnt
@@ -113,7 +114,7 @@ def test_the_mit_learns_through_frozen_experts_which_get_no_gradient():
 
     def grads(frozen_experts):
         objective = tokenizer_objective(graphdef, config, num_tokens=8, frozen_experts=frozen_experts)
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), axis_rules(rules):
             return jax.jit(jax.grad(lambda p: objective.loss(p, {"image": images}, context)[0]))(params)
 
     free, frozen = flat(jax.device_get(grads(0))), flat(jax.device_get(grads(4)))
@@ -336,3 +337,37 @@ def test_a_new_trainer_supplies_only_a_model_a_loss_and_data(tmp_path):
     train.num_steps = 8
     resumed = loop.run(task(), train, workdir)
     assert resumed.step == 8 and int(resumed.state["step"]) == 8
+
+
+def test_the_codebook_fit_runs_the_encoder_under_the_mesh_and_its_rules(monkeypatch):
+    from nativetok_jax.layers.partitioning import active_rules
+    from nativetok_jax.training.codebook import fit_codebook
+    from nativetok_jax.training import trainer
+
+    seen = []
+
+    def spy(*args):  # traced inside the fit's jit
+        seen.append((dict(jax.sharding.get_abstract_mesh().shape), active_rules()))
+        return fit_codebook(*args)
+
+    monkeypatch.setattr(trainer, "fit_codebook", spy)
+    config = tiny_config()
+    config.mesh.update(data=2, fsdp=2, model=2)
+    config.train.update(batch_size=8, num_steps=4, warmup_steps=0)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_of(config)
+    built = build_state(lambda r: build_model(config.model, r), train=config.train, mesh=mesh, rules=rules)
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    fit = CodebookFit(built, config, sharding.batch_sharding(mesh, (8, 16, 16, 3)))
+    fit(built.state, iter([{"image": images}] * fit.count))
+    assert seen == [({"data": 2, "fsdp": 2, "model": 2}, tuple(rules))]
+
+
+def test_constraints_under_a_mesh_without_rules_are_an_error():
+    from nativetok_jax.layers.partitioning import MissingRulesError, constrain
+
+    x = jnp.ones((8, 4))
+    assert constrain(x, ("batch", "embed")) is x  # no mesh: one device, nothing to constrain
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    with jax.set_mesh(mesh), pytest.raises(MissingRulesError, match="no logical-axis rules are active"):
+        jax.jit(lambda a: constrain(a, ("batch", "embed")))(x)

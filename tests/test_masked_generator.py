@@ -195,3 +195,35 @@ def test_infinite_choice_temperature_keeps_positions_whatever_was_sampled(model)
     first, second = masked_positions(LABELS), masked_positions((LABELS + 1) % CLASSES)
     np.testing.assert_array_equal(first, second)
     assert [int(m.sum()) for m in first] == [8 * mask_schedule(s, 4, LENGTH) for s in range(4)]
+
+
+def test_the_head_accumulates_bfloat16_logits_in_float32():
+    """In bfloat16 the logits are a float32 sum of bfloat16 products (as the GPT's head), not a
+    bfloat16 sum cast afterwards (which would leave every logit on the bfloat16 grid)."""
+    model = nnx.jit(lambda: MaskedTokenTransformer(
+        vocab_size=VOCAB, num_tokens=LENGTH, num_classes=CLASSES, width=32, depth=1, num_heads=4,
+        mlp_ratio=2.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    tokens = jax.random.randint(jax.random.key(0), (8, LENGTH), 0, VOCAB)
+    logits = np.asarray(model(tokens, LABELS))
+    assert logits.dtype == np.float32
+    on_bf16_grid = logits == logits.astype(jnp.bfloat16).astype(np.float32)
+    assert on_bf16_grid.mean() < 0.5, on_bf16_grid.mean()
+
+
+def test_held_out_nll_does_not_depend_on_the_evaluation_batch_size(model):
+    from nativetok_jax.training.generator_trainer import HeldOutLikelihood
+
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (12, LENGTH), 0, VOCAB), np.int32)
+    labels = np.arange(12, dtype=np.int32) % CLASSES
+
+    class Store:  # the part of a TokenSource the trainer's evaluation reads
+        def arrays(self):
+            return ids, labels
+
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    graphdef, params = nnx.split(model)
+    per_token = {b: HeldOutLikelihood(graphdef, ml_collections.ConfigDict(dict(kind="maskgit")), Store(), mesh,
+                                      DEFAULT_RULES, batch_size=b).per_token(params) for b in (4, 8, 12)}
+    assert per_token[4][:, 0].std() > 0.01  # one loss per crop, not one per batch
+    np.testing.assert_allclose(per_token[8], per_token[4], rtol=1e-5)
+    np.testing.assert_allclose(per_token[12], per_token[4], rtol=1e-5)

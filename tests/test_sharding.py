@@ -91,3 +91,73 @@ def test_rules_naming_an_unknown_mesh_axis_are_a_config_error():
     config.sharding.rules = (("embed", "tensor"),)
     with pytest.raises(ConfigError, match=r"config.sharding.rules: rule for 'embed' names unknown mesh axes \['tensor'\]"):
         sharding.rules_of(config)
+
+
+def _save_params(directory, config, params) -> None:
+    import grain
+
+    from nativetok_jax import checkpoints
+
+    checkpoints.write_config(directory, config)
+    store = checkpoints.Checkpoints(checkpoints.checkpoint_directory(directory), 1)
+    store.save(1, {"step": np.int32(1), "params": params, "ema": {}}, iter(grain.MapDataset.range(2).to_iter_dataset()))
+    store.close()
+
+
+def _shardings(params) -> dict:
+    from flax import traverse_util
+
+    return {"/".join(map(str, k)): v.sharding for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_checkpoints_restore_parameters_straight_into_their_shardings(tmp_path, monkeypatch):
+    """The loaders restore every parameter into its sharding on the (2, 2, 2) mesh (each host reads
+    its own shards), never a whole host copy; a stored array of another shape (an earlier HNT
+    stage's fewer experts) is sharded by its own logical axes."""
+    from test_dvae_training import dvae_train_config
+
+    from flax import traverse_util
+
+    from nativetok_jax import Tokenizer, checkpoints
+    from nativetok_jax.dvae import DVAE
+
+    placements = []
+    load_params = checkpoints.load_params
+
+    def recording(*args, **kwargs):
+        placements.append(kwargs.get("placement"))
+        return load_params(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_params", recording)
+    config = tiny_config()
+    config.mesh.update(data=2, fsdp=2, model=2)
+    tokenizer = Tokenizer.from_config(config)
+    _save_params(tmp_path / "tokenizer", config, tokenizer.params)
+    loaded = Tokenizer.from_checkpoint(str(tmp_path / "tokenizer"))
+    assert placements == [placements[0]] and placements[0] is not None  # parameters only, placed
+    expected = _shardings(tokenizer.params)
+    got = _shardings(loaded.params)
+    assert got.keys() == expected.keys()
+    for name, placed in got.items():
+        assert placed.is_equivalent_to(expected[name], len(placed.spec)), name
+    assert any(not s.is_fully_replicated for s in got.values())
+    # Fewer experts than the model has: the stored rows sharded by the experts' axes, as restored.
+    params, _ = load_params(str(tmp_path / "tokenizer"), placement=placements[0])
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(params))
+    restored = {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
+    key = next(k for k in restored if k.startswith("experts/") and restored[k].ndim >= 2)
+    path, shape = tuple(key.split("/")), restored[key].shape
+    assert restored[key].sharding.is_equivalent_to(expected[key], len(shape))
+    smaller = placements[0](path, (shape[0] // 2,) + shape[1:])
+    assert smaller.spec == placements[0](path, shape).spec
+
+    dvae_config = dvae_train_config()
+    dvae_config.mesh.update(data=2, fsdp=2, model=2)
+    dvae = DVAE.from_config(dvae_config)
+    _save_params(tmp_path / "dvae", dvae_config, dvae.params)
+    loaded = DVAE.from_checkpoint(str(tmp_path / "dvae"))
+    assert placements[-1] is not None
+    expected, got = _shardings(dvae.params), _shardings(loaded.params)
+    assert got.keys() == expected.keys()
+    for name, placed in got.items():
+        assert placed.is_equivalent_to(expected[name], len(placed.spec)), name

@@ -219,3 +219,56 @@ def test_a_training_run_in_a_gs_workdir_resumes_and_loads(fake_gcs):
     tokenizer = Tokenizer.from_checkpoint(workdir)
     _, step = checkpoints.load_params(workdir)
     assert step == 4 and tokenizer.num_tokens == config.model.num_tokens
+
+
+def test_dit_dvae_and_d2it_train_in_gs_workdirs_on_gs_weights(fake_gcs):
+    """DiT on an SD-VAE file in the bucket, a DVAE routed by a thresholds file in the bucket, and a
+    D²iT on that DVAE's workdir: every workdir and file a URL, recorded as that URL (never as a
+    local ``<cwd>/gs:/...`` directory)."""
+    from test_d2it_training import tiny_d2it_config
+    from test_diffusion_training import tiny_dit_config
+    from test_dvae_training import dvae_train_config
+
+    from nativetok_jax.data.pipeline import eval_images
+    from nativetok_jax.data.sources import open_sources
+    from nativetok_jax.models import grain
+    from nativetok_jax.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
+    from nativetok_jax.pretrained.sd_vae import KIND
+    from nativetok_jax.training.d2it_trainer import train_d2it
+    from nativetok_jax.training.diffusion_trainer import train_diffusion
+    from nativetok_jax.training.dvae_trainer import train_dvae
+
+    # DiT in an SD-VAE's latent space (a tiny f8 one), the weights file in the bucket.
+    from flax import nnx, traverse_util
+
+    vae_config = KLAutoencoderConfig(block_widths=(32, 32, 32, 32), layers_per_block=1)
+    vae = nnx.jit(lambda: KLAutoencoder(vae_config, rngs=nnx.Rngs(0)))()
+    flat = {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(
+        nnx.to_pure_dict(nnx.state(vae, nnx.Param))).items()}
+    weights = "gs://bucket/weights/sd_vae.npz"
+    files.save_weights(weights, flat, kind=KIND, source="test", config=vae_config.to_dict())
+    dit = tiny_dit_config(num_steps=1, checkpoint_every=1, eval_every=1)
+    dit.model.update(patch_size=1)  # 8 px images: 1 x 1 latents
+    dit.model.autoencoder.update(kind="sd_vae", weights=weights)
+    dit.train.preview.num_samples = 0  # (the previews have tests of their own)
+    assert train_diffusion(dit, "gs://bucket/runs/dit")["step"] == 1
+    assert token_store.read_meta("gs://bucket/runs/dit/latents/train")["weights"] == weights
+
+    # A DVAE routed by a thresholds file in the bucket, then a D²iT on its workdir.
+    dvae = dvae_train_config(num_steps=2, eval_every=2, checkpoint_every=2, latent_scale_batches=1)
+    settings = grain.EntropySettings(4)
+    crops = eval_images(dvae.data, open_sources(dvae.data, 4)[0], image_size=16, num_images=16, seed=3)
+    thresholds = "gs://bucket/weights/thresholds.json"
+    grain.GrainThresholds.from_entropies(np.asarray(grain.region_entropy(crops, settings)), settings).save(thresholds)
+    dvae.model.grain.update(routing="entropy", thresholds=thresholds)
+    assert train_dvae(dvae, "gs://bucket/runs/dvae")["step"] == 2
+    d2it = tiny_d2it_config("gs://bucket/runs/dvae", num_steps=1, eval_every=1, checkpoint_every=1)
+    d2it.train.preview.num_samples = 0
+    assert train_d2it(d2it, "gs://bucket/runs/d2it")["step"] == 1
+    assert token_store.read_meta("gs://bucket/runs/dvae/grain_latents/train")["dvae"] == "gs://bucket/runs/dvae"
+
+    local = os.path.join(fake_gcs.root, "bucket", "runs")
+    for run in ("dit", "dvae", "d2it"):
+        assert storage.read_json(f"gs://bucket/runs/{run}/eval.json")["step"] >= 1
+        assert {"config.json", "eval.json", "checkpoints"} <= set(os.listdir(os.path.join(local, run))), run
+    assert not os.path.exists("gs:")  # nothing written to a local directory named after the scheme

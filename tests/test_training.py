@@ -83,6 +83,7 @@ def test_trainer_writes_its_outputs_and_the_tokenizer_loads_them(tmp_path):
             "psnr_first_8"} <= set(summary)
     files = set(os.listdir(workdir))
     assert {"config.json", "eval.json", "checkpoints", "images"} <= files
+    assert json.loads(open(os.path.join(workdir, "eval.json")).read())["data"]["source"] == "photos"
     assert any(name.startswith("events.out.tfevents") for name in files)
     assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
         "rate_distortion_0000003.png", "rate_distortion_0000006.png",
@@ -210,6 +211,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         (["--config.data.source=folder", "--config.data.path=/no/such/images"],
          "error: config.data.path: image folder '/no/such/images' does not exist"),
         (["--config.model.decoder.head=rgb"], "error: config.model.decoder.head: must be one of"),
+        (["--config.data.path=/some/images"],
+         "error: config.data.path: is read only when data.source is 'folder', but data.source is 'photos'"),
         (["--config.train.quantizer_warmup_steps=100"],
          "error: config.train.quantizer_warmup_steps: 100 leaves none of the 8 steps quantised"),
     ],

@@ -1,5 +1,5 @@
-"""A latent store: a dataset encoded once by the diffusion model's autoencoder (the token store's
-files, :mod:`nativetok_jax.data.token_store`, holding posterior moments instead of ids).
+"""A latent store: a dataset encoded once by the diffusion model's autoencoder (the array store of
+:mod:`nativetok_jax.data.token_store`, with posterior moments as its one field).
 
     DIR/meta.json              what was encoded, how, and whether it is complete
     DIR/moments-00000.npy      float32 [shard_size, 2, K, h, w, c]
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from nativetok_jax.data.token_store import TokenSource
+from nativetok_jax.data.token_store import ArraySource
 
 
-class LatentSource(TokenSource):
+class LatentSource(ArraySource):
     """Random access to a complete latent store:
     ``source[i] -> {"moments": float32 [2, K, h, w, c], "label": int32}``."""
 
-    array = "moments"
-    dtype = np.float32
+    FIELDS = {"moments": np.float32}
     kind = "latent"
 
     @property

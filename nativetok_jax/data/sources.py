@@ -210,7 +210,14 @@ def _feature(source: Any, key: str) -> Any:
 
 
 def open_sources(data: ml_collections.ConfigDict, num_eval_images: int) -> tuple[Any, Any]:
-    """The (train, eval) sources ``config.data`` names, checked to exist and be non-empty."""
+    """The (train, eval) sources ``config.data`` names, checked to exist and be non-empty; logs
+    which data they are (:func:`data_line`)."""
+    train, held_out = _open(data, num_eval_images)
+    logging.info("%s", data_line(describe_data(data, train, held_out)))
+    return train, held_out
+
+
+def _open(data: ml_collections.ConfigDict, num_eval_images: int) -> tuple[Any, Any]:
     if data.source == "photos":
         return PhotoSource("train"), PhotoSource("heldout")
     if data.source == "folder":
@@ -231,3 +238,30 @@ def open_sources(data: ml_collections.ConfigDict, num_eval_images: int) -> tuple
             TfdsSource(data.tfds_name, data.eval_split, data.tfds_data_dir),
         )
     raise DataError(f"config.data.source: must be one of ('photos', 'folder', 'tfds'), got {data.source!r}")
+
+
+def describe_data(data: ml_collections.ConfigDict, train: Any, held_out: Any, held_out_from: str = "") -> dict[str, Any]:
+    """What a run reads, for the first lines of its log and its ``eval.json``: ``source``, where
+    (``path``, or ``tfds_name`` and its splits), the split sizes ``train_images`` and
+    ``held_out_images`` (images, before any cropping), and ``held_out_from``: where the held-out
+    images come from (``held_out_from`` overrides it, e.g. other crops of the training images)."""
+    described: dict[str, Any] = dict(source=data.source)
+    if data.source == "folder":
+        described["path"] = str(data.path)
+        default = (f"data.eval_path {data.eval_path}" if data.eval_path else
+                   "data.path: evenly spaced images, never trained on (data.eval_path names a folder of its own)")
+    elif data.source == "tfds":
+        described.update(tfds_name=data.tfds_name, train_split=data.train_split, eval_split=data.eval_split)
+        default = f"split {data.eval_split!r}"
+    else:
+        described["path"] = "the photographs bundled with scikit-image"
+        default = "other bundled photographs"
+    described.update(train_images=len(train), held_out_images=len(held_out), held_out_from=held_out_from or default)
+    return described
+
+
+def data_line(described: dict[str, Any]) -> str:
+    """One log line of :func:`describe_data`'s description."""
+    where = described.get("path") or f"{described['tfds_name']} split {described['train_split']!r}"
+    return (f"data: {described['source']} ({where}): {described['train_images']} training images, "
+            f"{described['held_out_images']} held out from {described['held_out_from']}")

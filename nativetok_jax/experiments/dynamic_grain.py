@@ -89,11 +89,12 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, vae_workdir: str, la
 def vae_workdirs(config: ml_collections.ConfigDict, root: Any, routing_dir: str | None) -> dict[str, str]:
     """``{"entropy": dir, "single_grain": dir}``: trained now under ``root/vae`` unless finished, or
     a routing experiment's arms."""
+    from nativetok_jax import storage
     from nativetok_jax.experiments import grain_routing
     from nativetok_jax.training.dvae_trainer import train_dvae
 
     if routing_dir:
-        return {arm: os.path.join(routing_dir, arm) for arm in ("entropy", "single_grain")}
+        return {arm: str(storage.path(routing_dir) / arm) for arm in ("entropy", "single_grain")}
     directories = {}
     for arm in ("entropy", "single_grain"):
         directories[arm] = os.fspath(root / "vae" / arm)
@@ -212,9 +213,10 @@ def variational_bound_bpd(run_dir: str, run_config: ml_collections.ConfigDict, h
     model_config = run_config.model
     mesh, rules = sharding.make_mesh(run_config.mesh), sharding.rules_of(run_config)
     grain_shape = held_out["grains"].shape[2:]
-    graphdef, _ = nnx.split(nnx.eval_shape(
-        lambda: dynamic_diffusion_transformer_from_config(run_config, grain_shape, nnx.Rngs(0))))
-    params, _ = checkpoints.load_params(run_dir)
+    abstract = nnx.eval_shape(lambda: dynamic_diffusion_transformer_from_config(run_config, grain_shape, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    params, _ = checkpoints.load_params(run_dir, placement=sharding.restore_placement(
+        sharding.param_axes(abstract), mesh, rules))
     diffusion = build_diffusion(model_config.diffusion.schedule, model_config.diffusion.num_steps,
                                 learn_sigma=model_config.learn_sigma)
     scale = GrainLatentSource(store_directory(run_config) / "eval").latent_scale

@@ -12,7 +12,6 @@ Parameters live on the config's mesh, sharded by its rules, like the tokenizer's
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding
+from nativetok_jax import sharding, storage
 from nativetok_jax.data.token_order import to_tokenizer_order, token_permutation
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
@@ -29,6 +28,12 @@ from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.tokenizer import Tokenizer
 
 TOKENIZER_DIRECTORY = "tokenizer"
+
+
+def _abstract_generator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_classes: int) -> nnx.Module:
+    return nnx.eval_shape(lambda: build_generator(
+        config.generator, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens,
+        num_classes=num_classes, rngs=nnx.Rngs(0), dtype=config.generator.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -46,9 +51,7 @@ class TrainedGenerator:
         self.step = step  # the checkpoint's training step; None when loaded from an export
         self.num_classes = int(np.shape(params["class_embedding"])[0]) - 1  # the last row: the null class
         mesh, rules = tokenizer.mesh, sharding.rules_of(config)
-        abstract = nnx.eval_shape(lambda: build_generator(
-            config.generator, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens,
-            num_classes=self.num_classes, rngs=nnx.Rngs(0), dtype=config.generator.dtype))
+        abstract = _abstract_generator(config, tokenizer, self.num_classes)
         self.graphdef, _ = nnx.split(abstract)
         problems = sharding.mismatches(sharding.params_of(abstract), params)
         if problems:
@@ -63,16 +66,19 @@ class TrainedGenerator:
         from nativetok_jax import checkpoints
 
         config = checkpoints.read_config(workdir)
-        params, step = checkpoints.load_params(workdir, use_ema=use_ema)
         g = config.generator
         tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=sharding.make_mesh(config.mesh))
+        # Straight into their shardings (by logical axes, which do not depend on the class count).
+        axes = sharding.param_axes(_abstract_generator(config, tokenizer, 1))
+        params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
+            axes, tokenizer.mesh, sharding.rules_of(config)))
         return cls(config, params, tokenizer, step)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> TrainedGenerator:
         """What :meth:`save_pretrained` wrote: no orbax checkpoint, no run directory."""
         config, params, _ = pretrained_directory.load_pretrained(directory, kind="generator")
-        tokenizer = Tokenizer.from_pretrained(os.path.join(directory, TOKENIZER_DIRECTORY),
+        tokenizer = Tokenizer.from_pretrained(storage.path(directory) / TOKENIZER_DIRECTORY,
                                               mesh=sharding.make_mesh(config.mesh))
         return cls(config, params, tokenizer)
 
@@ -82,7 +88,7 @@ class TrainedGenerator:
         pretrained_directory.save_pretrained(directory, kind="generator", config=self.config, params=self.params,
                                num_classes=self.num_classes, num_tokens=self.tokenizer.num_tokens,
                                vocab_size=self.tokenizer.codebook_size)
-        self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIRECTORY))
+        self.tokenizer.save_pretrained(storage.path(directory) / TOKENIZER_DIRECTORY)
 
     @property
     def kind(self) -> str:

@@ -5,8 +5,9 @@ Every parameter is created with a tuple of *logical* axis names (``embed``, ``ml
 (``data``, ``fsdp``, ``model``), so changing the parallelism is a config edit. Parameters are
 created unsharded (``eager_sharding=False``): placement happens once, in ``jax.jit``'s
 ``out_shardings`` (see ``nativetok_jax.sharding``), so a model can be built with or without a
-mesh. Activations are constrained with :func:`constrain`, which is a no-op unless a mesh and
-rules are active (``with axis_rules(rules), jax.set_mesh(mesh): ...``).
+mesh. Activations are constrained with :func:`constrain` under a mesh and rules (``with
+axis_rules(rules), jax.set_mesh(mesh): ...``); without a mesh (one device) it is a no-op, and a
+mesh without rules is an error (the constraints would silently vanish).
 """
 
 from __future__ import annotations
@@ -74,12 +75,21 @@ def logical_to_mesh(axes: LogicalAxes, rules: Rules) -> jax.sharding.PartitionSp
     return jax.sharding.PartitionSpec(*spec)
 
 
+class MissingRulesError(RuntimeError):
+    """A model ran under a mesh without logical-axis rules: a bug of the caller, which must enter
+    ``axis_rules(rules)`` beside ``jax.set_mesh(mesh)``."""
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-    """Pins an activation's layout to the mesh when a mesh and rules are active."""
+    """Pins an activation's layout to the active mesh through the active rules (a no-op without a
+    mesh). Raises :class:`MissingRulesError` when a mesh is active without rules."""
     rules = active_rules()
     mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
+    if mesh.empty:
         return x
+    if rules is None:
+        raise MissingRulesError(f"an activation {axes} is constrained under a mesh {dict(mesh.shape)} but no "
+                                "logical-axis rules are active: run the model under axis_rules(rules) as well")
     spec = shard_spec_for(axes, x.shape, rules, dict(zip(mesh.axis_names, mesh.axis_sizes)))
     return jax.lax.with_sharding_constraint(x, spec)
 

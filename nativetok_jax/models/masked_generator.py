@@ -110,9 +110,24 @@ class MaskedTokenTransformer(nnx.Module):
         classes = jnp.take(self.class_embedding[...], labels, axis=0)[:, None]
         x = jnp.concatenate([classes, tokens], axis=1) + self.position[...]
         x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-        x = self.output_norm(self.blocks(self.input_norm(x)))
-        logits = self.head(x[:, 1:]).astype(jnp.float32)
+        x = self.output_norm(self.blocks(self.input_norm(x)))[:, 1:]
+        # The head multiplies in the compute dtype and accumulates in float32 (as the GPT's does):
+        # a bfloat16 sum over the width would round every logit to 8 bits of mantissa.
+        logits = jnp.einsum("...d,dv->...v", x.astype(self.dtype), self.head.kernel[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32) + self.head.bias[...]
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def example_masked_nll(self, tokens: jax.Array, labels: jax.Array, keys: jax.Array) -> jax.Array:
+        """Each sequence's mean NLL (nats, float32 ``[B]``) over its hidden positions, the mask of
+        row ``i`` drawn by :func:`cosine_mask` from ``keys[i]`` alone (no label dropout).
+
+        A held-out estimate that depends on each example's key only, not on the batch it is
+        evaluated in (:meth:`masked_token_loss` draws one batch's masks from one key)."""
+        mask = jax.vmap(lambda key: cosine_mask(key, 1, tokens.shape[1])[0])(keys)
+        log_probs = jax.nn.log_softmax(self(jnp.where(mask, self.mask_id, tokens), labels), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+        weights = mask.astype(jnp.float32)
+        return (nll * weights).sum(-1) / weights.sum(-1)
 
     def masked_token_loss(
         self, tokens: jax.Array, labels: jax.Array, *, key: jax.Array, label_drop_probability: float = 0.1

@@ -29,7 +29,6 @@ grain maps (``train.preview``: grain maps drawn by the grain transformer, latent
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +58,7 @@ from nativetok_jax.training.diffusion_trainer import (
     HeldOutEpsMSE,
     diffusion_sampler,
     random_orientations,
+    StoreSources,
     store_sources,
 )
 from nativetok_jax.training.generator_trainer import token_iterator
@@ -106,24 +106,27 @@ def dvae_upstream(config: ml_collections.ConfigDict, dvae: DVAE) -> dict[str, An
 
 def store_directory(config: ml_collections.ConfigDict) -> epath.Path:
     """Where the grain latent stores live: ``config.latents.directory``, else ``<dvae>/grain_latents``."""
-    return storage.path(config.latents.directory or os.path.join(config.dvae.workdir, GRAIN_LATENTS))
+    return storage.path(config.latents.directory) if config.latents.directory else \
+        storage.path(config.dvae.workdir) / GRAIN_LATENTS
 
 
-def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[GrainLatentSource, GrainLatentSource]:
-    """The (train, held-out) grain latent stores of ``config``'s data encoded by ``dvae``, encoded
-    now unless finished matching stores exist (crops as :func:`diffusion_trainer.store_sources`).
+def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE, sources: StoreSources | None = None
+                        ) -> tuple[GrainLatentSource, GrainLatentSource]:
+    """The (train, held-out) grain latent stores of ``sources`` (default: ``config``'s,
+    :func:`diffusion_trainer.store_sources`, whose crops they take) encoded by ``dvae``, encoded
+    now unless finished matching stores exist.
 
     Raises:
       ConfigError: the data has more classes than ``model.num_classes``.
       TokenStoreError: a store directory holds latents made with other settings (one line; point
         ``config.latents.directory`` elsewhere).
     """
-    sources = store_sources(config)
+    sources = store_sources(config) if sources is None else sources
     data = config.data
     params_step = checkpoints.load_params(config.dvae.workdir)[1]
     workdir = config.dvae.workdir
     photo_labels = bool(data.get("photo_labels", False) and data.source == "photos")
-    description = dict(dvae=workdir if "://" in workdir else os.path.realpath(workdir), dvae_step=int(params_step),
+    description = dict(dvae=storage.canonical(workdir), dvae_step=int(params_step),
                        source=data.source, path=data.path or data.tfds_name, photo_labels=photo_labels)
     directory = store_directory(config)
     common = dict(description=description, batch_size=config.latents.batch_size)
@@ -137,13 +140,12 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE) -> tuple[
 def store_arrays(store: GrainLatentSource) -> dict[str, np.ndarray]:
     """Every example of a (held-out) store: ``mean``, ``logvar`` ``[N, 2, h, w, C]``, ``grains``
     ``[N, 2, gh, gw]``, ``label`` ``[N]``."""
-    rows = [store[i] for i in range(len(store))]
-    return {name: np.stack([row[name] for row in rows]) for name in ("mean", "logvar", "grains", "label")}
+    return store.columns()
 
 
 def fine_fraction(store: GrainLatentSource) -> float:
     """The fraction of fine regions over a store's grain maps (both orientations: the same maps)."""
-    return float(np.mean([store[i]["grains"][0].mean() for i in range(len(store))]))
+    return float(store.columns("grains")["grains"][:, 0].mean())
 
 
 # ------------------------------------------------------------------------------------ the objective
@@ -219,7 +221,8 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     rules = sharding.rules_of(config)
     dvae = open_dvae(config, mesh)
     record_upstream(workdir, dvae_upstream(config, dvae), is_main=is_main)
-    train_latents, eval_latents = grain_latent_stores(config, dvae)
+    sources = store_sources(config)
+    train_latents, eval_latents = grain_latent_stores(config, dvae, sources)
     if is_main:
         checkpoints.write_config(workdir, config)
     scale = train_latents.latent_scale
@@ -251,7 +254,7 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_latents),
                    num_eval_examples=len(eval_latents), latent_scale=scale,
-                   train_fine_fraction=fine_fraction(train_latents))
+                   train_fine_fraction=fine_fraction(train_latents), data=sources.data)
     if is_main:
         storage.write_json(workdir / "eval.json", summary)
     return summary

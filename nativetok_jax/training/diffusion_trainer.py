@@ -20,7 +20,6 @@ step's key, so a resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ from flax import nnx
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import ConfigError, dit_latent_shape, validate_dit
 from nativetok_jax.data.latent_store import LatentSource
-from nativetok_jax.data.sources import PhotoSource, open_sources
+from nativetok_jax.data.sources import PhotoSource, data_line, describe_data, open_sources
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
 from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
 from nativetok_jax.diffusion.samplers import make_sampler
@@ -96,6 +95,7 @@ class StoreSources(NamedTuple):
     num_train: int
     num_held_out: int
     num_classes: int  # the data's
+    data: dict[str, Any]  # what is read (:func:`nativetok_jax.data.sources.describe_data`), for eval.json
 
 
 def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
@@ -113,8 +113,12 @@ def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
     if data.source == "photos" and data.get("photo_labels", False):
         train_source = PhotoSource("train", labelled=True)
         eval_source = train_source
+        described = describe_data(data, train_source, eval_source,
+                                  held_out_from="other crops of the training photographs (data.photo_labels)")
+        logging.info("%s", data_line(described))
     else:
         train_source, eval_source = open_sources(data, data.num_eval_images)
+        described = describe_data(data, train_source, eval_source)
     data_classes = int(getattr(train_source, "num_classes", 1))
     if data_classes > model.num_classes:
         raise ConfigError(f"config.model.num_classes: {model.num_classes}, but the data has {data_classes} classes")
@@ -125,7 +129,7 @@ def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
         held_out.update(crop_min=1.0, crop_max=1.0)
     num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
     return StoreSources(train_source, eval_source, encoding, held_out,
-                        config.latents.num_train_examples or len(train_source), num_eval, data_classes)
+                        config.latents.num_train_examples or len(train_source), num_eval, data_classes, described)
 
 
 def autoencoder_upstream(autoencoder: ml_collections.ConfigDict) -> dict[str, str]:
@@ -137,19 +141,19 @@ def autoencoder_upstream(autoencoder: ml_collections.ConfigDict) -> dict[str, st
     return {"model.autoencoder.weights sha256": storage.sha256(autoencoder.weights)}
 
 
-def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
-                  workdir: epath.PathLike) -> tuple[LatentSource, LatentSource]:
-    """The (train, held-out) latent stores (:func:`store_sources`), encoded now unless finished
-    matching stores exist.
+def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder, workdir: epath.PathLike,
+                  sources: StoreSources | None = None) -> tuple[LatentSource, LatentSource]:
+    """The (train, held-out) latent stores of ``sources`` (default :func:`store_sources`), encoded
+    now unless finished matching stores exist.
 
     Raises:
       ConfigError: the data has more classes than ``model.num_classes``.
       TokenStoreError: a store directory holds latents made with other settings.
     """
     model, data, latents = config.model, config.data, config.latents
-    sources = store_sources(config)
+    sources = store_sources(config) if sources is None else sources
     ae = model.autoencoder
-    description = dict(autoencoder=ae.kind, weights=os.path.abspath(ae.weights) if ae.weights else "",
+    description = dict(autoencoder=ae.kind, weights=str(storage.path(ae.weights)) if ae.weights else "",
                        scale_factor=ae.scale_factor if ae.kind != "pixels" else 1.0, source=data.source,
                        path=data.path or data.tfds_name, photo_labels=bool(data.get("photo_labels", False)
                                                                           and data.source == "photos"),
@@ -159,8 +163,7 @@ def latent_stores(config: ml_collections.ConfigDict, autoencoder: Autoencoder,
     shape = moments_shape(model)
     encode = latent_encoder(autoencoder, deterministic=shape[1] == 1)
     directory = epath.Path(latents.directory) if latents.directory else epath.Path(workdir) / "latents"
-    common = dict(image_size=model.image_size, value_shape=shape, value_dtype=np.float32, store=LatentSource,
-                  batch_size=latents.batch_size)
+    common = dict(image_size=model.image_size, value_shapes=shape, store=LatentSource, batch_size=latents.batch_size)
     train = encode_into_store(encode, sources.train, directory / "train", data=sources.train_data,
                               num_examples=sources.num_train, seed=config.train.seed,
                               description=description, **common)
@@ -227,7 +230,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     rules = sharding.rules_of(config)
     record_upstream(workdir, autoencoder_upstream(model_config.autoencoder), is_main=is_main)
     autoencoder = latent_space(model_config.autoencoder)
-    train_latents, eval_latents = latent_stores(config, autoencoder, workdir)
+    sources = store_sources(config)
+    train_latents, eval_latents = latent_stores(config, autoencoder, workdir, sources)
     if is_main:
         checkpoints.write_config(workdir, config)
     logging.info("DiT on %d training examples (%s latents %s), %d held out", len(train_latents),
@@ -250,7 +254,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     )
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_latents),
-                   num_eval_examples=len(eval_latents))
+                   num_eval_examples=len(eval_latents), data=sources.data)
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary

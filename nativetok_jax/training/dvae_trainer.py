@@ -33,7 +33,7 @@ from flax import nnx
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import ConfigError, validate_dvae
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
-from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.dvae import DVAE, LATENT_SCALE_FILE
 from nativetok_jax.evaluation.dvae_metrics import evaluate_dvae
 from nativetok_jax.models import grain
@@ -168,7 +168,8 @@ def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     summary = dict(step=result.step, **result.metrics, latent_scale=scale["latent_scale"],
                    train_fine_fraction=scale["fine_fraction"],
                    train_fine_fraction_per_class=scale["fine_fraction_per_class"],
-                   skipped_images=skipped.count, skipped_examples=skipped.examples)
+                   skipped_images=skipped.count, skipped_examples=skipped.examples,
+                   data=describe_data(data, train_source, eval_source))
     if is_main:
         storage.write_json(epath.Path(workdir) / "eval.json", summary)
     logging.info("latent scale %.4f from %d training crops; their fine fraction %.4f (per class %s)",

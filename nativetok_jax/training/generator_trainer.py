@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_generator
-from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
 from nativetok_jax.generation.generate import generate_ids
@@ -56,11 +56,12 @@ def generator_loss(model: Any, kind: str, ids: jax.Array, labels: jax.Array, key
     return model.masked_token_loss(ids, labels, key=key, label_drop_probability=label_drop_probability)
 
 
-def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 workdir: epath.PathLike) -> tuple[TokenSource, TokenSource]:
-    """The (train, eval) token stores, extracted now unless a finished matching store exists."""
+def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: epath.PathLike,
+                 sources: tuple[Any, Any] | None = None) -> tuple[TokenSource, TokenSource]:
+    """The (train, eval) token stores of ``sources`` (default: ``config.data``'s), extracted now
+    unless a finished matching store exists."""
     g, data = config.generator, config.data
-    train_source, eval_source = open_sources(data, data.num_eval_images)
+    train_source, eval_source = open_sources(data, data.num_eval_images) if sources is None else sources
     num_classes = g.num_classes or getattr(train_source, "num_classes", 1)
     directory = epath.Path(g.tokens_dir) if g.tokens_dir else epath.Path(workdir) / "tokens"
     description = dict(tokenizer=str(storage.path(g.tokenizer)), use_ema=g.use_ema, source=data.source,
@@ -119,7 +120,8 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     record_upstream(workdir, tokenizer_upstream(g.tokenizer), is_main=is_main)
     tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=mesh)
     order = g.token_order.permutation
-    train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir))
+    sources = open_sources(config.data, config.data.num_eval_images)
+    train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir, sources))
     num_classes = train_tokens.num_classes
     if is_main:
         checkpoints.write_config(workdir, config)
@@ -151,7 +153,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     )
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_tokens),
-                   num_eval_examples=len(eval_tokens),
+                   num_eval_examples=len(eval_tokens), data=describe_data(config.data, *sources),
                    token_order=dict(permutation=order, positions=token_permutation(order, tokenizer.num_tokens).tolist()))
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
@@ -163,26 +165,28 @@ class HeldOutLikelihood:
     crop's per-token NLLs from :meth:`per_token` (rows in the store's order, so two generators on
     stores of the same crops are paired crop by crop).
 
-    MaskGIT's "NLL" is its masked-token loss at random cosine masks drawn from a fixed seed (an
-    estimate, comparable between checkpoints of one run), not a sequence likelihood.
+    MaskGIT's "NLL" is each crop's masked-token loss at a random cosine mask drawn from
+    ``fold_in(key(seed), crop index)`` (an estimate, comparable between checkpoints of one run and
+    independent of ``batch_size``), not a sequence likelihood.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, generator: ml_collections.ConfigDict, tokens: TokenSource,
-                 mesh: jax.sharding.Mesh, rules: sharding.Rules, batch_size: int = 64):
+                 mesh: jax.sharding.Mesh, rules: sharding.Rules, batch_size: int = 64, seed: int = 0):
         self.ids, self.labels = tokens.arrays()
         self.batch_size = min(batch_size, len(self.ids))
         self.mesh, self.rules = mesh, rules
         kind = generator.kind
 
         @jax.jit
-        def batch_nll(params, ids, labels, key):
+        def batch_nll(params, ids, labels, indices):
             model = nnx.merge(graphdef, params)
             if kind == "ar":
                 logits = model(ids, labels)
                 log_probs = jax.nn.log_softmax(logits, axis=-1)
                 return -jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]  # [B, L]
-            loss, _ = model.masked_token_loss(ids, labels, key=key, label_drop_probability=0.0)
-            return jnp.broadcast_to(loss, ids.shape)
+            # Crop i's masks from fold_in(key(seed), i): the same whatever the evaluation batch.
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+            return jnp.broadcast_to(model.example_masked_nll(ids, labels, keys)[:, None], ids.shape)
 
         self._batch_nll = batch_nll
 
@@ -198,8 +202,8 @@ class HeldOutLikelihood:
                 ids = np.concatenate([ids, np.zeros((pad,) + ids.shape[1:], ids.dtype)])
                 labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
                 # The batch spans every process's devices: each process needs all of it.
-                nll = multihost_utils.process_allgather(self._batch_nll(params, ids, labels, jax.random.key(start)),
-                                                        tiled=True)
+                indices = np.arange(start, start + self.batch_size, dtype=np.int32)
+                nll = multihost_utils.process_allgather(self._batch_nll(params, ids, labels, indices), tiled=True)
                 nll = np.asarray(nll)[: self.batch_size - pad]
                 rows.append(nll)
         return np.concatenate(rows).astype(np.float32)

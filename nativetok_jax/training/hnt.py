@@ -158,14 +158,18 @@ def trainable_mask(params: Any, frozen: tuple[str, ...], num_old_experts: int) -
     return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def grow_state(state: dict[str, Any], shardings: dict[str, Any], previous_dir: Any) -> dict[str, Any]:
-    """``state`` (a fresh stage's) with its parameters grown from the previous stage's raw ones and
-    its EMA (when kept) from the previous stage's EMA; new rows keep their fresh initialisation."""
-    old_params, old_step = checkpoints.load_params(previous_dir, use_ema=False)
+def grow_state(state: dict[str, Any], built: Any, previous_dir: Any) -> dict[str, Any]:
+    """``state`` (a fresh stage's, of ``built``: a ``BuiltState``) with its parameters grown from the
+    previous stage's raw ones and its EMA (when kept) from the previous stage's EMA; new rows keep
+    their fresh initialisation. The previous stage's arrays are restored straight into shardings
+    by their logical axes (no host copy of the whole model)."""
+    shardings = built.shardings
+    placement = sharding.restore_placement(built.axes, built.mesh, built.rules)
+    old_params, old_step = checkpoints.load_params(previous_dir, use_ema=False, placement=placement)
     logging.info("growing from %s (step %d)", previous_dir, old_step)
     state = dict(state, params=jax.device_put(grow_params(old_params, state["params"]), shardings["params"]))
     if state["ema"]:
-        old_ema, _ = checkpoints.load_params(previous_dir, use_ema=True)  # its raw weights if it kept no EMA
+        old_ema, _ = checkpoints.load_params(previous_dir, use_ema=True, placement=placement)  # raw if no EMA
         state["ema"] = jax.device_put(grow_params(old_ema, state["ema"]), shardings["ema"])
     return state
 

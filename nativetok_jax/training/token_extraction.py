@@ -1,7 +1,8 @@
 """Token extraction: encode a dataset once with a trained tokenizer, for generator training.
 
-:func:`encode_into_store` is the part every store shares (the diffusion trainer's latent store
-uses it with its autoencoder). Example ``i`` is image ``i mod len(source)`` cropped as the tokenizer's training data is
+:func:`encode_into_store` is the one writer of every array store (this module's token store, the
+diffusion trainer's latent store with its autoencoder, D²iT's grain latent store with its DVAE),
+split over processes with barriers. Example ``i`` is image ``i mod len(source)`` cropped as the tokenizer's training data is
 (``config.data``: a random square of ``crop_min``..``crop_max`` of the short side and a random
 flip, drawn from ``(seed, i)``; or the centre square when crops are whole), so the store is the
 same whoever makes it and whenever an interrupted extraction resumes. See
@@ -10,7 +11,7 @@ same whoever makes it and whenever an interrupted extraction resumes. See
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +28,12 @@ from nativetok_jax.tokenizer import Tokenizer
 
 # Each process encodes its shards on its own devices, data-parallel.
 LOCAL_MESH = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """This process's own devices, data-parallel: where a store's encoder runs, so that no
+    process waits for another while encoding its shards."""
+    return sharding.make_mesh(LOCAL_MESH, jax.local_devices())
 
 
 def example_image(source: Any, index: int, data: ml_collections.ConfigDict, image_size: int, seed: int,
@@ -68,18 +75,19 @@ def extract_tokens(
     """
     meta = dict(description, num_tokens=tokenizer.num_tokens, codebook_size=tokenizer.codebook_size,
                 image_size=tokenizer.image_size, num_classes=num_classes)
-    encoder = tokenizer
-    if jax.process_count() > 1:
-        encoder = tokenizer.with_mesh(sharding.make_mesh(LOCAL_MESH, jax.local_devices()))
+    encoder = tokenizer.with_mesh(local_mesh()) if jax.process_count() > 1 else tokenizer
     return encode_into_store(
         lambda images: np.asarray(encoder.encode(images)), source, directory, data=data,
         image_size=tokenizer.image_size, num_examples=num_examples, seed=seed, description=meta,
-        batch_size=batch_size, shard_size=shard_size, value_shape=(tokenizer.num_tokens,), value_dtype=np.int32,
+        batch_size=batch_size, shard_size=shard_size, value_shapes=(tokenizer.num_tokens,),
         store=token_store.TokenSource)
 
 
+Values = np.ndarray | Mapping[str, np.ndarray]
+
+
 def encode_into_store(
-    encode: Callable[[np.ndarray], np.ndarray],
+    encode: Callable[[np.ndarray], Values],
     source: Any,
     directory: storage.PathLike,
     *,
@@ -88,18 +96,20 @@ def encode_into_store(
     num_examples: int,
     seed: int,
     description: dict[str, Any],
-    value_shape: tuple[int, ...],
-    value_dtype: Any,
-    store: type[token_store.TokenSource] = token_store.TokenSource,
+    value_shapes: tuple[int, ...] | Mapping[str, tuple[int, ...]],
+    store: type[token_store.ArraySource] = token_store.TokenSource,
     batch_size: int = 64,
     shard_size: int = 4096,
-) -> token_store.TokenSource:
+) -> token_store.ArraySource:
     """Encodes ``num_examples`` crops of ``source`` with ``encode`` into the store ``directory``
     (resuming, or reusing a finished store), and opens it as ``store``.
 
     ``encode`` maps uint8 images ``[batch_size, image_size, image_size, 3]`` (the last batch of a
-    shard zero-padded, so one compiled program serves every call) to ``[batch_size, *value_shape]``;
-    the values are kept as ``store.array`` files of ``value_dtype``.
+    shard padded with copies of its last image, so one compiled program serves every call) to
+    ``{field: [batch_size, *value_shapes[field]]}`` for the fields of ``store.FIELDS`` (or, for a
+    store of one field, that field's array, ``value_shapes`` its shape); the values are kept in
+    the dtypes ``encode`` gives them. ``encode`` runs on each process's own devices (see
+    :func:`local_mesh`): a process may have no shard to encode.
 
     Shards hold ``shard_size`` examples (whole batches; fewer when a process's share of
     ``num_examples`` is smaller, so every process has work; a resumed store keeps its own). On
@@ -114,7 +124,9 @@ def encode_into_store(
     other settings (``description``, the crops, the seed and the sizes; every process raises it).
     """
     process, num_processes = jax.process_index(), jax.process_count()
-    array = store.array
+    fields = tuple(store.FIELDS)
+    if not isinstance(value_shapes, Mapping):
+        value_shapes = {fields[0]: tuple(value_shapes)}
     recorded = token_store.read_meta(directory)
     if recorded is not None:  # a store keeps the shards it began with, whoever resumes it
         shard_size = recorded["shard_size"]
@@ -130,7 +142,7 @@ def encode_into_store(
         return store(directory)
     if existing is None and process == 0:
         token_store.write_meta(directory, dict(meta, complete=False))
-    mine = [i for i in token_store.missing_shards(directory, meta, array) if i % num_processes == process]
+    mine = [i for i in token_store.missing_shards(directory, meta, fields) if i % num_processes == process]
     if mine:
         logging.info("encoding %s of %d examples into %s (%d shards)", "all" if num_processes == 1 else
                      f"process {process}'s share", num_examples, directory, len(mine))
@@ -139,11 +151,11 @@ def encode_into_store(
         indices = range(shard * shard_size, min((shard + 1) * shard_size, num_examples))
         examples = [example_image(source, i, data, image_size, seed, skipped) for i in indices]
         examples = [e for e in examples if e is not None]
-        values = [_encode_padded(encode, np.stack([e[0] for e in examples[i : i + batch_size]]), batch_size)
-                  for i in range(0, len(examples), batch_size)]
-        token_store.write_shard(directory, shard,
-                                np.concatenate(values) if values else np.zeros((0, *value_shape), value_dtype),
-                                np.array([e[1] for e in examples], np.int32), array)
+        batches = [_encode_padded(encode, np.stack([e[0] for e in examples[i : i + batch_size]]), batch_size,
+                                  fields[0]) for i in range(0, len(examples), batch_size)]
+        values = {name: np.concatenate([b[name] for b in batches]) if batches
+                  else np.zeros((0, *value_shapes[name]), store.FIELDS[name]) for name in fields}
+        token_store.write_shard(directory, shard, values, np.array([e[1] for e in examples], np.int32))
     if num_processes > 1:
         multihost_utils.sync_global_devices(f"store {directory}: shards written")
     if process == 0:
@@ -154,7 +166,11 @@ def encode_into_store(
     return store(directory)
 
 
-def _encode_padded(encode: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Encodes a batch padded to ``batch_size``, so every call reuses one compiled program."""
-    padded = np.concatenate([images, np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)])
-    return np.asarray(encode(padded))[: len(images)]
+def _encode_padded(encode: Callable[[np.ndarray], Values], images: np.ndarray, batch_size: int,
+                   field: str) -> dict[str, np.ndarray]:
+    """``{field: values}`` of a batch padded to ``batch_size`` with copies of its last image (so
+    every call reuses one compiled program, and no encoder sees a blank image)."""
+    padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(images), axis=0)])
+    values = encode(padded)
+    values = dict(values) if isinstance(values, Mapping) else {field: values}
+    return {name: np.asarray(value)[: len(images)] for name, value in values.items()}

@@ -25,10 +25,11 @@ from flax import traverse_util
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
-from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.evaluation.plots import plot_rate_distortion
 from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models import build_model
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
@@ -71,7 +72,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                               evaluation_images, skipped)
         summary["stages"].append(dict(name=stage.name or "main", num_tokens=stage.num_tokens, **result))
         previous = (stage_dir, stage.num_tokens)
-    summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples)
+    summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples,
+                   data=describe_data(config.data, train_source, eval_source))
     if is_main:
         (epath.Path(workdir) / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -131,7 +133,7 @@ def _train_stage(
     task = Task(
         built, objective, iterator, shardings,
         evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs),
-        grow=(lambda state: hnt.grow_state(state, built.shardings, previous[0])) if previous else None,
+        grow=(lambda state: hnt.grow_state(state, built, previous[0])) if previous else None,
         before_step=before_step if warmup else None,
         log_scalars=lambda: {"skipped_images": skipped.count},
         name=f"stage {stage.name}" if stage.name else "tokenizer",
@@ -164,12 +166,14 @@ class CodebookFit:
             return {**state, "params": params, "ema": ema, "opt_state": opt_state}
 
         self._fit = jax.jit(fit, out_shardings=built.shardings, donate_argnums=0)
+        self.mesh, self.rules = built.mesh, built.rules
 
     def __call__(self, state: TrainState, iterator: Any) -> TrainState:
         images = [jax.make_array_from_process_local_data(self.image_sharding, next(iterator)["image"])
                   for _ in range(self.count)]
         images = jax.numpy.concatenate(images) if self.count > 1 else images[0]
-        state = self._fit(state, images)
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):  # the encoder's activation constraints
+            state = self._fit(state, images)
         logging.info("fitted the codebook to %d encoder outputs at step %d; its Adam moments start afresh",
                      self.count * self.config.train.batch_size * self.config.model.num_tokens,
                      int(jax.device_get(state["step"])))

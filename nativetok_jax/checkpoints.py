@@ -159,14 +159,9 @@ def latest_step(stage_directory: storage.PathLike) -> int | None:
 
 
 def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds).
-
-    Raises ``ConfigError`` instead of replacing the config of a run whose checkpoints hold
-    parameters of other shapes (``workdir.check_resume``): they could no longer be loaded.
-    """
-    from nativetok_jax.workdir import check_resume  # it reads checkpoints through this module
-
-    check_resume(config, directory)
+    """Writes the resolved config beside the checkpoints (what ``read_config`` rebuilds). Trainers
+    call ``workdir.write_config``, which first refuses to replace the config of a run whose
+    checkpoints hold parameters of other shapes."""
     storage.write_text(storage.path(directory) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 

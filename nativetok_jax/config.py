@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from nativetok_jax.errors import UserError
 from nativetok_jax import storage
@@ -1086,3 +1087,80 @@ def validate_grain_transformer_config(section: ml_collections.ConfigDict, field:
         # An infinite choice temperature is a uniformly random keep order; elsewhere inf means nothing.
         _require(math.isfinite(section.get(name)) or name == "choice_temperature", f"{field}.{name}",
                  f"must be finite, got {section.get(name)!r}")
+
+
+# Hierarchical Native Training's stage schedule (training/hnt.py grows and freezes by it).
+
+# The parts a stage may freeze (training/hnt.py's module docstring says what each one covers).
+HNT_PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
+
+
+def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The stages to run: ``config.hnt.stages``, or one stage with the model's own token count."""
+    stages = list(config.hnt.stages) if config.hnt.stages else []
+    if not stages:
+        return [ml_collections.ConfigDict(dict(name="", num_tokens=config.model.num_tokens,
+                                               num_steps=config.train.num_steps, frozen=(),
+                                               quantizer_warmup_steps=quantizer_warmup_steps(config.train),
+                                               overrides=()))]
+    out = []
+    for i, stage in enumerate(stages):
+        stage = ml_collections.ConfigDict(dict(stage))
+        for field in ("num_tokens", "num_steps"):
+            if not isinstance(stage.get(field), int) or stage.get(field) < 1:
+                raise ConfigError(f"config.hnt.stages[{i}].{field}: must be a positive integer, got {stage.get(field)!r}")
+        frozen = tuple(stage.get("frozen", ()))
+        unknown = [f for f in frozen if f not in HNT_PARTS]
+        if unknown:
+            raise ConfigError(f"config.hnt.stages[{i}].frozen: unknown parts {unknown}; known: {HNT_PARTS}")
+        if i and stage.num_tokens < out[-1].num_tokens:
+            raise ConfigError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
+        # Only the first stage warms up the quantiser by default: later ones inherit a fitted codebook.
+        if "quantizer_warmup_steps" in stage:
+            warmup = stage.quantizer_warmup_steps
+            if warmup >= stage.num_steps:
+                raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the "
+                                  f"stage's {stage.num_steps} steps quantised; lower it")
+        else:
+            warmup = quantizer_warmup_steps(config.train, stage.num_steps) if i == 0 else 0
+        overrides = tuple((str(key), value) for key, value in (stage.get("overrides") or ()))
+        for key, _ in overrides:
+            if not _has_field(config, key) or key.split(".")[0] == "hnt":
+                raise ConfigError(f"config.hnt.stages[{i}].overrides: {key!r} is not a config field")
+        out.append(ml_collections.ConfigDict(dict(
+            name=stage.get("name", "") or f"stage{i}_{stage.num_tokens}tokens",
+            num_tokens=stage.num_tokens, num_steps=stage.num_steps, frozen=frozen,
+            quantizer_warmup_steps=warmup, overrides=overrides)))
+    return out
+
+
+def _has_field(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    node = config
+    for name in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            return False
+        node = node[name]
+    return True
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config one stage trains with: the run's, with the stage's token count, step count and
+    ``overrides``: ``(dotted field name, value)`` pairs, e.g. ``("train.losses.proxy", "pixels")``
+    (the TiTok recipe's decoder fine-tune is a stage that switches the objective)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_tokens = stage.num_tokens
+    config.train.num_steps = stage.num_steps
+    config.train.quantizer_warmup_steps = stage.quantizer_warmup_steps
+    config.train.quantizer_warmup_fraction = 0.0
+    config.hnt.stages = ()
+    for dotted, value in stage.get("overrides") or ():
+        *parents, name = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+def stage_directory(workdir: Any, stage: ml_collections.ConfigDict, multi_stage: bool) -> epath.Path:
+    return epath.Path(workdir) / stage.name if multi_stage else epath.Path(workdir)

@@ -31,7 +31,7 @@ from etils import epath
 from flax import nnx, traverse_util
 
 from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import ConfigError, validate_generator, validate_model
+from nativetok_jax.config import ConfigError, stage_config, stage_directory, stage_list, validate_generator, validate_model
 from nativetok_jax.errors import UserError
 
 ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
@@ -128,10 +128,8 @@ def run_directories(config: ml_collections.ConfigDict,
     workdir = epath.Path(workdir)
     if config.get("task") in ("generator", "diffusion", "d2it") or not config.hnt.stages:  # one stage: the workdir itself
         return [(workdir, config)]
-    from nativetok_jax.training import hnt  # training imports this module's callers
-
-    return [(epath.Path(hnt.stage_directory(str(workdir), stage, True)), hnt.stage_config(config, stage))
-            for stage in hnt.stage_list(config)]
+    return [(epath.Path(stage_directory(str(workdir), stage, True)), stage_config(config, stage))
+            for stage in stage_list(config)]
 
 
 def saved_parameter_shapes(directory: str | epath.PathLike) -> tuple[int, dict[str, Any]] | None:
@@ -246,3 +244,13 @@ def check_upstream(workdir: str | epath.PathLike, current: dict[str, Any], actio
         raise ConfigError(f"{storage.path(workdir)} was trained on other upstream models ({'; '.join(changed)}); "
                           f"{action} would silently use the new ones: restore what it trained with, or train a new "
                           "run")
+
+
+def write_config(directory: storage.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config`` beside the checkpoints of ``directory`` (``checkpoints.write_config``).
+
+    Raises ``ConfigError`` instead of replacing the config of a run whose checkpoints hold
+    parameters of other shapes (:func:`check_resume`): they could no longer be loaded.
+    """
+    check_resume(config, directory)
+    checkpoints.write_config(directory, config)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from flax import nnx, traverse_util
 
+from nativetok_jax.workdir import write_config
 from nativetok_jax import checkpoints, storage
 from nativetok_jax.config import DIT_SIZES, ConfigError, dit_config
 from nativetok_jax.models.dit import dit_from_config, sincos_2d_positions
@@ -261,7 +262,7 @@ def convert_dit(path: str, out: str, *, image_size: int | None = None, num_heads
     if checkpoints.checkpoint_directory(directory).exists():
         raise files.WeightsError(f"{out} already holds checkpoints: convert into a new directory")
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_config(directory, run_config(sizes, vae))
+    write_config(directory, run_config(sizes, vae))
     checkpoints.save_params(directory, traverse_util.unflatten_dict(flat, sep="/"))
     count = sum(int(a.size) for a in flat.values())
     return (f"wrote {out}: DiT from {label} {os.path.basename(str(path))}: depth {sizes['depth']}, width "

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from flax import nnx, traverse_util
 
+from nativetok_jax.workdir import write_config
 from nativetok_jax import checkpoints, storage
 from nativetok_jax.config import TITOK_VIT_SIZES, ConfigError, titok_release_config
 from nativetok_jax.models import build_model
@@ -247,7 +248,7 @@ def convert_titok(path: str, out: str) -> str:
     files.save_weights(pixel_decoder, vqgan, kind=VQGAN_KIND, source=f"{SOURCE} pixel_decoder (no encoder: zeros)",
                        source_file=os.path.basename(str(path)), config=vqgan_config.to_dict())
     config.pretrained.maskgit_vqgan = pixel_decoder
-    checkpoints.write_config(directory, config)
+    write_config(directory, config)
     checkpoints.save_params(directory, traverse_util.unflatten_dict(flat, sep="/"))
     m = config.model
     return (f"wrote {out}: TiTok from {os.path.basename(str(path))}: {m.num_tokens} tokens, encoder "

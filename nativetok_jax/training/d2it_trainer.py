@@ -65,7 +65,7 @@ from nativetok_jax.training.generator_trainer import token_iterator
 from nativetok_jax.training.grain_latent_extraction import extract_grain_latents
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
-from nativetok_jax.workdir import record_upstream
+from nativetok_jax.workdir import record_upstream, write_config
 
 Batch = dict[str, jax.Array]
 GRAIN_LATENTS = "grain_latents"  # the stores' directory inside the DVAE workdir
@@ -224,7 +224,7 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     sources = store_sources(config)
     train_latents, eval_latents = grain_latent_stores(config, dvae, sources)
     if is_main:
-        checkpoints.write_config(workdir, config)
+        write_config(workdir, config)
     scale = train_latents.latent_scale
     logging.info("D²iT on %d training examples (latents %s, grain maps %s, latent scale %.4f, fine fraction %.3f), "
                  "%d held out", len(train_latents), dvae.latent_shape, dvae.grain_map_shape, scale,

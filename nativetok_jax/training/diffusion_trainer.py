@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from nativetok_jax import checkpoints, sharding, storage
+from nativetok_jax import sharding, storage
 from nativetok_jax.config import ConfigError, dit_latent_shape, validate_dit
 from nativetok_jax.data.latent_store import LatentSource
 from nativetok_jax.data.sources import PhotoSource, data_line, describe_data, open_sources
@@ -47,7 +47,7 @@ from nativetok_jax.training.generator_trainer import token_iterator
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import encode_into_store
-from nativetok_jax.workdir import record_upstream
+from nativetok_jax.workdir import record_upstream, write_config
 
 Batch = dict[str, jax.Array]
 Autoencoder = KLAutoencoder | PixelSpace
@@ -233,7 +233,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     sources = store_sources(config)
     train_latents, eval_latents = latent_stores(config, autoencoder, workdir, sources)
     if is_main:
-        checkpoints.write_config(workdir, config)
+        write_config(workdir, config)
     logging.info("DiT on %d training examples (%s latents %s), %d held out", len(train_latents),
                  model_config.autoencoder.kind, train_latents.moments_shape[2:], len(eval_latents))
 

@@ -30,7 +30,8 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from nativetok_jax import checkpoints, sharding, storage
+from nativetok_jax.workdir import write_config
+from nativetok_jax import sharding, storage
 from nativetok_jax.config import ConfigError, validate_dvae
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import describe_data, open_sources
@@ -139,7 +140,7 @@ def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
                            skipped=skipped)
     pinned = pin_thresholds(config, workdir)  # before anything else is written to the workdir
     if is_main:
-        checkpoints.write_config(workdir, pinned)
+        write_config(workdir, pinned)
     networks = load_networks(config)
     built = build_state(lambda r: build_dvae(config.model, r), train=train, mesh=mesh, rules=rules)
     discriminator = None

@@ -42,7 +42,7 @@ from nativetok_jax.training.loop import Task
 from nativetok_jax.training.state import build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
-from nativetok_jax.workdir import record_upstream
+from nativetok_jax.workdir import record_upstream, write_config
 
 Batch = dict[str, jax.Array]
 HELD_OUT_NLL = "held_out_nll.npz"  # "nll": float32 [num_eval_examples, L], the last evaluation's per-token NLLs
@@ -124,7 +124,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     train_tokens, eval_tokens = (reading_order(s, order) for s in token_stores(config, tokenizer, workdir, sources))
     num_classes = train_tokens.num_classes
     if is_main:
-        checkpoints.write_config(workdir, config)
+        write_config(workdir, config)
     logging.info("generator %s on %d x %d-token training examples (%d classes, vocabulary %d); %d held out",
                  g.kind, len(train_tokens), tokenizer.num_tokens, num_classes, tokenizer.codebook_size, len(eval_tokens))
 

@@ -26,90 +26,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 from flax import traverse_util
 
 from nativetok_jax.errors import UserError
 from nativetok_jax import checkpoints, sharding
-from nativetok_jax.config import ConfigError, quantizer_warmup_steps
+from nativetok_jax.config import HNT_PARTS as PARTS  # noqa: F401 - the parts a stage may freeze
+from nativetok_jax.config import stage_config, stage_directory, stage_list  # noqa: F401 - the stage schedule
 
-PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
 # Parameters whose leading axis is the token count.
 GROWING = (("experts", "stack"), ("decoder", "token_position"), ("encoder", "latent_tokens"))
 
 
 class RestoreError(UserError, ValueError):
     """Parameters from a checkpoint do not fit the model; the message lists what differs."""
-
-
-def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """The stages to run: ``config.hnt.stages``, or one stage with the model's own token count."""
-    stages = list(config.hnt.stages) if config.hnt.stages else []
-    if not stages:
-        return [ml_collections.ConfigDict(dict(name="", num_tokens=config.model.num_tokens,
-                                               num_steps=config.train.num_steps, frozen=(),
-                                               quantizer_warmup_steps=quantizer_warmup_steps(config.train),
-                                               overrides=()))]
-    out = []
-    for i, stage in enumerate(stages):
-        stage = ml_collections.ConfigDict(dict(stage))
-        for field in ("num_tokens", "num_steps"):
-            if not isinstance(stage.get(field), int) or stage.get(field) < 1:
-                raise ConfigError(f"config.hnt.stages[{i}].{field}: must be a positive integer, got {stage.get(field)!r}")
-        frozen = tuple(stage.get("frozen", ()))
-        unknown = [f for f in frozen if f not in PARTS]
-        if unknown:
-            raise ConfigError(f"config.hnt.stages[{i}].frozen: unknown parts {unknown}; known: {PARTS}")
-        if i and stage.num_tokens < out[-1].num_tokens:
-            raise ConfigError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
-        # Only the first stage warms up the quantiser by default: later ones inherit a fitted codebook.
-        if "quantizer_warmup_steps" in stage:
-            warmup = stage.quantizer_warmup_steps
-            if warmup >= stage.num_steps:
-                raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} leaves none of the "
-                                  f"stage's {stage.num_steps} steps quantised; lower it")
-        else:
-            warmup = quantizer_warmup_steps(config.train, stage.num_steps) if i == 0 else 0
-        overrides = tuple((str(key), value) for key, value in (stage.get("overrides") or ()))
-        for key, _ in overrides:
-            if not _has_field(config, key) or key.split(".")[0] == "hnt":
-                raise ConfigError(f"config.hnt.stages[{i}].overrides: {key!r} is not a config field")
-        out.append(ml_collections.ConfigDict(dict(
-            name=stage.get("name", "") or f"stage{i}_{stage.num_tokens}tokens",
-            num_tokens=stage.num_tokens, num_steps=stage.num_steps, frozen=frozen,
-            quantizer_warmup_steps=warmup, overrides=overrides)))
-    return out
-
-
-def _has_field(config: ml_collections.ConfigDict, dotted: str) -> bool:
-    node = config
-    for name in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            return False
-        node = node[name]
-    return True
-
-
-def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config one stage trains with: the run's, with the stage's token count, step count and
-    ``overrides``: ``(dotted field name, value)`` pairs, e.g. ``("train.losses.proxy", "pixels")``
-    (the TiTok recipe's decoder fine-tune is a stage that switches the objective)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.num_tokens = stage.num_tokens
-    config.train.num_steps = stage.num_steps
-    config.train.quantizer_warmup_steps = stage.quantizer_warmup_steps
-    config.train.quantizer_warmup_fraction = 0.0
-    config.hnt.stages = ()
-    for dotted, value in stage.get("overrides") or ():
-        *parents, name = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[name] = value
-    return config
 
 
 def _is_growing(path: tuple[str, ...]) -> bool:
@@ -179,7 +110,3 @@ def frozen_expert_count(frozen: tuple[str, ...], num_old_experts: int, num_token
     if "experts" in frozen:
         return num_tokens
     return num_old_experts if "old_experts" in frozen else 0
-
-
-def stage_directory(workdir: Any, stage: ml_collections.ConfigDict, multi_stage: bool) -> epath.Path:
-    return epath.Path(workdir) / stage.name if multi_stage else epath.Path(workdir)

@@ -22,7 +22,8 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from nativetok_jax import checkpoints, sharding
+from nativetok_jax.workdir import write_config
+from nativetok_jax import sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import describe_data, open_sources
@@ -62,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if multi_stage:
         resolved.hnt.stages = tuple(s.to_dict() for s in stages)
     if is_main:
-        checkpoints.write_config(workdir, resolved)
+        write_config(workdir, resolved)
 
     summary: dict[str, Any] = {"stages": []}
     previous: tuple[epath.Path, int] | None = None
@@ -95,7 +96,7 @@ def _train_stage(
     networks = load_networks(config)
     train = config.train
     if is_main:
-        checkpoints.write_config(stage_dir, config)
+        write_config(stage_dir, config)
     logging.info("stage %s: %d tokens, %d steps, frozen %s", stage.name or "main", stage.num_tokens,
                  stage.num_steps, list(stage.frozen) or "nothing")
 

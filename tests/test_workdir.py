@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nativetok_jax import checkpoints, evaluate
+from nativetok_jax import checkpoints, evaluate, workdir
 from nativetok_jax.config import ConfigError
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training.trainer import train_and_evaluate
@@ -59,7 +59,7 @@ def test_the_same_model_with_other_training_settings_may_resume(finished_run):
 def test_write_config_never_replaces_a_config_its_checkpoints_do_not_fit(finished_run):
     before = snapshot(finished_run)
     with pytest.raises(ConfigError, match="codebook_size is 1024"):
-        checkpoints.write_config(finished_run, wider_codebook())
+        workdir.write_config(finished_run, wider_codebook())  # what every trainer calls
     assert snapshot(finished_run) == before
     assert Tokenizer.from_checkpoint(finished_run).codebook_size == 64  # still loadable
 

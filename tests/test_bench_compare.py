@@ -140,23 +140,27 @@ def test_profile_reads_kinds_phases_and_sources_from_the_compiled_module():
               ("ThunkExecutor::Execute", 50.0), ("ynn_fusion.7", 10.0)]
     report = profile.attribute(events, instructions, num_steps=2)  # the loop's and the executor's time are not counted
     assert report["op_ms_per_step"] == 10.0
-    assert report["groups"] == [dict(phase="forward", kind="matmul", ms=8.0, share=0.8),
-                                dict(phase="backward", kind="elementwise/reduce", ms=1.0, share=0.1),
-                                dict(phase="unattributed", kind="copy/transpose", ms=1.0, share=0.1)]
-    assert report["top_sources"][0] == dict(source="jvp()/while/body/dot_general", kind="matmul", ms=8.0, share=0.8)
+    assert report["groups"] == [dict(phase="forward", kind="matmul", ms=8.0, share=0.8, ops=1.0),
+                                dict(phase="backward", kind="elementwise/reduce", ms=1.0, share=0.1, ops=0.5),
+                                dict(phase="unattributed", kind="copy/transpose", ms=1.0, share=0.1, ops=0.5)]
+    assert report["ops_per_step"] == 2.0  # operations run per step, whatever they took
+    assert report["top_sources"][0] == dict(source="jvp()/while/body/dot_general", kind="matmul", ms=8.0, share=0.8,
+                                            ops=1.0)
     assert report["top_sources"][-1]["source"] == "(inserted by XLA)"
 
 
 def test_profile_runs_tiny_and_writes_what_it_prints(tmp_path, capsys):
     out = tmp_path / "profile.json"
     report = profile.run(["--tiny", "--tokens", "3", "--chunks", "2", "--steps", "1", "--set", "model.experts.remat=True",
-                          "--trace_dir", str(tmp_path / "trace"), "--out", str(out)])
+                          "--count_flops", "--trace_dir", str(tmp_path / "trace"), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert (report["num_tokens"], report["chunks"], report["overrides"]) == (3, 2, ["model.experts.remat=True"])
     assert sum(g["share"] for g in report["groups"]) == pytest.approx(1.0)
     by_group = {(g["phase"], g["kind"]): g["ms"] for g in report["groups"]}
     assert by_group[("forward", "matmul")] > 0 and by_group[("backward", "matmul")] > 0
     assert report["step_s"] > 0 and report["step_gflops"] > 0
+    assert report["unrolled_step_gflops"] > report["step_gflops"]  # the scanned count has each loop body once
+    assert report["ops_per_step"] > sum(g["ops"] for g in report["groups"] if g["kind"] == "matmul") > 0
     printed = capsys.readouterr().out
     assert all(line in printed for line in profile.format_report(report))
     with pytest.raises(SystemExit, match="no such field"):

@@ -87,7 +87,9 @@ def load(directory: str) -> dict[str, ModuleType]:
 
 
 def commit_of(directory: str) -> str | None:
-    """The checkout's git commit, or None when it is no git work tree."""
+    """The checkout's git commit, or None when it is no git work tree of its own."""
+    if not os.path.exists(os.path.join(directory, ".git")):  # not a folder inside some other repository's tree
+        return None
     try:
         result = subprocess.run(["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=False)

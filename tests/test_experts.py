@@ -91,6 +91,19 @@ def test_chunked_stack_equals_single_scan_and_reference(num_experts, chunks):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_context_projected_outside_the_scan_equals_reference_at_any_depth(depth):
+    """The first layer takes the context rows' q/k/v from outside the scan: with depth 1 it is also
+    the last layer (the query row only), with depth 3 a full layer runs between it and the last."""
+    experts = CausalExperts(5, WIDTH, depth, 2, 4.0, rngs=nnx.Rngs(0), chunks=2)
+    (outputs, grads), (ref_outputs, ref_grads) = (_outputs_and_gradients(experts, how)
+                                                  for how in ("chunked", "reference"))
+    for a, b in zip(outputs, ref_outputs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_chunk_bounds_are_even_and_clamped():
     assert chunk_bounds(32, 4) == [0, 8, 16, 24, 32]
     assert chunk_bounds(5, 2) == [0, 3, 5]

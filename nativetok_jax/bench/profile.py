@@ -15,6 +15,11 @@ grouped three ways:
   ``while/body/while/body/...`` reads as "inside two nested scans" (the expert scan and each
   expert's layer scan, or a transformer's layer scan).
 
+Each group and source also gets ``ops``, the operations it ran per step (trace events; a loop's
+body counts once per iteration): unlike times, these counts do not depend on the machine's load.
+``--count_flops`` adds XLA's FLOP count of the step compiled with every scan unrolled
+(``unrolled_step_gflops``; ``step_gflops`` is the scanned step's, which counts a loop body once).
+
 Control flow (``while``, ``call``, ``conditional``) is left out: its time is its body's. Times are
 per step, summed over XLA's threads, so on several cores they add up to more than the step's wall
 time: compare shares, not totals, between machines; and time it on an otherwise idle machine
@@ -41,7 +46,7 @@ import ml_collections
 
 from nativetok_jax.bench.compare import PROTOTYPE, TINY, compare_config, override_field
 from nativetok_jax.bench.model import write_json
-from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second
+from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second, unrolled_step_flops
 from nativetok_jax.config import load_config_file
 
 CONTROL_FLOW = ("while", "call", "conditional")
@@ -129,18 +134,24 @@ def attribute(events: list[tuple[str, float]], instructions: dict[str, Instructi
     """
     by_group: collections.Counter = collections.Counter()
     by_source: collections.Counter = collections.Counter()
+    ops_by_group: collections.Counter = collections.Counter()
+    ops_by_source: collections.Counter = collections.Counter()
     for name, ms in events:
         instruction = instructions.get(name)
         if instruction is None or instruction.opcode in CONTROL_FLOW:
             continue
-        by_group[(phase_of(instruction.source), instruction.kind)] += ms / num_steps
-        by_source[(short_source(instruction.source), instruction.kind)] += ms / num_steps
+        group, source = (phase_of(instruction.source), instruction.kind), (short_source(instruction.source),
+                                                                          instruction.kind)
+        by_group[group] += ms / num_steps
+        by_source[source] += ms / num_steps
+        ops_by_group[group] += 1 / num_steps
+        ops_by_source[source] += 1 / num_steps
     total = sum(by_group.values())
-    groups = [dict(phase=p, kind=k, ms=ms, share=ms / total if total else 0.0)
+    groups = [dict(phase=p, kind=k, ms=ms, share=ms / total if total else 0.0, ops=ops_by_group[(p, k)])
               for (p, k), ms in sorted(by_group.items(), key=lambda item: -item[1])]
-    top = [dict(source=s, kind=k, ms=ms, share=ms / total if total else 0.0)
+    top = [dict(source=s, kind=k, ms=ms, share=ms / total if total else 0.0, ops=ops_by_source[(s, k)])
            for (s, k), ms in by_source.most_common(25)]
-    return dict(op_ms_per_step=total, groups=groups, top_sources=top)
+    return dict(op_ms_per_step=total, ops_per_step=sum(ops_by_group.values()), groups=groups, top_sources=top)
 
 
 def trace_events(trace_dir: str) -> list[tuple[str, float]]:
@@ -154,8 +165,10 @@ def trace_events(trace_dir: str) -> list[tuple[str, float]]:
             for event in line.events]
 
 
-def profile(config: ml_collections.ConfigDict, batch_size: int, num_steps: int, trace_dir: str) -> dict[str, Any]:
-    """Compiles the config's train step, times ``num_steps`` steps, then traces as many."""
+def profile(config: ml_collections.ConfigDict, batch_size: int, num_steps: int, trace_dir: str,
+            count_flops: bool = False) -> dict[str, Any]:
+    """Compiles the config's train step, times ``num_steps`` steps, then traces as many; with
+    ``count_flops`` also compiles it with every scan unrolled for XLA's exact FLOP count."""
     start = time.perf_counter()
     compiled, state, batch, _ = _compiled_step(config, batch_size, (), 0)
     compile_s = time.perf_counter() - start
@@ -175,18 +188,25 @@ def profile(config: ml_collections.ConfigDict, batch_size: int, num_steps: int, 
             jax.block_until_ready(metrics)
     result = attribute(trace_events(trace_dir), instructions, num_steps)
     flops = float((cost or {}).get("flops", 0.0))
+    unrolled = unrolled_step_flops(config, batch_size) / 1e9 if count_flops else None
     return dict(compile_s=compile_s, step_s=wall, process_cpu_s=cpu, step_gflops=flops / 1e9,
-                gflops_per_s=flops / 1e9 / wall if wall else 0.0, **result)
+                gflops_per_s=flops / 1e9 / wall if wall else 0.0, unrolled_step_gflops=unrolled, **result)
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
     lines = [f"step {report['step_s'] * 1e3:.1f} ms wall, {report['process_cpu_s'] * 1e3:.1f} ms process CPU, "
              f"{report['step_gflops']:.2f} GFLOP ({report['gflops_per_s']:.1f} GFLOP/s; a 2048 x 2048 matmul: "
              f"{report['matmul_gflops_per_s']:.1f}); operations {report['op_ms_per_step']:.1f} ms per step "
-             f"summed over threads", f"{'phase':>13} {'kind':>21} {'ms/step':>9} {'share':>7}"]
-    lines += [f"{g['phase']:>13} {g['kind']:>21} {g['ms']:>9.1f} {100 * g['share']:>6.1f}%" for g in report["groups"]]
-    lines.append(f"{'ms/step':>9} {'share':>7} {'kind':>21}  source")
-    lines += [f"{s['ms']:>9.1f} {100 * s['share']:>6.1f}% {s['kind']:>21}  {s['source']}" for s in report["top_sources"]]
+             f"summed over threads, {report['ops_per_step']:.0f} operations run per step"]
+    if report.get("unrolled_step_gflops") is not None:
+        lines.append(f"XLA's cost analysis of the step with every scan unrolled: {report['unrolled_step_gflops']:.2f} "
+                     f"GFLOP per step")
+    lines.append(f"{'phase':>13} {'kind':>21} {'ms/step':>9} {'share':>7} {'ops/step':>9}")
+    lines += [f"{g['phase']:>13} {g['kind']:>21} {g['ms']:>9.1f} {100 * g['share']:>6.1f}% {g['ops']:>9.0f}"
+              for g in report["groups"]]
+    lines.append(f"{'ms/step':>9} {'share':>7} {'ops/step':>9} {'kind':>21}  source")
+    lines += [f"{s['ms']:>9.1f} {100 * s['share']:>6.1f}% {s['ops']:>9.0f} {s['kind']:>21}  {s['source']}"
+              for s in report["top_sources"]]
     return lines
 
 
@@ -201,6 +221,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=2, help="steps timed, then as many traced")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. model.experts.remat=True (repeatable)")
+    parser.add_argument("--count_flops", action="store_true",
+                        help="also compile the step with every scan unrolled for XLA's exact FLOP count (slow to "
+                             "compile at large L; the scanned step's count has each loop body once)")
     parser.add_argument("--trace_dir", default="", help="where the trace stays (default: a temporary directory)")
     parser.add_argument("--out", default="bench_results/profile.json")
     args = parser.parse_args(argv)
@@ -217,7 +240,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         batch_size=args.batch_size, device=jax.devices()[0].device_kind, jax_version=jax.__version__,
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         matmul_gflops_per_s=matmul_flops_per_second(jax.numpy.float32) / 1e9, trace_dir=trace_dir)
-    report.update(profile(config, args.batch_size, args.steps, trace_dir))
+    report.update(profile(config, args.batch_size, args.steps, trace_dir, args.count_flops))
     for line in format_report(report):
         print(line)
     write_json(args.out, report)

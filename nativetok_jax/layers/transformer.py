@@ -32,26 +32,15 @@ class Block(nnx.Module):
 
     def __call__(
         self, x: jax.Array, *, key_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
-        num_queries: int | None = None, prefix: tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]] | None = None,
+        num_queries: int | None = None,
     ) -> jax.Array:
         """Returns all rows, or only the last ``num_queries`` rows (their keys see every row);
-        ``key_mask`` and ``attention_mask`` as :class:`Attention` takes them.
-
-        ``prefix``: ``(rows, projections)``, rows ``[B, P, width]`` that come before ``x``'s and
-        ``projections(attention_norm(rows))`` computed elsewhere (see :meth:`prefix_projections`);
-        the block then runs on ``rows ; x`` without projecting ``rows`` again.
-        """
-        rows, projections = prefix if prefix is not None else (None, None)
-        full = x if rows is None else jnp.concatenate([rows.astype(x.dtype), x], axis=1)
-        residual = full if num_queries is None else full[:, -num_queries:]
+        ``key_mask`` and ``attention_mask`` as :class:`Attention` takes them."""
+        residual = x if num_queries is None else x[:, -num_queries:]
         h = residual + self.attention(self.attention_norm(x), key_mask=key_mask, attention_mask=attention_mask,
-                                      num_queries=num_queries, prefix=projections)
+                                      num_queries=num_queries)
         h = h + self.mlp(self.mlp_norm(h))
         return constrain(h, ("batch", "length", "embed"))
-
-    def prefix_projections(self, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The attention's ``(q, k, v)`` of ``rows`` ``[B, P, width]``, for ``prefix``."""
-        return self.attention.projections(self.attention_norm(rows))
 
 
 def stacked(make, count: int, axis_name: str, rngs: nnx.Rngs):
@@ -105,36 +94,19 @@ class BlockStack(nnx.Module):
     def __call__(
         self, x: jax.Array, *, key_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
         last_layer_queries: int | None = None,
-        prefix: tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]] | None = None,
     ) -> jax.Array:
         """Applies every layer; with ``last_layer_queries`` the last layer computes only those rows.
-        ``key_mask`` and ``attention_mask`` (as :class:`Attention` takes them) hold in every layer.
-        ``prefix`` is the first layer's (:meth:`Block.__call__`; :meth:`first_layer_projections`
-        makes its projections): leading rows whose first-layer projections were computed elsewhere."""
+        ``key_mask`` and ``attention_mask`` (as :class:`Attention` takes them) hold in every layer."""
         graphdef, state = nnx.split(self.layers)
 
-        def layer(h, layer_state, num_queries=None, prefix=None):
-            def apply(h, layer_state, prefix):
-                return nnx.merge(graphdef, layer_state)(h, key_mask=key_mask, attention_mask=attention_mask,
-                                                        num_queries=num_queries, prefix=prefix)
+        def layer(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, key_mask=key_mask, attention_mask=attention_mask), None
 
-            return (jax.checkpoint(apply, prevent_cse=False) if self.remat else apply)(h, layer_state, prefix)
-
+        if self.remat:
+            layer = jax.checkpoint(layer, prevent_cse=False)
         num_full = self.depth - (last_layer_queries is not None)
-        first = 0
-        if prefix is not None:
-            queries = last_layer_queries if self.depth == 1 else None
-            x = layer(x, jax.tree.map(lambda a: a[0], state), num_queries=queries, prefix=prefix)
-            if self.depth == 1:
-                return x
-            first = 1
-        if num_full > first:
-            x, _ = jax.lax.scan(lambda h, s: (layer(h, s), None), x,
-                                jax.tree.map(lambda a: a[first:num_full], state), unroll=self.unroll)
+        x, _ = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[:num_full], state), unroll=self.unroll)
         if last_layer_queries is not None:
-            x = layer(x, jax.tree.map(lambda a: a[-1], state), num_queries=last_layer_queries)
+            last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state))
+            x = last(x, key_mask=key_mask, attention_mask=attention_mask, num_queries=last_layer_queries)
         return x
-
-    def first_layer_projections(self, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The first layer's attention ``(q, k, v)`` of ``rows``: ``prefix``'s projections."""
-        return slice_stack(self.layers, 0).prefix_projections(rows)

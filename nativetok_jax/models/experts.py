@@ -18,12 +18,6 @@ holds only the slots that group can see: with 4 chunks of L/4 experts the buffer
 3L/4 and L slots, and the expected row count falls from ``C + L + 1`` to ``C + 5L/8 + 1``
 (prototype: ``C + L/2 + 1``). Compile time grows with the number of chunks, never with ``L``.
 
-The context rows' first-layer attention projections (their LayerNorms and q/k/v of ``X_latent``)
-do not depend on the slots, so they leave the scan: one product per chunk for all its experts
-(``[experts, B * (1 + N), width] x [experts, width, 3 width]``), and the scan projects only the slot
-and query rows; under ``remat`` they are not recomputed in the backward pass either. This holds
-``experts x B x (1 + N) x 3 width`` values per chunk in memory.
-
 Each expert also owns a ``slot_position`` vector added to its token when it enters the buffer,
 so later experts know which position a prior token came from (full attention is otherwise
 blind to order). Prior tokens are the continuous, pre-quantisation outputs, as in the prototype.
@@ -64,22 +58,13 @@ class Expert(nnx.Module):
         q = jnp.broadcast_to(self.query[...].astype(context.dtype), (context.shape[0], 1, context.shape[-1]))
         return jnp.concatenate([context, q], axis=1)
 
-    def context_projections(self, x_latent: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The first layer's attention ``(q, k, v)`` of the context rows ``X_latent``: they do not
-        depend on the slots, so :class:`CausalExperts` computes them outside its scan."""
-        return self.blocks.first_layer_projections(self.input_norm(x_latent))
-
-    def padded(self, x_latent: jax.Array, slots: jax.Array, index: jax.Array,
-               context: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
-        """Token ``index`` from ``[X_latent ; slots ; q]`` with slots ``>= index`` masked out;
-        ``context``: :meth:`context_projections` of ``x_latent`` if already computed."""
-        context = self.context_projections(x_latent) if context is None else context
-        rows = self.input_norm(self._with_query(slots))  # only these rows are projected here
+    def padded(self, x_latent: jax.Array, slots: jax.Array, index: jax.Array) -> jax.Array:
+        """Token ``index`` from ``[X_latent ; slots ; q]`` with slots ``>= index`` masked out."""
+        sequence = self.input_norm(self._with_query(jnp.concatenate([x_latent, slots], axis=1)))
         num_context, num_slots = x_latent.shape[1], slots.shape[1]
         row = jnp.arange(num_context + num_slots + 1)
         key_mask = (row < num_context + index) | (row == num_context + num_slots)
-        prefix = (self.input_norm(x_latent), context)
-        return self.blocks(rows, key_mask=key_mask, last_layer_queries=1, prefix=prefix)[:, 0]
+        return self.blocks(sequence, key_mask=key_mask, last_layer_queries=1)[:, 0]
 
     def unpadded(self, x_latent: jax.Array, prior: jax.Array) -> jax.Array:
         """The prototype's computation: every row of ``[X_latent ; prior ; q]``, then the query's."""
@@ -179,9 +164,9 @@ class CausalExperts(nnx.Module):
         graphdef, state = nnx.split(self.stack)
 
         def step(slots, inputs):
-            expert_state, index, context = inputs
+            expert_state, index = inputs
             expert = nnx.merge(graphdef, expert_state)
-            token = expert.padded(x_latent, slots, index, context)
+            token = expert.padded(x_latent, slots, index)
             slots = jax.lax.dynamic_update_index_in_dim(slots, expert.to_slot(token), index, axis=1)
             return slots, token
 
@@ -196,10 +181,8 @@ class CausalExperts(nnx.Module):
                 continue
             # This chunk's experts see slots < last only: its buffer holds just those.
             ranged = jax.tree.map(lambda a: a[first:last], state)
-            # The context rows' first-layer projections of all this chunk's experts: one product.
-            context = jax.vmap(lambda s: nnx.merge(graphdef, s).context_projections(x_latent))(ranged)
             buffer, chunk_tokens = jax.lax.scan(
-                step, slots[:, :last], (ranged, jnp.arange(first, last), context), unroll=self.unroll
+                step, slots[:, :last], (ranged, jnp.arange(first, last)), unroll=self.unroll
             )
             slots = jnp.concatenate([buffer, slots[:, last:]], axis=1)
             tokens.append(chunk_tokens)

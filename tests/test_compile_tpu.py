@@ -53,8 +53,12 @@ def test_a_tiny_config_compiles_for_v5e_with_every_field_and_an_impossible_batch
     assert row["compile_s"] > 0
 
     # 2**22 images of 8 x 8 pixels: far more activations than 16 GiB per chip.
-    big = aot.run(["--configs", "configs/dit_demo.py", "--topology", "v5e:2x2", "--batch_sizes", str(2**22),
-                   "--out", out, *sets])["rows"][0]
+    with pytest.raises(SystemExit) as refused:  # the launcher's pre-flight
+        aot.run(["--configs", "configs/dit_demo.py", "--accelerator_type", "v5litepod-4", "--batch_sizes",
+                 str(2**22), "--out", out, "--require_fit", *sets])
+    assert str(refused.value).startswith("error: configs/dit_demo.py does not fit on v5e:2x2 at global batch 4194304: ")
+    assert "\n" not in str(refused.value)
+    big = json.load(open(out))["rows"][0]
     assert big["fits"] is False and big["reason"] and "\n" not in big["reason"]
 
 
@@ -160,3 +164,12 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
 def test_costed_seconds_undo_the_cost_models_minus_one_per_uncosted_operation():
     assert aot._costed_seconds(-23.99927) == (24, pytest.approx(0.00073))
     assert aot._costed_seconds(0.25) == (0, 0.25)
+
+
+def test_accelerator_types_name_their_topologies():
+    assert aot.topology_of_accelerator("v5litepod-16") == "v5e:4x4"
+    assert aot.topology_of_accelerator("v5p-8") == "v5p:2x2x1"  # v5p and v4 types count cores
+    assert aot.topology_of_accelerator("v4-128") == "v4:4x4x4"
+    assert aot.topology_of_accelerator("v6e-256") == "v6e:16x16"
+    with pytest.raises(aot.CompileError, match="--accelerator_type 'v5p-7'"):
+        aot.topology_of_accelerator("v5p-7")

@@ -55,7 +55,7 @@ from nativetok_jax import sharding
 from nativetok_jax.bench.compare import override_field
 from nativetok_jax.bench.diffusion import _build as build_diffusion_state
 from nativetok_jax.bench.diffusion import _is_d2it, _random_batch
-from nativetok_jax.bench.model import write_json
+from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.models import build_model
@@ -79,6 +79,27 @@ CHIPS = {
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 TASKS = ("tokenizer", "diffusion", "d2it")
+
+
+def topology_of_accelerator(accelerator_type: str) -> str:
+    """The topology name of a Cloud TPU accelerator type: ``v5litepod-16`` -> ``v5e:4x4``,
+    ``v5p-8`` (cores) -> ``v5p:2x2x1``, ``v6e-256`` -> ``v6e:16x16``, ``v4-128`` -> ``v4:4x4x4``.
+
+    Raises:
+      CompileError: a type not of these forms (one line).
+    """
+    match = re.fullmatch(r"(v5litepod|v5e|v6e|v5p|v4)-(\d+)", accelerator_type)
+    planar = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+    cubic = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+    if match:
+        family, count = match.group(1), int(match.group(2))
+        if family in ("v5litepod", "v5e", "v6e") and count in planar:
+            return f"{'v6e' if family == 'v6e' else 'v5e'}:{planar[count]}"
+        if family in ("v5p", "v4") and count % 2 == 0 and count // 2 in cubic:  # the type counts cores
+            return f"{family}:{cubic[count // 2]}"
+    raise CompileError(f"--accelerator_type {accelerator_type!r}: not a known slice (e.g. v5litepod-16, v5p-8, "
+                       "v6e-256, v4-128); give --topology instead")
 
 
 class CompileError(ValueError):
@@ -273,10 +294,11 @@ def _trip_count(condition: list[str]) -> int:
     return max(constants, default=1)
 
 
-def collective_bytes(hlo: str) -> dict[str, float]:
-    """Operand bytes of every collective in the optimised HLO text ``hlo``, by kind (async
-    ``-start`` forms counted as their kind, ``-done`` not); a while loop's body counts its trip
-    count (:func:`_trip_count`) times."""
+def hlo_instructions(hlo: str) -> tuple[list[tuple[str, str, str, float]], dict[str, float]]:
+    """Every instruction the entry computation of the optimised HLO text ``hlo`` runs, as
+    ``(op, result type, the text after "op(", times run per step)``: a while loop's body counts
+    its trip count (:func:`_trip_count`) times, called computations (``call``, ``conditional``)
+    are entered; fusions' insides are not. Also the bytes of every named result."""
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -291,7 +313,7 @@ def collective_bytes(hlo: str) -> dict[str, float]:
         if current is not None and line.strip() and line.strip() != "}":
             computations[current].append(line)
     sizes: dict[str, float] = {}
-    parsed: dict[str, list[tuple[str, str, str, str]]] = {}
+    parsed: dict[str, list[tuple[str, str, str]]] = {}
     for name, lines in computations.items():
         parsed[name] = []
         for line in lines:
@@ -299,32 +321,57 @@ def collective_bytes(hlo: str) -> dict[str, float]:
             if match:
                 result, type_text, op, rest = match.groups()
                 sizes[result] = _type_bytes(type_text)
-                parsed[name].append((result, type_text, op, rest))
-    totals = {kind: 0.0 for kind in COLLECTIVES}
+                parsed[name].append((op, type_text, rest))
+    run: list[tuple[str, str, str, float]] = []
 
     def visit(name: str, times: float, depth: int = 0) -> None:
         if depth > 64 or name not in parsed:
             return
-        for _, _, op, rest in parsed[name]:
-            kind = op[:-len("-start")] if op.endswith("-start") else op
-            if kind in totals:
-                operands = rest.split(")")[0]
-                inline = _type_bytes(operands)
-                totals[kind] += times * (inline or sum(sizes.get(n, 0.0) for n in re.findall(r"%([\w.\-]+)", operands)))
+        for op, type_text, rest in parsed[name]:
+            run.append((op, type_text, rest, times))
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 condition = re.search(r"condition=%?([\w.\-]+)", rest)
                 if body:
                     visit(body.group(1), times * _trip_count(computations.get(condition.group(1), []) if condition
                                                              else []), depth + 1)
-            elif op in ("call", "conditional", "async-start"):
-                for callee in re.findall(r"(?:to_apply|calls|branch_computations=\{[^}]*|true_computation|"
+            elif op in ("call", "conditional"):
+                for callee in re.findall(r"(?:to_apply|branch_computations=\{[^}]*|true_computation|"
                                          r"false_computation)=?%([\w.\-]+)", rest):
                     visit(callee, times, depth + 1)
 
     if entry is not None:
         visit(entry, 1.0)
+    return run, sizes
+
+
+def collective_bytes(hlo: str) -> dict[str, float]:
+    """Operand bytes of every collective in the optimised HLO text ``hlo``, by kind (async
+    ``-start`` forms counted as their kind, ``-done`` not), times run per step."""
+    run, sizes = hlo_instructions(hlo)
+    totals = {kind: 0.0 for kind in COLLECTIVES}
+    for op, _, rest, times in run:
+        kind = op[:-len("-start")] if op.endswith("-start") else op
+        if kind in totals:
+            operands = rest.split(")")[0]
+            inline = _type_bytes(operands)
+            totals[kind] += times * (inline or sum(sizes.get(n, 0.0) for n in re.findall(r"%([\w.\-]+)", operands)))
     return totals
+
+
+def cycles_loop_scale(hlo: str) -> float:
+    """The TPU compiler's own cycle estimates (``estimated_cycles`` of each fusion's backend
+    config) summed with every loop body times its trip count, over the same sum counting each
+    body once: how much more the whole step costs than XLA's cost analysis, which counts loop
+    bodies once. 1 when the program has no such estimates."""
+    run, _ = hlo_instructions(hlo)
+    once = every = 0.0
+    for _, _, rest, times in run:
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', rest)
+        if cycles:
+            once += int(cycles.group(1))
+            every += times * int(cycles.group(1))
+    return every / once if once else 1.0
 
 
 # ---------------------------------------------------------------------------------- one compile
@@ -358,8 +405,9 @@ def _out_of_memory(error: Exception) -> str | None:
 
 
 def compile_train(config: ml_collections.ConfigDict, devices: list[Any], chip: dict[str, Any], batch_size: int,
-                  stage: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-    """One row: the train step of ``config`` at global batch ``batch_size`` compiled for ``devices``."""
+                  stage: ml_collections.ConfigDict | None = None, save_hlo: str = "") -> dict[str, Any]:
+    """One row: the train step of ``config`` at global batch ``batch_size`` compiled for ``devices``
+    (``save_hlo``: a file to write the optimised HLO text to)."""
     if batch_size < 1:
         raise CompileError(f"global batch {batch_size}: must be at least 1")
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -386,17 +434,21 @@ def compile_train(config: ml_collections.ConfigDict, devices: list[Any], chip: d
     loop_scale = all_iterations / bodies_once if bodies_once else 1.0
     xla_flops, xla_seconds = float(cost.get("flops", float("nan"))), float(cost.get("optimal_seconds", float("nan")))
     uncosted, seconds = _costed_seconds(xla_seconds)
-    estimated = seconds * loop_scale
+    hlo = compiled.as_text()
+    if save_hlo:
+        write_text(save_hlo, hlo)
+    cycles_scale = cycles_loop_scale(hlo)
+    estimated = seconds * cycles_scale
     fits = hbm <= chip["hbm_bytes"]
     row.update(
         hbm_per_chip_bytes=hbm, fits=fits,
         reason="" if fits else f"needs {hbm / GiB:.2f} GiB per chip, the chip has {chip['hbm_bytes'] / GiB:.0f} GiB",
         hardware_flops_per_chip=xla_flops * loop_scale, model_flops_per_chip=model_flops,
-        traced_matmul_flops_per_chip=all_iterations / chips, loop_scale=loop_scale,
+        traced_matmul_flops_per_chip=all_iterations / chips, loop_scale=loop_scale, cycles_loop_scale=cycles_scale,
         xla_flops_loop_bodies_once=xla_flops, xla_optimal_seconds_loop_bodies_once=xla_seconds,
         xla_uncosted_ops=uncosted,
         estimated_step_s=estimated, estimated_mfu=model_flops / (estimated * chip["peak_flops"]) if estimated else None,
-        collective_bytes=collective_bytes(compiled.as_text()),
+        collective_bytes=collective_bytes(hlo),
         param_bytes_per_chip=_bytes_per_chip(built.state["params"]),
         opt_state_bytes_per_chip=_bytes_per_chip(built.state["opt_state"]),
     )
@@ -512,7 +564,11 @@ def run(argv: list[str]) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", required=True,
                         help="comma-separated config files[:arg][@HNT stage name], e.g. configs/dit.py:XL")
-    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v5e:16x16, v4:4x4x4")
+    parser.add_argument("--topology", default="", help="TPU topology, e.g. v5p:2x2x1, v5e:16x16, v4:4x4x4")
+    parser.add_argument("--accelerator_type", default="",
+                        help="or the Cloud TPU slice type (v5litepod-16, v5p-8, ...) to take the topology from")
+    parser.add_argument("--require_fit", action="store_true",
+                        help="exit with one line (status 1) when a config does not fit (the launcher's pre-flight)")
     parser.add_argument("--batch_sizes", default="",
                         help="global batch, one per config or one for all (default: each config's train.batch_size)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -523,6 +579,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                         help="also search the largest batch of one guided sampling-step network call "
                              "(diffusion configs)")
     parser.add_argument("--out", default="bench_results/compile.json")
+    parser.add_argument("--save_hlo", default="", help="a directory to write each compiled step's optimised HLO to")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -531,6 +588,10 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if bool(args.topology) == bool(args.accelerator_type):
+        raise CompileError("give one of --topology (v5p:2x2x1) or --accelerator_type (v5p-8)")
+    if args.accelerator_type:
+        args.topology = topology_of_accelerator(args.accelerator_type)
     specs = [s for s in args.configs.split(",") if s]
     loaded = [load(spec, args.set) for spec in specs]  # every config checked before anything compiles
     if args.batch_sizes:
@@ -551,7 +612,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
           f"bf16, {chip['hbm_bytes'] / GiB:.0f} GiB HBM per chip; step times and MFU are XLA's estimates")
     for spec, (config, stage), batch_size in zip(specs, loaded, sizes):
         def compile_row(batch: int, config=config, stage=stage, spec=spec) -> dict[str, Any]:
-            return dict(config=spec, topology=args.topology, **compile_train(config, devices, chip, batch, stage))
+            hlo = ""
+            if args.save_hlo:
+                name = re.sub(r"[^\w.@-]+", "_", f"{spec}_{args.topology}_{batch}")
+                hlo = os.path.join(args.save_hlo, f"{name}.hlo.txt")
+            return dict(config=spec, topology=args.topology, **compile_train(config, devices, chip, batch, stage, hlo))
 
         try:
             if args.largest_batch:
@@ -567,6 +632,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         report["rows"].append(row)
         print_row(row, header=len(report["rows"]) == 1)
         write_json(args.out, report)
+        if args.require_fit and not row["fits"]:
+            raise CompileError(f"{spec} does not fit on {args.topology} at global batch {row['global_batch']}: "
+                               f"{row['reason']}")
         if args.sampler and task_of(config) != "tokenizer":
             best, rows = largest_batch(lambda n, config=config: compile_sampler(config, devices, chip, n), 1)
             report["samplers"].append(dict(config=spec, largest_images=best, rows=rows))

@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -173,3 +174,37 @@ def test_accelerator_types_name_their_topologies():
     assert aot.topology_of_accelerator("v6e-256") == "v6e:16x16"
     with pytest.raises(aot.CompileError, match="--accelerator_type 'v5p-7'"):
         aot.topology_of_accelerator("v5p-7")
+
+
+def test_a_config_argument_may_hold_commas():
+    assert aot.split_specs("configs/dit.py:XL,configs/recipe.py:nativetok,128@proxy_codes,configs/d2it.py:XL") == [
+        "configs/dit.py:XL", "configs/recipe.py:nativetok,128@proxy_codes", "configs/d2it.py:XL"]
+
+
+def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_product():
+    from nativetok_jax.config import ConfigError, _validate_transformer
+    from nativetok_jax.layers.remat import POLICIES, rematerialized
+
+    batch, tokens, width, depth = 2, 8, 16, 2
+    x = jax.random.normal(jax.random.key(1), (batch, tokens, width))
+    forward = batch * depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
+    grads, counts = {}, {}
+    for remat in (False, *POLICIES):
+        graphdef, params = nnx.split(BlockStack(width, depth, 2, 4.0, rngs=nnx.Rngs(0), remat=remat))
+
+        def loss(params, x):
+            return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+        with axis_rules(DEFAULT_RULES):
+            grads[remat] = jax.grad(loss)(params, x)
+            counts[remat] = aot.matmul_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
+    for remat in POLICIES:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads[remat], grads[False])
+    assert counts[False] == counts["dots_saveable"] == 3 * forward
+    assert counts["nothing_saveable"] > 3 * forward
+    with pytest.raises(ValueError, match="remat policy 'offload'"):
+        rematerialized(lambda h: h, "offload")
+    config = load_config_file(os.path.join(ROOT, "configs", "nativetok.py:32"))
+    config.model.experts.remat_policy = "everything"
+    with pytest.raises(ConfigError, match="model.experts.remat_policy"):
+        _validate_transformer(config.model.experts, "model.experts")

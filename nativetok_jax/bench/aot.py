@@ -21,9 +21,12 @@ Each row (JSON ``rows``; per chip unless named otherwise):
 - ``hardware_flops_per_chip``, ``estimated_step_s``: XLA's cost analysis of the compiled program
   (``flops``; ``optimal_seconds``, its cost-model *estimate* of the step time, not a measurement).
   XLA's TPU cost analysis counts a while loop's body once (a scanned stack of 8 layers reports one
-  layer's FLOPs), so both are scaled by the ratio of the traced step's matrix FLOPs counting every
-  iteration to those counting each loop body once; ``xla_flops_loop_bodies_once`` and
-  ``xla_optimal_seconds_loop_bodies_once`` keep XLA's raw figures.
+  layer's FLOPs), so the FLOPs are scaled by the traced step's matrix FLOPs counting every
+  iteration over those counting each loop body once (``loop_scale``), and the seconds by the TPU
+  compiler's own per-fusion cycle estimates summed the same two ways (``cycles_loop_scale``);
+  its cost model also adds -1 s per operation it cannot cost (seen: f32 all-gathers), which is
+  added back (``xla_uncosted_ops``: those operations' time is not in the estimate).
+  ``xla_flops_loop_bodies_once`` and ``xla_optimal_seconds_loop_bodies_once`` keep XLA's raw figures.
 - ``estimated_mfu``: model FLOPs / (estimated step x the chip's peak bf16 FLOP/s): an *estimate*.
 - ``collective_bytes``: bytes of the operands of every all-reduce, all-gather, reduce-scatter,
   all-to-all and collective-permute in the optimised HLO, by kind, loop bodies times their known
@@ -540,6 +543,18 @@ def load(spec: str, overrides: list[str]) -> tuple[ml_collections.ConfigDict, ml
     return hnt.stage_config(config, stages[index]), stage
 
 
+def split_specs(text: str) -> list[str]:
+    """``--configs``: comma-separated ``FILE.py[:ARG][@STAGE]``; a piece without ``.py`` belongs to
+    the argument before it (``configs/recipe.py:nativetok,128@proxy_codes`` is one config)."""
+    specs: list[str] = []
+    for piece in text.split(","):
+        if specs and ".py" not in piece:
+            specs[-1] += "," + piece
+        elif piece:
+            specs.append(piece)
+    return specs
+
+
 def _gib(value: Any) -> str:
     return "-" if value is None else f"{value / GiB:.2f}"
 
@@ -592,7 +607,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         raise CompileError("give one of --topology (v5p:2x2x1) or --accelerator_type (v5p-8)")
     if args.accelerator_type:
         args.topology = topology_of_accelerator(args.accelerator_type)
-    specs = [s for s in args.configs.split(",") if s]
+    specs = split_specs(args.configs)
     loaded = [load(spec, args.set) for spec in specs]  # every config checked before anything compiles
     if args.batch_sizes:
         sizes = [int(b) for b in args.batch_sizes.split(",")]

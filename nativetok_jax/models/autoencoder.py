@@ -17,6 +17,7 @@ from flax import nnx
 from nativetok_jax.config import validate_model
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
+from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.models.decoder import TokenDecoder
 from nativetok_jax.models.experts import CausalExperts
 from nativetok_jax.models.mit import MetaImageTransformer
@@ -62,7 +63,7 @@ class Autoencoder(nnx.Module):
             proxy_codebook_size=d.proxy_codebook_size,
             rngs=rngs,
             dtype=dtype,
-            remat=d.remat,
+            remat=remat_of(d),
             unroll=model.unroll_scans,
         )
 
@@ -129,7 +130,7 @@ class NativeTok(Autoencoder):
             out_width=x.width,
             rngs=rngs,
             dtype=dtype,
-            remat=e.remat,
+            remat=remat_of(e),
             unroll=model.unroll_scans,
         )
         self.experts = CausalExperts(
@@ -140,7 +141,7 @@ class NativeTok(Autoencoder):
             x.mlp_ratio,
             rngs=rngs,
             dtype=dtype,
-            remat=x.remat,
+            remat=remat_of(x),
             scan=x.scan,
             unroll=model.unroll_scans,
             chunks=x.chunks,
@@ -174,7 +175,7 @@ class TiTok(Autoencoder):
             mlp_ratio=e.mlp_ratio,
             rngs=rngs,
             dtype=dtype,
-            remat=e.remat,
+            remat=remat_of(e),
             unroll=model.unroll_scans,
             latent_causal_mask=model.get("latent_causal_mask", False),
         )

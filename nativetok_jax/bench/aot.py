@@ -510,12 +510,18 @@ def compile_sampler(config: ml_collections.ConfigDict, devices: list[Any], chip:
         fn = lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y)  # noqa: E731
         args = (built.state["params"], x, t, y)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), axis_rules(rules):
-        compiled = jax.jit(fn).lower(*args).compile()
+    row = dict(sampler="network call with guidance", num_images=num_images, chips=len(devices),
+               hbm_capacity_bytes=chip["hbm_bytes"])
+    try:
+        with jax.set_mesh(mesh), axis_rules(rules):
+            compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as error:  # noqa: BLE001 - only running out of memory is an answer
+        reason = _out_of_memory(error)
+        if reason is None:
+            raise
+        return dict(row, fits=False, reason=f"XLA refused: {reason}", compile_s=time.perf_counter() - start)
     hbm, cost = _analyses(compiled)
-    return dict(sampler="network call with guidance", num_images=num_images, chips=len(devices),
-                hbm_per_chip_bytes=hbm, hbm_capacity_bytes=chip["hbm_bytes"], fits=hbm <= chip["hbm_bytes"],
-                compile_s=time.perf_counter() - start,
+    return dict(row, hbm_per_chip_bytes=hbm, fits=hbm <= chip["hbm_bytes"], compile_s=time.perf_counter() - start,
                 estimated_call_s_loop_bodies_once=_costed_seconds(float(cost.get("optimal_seconds", float("nan"))))[1])
 
 
@@ -591,8 +597,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--largest_batch", action="store_true",
                         help="double each batch while the step fits; report the largest that fits")
     parser.add_argument("--sampler", action="store_true",
-                        help="also search the largest batch of one guided sampling-step network call "
-                             "(diffusion configs)")
+                        help="also search the largest number of images (from the batch size up) of one guided "
+                             "sampling-step network call (diffusion configs)")
     parser.add_argument("--out", default="bench_results/compile.json")
     parser.add_argument("--save_hlo", default="", help="a directory to write each compiled step's optimised HLO to")
     args = parser.parse_args(argv)
@@ -651,7 +657,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             raise CompileError(f"{spec} does not fit on {args.topology} at global batch {row['global_batch']}: "
                                f"{row['reason']}")
         if args.sampler and task_of(config) != "tokenizer":
-            best, rows = largest_batch(lambda n, config=config: compile_sampler(config, devices, chip, n), 1)
+            best, rows = largest_batch(lambda n, config=config: compile_sampler(config, devices, chip, n), batch_size)
             report["samplers"].append(dict(config=spec, largest_images=best, rows=rows))
             print(f"{spec}: sampler network call with guidance fits up to {best} images", flush=True)
             write_json(args.out, report)

@@ -54,6 +54,9 @@ from nativetok_jax.config import d2it_config
 def get_config(arg: str = "B"):
     config = d2it_config(arg or "B")
     config.model.dtype = "bfloat16"
+    # Blocks rematerialised keeping their products: compiled for v5p:2x2x1 at batch 256, D²iT-XL
+    # needs 34.3 GiB per chip instead of 67.5, XLA's estimated MFU 0.40 -> 0.47 (docs/benchmarks_tpu.md).
+    config.model.update(remat=True, remat_policy="dots_saveable")
     return config
 
 

@@ -58,10 +58,10 @@ from nativetok_jax import sharding
 from nativetok_jax.bench.compare import override_field
 from nativetok_jax.bench.diffusion import _build as build_diffusion_state
 from nativetok_jax.bench.diffusion import _is_d2it, _random_batch
-from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.models import build_model
+from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.d2it_trainer import d2it_objective

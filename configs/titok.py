@@ -3,6 +3,10 @@ tokens, with NativeTok's codebook (4096 x 12) and decoder (TiTok-L). The argumen
 count; the default, 32, is TiTok-L-32.
 
     --config configs/titok.py        # TiTok-L-32
+
+bfloat16 compute (parameters float32), encoder and decoder rematerialised: compiled for v5p:2x2x1
+at batch 256 it needs 18 GiB per chip; in float32 keeping every activation, 135 GiB of
+temporaries, which XLA refuses (docs/benchmarks_tpu.md).
 """
 
 from nativetok_jax.config import base_config
@@ -13,4 +17,6 @@ def get_config(num_tokens: str | None = None):
     config.model.kind = "titok"
     config.model.num_tokens = int(num_tokens or 32)
     config.model.encoder.update(width=1024, depth=24, num_heads=16)
+    config.model.dtype = "bfloat16"  # see the docstring
+    config.model.encoder.remat = config.model.decoder.remat = True
     return config

@@ -7,6 +7,11 @@ MIT: width 1024, 18 layers, 16 heads (the prototype used 4; see nativetok_jax/co
 Experts: one per token, width 256, 2 layers, 4 heads. Codebook 4096 x 12, l2-normalised.
 Decoder: TiTok-L (width 1024, 24 layers, 16 heads) with the pixel head; set
 --config.model.decoder.head=proxy_codes for the MaskGIT-VQGAN proxy-code head.
+
+bfloat16 compute (parameters float32) and every stack rematerialised (MIT and decoder
+``nothing_saveable``, as the experts already were): compiled for v5p:2x2x1 at the paper's batch of
+256, NativeTok-128 in float32 with MIT and decoder kept needs 136 GiB of temporaries per chip (XLA
+refuses it); as configured here it needs 22 GiB (docs/benchmarks_tpu.md).
 """
 
 from nativetok_jax.config import base_config, config_choice
@@ -18,4 +23,6 @@ def get_config(num_tokens: str | None = None):
     # No default: without ':32' this would silently be the 582 M model at batch 256.
     config = base_config()
     config.model.num_tokens = int(config_choice("configs/nativetok.py", num_tokens, TOKEN_COUNTS))
+    config.model.dtype = "bfloat16"  # see the docstring
+    config.model.encoder.remat = config.model.decoder.remat = True
     return config

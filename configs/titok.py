@@ -9,6 +9,10 @@ released tokenizer of that name (``config.titok_release_config``), for the weigh
     --config configs/titok.py          # the TiTok-L-32 baseline (our decoder, pixel head)
     --config configs/titok.py:64       # the same with 64 tokens
     --config configs/titok.py:B-64     # TiTok-B-64's released architecture
+
+bfloat16 compute (parameters float32), encoder and decoder rematerialised: compiled for v5p:2x2x1
+at batch 256 it needs 18 GiB per chip; in float32 keeping every activation, 135 GiB of
+temporaries, which XLA refuses (docs/benchmarks_tpu.md).
 """
 
 from nativetok_jax.config import TITOK_RELEASES, base_config, config_choice, titok_release_config
@@ -22,4 +26,6 @@ def get_config(arg: str | None = None):
     config.model.num_tokens = int(config_choice("configs/titok.py", arg, ("32", "64", "128", *TITOK_RELEASES),
                                                 default="32"))
     config.model.encoder.update(width=1024, depth=24, num_heads=16)
+    config.model.dtype = "bfloat16"  # see the docstring
+    config.model.encoder.remat = config.model.decoder.remat = True
     return config

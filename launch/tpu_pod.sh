@@ -20,6 +20,15 @@
 #   REMOTE_DIR        where the code lives on the workers   [~/nativetok_jax]
 #   NUM_WORKERS       hosts in the slice                    [read from gcloud describe]
 #   LOG_DIR           per-worker logs on this machine       [./tpu_logs/TPU_NAME-YYYYmmdd-HHMMSS]
+#   PREFLIGHT         compile first, here (1) or not (0)    [1]
+#   TOPOLOGY          the slice's topology for it           [from ACCELERATOR_TYPE: v5litepod-16 -> v5e:4x4]
+#   PYTHON            the local Python with this package and libtpu   [python3]
+#
+# Pre-flight: `create` and `train` first compile CONFIG's train step (with train's --config.*
+# flags) for the slice's topology on THIS machine (`python -m nativetok_jax.bench compile
+# --require_fit`; libtpu compiles for TPUs without one: pip install -e '.[tpu]' -c requirements.txt)
+# and refuse, in one line and before any TPU VM is touched, a config that does not fit in the
+# chips' HBM. It takes minutes for a paper-scale config; PREFLIGHT=0 skips it.
 #
 # `setup` creates a virtual environment on every worker (REMOTE_DIR/.venv; the image's system
 # Python stays untouched) and installs the package with its [tpu] and [gcs] extras at the tested
@@ -57,6 +66,9 @@ WORKDIR="${WORKDIR:-}"
 REMOTE_DIR="${REMOTE_DIR:-~/nativetok_jax}"
 NUM_WORKERS="${NUM_WORKERS:-}"
 LOG_DIR="${LOG_DIR:-$PWD/tpu_logs/$TPU_NAME-$(date +%Y%m%d-%H%M%S)}"
+PREFLIGHT="${PREFLIGHT:-1}"
+TOPOLOGY="${TOPOLOGY:-}"
+PYTHON="${PYTHON:-python3}"
 
 usage() {
   echo "usage: $0 {create|setup|train|stop|delete} [extra flags for train]" >&2
@@ -81,7 +93,29 @@ FREE_TPU='pids="$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -
 if [ -n "$pids" ]; then echo "ending processes holding the TPU: $pids"; sudo kill -9 $pids || true; fi
 sudo rm -f /tmp/libtpu_lockfile'
 
+# Compiles CONFIG's train step (train's --config.FIELD=VALUE flags applied) for the slice's
+# topology here, and stops the script when it does not fit (the compile command's one line).
+preflight() {
+  [[ "$PREFLIGHT" == 1 ]] || return 0
+  local repo_root arg sets=() where=(--accelerator_type "$ACCELERATOR_TYPE")
+  repo_root="$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+  for arg in "$@"; do
+    case "$arg" in --config.*=*) sets+=(--set "${arg#--config.}") ;; esac
+  done
+  if [[ -n "$TOPOLOGY" ]]; then
+    where=(--topology "$TOPOLOGY")
+  fi
+  mkdir -p "$LOG_DIR"
+  echo "pre-flight: compiling $CONFIG for $ACCELERATOR_TYPE on this machine (PREFLIGHT=0 skips)" >&2
+  if ! (cd "$repo_root" && "$PYTHON" -m nativetok_jax.bench compile --configs "$CONFIG" "${where[@]}" \
+      --require_fit --out "$LOG_DIR/preflight.json" ${sets[@]+"${sets[@]}"} >"$LOG_DIR/preflight.log"); then
+    exit 1
+  fi
+  tail -n 2 "$LOG_DIR/preflight.log" >&2
+}
+
 create() {
+  preflight
   gcloud compute tpus tpu-vm create "$TPU_NAME" "${common_flags[@]}" \
     --accelerator-type="$ACCELERATOR_TYPE" \
     --version="$RUNTIME_VERSION"
@@ -128,6 +162,7 @@ train() {
     echo "error: WORKDIR must be a gs:// path that all workers share (got '${WORKDIR}')" >&2
     exit 2
   fi
+  preflight "$@"
   local count extra="" flags remote worker failed="" status
   count="$(worker_count)"
   # Quote the forwarded flags so they survive the trip through the remote shell.

@@ -54,9 +54,15 @@ class ConfigError(UserError, ValueError):
     """A config field has a value the code cannot use; the message names the field."""
 
 
+# What a rematerialised layer keeps (nativetok_jax/layers/remat.py): jax.checkpoint_policies names.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
 def _transformer(width: int, depth: int, num_heads: int, remat: bool = False) -> ml_collections.ConfigDict:
+    # remat_policy: what a rematerialised layer keeps (layers/remat.py), when remat is True.
     return ml_collections.ConfigDict(
-        dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=4.0, remat=remat)
+        dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=4.0, remat=remat,
+             remat_policy="nothing_saveable")
     )
 
 
@@ -275,6 +281,7 @@ def generator_config() -> ml_collections.ConfigDict:
     g.width, g.depth, g.num_heads = 768, 12, 12  # LlamaGen-B
     g.mlp_ratio = 4.0  # maskgit's MLP; the GPT's SwiGLU uses LlamaGen's 2/3 of it, rounded to 256
     g.remat = False
+    g.remat_policy = "nothing_saveable"  # layers/remat.py
     g.dtype = "float32"  # compute dtype; parameters are always float32
     g.num_classes = 0  # 0: as many as the data has (max label + 1)
     g.label_drop_probability = 0.1  # classifier-free guidance: labels dropped to the null class
@@ -320,7 +327,8 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     _require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
     _require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
     _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
-                                                        mlp_ratio=g.mlp_ratio, remat=g.remat)), "generator")
+                                                        mlp_ratio=g.mlp_ratio, remat=g.remat,
+                                                        remat_policy=g.remat_policy)), "generator")
     _require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
     for name in ("num_classes", "num_train_examples", "num_eval_examples"):
         _require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
@@ -497,6 +505,8 @@ def _validate_transformer(cfg: ml_collections.ConfigDict, field: str) -> None:
     for name in ("width", "depth", "num_heads"):
         _positive_int(cfg.get(name), f"{field}.{name}")
     _boolean(cfg.get("remat"), f"{field}.remat")
+    _require(cfg.get("remat_policy", "nothing_saveable") in REMAT_POLICIES, f"{field}.remat_policy",
+             f"must be one of {REMAT_POLICIES}, got {cfg.get('remat_policy')!r}")
     _require(cfg.width % cfg.num_heads == 0, f"{field}.width",
              f"{cfg.width} is not divisible by num_heads={cfg.num_heads}")
     _require(float(cfg.mlp_ratio) > 0, f"{field}.mlp_ratio", f"must be > 0, got {cfg.mlp_ratio!r}")
@@ -694,6 +704,7 @@ def dit_model_config(size: str = "B", patch_size: int = 2) -> ml_collections.Con
     model.label_drop_probability = 0.1
     model.dtype = "float32"
     model.remat = False
+    model.remat_policy = "nothing_saveable"  # layers/remat.py
     model.unroll_scans = False
     model.autoencoder = ml_collections.ConfigDict(dict(kind="sd_vae", weights="", scale_factor=0.18215))
     model.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))

@@ -7,7 +7,9 @@ boundaries and as constraints, and XLA's partitioner does the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -102,13 +104,36 @@ def init_sharded(
     graphdef, _ = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh, rules)
 
-    @jax.jit(out_shardings=shardings)
-    def init() -> Params:
-        return params_of(build(nnx.Rngs(seed)))
-
-    with jax.set_mesh(mesh), axis_rules(rules):
-        params = init()
+    with axis_rules(rules):  # every activation constraint of the model in force, as in the step
+        params = initialize(lambda: params_of(build(nnx.Rngs(seed))), shardings, mesh)
     return graphdef, params, shardings
+
+
+_ABSTRACT = contextvars.ContextVar("abstract_initialization", default=False)
+
+
+@contextlib.contextmanager
+def abstract_initialization() -> Iterator[None]:
+    """Within it, :func:`initialize` (so ``init_sharded``, ``build_state`` and every builder on
+    them) only traces: arrays are ``ShapeDtypeStruct``\\ s with their shardings, on devices that
+    need not run anything (an ahead-of-time compile for a TPU topology)."""
+    token = _ABSTRACT.set(True)
+    try:
+        yield
+    finally:
+        _ABSTRACT.reset(token)
+
+
+def initialize(fn: Callable[..., Any], shardings: Any, mesh: jax.sharding.Mesh, *args: Any,
+               donate: bool = False) -> Any:
+    """``jax.jit(fn, out_shardings=shardings)(*args)`` under ``mesh`` (``donate``: the arguments),
+    or within :func:`abstract_initialization` the ``ShapeDtypeStruct``\\ s it would return."""
+    jitted = jax.jit(fn, out_shardings=shardings, donate_argnums=tuple(range(len(args))) if donate else ())
+    with jax.set_mesh(mesh):
+        if not _ABSTRACT.get():
+            return jitted(*args)
+        shapes = jax.eval_shape(jitted, *args)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
 def summarize(problems: list[str], limit: int = 8) -> str:

@@ -167,6 +167,7 @@ def gcloud(tmp_path):
 
 
 def run_tpu_pod(gcloud, tmp_path, *args, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    env.setdefault("PREFLIGHT", "0")  # its own tests below
     result = subprocess.run(["bash", TPU_POD, *args], env=clean_env(**gcloud, LOG_DIR=str(tmp_path / "logs"), **env),
                             capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     calls = []
@@ -232,3 +233,46 @@ def test_tpu_pod_setup_installs_the_tested_versions_into_a_venv(gcloud, tmp_path
     assert "python3 -m venv .venv" in command
     assert ".venv/bin/pip install -q -e '.[tpu,gcs]' -c requirements.txt" in command
     assert "python3 -m pip" not in command  # the image's system Python is left alone
+
+
+# Stands in for the local `python -m nativetok_jax.bench compile`: records its arguments (in
+# $CALLS, like gcloud, so the order of the two is known) and answers as the command does when the
+# config does not fit ($DOES_NOT_FIT) or fits.
+FAKE_COMPILE = r'''#!/usr/bin/env bash
+printf '%s\n' "$(python3 -c 'import json, sys; print(json.dumps(["python"] + sys.argv[1:]))' "$@")" >> "$CALLS"
+if [ -n "${DOES_NOT_FIT:-}" ]; then
+  echo "error: configs/nativetok.py:128 does not fit on v5e:4x4 at global batch 4096: needs 31.20 GiB per chip, the chip has 16 GiB" >&2
+  exit 1
+fi
+echo "table"; echo "wrote preflight.json"
+'''
+
+
+def test_tpu_pod_preflight_refuses_a_config_that_does_not_fit_before_any_tpu_vm_is_touched(gcloud, tmp_path):
+    python = executable(tmp_path / "fake_python", FAKE_COMPILE)
+    for command in (["train", "--config.train.batch_size=4096", "--config.data.source=tfds"], ["create"]):
+        os.path.exists(gcloud["CALLS"]) and os.remove(gcloud["CALLS"])
+        result, calls = run_tpu_pod(gcloud, tmp_path, *command, WORKDIR="gs://bucket/nt128", PREFLIGHT="1",
+                                    PYTHON=python, CONFIG="configs/nativetok.py:128", DOES_NOT_FIT="1")
+        assert result.returncode == 1 and [c[0] for c in calls] == ["python"]  # no gcloud call at all
+        assert result.stderr.strip().splitlines()[-1] == (
+            "error: configs/nativetok.py:128 does not fit on v5e:4x4 at global batch 4096: needs 31.20 GiB per chip, "
+            "the chip has 16 GiB")
+        compile_args = calls[0][1:]
+        assert compile_args[:4] == ["-m", "nativetok_jax.bench", "compile", "--configs"]
+        assert "--require_fit" in compile_args and "v5litepod-16" in compile_args  # the slice's type
+    assert calls and "--accelerator_type" in calls[0]
+    first = run_tpu_pod(gcloud, tmp_path, "train", "--config.train.batch_size=4096", "--config.data.source=tfds",
+                        WORKDIR="gs://bucket/nt128", PREFLIGHT="1", PYTHON=python, DOES_NOT_FIT="1")[1][-1]
+    sets = [first[i + 1] for i, arg in enumerate(first) if arg == "--set"]
+    assert sets == ["train.batch_size=4096", "data.source=tfds"]  # train's config flags, compiled too
+
+
+def test_tpu_pod_preflight_that_fits_goes_on_to_train_and_topology_overrides(gcloud, tmp_path):
+    python = executable(tmp_path / "fake_python", FAKE_COMPILE)
+    result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="gs://bucket/nt32", FINISH="1", PREFLIGHT="1",
+                                PYTHON=python, TOPOLOGY="v5e:4x4")
+    assert result.returncode == 0, result.stderr
+    assert calls[0][0] == "python" and calls[0][calls[0].index("--topology") + 1] == "v5e:4x4"
+    assert "--accelerator_type" not in calls[0]
+    assert sorted(option(c, "worker") for c in calls if c[3:4] == ["ssh"]) == ["0", "1", "2", "3"]

@@ -1,4 +1,4 @@
-"""``python -m nativetok_jax.bench {model,train,generate,compare,profile,diffusion} [options]``: measure
+"""``python -m nativetok_jax.bench {compile,model,train,generate,compare,profile,diffusion} [options]``: measure
 the project's models (``python -m nativetok_jax.bench NAME --help`` for one benchmark's options).
 """
 
@@ -8,9 +8,9 @@ import sys
 
 import jax
 
-from nativetok_jax.bench import compare, diffusion, generate, model, profile, train
+from nativetok_jax.bench import aot, compare, diffusion, generate, model, profile, train
 
-BENCHMARKS = {"model": model.run, "train": train.run, "generate": generate.run,
+BENCHMARKS = {"compile": aot.run, "model": model.run, "train": train.run, "generate": generate.run,
               "compare": compare.run, "profile": profile.run,
               "diffusion": diffusion.run}
 

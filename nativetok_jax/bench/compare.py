@@ -250,7 +250,8 @@ def format_header() -> str:
 
 
 def override_field(config: ml_collections.ConfigDict, assignment: str) -> None:
-    """Sets ``FIELD=VALUE`` (``model.experts.remat=True``: a Python literal) in a config field that exists.
+    """Sets ``FIELD=VALUE`` (``model.experts.remat=True``: a Python literal; a bare word in a string
+    field) in a config field that exists.
 
     Raises:
       SystemExit: the config has no such field (one line naming it).
@@ -264,7 +265,12 @@ def override_field(config: ml_collections.ConfigDict, assignment: str) -> None:
         node = node[parent]
     if field not in node:
         raise SystemExit(f"error: --set {key}: the config has no such field")
-    node[field] = ast.literal_eval(value)
+    try:
+        node[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        if not isinstance(node[field], str):  # a bare word is a string only where a string belongs
+            raise SystemExit(f"error: --set {key}={value}: not a Python literal") from None
+        node[field] = value
 
 
 def run(argv: list[str]) -> dict[str, Any]:

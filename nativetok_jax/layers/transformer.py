@@ -15,6 +15,7 @@ from nativetok_jax.layers.attention import Attention
 from nativetok_jax.layers.mlp import Mlp
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain
+from nativetok_jax.layers.remat import rematerialized
 
 
 class Block(nnx.Module):
@@ -102,8 +103,7 @@ class BlockStack(nnx.Module):
         def layer(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, key_mask=key_mask, attention_mask=attention_mask), None
 
-        if self.remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
+        layer = rematerialized(layer, self.remat)
         num_full = self.depth - (last_layer_queries is not None)
         x, _ = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[:num_full], state), unroll=self.unroll)
         if last_layer_queries is not None:

@@ -17,6 +17,7 @@ from flax import nnx
 from nativetok_jax.config import validate_model
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
+from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.models.decoder import TokenDecoder
 from nativetok_jax.models.experts import CausalExperts
 from nativetok_jax.models.mit import MetaImageTransformer
@@ -75,7 +76,7 @@ class Autoencoder(nnx.Module):
             proxy_codebook_size=d.proxy_codebook_size,
             rngs=rngs,
             dtype=dtype,
-            remat=d.remat,
+            remat=remat_of(d),
             unroll=model.unroll_scans,
             head_hidden=d.get("head_hidden", 0),
             norm_epsilon=epsilon,
@@ -144,7 +145,7 @@ class NativeTok(Autoencoder):
             out_width=x.width,
             rngs=rngs,
             dtype=dtype,
-            remat=e.remat,
+            remat=remat_of(e),
             unroll=model.unroll_scans,
         )
         self.experts = CausalExperts(
@@ -155,7 +156,7 @@ class NativeTok(Autoencoder):
             x.mlp_ratio,
             rngs=rngs,
             dtype=dtype,
-            remat=x.remat,
+            remat=remat_of(x),
             scan=x.scan,
             unroll=model.unroll_scans,
             chunks=x.chunks,
@@ -189,7 +190,7 @@ class TiTok(Autoencoder):
             mlp_ratio=e.mlp_ratio,
             rngs=rngs,
             dtype=dtype,
-            remat=e.remat,
+            remat=remat_of(e),
             unroll=model.unroll_scans,
             latent_causal_mask=model.get("latent_causal_mask", False),
             norm_epsilon=model.get("norm_epsilon", 1e-6),

@@ -38,6 +38,7 @@ from flax import nnx
 from nativetok_jax.config import D2IT_SIZES, d2it_latent_shape, validate_d2it_model
 from nativetok_jax.diffusion.multi_grain import FINE, average_coarse, check_grains
 from nativetok_jax.layers.partitioning import constrain, param
+from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.layers.transformer import stacked
 from nativetok_jax.models.dit import (EMBEDDING_INIT, ROW_AXES, DiT, DiTBlock, apply_blocks, parameter_count,
                                       sincos_2d_positions)
@@ -180,7 +181,7 @@ def d2it_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Dynami
         input_size=side, in_channels=channels, width=model.width, depth=model.depth,
         refine_depth=model.refine_depth, num_heads=model.num_heads, num_classes=model.num_classes,
         mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, grain_embedding=model.grain_embedding,
-        learnable_positions=model.learnable_positions, dtype=jnp.dtype(model.dtype), remat=model.remat,
+        learnable_positions=model.learnable_positions, dtype=jnp.dtype(model.dtype), remat=remat_of(model),
         unroll=model.unroll_scans, rngs=rngs)
 
 

@@ -50,6 +50,7 @@ from nativetok_jax.layers.mlp import Mlp
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.patches import patchify, unpatchify
+from nativetok_jax.layers.remat import remat_of, rematerialized
 from nativetok_jax.layers.transformer import stacked
 
 FREQUENCY_DIM = 256
@@ -170,8 +171,7 @@ def apply_blocks(blocks: nnx.Module, rows: jax.Array, c: jax.Array, *, remat: bo
         out = nnx.merge(graphdef, layer_state)(h, c)
         return (out if update is None else jnp.where(update[..., None], out, h)), None
 
-    if remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
+    layer = rematerialized(layer, remat)
     rows, _ = jax.lax.scan(layer, rows, state, unroll=unroll)
     return rows
 
@@ -322,7 +322,7 @@ def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
     return DiT(input_size=side, in_channels=channels, patch_size=model.patch_size, width=model.width,
                depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
                mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, dtype=jnp.dtype(model.dtype),
-               remat=model.remat, unroll=model.unroll_scans, rngs=rngs)
+               remat=remat_of(model), unroll=model.unroll_scans, rngs=rngs)
 
 
 def parameter_count(model: DiT) -> int:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain, param
+from nativetok_jax.layers.remat import rematerialized
 from nativetok_jax.layers.transformer import BlockStack, slice_stack, stacked
 from nativetok_jax.models.embeddings import POSITION_INIT
 
@@ -170,8 +171,7 @@ class CausalExperts(nnx.Module):
             slots = jax.lax.dynamic_update_index_in_dim(slots, expert.to_slot(token), index, axis=1)
             return slots, token
 
-        if self.remat:
-            step = jax.checkpoint(step, prevent_cse=False)
+        step = rematerialized(step, self.remat)
         if frozen:  # their own parameters only (see the docstring)
             state = jax.lax.stop_gradient(state)
         tokens = []

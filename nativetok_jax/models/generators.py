@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.models.gpt import GPT
 from nativetok_jax.models.masked_generator import MaskedTokenTransformer
 
@@ -20,7 +21,7 @@ def build_generator(
     transformer (``"maskgit"``; ``mlp_ratio`` x width) over ``vocab_size`` ids."""
     common = dict(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes, width=generator.width,
                   depth=generator.depth, num_heads=generator.num_heads, dtype=jnp.dtype(dtype),
-                  remat=generator.remat, rngs=rngs)
+                  remat=remat_of(generator), rngs=rngs)
     if generator.kind == "ar":
         return GPT(**common)
     return MaskedTokenTransformer(mlp_ratio=generator.mlp_ratio, **common)

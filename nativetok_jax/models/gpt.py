@@ -32,6 +32,7 @@ from flax import nnx
 from nativetok_jax.layers.cached_attention import CachedSelfAttention, KVCache
 from nativetok_jax.layers.norm import RMSNorm
 from nativetok_jax.layers.partitioning import constrain, param
+from nativetok_jax.layers.remat import rematerialized
 from nativetok_jax.layers.swiglu import SwiGLU, llama_hidden_size
 from nativetok_jax.layers.transformer import stacked
 
@@ -135,8 +136,7 @@ class GPT(nnx.Module):
         def layer(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, positions), None
 
-        if self.remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
+        layer = rematerialized(layer, self.remat)
         x, _ = jax.lax.scan(layer, x, state, unroll=self.unroll)
         return self.final_norm(x)
 

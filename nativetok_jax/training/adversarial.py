@@ -97,9 +97,9 @@ def build_discriminator(
         "opt_state": optimizer_state_shardings(optimizer, params, param_shardings, mesh),
         "lecam": {"real": replicated, "fake": replicated},
     }
-    state = jax.jit(
+    state = sharding.initialize(
         lambda p: {"params": p, "opt_state": optimizer.init(p),
                    "lecam": {"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)}},
-        out_shardings=shardings,
-    )(params)
+        shardings, mesh, params,
+    )
     return discriminator, state, shardings

@@ -88,7 +88,7 @@ def build_state(
     optimizer = make_optimizer(train, train.num_steps if num_steps is None else num_steps, params, trainable, axes)
     keep_ema = train.ema_decay > 0
     shardings = state_shardings(param_shardings, optimizer, params, mesh, keep_ema)
-    state = jax.jit(lambda p: init_state(p, optimizer, keep_ema), out_shardings=shardings, donate_argnums=0)(params)
+    state = sharding.initialize(lambda p: init_state(p, optimizer, keep_ema), shardings, mesh, params, donate=True)
     return BuiltState(graphdef, state, shardings, optimizer, trainable, axes, mesh, rules)
 
 

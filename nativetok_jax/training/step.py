@@ -95,7 +95,11 @@ def make_train_step(
 
     mesh = built.mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    constants = jax.device_put(objective.constants, replicated) if objective.constants is not None else None
+    # Abstract constants (ShapeDtypeStructs: an ahead-of-time compile for other devices) get the
+    # sharding; arrays are placed.
+    constants = jax.tree.map(
+        lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=replicated) if isinstance(c, jax.ShapeDtypeStruct)
+        else jax.device_put(c, replicated), objective.constants)
     jitted = jax.jit(
         step,
         in_shardings=(built.shardings, batch_shardings, jax.tree.map(lambda _: replicated, constants)),
@@ -119,6 +123,11 @@ class TrainStep:
     def lower(self, state: TrainState, batch: Batch) -> Any:
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return self._jitted.lower(state, batch, self._constants)
+
+    def trace(self, state: TrainState, batch: Batch) -> Any:
+        """``jax.jit(...).trace``: the step's jaxpr (``.jaxpr``) without lowering or compiling."""
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return self._jitted.trace(state, batch, self._constants)
 
     def compile(self, state: TrainState, batch: Batch) -> TrainStep:
         """Compiled ahead of time (benchmarks read ``executable``'s memory and cost analyses)."""

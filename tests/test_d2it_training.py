@@ -237,6 +237,7 @@ train_d2it(config, root + "/d2it")
 """
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_latent_and_grain_latent_stores(trained, tmp_path):
     """One process pair trains DiT and D²iT for a step each: the stores each trainer writes are
     split between the processes (one shard each) and hold what one process writes alone."""

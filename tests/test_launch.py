@@ -248,6 +248,7 @@ echo "table"; echo "wrote preflight.json"
 '''
 
 
+@pytest.mark.slow
 def test_tpu_pod_preflight_refuses_a_config_that_does_not_fit_before_any_tpu_vm_is_touched(gcloud, tmp_path):
     python = executable(tmp_path / "fake_python", FAKE_COMPILE)
     for command in (["train", "--config.train.batch_size=4096", "--config.data.source=tfds"], ["create"]):
@@ -268,6 +269,7 @@ def test_tpu_pod_preflight_refuses_a_config_that_does_not_fit_before_any_tpu_vm_
     assert sets == ["train.batch_size=4096", "data.source=tfds"]  # train's config flags, compiled too
 
 
+@pytest.mark.slow
 def test_tpu_pod_preflight_that_fits_goes_on_to_train_and_topology_overrides(gcloud, tmp_path):
     python = executable(tmp_path / "fake_python", FAKE_COMPILE)
     result, calls = run_tpu_pod(gcloud, tmp_path, "train", WORKDIR="gs://bucket/nt32", FINISH="1", PREFLIGHT="1",

@@ -1,7 +1,6 @@
 """The repository's shape: the README's layout tree matches the folders, the README stays a
 landing page, no file cites a document the repository does not hold, and imports form no circle."""
 
-import pytest
 import ast
 import os
 import re
@@ -57,7 +56,6 @@ def test_the_readme_is_a_landing_page_naming_both_systems_first():
         assert os.path.exists(os.path.join(ROOT, link)), link
 
 
-@pytest.mark.slow
 def test_no_tracked_file_cites_an_outside_document_or_a_machine_path():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not files:  # not a git checkout (an sdist): nothing to check

@@ -109,3 +109,16 @@ def eight_devices():
 def pytest_sessionfinish(session, exitstatus):
     if _OWNED_CACHE_DIR:
         shutil.rmtree(_OWNED_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _absl_log_level():
+    """Entry points called in-process parse absl's flags, and parsing ``--verbosity`` (default -1,
+    WARNING) sets the absl logger's level: restore it, so that a later test's ``caplog`` still
+    sees INFO lines."""
+    from absl import logging as absl_logging
+
+    logger = absl_logging.get_absl_logger()
+    level = logger.level
+    yield
+    logger.setLevel(level)

@@ -34,8 +34,21 @@ def dvae_run(workdir: str) -> None:
     train_dvae(dvae_train_config(num_steps=2, checkpoint_every=2, latent_scale_batches=1), workdir)
 
 
+def exported_dit(directory: str) -> None:
+    from test_diffusion_training import tiny_dit_config
+
+    from nativetok_jax.pretrained.export import export_run
+    from nativetok_jax.training.diffusion_trainer import train_diffusion
+
+    run = directory + "_run"
+    train_diffusion(tiny_dit_config(num_steps=1, checkpoint_every=1), run)
+    export_run(run, directory)
+
+
 # workdirs/NAME -> a function that trains a tiny run of that kind into a directory
 RUNS = {"dvae_demo": dvae_run}
+# exported/NAME -> a function that writes a tiny exported model of that kind (pretrained.export)
+EXPORTS = {"dit_demo": exported_dit}
 
 
 def test_the_docs_have_snippets():
@@ -49,5 +62,8 @@ def test_snippet_runs_as_written(label, code, tmp_path, monkeypatch):
     for name in sorted(set(re.findall(r"workdirs/([A-Za-z0-9_]+)", code))):
         assert name in RUNS, f"{label} opens workdirs/{name}: add a tiny run of its kind to RUNS"
         RUNS[name](str(tmp_path / "workdirs" / name))
+    for name in sorted(set(re.findall(r"exported/([A-Za-z0-9_]+)", code))):
+        assert name in EXPORTS, f"{label} opens exported/{name}: add a tiny export of its kind to EXPORTS"
+        EXPORTS[name](str(tmp_path / "exported" / name))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, label, "exec"), {"__name__": "__snippet__"})  # noqa: S102 - the docs' own code

@@ -1,6 +1,7 @@
 """The adversarial objective: hinge and LeCam values, VQGAN's adaptive weight, the patch
 discriminator, and a train step in which each player's update moves only its own parameters."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,7 @@ def _changed(before, after) -> bool:
     return any(np.any(a != b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
 
+@pytest.mark.slow
 def test_each_player_updates_only_its_own_parameters():
     # The generator cannot learn (lr 0): only the discriminator's parameters move, and back.
     before, after, metrics = _adversarial_step(generator_lr=0.0, discriminator_lr=1e-2)

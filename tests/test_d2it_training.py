@@ -48,6 +48,7 @@ def trained(tmp_path_factory):
     return dvae_dir, run_dir, summary
 
 
+@pytest.mark.slow
 def test_tiny_d2it_trains_both_transformers_and_its_losses_fall(trained):
     dvae_dir, run_dir, summary = trained
     assert summary["step"] == STEPS and summary["num_train_examples"] == 64 and summary["num_eval_examples"] == 8
@@ -67,6 +68,7 @@ def test_tiny_d2it_trains_both_transformers_and_its_losses_fall(trained):
     assert set(params) == {"content", "grain"}  # one state, both transformers
 
 
+@pytest.mark.slow
 def test_stopping_at_step_k_then_resuming_equals_the_uninterrupted_run(trained, tmp_path):
     from nativetok_jax.training.d2it_trainer import train_d2it
 
@@ -138,6 +140,7 @@ def test_bad_input_is_one_line(trained, tmp_path):
         open_dvae(config)
 
 
+@pytest.mark.slow
 def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trained, tmp_path):
     """Includes the ``--inception`` path, on a FID Inception file in the converter's format."""
     import ml_collections

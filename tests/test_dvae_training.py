@@ -35,6 +35,7 @@ def dvae_train_config(num_steps: int = 8, routing: str = "random", thresholds: s
     return config
 
 
+@pytest.mark.slow
 def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     from nativetok_jax.training.dvae_trainer import train_dvae
 
@@ -95,6 +96,7 @@ def write_config_file(directory, **train) -> str:
     return conftest.write_config_file(directory, "test_dvae_training.dvae_train_config", **train)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_dvae_run_resumes_to_the_uninterrupted_runs_parameters(tmp_path):
     config_file = write_config_file(str(tmp_path), checkpoint_every=2)
     runs = {name: str(tmp_path / name) for name in ("straight", "killed")}

@@ -103,6 +103,7 @@ def runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_main_trains_every_kind_in_a_few_steps(runs, kind):
     workdir = runs(kind)
@@ -110,6 +111,7 @@ def test_main_trains_every_kind_in_a_few_steps(runs, kind):
     assert sorted(os.listdir(os.path.join(stage, "checkpoints"))) == ["2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_evaluate_judges_tokenizers_and_dvaes_and_refuses_the_rest_in_one_line(runs, kind, tmp_path, capsys):
     workdir = runs(kind)
@@ -127,6 +129,7 @@ def test_evaluate_judges_tokenizers_and_dvaes_and_refuses_the_rest_in_one_line(r
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_sample_draws_from_generators_and_diffusion_runs_and_refuses_the_rest_in_one_line(runs, kind, tmp_path,
                                                                                           capsys):
@@ -147,6 +150,7 @@ def test_sample_draws_from_generators_and_diffusion_runs_and_refuses_the_rest_in
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_then_from_pretrained_gives_the_checkpoints_model(runs, kind, tmp_path, capsys):
     workdir, out = runs(kind), str(tmp_path / "exported")
@@ -170,6 +174,7 @@ def test_export_then_from_pretrained_gives_the_checkpoints_model(runs, kind, tmp
             np.testing.assert_array_equal(flat(loaded.tokenizer.params)[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_export_of_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -180,6 +185,7 @@ def test_export_of_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys
 
 # ----------------------------------------------------------------------------- the error boundary
 
+@pytest.mark.slow
 def test_a_bug_inside_evaluate_keeps_its_traceback_instead_of_blaming_the_data(runs, monkeypatch):
     def shape_bug(*args, **kwargs):
         raise ValueError("operands could not be broadcast together with shapes (2,16) (2,8)")
@@ -214,6 +220,7 @@ def interrupt_at_step_2(monkeypatch, presses: int) -> None:
     monkeypatch.setattr(loop, "make_train_step", make_train_step)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_stops_and_prints_the_resume_line(runs, tmp_path, monkeypatch):
     runs("tokenizer")  # compiled programs in the cache
     workdir = str(tmp_path / "run")
@@ -227,6 +234,7 @@ def test_ctrl_c_saves_stops_and_prints_the_resume_line(runs, tmp_path, monkeypat
     assert signal.getsignal(signal.SIGINT) == before  # the loop and the boundary put the previous handler back
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_saving(runs, tmp_path, monkeypatch, capsys):
     runs("tokenizer")
     workdir = str(tmp_path / "run")

@@ -31,6 +31,7 @@ def test_main_reports_a_bad_config_field_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_model_benchmark_writes_json_with_measurements(tmp_path, capsys):
     config_file = write_config_file(tmp_path, "conftest.tiny_config")
     out = tmp_path / "model.json"
@@ -49,6 +50,7 @@ def test_model_benchmark_writes_json_with_measurements(tmp_path, capsys):
     assert "compile s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_benchmark_writes_json_with_step_time_flops_memory_and_the_growth_stage(tmp_path, capsys):
     config_file = write_config_file(tmp_path, "conftest.tiny_config")
     out = tmp_path / "train.json"

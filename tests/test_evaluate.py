@@ -116,6 +116,7 @@ def run_entry_point(*args: str):
     return 0
 
 
+@pytest.mark.slow
 def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
         workdir, weights, tmp_path, quick_frechet_distance, caplog):
     lpips, inception = weights

@@ -78,6 +78,7 @@ def single_scan_and_reference(num_experts: int):
     return _outputs_and_gradients(experts, "single"), _outputs_and_gradients(experts, "reference")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_experts", [1, 5, 32])
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_chunked_stack_equals_single_scan_and_reference(num_experts, chunks):

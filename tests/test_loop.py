@@ -256,6 +256,7 @@ def test_every_entry_point_ends_a_preempted_run_with_one_line():
             assert "with boundary():" in f.read(), module  # command.boundary: ends_preempted_runs and one-line errors
 
 
+@pytest.mark.slow
 def test_sigterm_saves_within_a_few_steps_although_logs_are_rare(tmp_path):
     config_file = write_config_file(str(tmp_path), log_every=1000, checkpoint_every=1000, eval_every=1000)
     workdir = tmp_path / "run"

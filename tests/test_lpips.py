@@ -146,6 +146,7 @@ def test_matches_torch_reference(reference, flax_distance):
     np.testing.assert_allclose(np.asarray(distance(y, x)), got, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_is_finite_and_bfloat16_is_close(reference, flax_model, flax_distance):
     x, y = _pairs(2)
     grad = jax.jit(jax.grad(lambda a, b: flax_model(a, b).sum()))

@@ -69,6 +69,7 @@ def test_proxy_code_cross_entropy_learns_the_vqgan_codes(weight_files):
     assert last["proxy_code_accuracy"] > first["proxy_code_accuracy"]
 
 
+@pytest.mark.slow
 def test_decoder_fine_tune_through_the_frozen_vqgan_with_lpips_and_gan(weight_files, tmp_path):
     vqgan_path, lpips_path = weight_files
     config = proxy_config(vqgan_path, "pixels", num_steps=4, checkpoint_every=2)

@@ -221,6 +221,7 @@ def test_a_training_run_in_a_gs_workdir_resumes_and_loads(fake_gcs):
     assert step == 4 and tokenizer.num_tokens == config.model.num_tokens
 
 
+@pytest.mark.slow
 def test_dit_dvae_and_d2it_train_in_gs_workdirs_on_gs_weights(fake_gcs):
     """DiT on an SD-VAE file in the bucket, a DVAE routed by a thresholds file in the bucket, and a
     D²iT on that DVAE's workdir: every workdir and file a URL, recorded as that URL (never as a

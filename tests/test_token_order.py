@@ -38,6 +38,7 @@ def write_store(directory, ids: np.ndarray) -> token_store.TokenSource:
     return token_store.TokenSource(directory)
 
 
+@pytest.mark.slow
 def test_permutations_are_the_named_orders():
     assert token_permutation("identity", 4).tolist() == [0, 1, 2, 3]
     assert token_permutation("reversed", 4).tolist() == [3, 2, 1, 0]
@@ -48,6 +49,7 @@ def test_permutations_are_the_named_orders():
             token_permutation(bad, 4)
 
 
+@pytest.mark.slow
 def test_store_reader_permutes_and_sampler_unpermutes(tmp_path):
     """The reader hands the generator permuted ids; the sampler's output goes back to the
     tokenizer's order, so decoding gives the same images as the unpermuted ids."""
@@ -84,6 +86,7 @@ def test_store_reader_permutes_and_sampler_unpermutes(tmp_path):
                                   np.asarray(tokenizer.decode(ids[:8])))
 
 
+@pytest.mark.slow
 def test_causal_mask_encoder_token_i_sees_only_earlier_latents():
     kwargs = dict(image_size=8, patch_size=4, num_tokens=4, width=16, depth=2, num_heads=2, mlp_ratio=2.0)
     causal = TiTokEncoder(**kwargs, rngs=nnx.Rngs(0), latent_causal_mask=True)
@@ -105,6 +108,7 @@ def test_causal_mask_encoder_token_i_sees_only_earlier_latents():
     assert mask.astype(int).tolist() == [[1, 1, 1, 0, 0]] * 3 + [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
+@pytest.mark.slow
 def test_causal_mask_is_a_titok_switch():
     config = conftest.tiny_config()
     config.model.latent_causal_mask = True
@@ -112,6 +116,7 @@ def test_causal_mask_is_a_titok_switch():
         build_model(config.model, nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_match_encoder_grows_the_order_free_encoder_to_nativetoks_size():
     native = conftest.tiny_config().model
     order_free = conftest.tiny_config(kind="titok").model
@@ -131,6 +136,7 @@ def test_match_encoder_grows_the_order_free_encoder_to_nativetoks_size():
         match_encoder(order_free, native, "heads")
 
 
+@pytest.mark.slow
 def test_experiment_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="arms: unknown \\['titok'\\]"):
         token_order.selected_arms("native,titok")
@@ -142,6 +148,7 @@ def test_experiment_errors_name_the_field(tmp_path):
         validate_generator(config)
 
 
+@pytest.mark.slow
 def test_over_seeds_gives_means_std_and_every_seed():
     rows = [dict(seed=s, nll_per_token=v, nll_unigram=4.0, psnr=20.0 + s, codebook_usage=0.5,
                  nll_by_position=[v, 2 * v]) for s, v in enumerate([1.0, 2.0, 3.0])]
@@ -185,6 +192,7 @@ def tiny_experiment() -> ml_collections.ConfigDict:
     return config
 
 
+@pytest.mark.slow
 def test_report_schema_on_a_tiny_run(tmp_path):
     report = token_order.run(tiny_experiment(), str(tmp_path))
     assert report == json.loads((tmp_path / "token_order.json").read_text())
@@ -218,6 +226,7 @@ def test_report_schema_on_a_tiny_run(tmp_path):
     assert "| native |" in table and "| native_permuted |" in table and "native_permuted - native:" in table
 
 
+@pytest.mark.slow
 def test_warnings_name_unmatched_reconstruction_and_smaller_encoders():
     def arm(psnr, encoder):
         return dict(psnr=psnr, parameters=dict(encoder=encoder))

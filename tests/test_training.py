@@ -74,6 +74,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
+@pytest.mark.slow
 def test_trainer_writes_its_outputs_and_the_tokenizer_loads_them(tmp_path):
     workdir = str(tmp_path / "run")
     config = train_config(num_steps=6, eval_every=3, quantizer_warmup_steps=3)
@@ -140,6 +141,7 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
         assert_same_checkpoint(runs["straight"], runs[name], 12, label=name)
 
 
+@pytest.mark.slow
 def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path):
     workdir = str(tmp_path / "hnt")
     config = train_config()

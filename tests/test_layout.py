@@ -60,10 +60,11 @@ def test_no_tracked_file_cites_an_outside_document_or_a_machine_path():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not files:  # not a git checkout (an sdist): nothing to check
         return
-    outside = re.compile(r"NATIVETOK\.md|D2IT\.md|/work/|\.\./shared/")
+    # Spelt in pieces so that this file does not cite them itself.
+    outside = re.compile("|".join([r"NATIVE" r"TOK\.md", r"D2" r"IT\.md", "/wo" "rk/", r"\.\./sha" r"red/"]))
     offenders = []
     for name in files:
-        if name.endswith((".py", ".md", ".sh", ".toml", ".txt", ".ipynb", ".json")) and name != "tests/test_layout.py":
+        if name.endswith((".py", ".md", ".sh", ".toml", ".txt", ".ipynb", ".json")):
             with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
                 if outside.search(f.read()):
                     offenders.append(name)

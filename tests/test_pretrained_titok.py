@@ -21,7 +21,7 @@ from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
 from nativetok_jax.pretrained.titok import convert_state_dict
 from nativetok_jax.tokenizer import Tokenizer
-from test_vqgan import TorchVQGAN, randomize
+from test_vqgan import TorchVQGAN, randomize, torch_decode
 
 nn, F = torch.nn, torch.nn.functional
 IMAGE, PATCH, WIDTH, DEPTH, HEADS, TOKENS, CODES, TOKEN_DIM = 32, 8, 128, 2, 2, 4, 8, 4
@@ -125,16 +125,7 @@ class TorchTiTok(nn.Module):
         z = F.normalize(self.quantize.embedding(ids), dim=-1)  # [B, L, D]
         logits = self.decoder(z.reshape(ids.shape[0], 1, TOKENS, TOKEN_DIM).permute(0, 3, 1, 2))
         x = torch.einsum("nchw,cd->ndhw", logits.softmax(1), self.pixel_quantize.embedding.weight)
-        d = self.pixel_decoder
-        x = d.conv_in(x)
-        for block in d.mid:
-            x = block(x)
-        for level in reversed(d.up):
-            for block in level.block:
-                x = block(x)
-            if hasattr(level, "upsample_conv"):
-                x = level.upsample_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return logits, d.conv_out(F.silu(d.norm_out(x)))  # pixels in [0, 1] (unclipped)
+        return logits, torch_decode(self.pixel_decoder, x)  # pixels in [0, 1] (unclipped)
 
 
 @pytest.fixture(scope="module")

@@ -114,16 +114,21 @@ class TorchVQGAN(nn.Module):
         return self.distances(features).argmin(1).reshape(b, h, w)
 
     def decode_ids(self, ids):
-        d = self.decoder
-        x = d.conv_in(self.quantize.embedding(ids).permute(0, 3, 1, 2))
-        for block in d.mid:
+        return torch_decode(self.decoder, self.quantize.embedding(ids).permute(0, 3, 1, 2))
+
+
+def torch_decode(d: nn.Module, x):
+    """The reference VQGAN decoder ``d`` on code vectors ``[B, D, h, w]`` (TiTok's test feeds it
+    soft codes)."""
+    x = d.conv_in(x)
+    for block in d.mid:
+        x = block(x)
+    for level in reversed(d.up):
+        for block in level.block:
             x = block(x)
-        for level in reversed(d.up):
-            for block in level.block:
-                x = block(x)
-            if hasattr(level, "upsample_conv"):
-                x = level.upsample_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return d.conv_out(F.silu(d.norm_out(x)))
+        if hasattr(level, "upsample_conv"):
+            x = level.upsample_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    return d.conv_out(F.silu(d.norm_out(x)))
 
 
 def randomize(model: nn.Module, seed: int) -> None:

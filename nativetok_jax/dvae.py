@@ -37,6 +37,7 @@ from nativetok_jax.pretrained import directory as pretrained_directory
 
 LATENT_SCALE_FILE = "latent_scale.json"  # written by the trainer beside the checkpoints
 THRESHOLDS_FILE = "thresholds.json"  # an export's copy of the entropy thresholds its router reads
+TASK = "dvae"  # the config.task of the runs from_checkpoint loads (tasks.TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ class DVAE:
         finished). EMA weights when the run kept them and ``use_ema``. Raises ``FileNotFoundError``
         for a directory without a config or checkpoints, ``ValueError`` for a run of another task."""
         config = checkpoints.read_config(path)
-        if config.get("task") != "dvae":
+        if config.get("task") != TASK:
             raise ValueError(f"{path} holds a {config.get('task', 'tokenizer')!r} run, not a Dynamic VAE (task='dvae')")
         compiled = _compile(config, mesh)
         # Restored straight into their shardings: no host holds more than its devices' shards.

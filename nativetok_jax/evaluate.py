@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from nativetok_jax import checkpoints, storage  # noqa: E402
+from nativetok_jax import checkpoints, storage, tasks  # noqa: E402
 from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
 from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
@@ -73,7 +73,6 @@ from nativetok_jax.pretrained.inception import KIND as INCEPTION_KIND  # noqa: E
 from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
-from nativetok_jax.tokenizer import Tokenizer  # noqa: E402
 from nativetok_jax.workdir import check_loadable, require_task  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
@@ -258,11 +257,12 @@ def run_evaluation(
             raise EvaluationError(f"{flag}: weights file not found: {path}")
 
     source = open_source(data, tfds_data_dir)
-    is_dvae = require_task(workdir, "evaluate --workdir", ("tokenizer", "dvae"),
-                           advice="judge a generator's images with sample, then evaluate --samples").get("task") == "dvae"
+    config = require_task(workdir, "evaluate --workdir", tasks.with_part("evaluate"),
+                          advice="judge a generator's images with sample, then evaluate --samples")
     check_loadable(workdir)
+    tokenizer = tasks.of(config).load("evaluate").from_checkpoint(workdir, use_ema=use_ema)
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
-    tokenizer = (DVAE if is_dvae else Tokenizer).from_checkpoint(workdir, use_ema=use_ema)
+    is_dvae = isinstance(tokenizer, DVAE)
     prefix = prefix and not is_dvae
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:

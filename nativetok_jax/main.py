@@ -1,6 +1,7 @@
-"""``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train a tokenizer, or
-what a config's ``task`` names: ``"generator"`` (on a trained tokenizer's ids), ``"diffusion"``
-(DiT), ``"dvae"`` (D²iT's Dynamic VAE), ``"d2it"`` (D²iT's transformers on a trained DVAE).
+"""``python -m nativetok_jax.main --config configs/<x>.py --workdir DIR``: train what a config's
+``task`` names (``tasks.TASKS``): a tokenizer (the default), ``"generator"`` (on a trained
+tokenizer's ids), ``"diffusion"`` (DiT), ``"dvae"`` (D²iT's Dynamic VAE), ``"d2it"`` (D²iT's
+transformers on a trained DVAE).
 
 Writes into DIR the resolved config, orbax checkpoints, TensorBoard events, a progress line with
 step rate and ETA, PNG grids of held-out inputs and their reconstructions (from all tokens and
@@ -48,56 +49,18 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
+    from nativetok_jax import tasks
     from nativetok_jax.command import boundary
-    from nativetok_jax.training.diffusion_trainer import train_diffusion
-    from nativetok_jax.training.generator_trainer import train_generator
-    from nativetok_jax.training.trainer import train_and_evaluate
     from nativetok_jax.workdir import check_resume
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
     start = time.time()
-    task = FLAGS.config.get("task", "tokenizer")
-    generator = task == "generator"
     with boundary():  # the project's errors (config, data, weights, runs) are one line; a bug keeps its traceback
+        task = tasks.of(FLAGS.config)
         check_resume(FLAGS.config, FLAGS.workdir)  # before anything is written to the workdir
-        if task == "diffusion":
-            summary = train_diffusion(FLAGS.config, FLAGS.workdir)
-        elif task == "dvae":
-            from nativetok_jax.training.dvae_trainer import train_dvae
-
-            summary = train_dvae(FLAGS.config, FLAGS.workdir)
-        elif task == "d2it":
-            from nativetok_jax.training.d2it_trainer import train_d2it
-
-            summary = train_d2it(FLAGS.config, FLAGS.workdir)
-        elif generator:
-            summary = train_generator(FLAGS.config, FLAGS.workdir)
-        else:
-            summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    mse = ", ".join(f"t={k[len('eps_mse_t'):]} {v:.4f}" for k, v in summary.items() if k.startswith("eps_mse_t"))
-    if task == "diffusion":
-        print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse} after {summary['step']} steps; "
-              f"samples in {FLAGS.workdir}/images")
-        return
-    if task == "d2it":
-        print(f"done in {time.time() - start:.0f} s: held-out eps-MSE {mse}, grain NLL {summary['grain_nll']:.4f} "
-              f"nats/region after {summary['step']} steps; samples with grain maps in {FLAGS.workdir}/images")
-        return
-    if task == "dvae":
-        print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB (block means of its "
-              f"routing {summary['block_mean_psnr']:.2f} dB at the same {summary['codes_per_image']:.1f} codes), "
-              f"fine fraction {summary['train_fine_fraction']:.3f} on training crops, latent scale {summary['latent_scale']:.4f}; "
-              f"outputs in {FLAGS.workdir}")
-        return
-    if generator:
-        print(f"done in {time.time() - start:.0f} s: held-out NLL {summary['nll_per_token']:.4f} nats/token "
-              f"after {summary['step']} steps; samples in {FLAGS.workdir}/images")
-        return
-    baselines = ", ".join(f"{k[len('baseline_psnr_'):]} {v:.2f} dB" for k, v in summary.items()
-                          if k.startswith("baseline_psnr_"))
-    print(f"done in {time.time() - start:.0f} s: held-out PSNR {summary['psnr']:.2f} dB with "
-          f"{summary['num_tokens']} tokens (baselines: {baselines}); outputs in {FLAGS.workdir}")
+        summary = task.load("train")(FLAGS.config, FLAGS.workdir)
+    print(f"done in {time.time() - start:.0f} s: {task.summary_line(summary, FLAGS.workdir)}")
 
 
 if __name__ == "__main__":

@@ -356,7 +356,43 @@ def parse_labels(text: str | None) -> list[int] | None:
         raise ConfigError(f"--labels: expected comma-separated class ids such as 0,3,1, got {text!r}") from None
 
 
-SAMPLED_TASKS = ("generator", "diffusion", "d2it")
+GRAIN_MAPS_ONLY = "--grain_maps: only D²iT workdirs (task 'd2it') use it"
+
+
+def sample_generator_command(workdir: str, out: str, flags: dict[str, Any]) -> str:
+    """The command's part for a token generator (``tasks.Task.sample``): ``flags`` by name; the line
+    to print."""
+    if flags["grain_maps"] is not None:
+        raise ConfigError(GRAIN_MAPS_ONLY)
+    if flags["sampler"] is not None:
+        raise ConfigError("--sampler: only diffusion models use it")
+    images = sample_images(
+        workdir, out, num_samples=flags["num_samples"], labels=flags["labels"], seed=flags["seed"],
+        batch_size=flags["batch_size"], temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
+        guidance_scale=flags["guidance_scale"], num_steps=flags["num_steps"],
+        choice_temperature=flags["choice_temperature"], use_ema=flags["use_ema"])
+    return f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, ids.npz)"
+
+
+def _diffusion_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    return dict(sampler=flags["sampler"], num_steps=flags["num_steps"], guidance_scale=flags["guidance_scale"],
+                labels=flags["labels"], seed=flags["seed"], num_samples=flags["num_samples"],
+                batch_size=flags["batch_size"], use_ema=flags["use_ema"],
+                unused={name: flags[name] for name in TOKEN_ONLY})
+
+
+def sample_diffusion_command(workdir: str, out: str, flags: dict[str, Any]) -> str:
+    """The command's part for a DiT run (``tasks.Task.sample``)."""
+    if flags["grain_maps"] is not None:
+        raise ConfigError(GRAIN_MAPS_ONLY)
+    images = sample_diffusion(workdir, out, **_diffusion_flags(flags))
+    return f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})"
+
+
+def sample_d2it_command(workdir: str, out: str, flags: dict[str, Any]) -> str:
+    """The command's part for a D²iT run (``tasks.Task.sample``)."""
+    images, _ = sample_d2it(workdir, out, grain_maps=flags["grain_maps"], **_diffusion_flags(flags))
+    return f"wrote {len(images)} samples with their grain maps to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})"
 
 
 def main(argv: list[str]) -> None:
@@ -369,40 +405,15 @@ def main(argv: list[str]) -> None:
 
 
 def _sample_and_report() -> None:
-    from nativetok_jax import storage
+    from nativetok_jax import storage, tasks
     from nativetok_jax.workdir import require_task
 
-    labels = parse_labels(FLAGS.labels)
+    flags = {name: getattr(FLAGS, name) for name in (*SETTINGS, "batch_size", "sampler", "use_ema", "grain_maps")}
+    flags["labels"] = parse_labels(FLAGS.labels)
     out = FLAGS.out or str(storage.path(FLAGS.workdir) / "samples")
-    task = require_task(FLAGS.workdir, "sample", SAMPLED_TASKS,
-                        advice="a tokenizer or DVAE is judged with evaluate --workdir").get("task")
-    if FLAGS.grain_maps is not None and task != "d2it":
-        raise ConfigError("--grain_maps: only D²iT workdirs (task 'd2it') use it")
-    if task == "d2it":
-        images, _ = sample_d2it(
-            FLAGS.workdir, out, grain_maps=FLAGS.grain_maps, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-            guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
-            num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
-            unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
-        print(f"wrote {len(images)} samples with their grain maps to {out} (grid.png, sample_*.png, "
-              f"{SAMPLES_NPZ})")
-        return
-    if task == "diffusion":
-        images = sample_diffusion(
-            FLAGS.workdir, out, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-            guidance_scale=FLAGS.guidance_scale, labels=labels, seed=FLAGS.seed,
-            num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, use_ema=FLAGS.use_ema,
-            unused={name: getattr(FLAGS, name) for name in TOKEN_ONLY})
-        print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, {SAMPLES_NPZ})")
-        return
-    if FLAGS.sampler is not None:
-        raise ConfigError("--sampler: only diffusion models use it")
-    images = sample_images(
-        FLAGS.workdir, out, num_samples=FLAGS.num_samples, labels=labels, seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-        guidance_scale=FLAGS.guidance_scale, num_steps=FLAGS.num_steps,
-        choice_temperature=FLAGS.choice_temperature, use_ema=FLAGS.use_ema)
-    print(f"wrote {len(images)} samples to {out} (grid.png, sample_*.png, ids.npz)")
+    config = require_task(FLAGS.workdir, "sample", tasks.with_part("sample"),
+                          advice="a tokenizer or DVAE is judged with evaluate --workdir")
+    print(tasks.of(config).load("sample")(FLAGS.workdir, out, flags))
 
 
 if __name__ == "__main__":

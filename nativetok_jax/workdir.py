@@ -28,17 +28,14 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx, traverse_util
+from flax import traverse_util
 
-from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import ConfigError, stage_config, stage_directory, stage_list, validate_generator, validate_model
+from nativetok_jax import checkpoints, sharding, storage, tasks
+from nativetok_jax.config import ConfigError, stage_config, stage_directory, stage_list
 from nativetok_jax.errors import UserError
 
 ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
 MAX_LISTED = 4
-# What each config.task is called in messages.
-GENERATOR_NAMES = {"ar": "AR", "maskgit": "MaskGIT"}
-TASK_NAMES = {"tokenizer": "tokenizer", "generator": "generator", "diffusion": "DiT", "dvae": "DVAE", "d2it": "D²iT"}
 
 
 class WrongRunError(UserError):
@@ -48,21 +45,17 @@ class WrongRunError(UserError):
 
 def describe_run(config: ml_collections.ConfigDict) -> str:
     """``"an AR generator run (task 'generator')"``, ``"an HNT tokenizer run (2 stages, task 'tokenizer')"``:
-    what a run's config makes of its directory."""
-    task, detail = config.get("task", "tokenizer"), ""
-    if task == "generator":
-        what = f"{GENERATOR_NAMES.get(config.generator.kind, config.generator.kind)} generator"
-    elif task == "tokenizer" and (config.get("hnt", {}) or {}).get("stages"):
-        what, detail = "HNT tokenizer", f"{len(config.hnt.stages)} stages, "
-    else:
-        what = TASK_NAMES.get(task, repr(task))
-    article = "an" if what[0] in "AEHIOU" else "a"  # "an AR", "an HNT", "a DiT"
-    return f"{article} {what} run ({detail}task {task!r})"
+    what a run's config makes of its directory (``tasks.Task.describe``)."""
+    name = tasks.task_name(config)
+    if name not in tasks.TASKS:
+        return f"a {name!r} run (task {name!r})"
+    return tasks.TASKS[name].describe(config)
 
 
-def require_task(path: str | epath.PathLike, command: str, tasks: tuple[str, ...],
+def require_task(path: str | epath.PathLike, command: str, wanted: tuple[str, ...],
                  advice: str = "") -> ml_collections.ConfigDict:
-    """The config of the run in ``path`` when its ``task`` is one of ``tasks``.
+    """The config of the run in ``path`` when its ``task`` is one of ``wanted`` (names in
+    ``tasks.TASKS``).
 
     Raises:
       checkpoints.RunDirectoryError: ``path`` holds no run (no ``config.json``).
@@ -71,12 +64,11 @@ def require_task(path: str | epath.PathLike, command: str, tasks: tuple[str, ...
         then ``advice``.
     """
     config = checkpoints.read_config(path)
-    task = config.get("task", "tokenizer")
-    if task in tasks:
+    if tasks.task_name(config) in wanted:
         return config
-    names = [TASK_NAMES[t] for t in tasks]
+    names = [tasks.TASKS[t].title for t in wanted]
     needs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-    quoted = [repr(t) for t in tasks]
+    quoted = [repr(t) for t in wanted]
     task_list = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
     article = "an" if needs[0] in "AEIOU" else "a"
     raise WrongRunError(f"{command}: {path} is {describe_run(config)}; {command} needs {article} {needs} run "
@@ -126,7 +118,7 @@ def run_directories(config: ml_collections.ConfigDict,
                     workdir: str | epath.PathLike) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
     """Every ``(directory, config)`` a run of ``config`` in ``workdir`` writes checkpoints to."""
     workdir = epath.Path(workdir)
-    if config.get("task") in ("generator", "diffusion", "d2it") or not config.hnt.stages:  # one stage: the workdir itself
+    if not tasks.of(config).staged or not config.hnt.stages:  # one stage: the workdir itself
         return [(workdir, config)]
     return [(epath.Path(stage_directory(str(workdir), stage, True)), stage_config(config, stage))
             for stage in stage_list(config)]
@@ -149,39 +141,7 @@ def saved_parameter_shapes(directory: str | epath.PathLike) -> tuple[int, dict[s
 def requested_parameter_shapes(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> dict[str, Any]:
     """``{"a/b": ShapeDtypeStruct}`` of the model ``config`` builds (abstract: nothing allocated);
     a config that cannot build one is the ``ConfigError`` its validation raises."""
-    if config.get("task") == "generator":
-        from nativetok_jax.models.generators import build_generator
-
-        validate_generator(config)
-        g = config.generator
-        tokenizer = checkpoints.read_config(checkpoints.final_stage_directory(g.tokenizer)).model
-        # 0 classes means "as many as the data has": the checkpoint's count is the data's.
-        num_classes = g.num_classes or (saved["class_embedding"].shape[0] - 1 if "class_embedding" in saved else 1)
-        abstract = nnx.eval_shape(lambda: build_generator(
-            g, vocab_size=tokenizer.quantizer.codebook_size, num_tokens=tokenizer.num_tokens,
-            num_classes=num_classes, rngs=nnx.Rngs(0), dtype=g.dtype))
-    elif config.get("task") == "diffusion":
-        from nativetok_jax.models.dit import dit_from_config  # validates the model section
-
-        abstract = nnx.eval_shape(lambda: dit_from_config(config.model, nnx.Rngs(0)))
-    elif config.get("task") == "d2it":
-        from nativetok_jax.config import d2it_latent_shape
-        from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-
-        regions = d2it_latent_shape(config.model)[0] // 2  # one region per 2 x 2 fine cells
-        abstract = nnx.eval_shape(lambda: dynamic_diffusion_transformer_from_config(
-            config, (regions, regions), nnx.Rngs(0)))
-    elif config.get("task") == "dvae":
-        from nativetok_jax.config import validate_dvae_model
-        from nativetok_jax.models.dvae import build_dvae
-
-        validate_dvae_model(config.model)
-        abstract = nnx.eval_shape(lambda: build_dvae(config.model, nnx.Rngs(0)))
-    else:
-        from nativetok_jax.models import build_model
-
-        validate_model(config.model)
-        abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+    abstract = tasks.of(config).abstract_model(config, saved)
     # List layers (the DVAE's) have integer keys; orbax's metadata has them as strings.
     flat = traverse_util.flatten_dict(sharding.params_of(abstract))
     return {"/".join(map(str, key)): value for key, value in flat.items()}

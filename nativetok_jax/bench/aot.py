@@ -56,16 +56,15 @@ import numpy as np
 
 from nativetok_jax import sharding
 from nativetok_jax.bench.compare import override_field
-from nativetok_jax.bench.diffusion import _build as build_diffusion_state
-from nativetok_jax.bench.diffusion import _is_d2it, _random_batch
+from nativetok_jax import tasks
+from nativetok_jax.bench.diffusion import LatentBench
+from nativetok_jax.bench.diffusion import _build as build_diffusion_state  # noqa: F401 - tests build a concrete state
 from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.models import build_model
 from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
-from nativetok_jax.training.d2it_trainer import d2it_objective
-from nativetok_jax.training.diffusion_trainer import diffusion_objective
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import TrainStep, batch_shardings, make_train_step
@@ -81,7 +80,6 @@ CHIPS = {
     "v6e": dict(peak_flops=918e12, hbm_bytes=32 * GiB, accelerator="v6e-{chips}"),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-TASKS = ("tokenizer", "diffusion", "d2it")
 
 
 def topology_of_accelerator(accelerator_type: str) -> str:
@@ -167,11 +165,42 @@ def _abstract_networks(config: ml_collections.ConfigDict):
     return dataclasses.replace(box["networks"], arrays=arrays)
 
 
-def task_of(config: ml_collections.ConfigDict) -> str:
-    task = config.get("task", "tokenizer")
-    if task not in TASKS:
-        raise CompileError(f"task {task!r}: compiling its step is not supported yet (supported: {', '.join(TASKS)})")
-    return task
+def parts_of(config: ml_collections.ConfigDict) -> Callable[..., Any] | LatentBench:
+    """``config``'s task's benchmark parts (``tasks.Task.bench``): :data:`TOKENIZER` or a
+    ``bench.diffusion.LatentBench``.
+
+    Raises:
+      CompileError: a task whose step this command cannot compile yet (one line).
+    """
+    task = tasks.of(config)
+    if task.bench is None:
+        raise CompileError(f"task {task.name!r}: compiling its step is not supported yet (supported: "
+                           f"{', '.join(tasks.with_part('bench'))})")
+    return task.load("bench")
+
+
+def _tokenizer_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any, batch_size: int,
+                    stage: ml_collections.ConfigDict | None) -> tuple[TrainStep, BuiltState, dict[str, Any], dict[str, Any]]:
+    """The tokenizer trainer's step, its abstract state, the batch's shapes and its shardings."""
+    frozen = tuple(stage.frozen) if stage is not None else ()
+    num_old = stage.get("num_old_tokens", 0) if stage is not None else 0
+    built = _abstract_built(lambda: build_state(
+        lambda r: build_model(config.model, r), train=config.train, mesh=mesh, rules=rules,
+        freeze=(lambda p: hnt.trainable_mask(p, frozen, num_old)) if frozen else None))
+    discriminator = None
+    if uses_discriminator(config):
+        discriminator, part, part_shardings = _abstract_discriminator(config, mesh, rules)
+        built.add_part("discriminator", part, part_shardings)
+    step = tokenizer_train_step(
+        built, config, batch_size, networks=_abstract_networks(config), discriminator=discriminator,
+        frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens) if frozen else 0)
+    size = config.model.image_size
+    shapes = {"image": ((batch_size, size, size, 3), jnp.uint8), "label": ((batch_size,), jnp.int32)}
+    shardings = image_batch_shardings(mesh, config, batch_size)
+    return step, built, shapes, shardings
+
+
+TOKENIZER = _tokenizer_step  # the tokenizer's tasks.Task.bench
 
 
 def abstract_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
@@ -180,35 +209,18 @@ def abstract_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     of global size ``batch_size`` (``ShapeDtypeStruct``\\ s with shardings); ``stage`` is an HNT
     stage (``hnt.stage_list``) whose frozen parts the step leaves untrained."""
     rules = sharding.rules_of(config)
-    task = task_of(config)
-    if task == "tokenizer":
-        frozen = tuple(stage.frozen) if stage is not None else ()
-        num_old = stage.get("num_old_tokens", 0) if stage is not None else 0
-        built = _abstract_built(lambda: build_state(
-            lambda r: build_model(config.model, r), train=config.train, mesh=mesh, rules=rules,
-            freeze=(lambda p: hnt.trainable_mask(p, frozen, num_old)) if frozen else None))
-        discriminator = None
-        if uses_discriminator(config):
-            discriminator, part, part_shardings = _abstract_discriminator(config, mesh, rules)
-            built.add_part("discriminator", part, part_shardings)
-        step = tokenizer_train_step(
-            built, config, batch_size, networks=_abstract_networks(config), discriminator=discriminator,
-            frozen_experts=hnt.frozen_expert_count(frozen, num_old, config.model.num_tokens) if frozen else 0)
-        size = config.model.image_size
-        shapes = {"image": ((batch_size, size, size, 3), jnp.uint8), "label": ((batch_size,), jnp.int32)}
-        shardings = image_batch_shardings(mesh, config, batch_size)
-    else:  # DiT or D²iT on latents, as bench diffusion builds them
-        built = _abstract_built(lambda: build_diffusion_state(config, mesh, rules))
+    parts = parts_of(config)
+    if isinstance(parts, LatentBench):  # DiT or D²iT on latents, as bench diffusion builds them
+        built = _abstract_built(lambda: parts.build(config, mesh, rules))
         diffusion = build_diffusion(config.model.diffusion.schedule, config.model.diffusion.num_steps,
                                     learn_sigma=config.model.learn_sigma)
-        if task == "d2it":
-            objective = d2it_objective(built.graphdef, diffusion, config, latent_scale=1.0)
-        else:
-            objective = diffusion_objective(built.graphdef, diffusion, config.model.label_drop_probability)
-        one = _random_batch(config, 1)
+        one = parts.random_batch(config, 1)
         shapes = {name: ((batch_size, *value.shape[1:]), value.dtype) for name, value in one.items()}
         shardings = batch_shardings(mesh, {name: shape for name, (shape, _) in shapes.items()})
-        step = make_train_step(objective, built, shardings, seed=config.train.seed, ema_decay=config.train.ema_decay)
+        step = make_train_step(parts.objective(built.graphdef, diffusion, config), built, shardings,
+                               seed=config.train.seed, ema_decay=config.train.ema_decay)
+    else:
+        step, built, shapes, shardings = parts(config, mesh, rules, batch_size, stage)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name]) for name, (shape, dtype) in shapes.items()}
     return step, built, batch
 
@@ -492,17 +504,18 @@ def compile_sampler(config: ml_collections.ConfigDict, devices: list[Any], chip:
     from nativetok_jax.bench.diffusion import _grain_shape, latent_shape  # noqa: PLC0415
     from nativetok_jax.layers.partitioning import axis_rules  # noqa: PLC0415
 
-    if task_of(config) == "tokenizer":
+    parts = parts_of(config)
+    if not isinstance(parts, LatentBench):
         raise CompileError("--sampler: a tokenizer config has no sampler")
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_of(config)
-    built = _abstract_built(lambda: build_diffusion_state(config, mesh, rules))
+    built = _abstract_built(lambda: parts.build(config, mesh, rules))
     rows = 2 * num_images
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))  # noqa: E731
     x = spec((rows, *latent_shape(config)), jnp.float32)
     t, y = spec((rows,), jnp.int32), spec((rows,), jnp.int32)
     graphdef = built.graphdef
-    if _is_d2it(config):
+    if parts.grain_maps:
         g = spec((rows, *_grain_shape(config)), jnp.int32)
         fn = lambda p, x, t, y, g: nnx.merge(graphdef, p).content(x, t, y, g)  # noqa: E731
         args = (built.state["params"], x, t, y, g)
@@ -536,7 +549,7 @@ def load(spec: str, overrides: list[str]) -> tuple[ml_collections.ConfigDict, ml
         raise CompileError(f"--configs {spec}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
     for assignment in overrides:
         override_field(config, assignment)
-    task_of(config)
+    parts_of(config)
     if not stage_name:
         return config, None
     stages = hnt.stage_list(config)
@@ -656,7 +669,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if args.require_fit and not row["fits"]:
             raise CompileError(f"{spec} does not fit on {args.topology} at global batch {row['global_batch']}: "
                                f"{row['reason']}")
-        if args.sampler and task_of(config) != "tokenizer":
+        if args.sampler and isinstance(parts_of(config), LatentBench):
             best, rows = largest_batch(lambda n, config=config: compile_sampler(config, devices, chip, n), batch_size)
             report["samplers"].append(dict(config=spec, largest_images=best, rows=rows))
             print(f"{spec}: sampler network call with guidance fits up to {best} images", flush=True)

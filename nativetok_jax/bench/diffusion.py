@@ -24,8 +24,10 @@ CPU; on an accelerator raise ``--batch_sizes`` and set ``--sampler_steps 0`` (al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,10 +36,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding
+from nativetok_jax import sharding, tasks
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import matmul_flops_per_second
-from nativetok_jax.config import d2it_latent_shape, dit_latent_shape, load_config_file, validate_d2it, validate_dit
+from nativetok_jax.config import ConfigError, d2it_latent_shape, dit_latent_shape, load_config_file, validate_d2it, validate_dit
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.diffusion.respacing import space_timesteps
 from nativetok_jax.layers.partitioning import axis_rules
@@ -49,13 +51,45 @@ from nativetok_jax.training.step import batch_shardings, make_train_step
 SAMPLERS = (("ddpm", "250", 1.0), ("ddpm", "250", 4.0), ("ddim", "ddim50", 1.0), ("ddim", "ddim50", 4.0))
 
 
-def _is_d2it(config: ml_collections.ConfigDict) -> bool:
-    return config.get("task") == "d2it"
+@dataclasses.dataclass(frozen=True)
+class LatentBench:
+    """What the benchmarks need of a task that diffuses latents: its ``tasks.Task.bench``.
+
+    Attributes:
+      latent_shape: ``config -> (h, w, c)``, the diffused latent.
+      build: ``(config, mesh, rules) -> BuiltState``, the trainer's state builder.
+      objective: ``(graphdef, diffusion, config) -> objective``, the trainer's (random latents have
+        unit scale already).
+      random_batch: ``(config, batch_size) -> {name: array}``, a batch as the trainer's store gives it.
+      check: ``config -> None``, the run's validation without opening a VAE file or a DVAE run.
+      grain_maps: whether the network also takes grain maps (D²iT's content transformer,
+        ``model.content(x, t, y, grains)``).
+    """
+
+    latent_shape: Callable[[ml_collections.ConfigDict], tuple[int, int, int]]
+    build: Callable[[ml_collections.ConfigDict, Any, Any], BuiltState]
+    objective: Callable[[Any, Any, ml_collections.ConfigDict], Any]
+    random_batch: Callable[[ml_collections.ConfigDict, int], dict[str, np.ndarray]]
+    check: Callable[[ml_collections.ConfigDict], None]
+    grain_maps: bool = False
+
+
+def parts_of(config: ml_collections.ConfigDict) -> LatentBench:
+    """The :class:`LatentBench` of ``config``'s task (``tasks.Task.bench``).
+
+    Raises:
+      ConfigError: a task that diffuses no latents (one line).
+    """
+    parts = tasks.of(config).load("bench")
+    if not isinstance(parts, LatentBench):
+        raise ConfigError(f"config.task: {tasks.task_name(config)!r} diffuses no latents (a DiT or D²iT config is "
+                          "needed)")
+    return parts
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """The diffused latent ``(h, w, c)`` of a DiT or D²iT config."""
-    return d2it_latent_shape(config.model) if _is_d2it(config) else dit_latent_shape(config.model)
+    return parts_of(config).latent_shape(config)
 
 
 def _grain_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -63,22 +97,56 @@ def _grain_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return h // 2, w // 2  # one grain per region of 2 x 2 fine cells
 
 
-def _build(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> BuiltState:
-    if _is_d2it(config):
-        return build_d2it_state(config, _grain_shape(config), mesh, rules)
-    return build_dit_state(config, mesh, rules)
+def _labels(config: ml_collections.ConfigDict, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)
 
 
-def _random_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
-    """A batch as the trainer's latent store gives it, random (DiT: moments; D²iT: routed moments and
-    grain maps, half the regions fine)."""
+def _dit_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)
-    if not _is_d2it(config):
-        return {"moments": rng.standard_normal((batch_size, *moments_shape(config.model)), np.float32), "label": labels}
+    labels = _labels(config, batch_size, rng)
+    return {"moments": rng.standard_normal((batch_size, *moments_shape(config.model)), np.float32), "label": labels}
+
+
+def _d2it_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """Routed moments and grain maps, half the regions fine."""
+    rng = np.random.default_rng(0)
+    labels = _labels(config, batch_size, rng)
     moments = (batch_size, 2, *latent_shape(config))
     return {"mean": rng.standard_normal(moments, np.float32), "logvar": np.full(moments, -4.0, np.float32),
             "grains": rng.integers(0, 2, (batch_size, 2, *_grain_shape(config))).astype(np.int32), "label": labels}
+
+
+def _check_dit(config: ml_collections.ConfigDict) -> None:
+    checked = ml_collections.ConfigDict(config.to_dict())
+    checked.model.autoencoder.kind = "pixels"  # the step sees latents: no SD-VAE file is opened
+    validate_dit(checked)  # the training fields (the model's are checked when it is built)
+
+
+def _check_d2it(config: ml_collections.ConfigDict) -> None:
+    checked = ml_collections.ConfigDict(config.to_dict())
+    checked.dvae.workdir = checked.dvae.workdir or "(not opened)"  # no Dynamic VAE run is opened
+    validate_d2it(checked)
+
+
+DIT = LatentBench(
+    latent_shape=lambda config: dit_latent_shape(config.model), build=build_dit_state,
+    objective=lambda graphdef, diffusion, config: diffusion_objective(graphdef, diffusion,
+                                                                      config.model.label_drop_probability),
+    random_batch=_dit_batch, check=_check_dit)
+D2IT = LatentBench(
+    latent_shape=lambda config: d2it_latent_shape(config.model),
+    build=lambda config, mesh, rules: build_d2it_state(config, _grain_shape(config), mesh, rules),
+    objective=lambda graphdef, diffusion, config: d2it_objective(graphdef, diffusion, config, latent_scale=1.0),
+    random_batch=_d2it_batch, check=_check_d2it, grain_maps=True)
+
+
+def _build(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> BuiltState:
+    return parts_of(config).build(config, mesh, rules)
+
+
+def _random_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch as the trainer's latent store gives it, random."""
+    return parts_of(config).random_batch(config, batch_size)
 
 
 def _step(config: ml_collections.ConfigDict, batch_size: int):
@@ -86,10 +154,7 @@ def _step(config: ml_collections.ConfigDict, batch_size: int):
     built = _build(config, mesh, sharding.rules_of(config))
     diffusion = build_diffusion(config.model.diffusion.schedule, config.model.diffusion.num_steps,
                                 learn_sigma=config.model.learn_sigma)
-    if _is_d2it(config):  # random latents have unit scale already
-        objective = d2it_objective(built.graphdef, diffusion, config, latent_scale=1.0)
-    else:
-        objective = diffusion_objective(built.graphdef, diffusion, config.model.label_drop_probability)
+    objective = parts_of(config).objective(built.graphdef, diffusion, config)
     arrays = _random_batch(config, batch_size)
     shardings = batch_shardings(mesh, {name: value.shape for name, value in arrays.items()})
     step = make_train_step(objective, built, shardings, seed=0, ema_decay=config.train.ema_decay)
@@ -131,7 +196,7 @@ def measure_sampler(config: ml_collections.ConfigDict, state: Any, graphdef: Any
     steps = full if not timed_steps else min(timed_steps, full)
     timed = respacing if steps == full else (f"ddim{steps}" if respacing.startswith("ddim") else str(steps))
     labels = np.arange(num_images, dtype=np.int32) % config.model.num_classes
-    if _is_d2it(config):
+    if parts_of(config).grain_maps:
         sample = diffusion_sampler(graphdef, config.model, mesh, method=method, respacing=timed,
                                    guidance_scale=guidance_scale, shape=latent_shape(config),
                                    apply_fn=lambda params, x, t, y, g: nnx.merge(graphdef, params).content(x, t, y, g))
@@ -204,14 +269,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     samplers = []
     for spec, batch_size in zip(specs, batch_sizes):
         config = load_config_file(spec)
-        checked = ml_collections.ConfigDict(config.to_dict())
-        # The step sees latents: no SD-VAE file, no Dynamic VAE run is opened.
-        if _is_d2it(config):
-            checked.dvae.workdir = checked.dvae.workdir or "(not opened)"
-            validate_d2it(checked)
-        else:
-            checked.model.autoencoder.kind = "pixels"
-            validate_dit(checked)  # the training fields (the model's are checked when it is built)
+        parts_of(config).check(config)
         latent = "x".join(map(str, latent_shape(config)))
         row = dict(config=spec, latent=latent, batch_size=batch_size, **measure_train(config, batch_size, args.steps))
         row["mfu"] = row["step_gflops"] * 1e9 / row["step_s"] / peak

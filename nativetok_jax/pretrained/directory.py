@@ -42,8 +42,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 KINDS = ("tokenizer", "generator", "dvae", "dit", "d2it")
-# config.task of a training run -> the kind of model it exports.
-TASK_KINDS = {"tokenizer": "tokenizer", "generator": "generator", "dvae": "dvae", "diffusion": "dit", "d2it": "d2it"}
 
 
 def host_arrays(params: Any) -> dict[str, np.ndarray]:

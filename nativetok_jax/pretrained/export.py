@@ -9,29 +9,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nativetok_jax import checkpoints
-from nativetok_jax.dvae import DVAE
+from nativetok_jax import checkpoints, tasks
 from nativetok_jax.errors import UserError, first_line
-from nativetok_jax.generation.diffusion_models import TrainedD2iT, TrainedDiT
-from nativetok_jax.generation.pretrained import TrainedGenerator
-from nativetok_jax.pretrained.directory import TASK_KINDS
-from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.workdir import require_task
+
+# config.task of a training run -> the kind of model it exports (``tasks.Task.export_kind``).
+TASK_KINDS = {name: task.export_kind for name, task in tasks.TASKS.items()}
 
 
 def export_run(workdir: str, out: str, *, use_ema: bool = True) -> str:
     """Exports the newest checkpoint of a training workdir of any kind (tokenizer, HNT tokenizer,
-    generator, DiT, DVAE, D²iT) to ``out``; returns the kind written (:data:`KINDS`).
+    generator, DiT, DVAE, D²iT) to ``out``; returns the kind written (``tasks.Task.export_kind``:
+    ``pretrained.directory.KINDS``).
 
     Raises ``checkpoints.RunDirectoryError`` for a directory without a run or a checkpoint (one
     line), and the loaders' errors (``WeightsError``, ``ConfigError``) for what they cannot load."""
-    config = require_task(workdir, "export", tuple(TASK_KINDS))
+    config = require_task(workdir, "export", tuple(tasks.TASKS))
     checkpoints.final_stage_directory(workdir)  # a run without a checkpoint is one line, before any loading
-    kind = TASK_KINDS[config.get("task", "tokenizer")]
-    model_class = {"tokenizer": Tokenizer, "generator": TrainedGenerator, "dvae": DVAE, "dit": TrainedDiT,
-                   "d2it": TrainedD2iT}[kind]
-    model_class.from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
-    return kind
+    task = tasks.of(config)
+    task.load("export").from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
+    return task.export_kind
 
 
 def main(argv: list[str] | None = None) -> int:

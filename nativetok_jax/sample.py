@@ -209,7 +209,8 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     from nativetok_jax.layers.partitioning import axis_rules
     from nativetok_jax.models.dit import dit_from_config
     from nativetok_jax.pretrained.sd_vae import latent_space
-    from nativetok_jax.training.diffusion_trainer import autoencoder_upstream, diffusion_sampler, image_decoder
+    from nativetok_jax.generation.diffusion_sampling import diffusion_sampler, image_decoder
+    from nativetok_jax.training.diffusion_trainer import autoencoder_upstream
     from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     config = require_task(workdir, "sample", ("diffusion",))

@@ -44,7 +44,8 @@ from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.diffusion.respacing import space_timesteps
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.training.d2it_trainer import build_d2it_state, d2it_objective
-from nativetok_jax.training.diffusion_trainer import build_dit_state, diffusion_objective, diffusion_sampler, moments_shape
+from nativetok_jax.generation.diffusion_sampling import diffusion_sampler
+from nativetok_jax.training.diffusion_trainer import build_dit_state, diffusion_objective, moments_shape
 from nativetok_jax.training.state import BuiltState
 from nativetok_jax.training.step import batch_shardings, make_train_step
 

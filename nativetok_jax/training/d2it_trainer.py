@@ -53,10 +53,10 @@ from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.dvae import Posterior, sample_latents
 from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
 from nativetok_jax.models.grain_transformer import grain_sampling_settings, grain_transformer_loss
+from nativetok_jax.generation.diffusion_sampling import diffusion_sampler
 from nativetok_jax.training import loop
 from nativetok_jax.training.diffusion_trainer import (
     HeldOutEpsMSE,
-    diffusion_sampler,
     random_orientations,
     StoreSources,
     store_sources,

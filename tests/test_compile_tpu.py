@@ -208,3 +208,44 @@ def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_
     config.model.experts.remat_policy = "everything"
     with pytest.raises(ConfigError, match="model.experts.remat_policy"):
         _validate_transformer(config.model.experts, "model.experts")
+
+
+@needs_libtpu
+def test_generators_and_the_dvae_compile_through_their_trainers_builders_with_their_samplers(tmp_path):
+    """The AR and MaskGIT generators (shaped by the tokenizer config they name) and the DVAE
+    (placeholder thresholds where its file is absent) compile for v5e:2x2, each with the step the
+    loop runs; the AR decode step with its cache and the MaskGIT step compile as samplers."""
+    out = str(tmp_path / "compile.json")
+    report = aot.run(["--configs", "configs/gen_demo.py,configs/gen_demo.py:maskgit", "--topology", "v5e:2x2",
+                      "--batch_sizes", "8", "--set", "generator.tokenizer=configs/demo.py", "--out", out])
+    for row in report["rows"]:
+        assert row["fits"] and row["estimated_step_s"] > 0 and 0 < row["model_flops_per_chip"]
+        assert row["collective_bytes"]["all-reduce"] > 0
+    devices, chip = aot.topology_devices("v5e:2x2")
+    for kind, what in (("ar", "AR decode step with its KV cache, guidance"), ("maskgit", "MaskGIT step with guidance")):
+        config = load_config_file(os.path.join(ROOT, "configs", f"gen_demo.py:{kind}"))
+        config.generator.tokenizer = "configs/demo.py"
+        sampler = aot.compile_sampler(config, devices, chip, 4)
+        assert sampler["sampler"] == what and sampler["fits"] and sampler["estimated_call_s"] > 0
+    config = load_config_file(os.path.join(ROOT, "configs", "dvae_demo.py"))
+    config.model.grain.thresholds = str(tmp_path / "not_measured_yet.json")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    step, built, batch = aot.abstract_train_step(config, mesh, 8)
+    assert step._jitted.__wrapped__.__qualname__ == "make_train_step.<locals>.step"
+    row = aot.compile_train(config, devices, chip, 8)
+    assert row["fits"] and row["estimated_step_s"] > 0 and batch["image"].shape == (8, 32, 32, 3)
+    with pytest.raises(aot.CompileError, match="--sampler: a dvae config has no sampler"):
+        aot.compile_sampler(config, devices, chip, 4)
+
+
+@needs_libtpu
+def test_a_generator_whose_tokenizer_cannot_be_read_and_a_set_of_a_missing_section_are_one_line():
+    for argv, expected in (
+        (["--configs", "configs/gen_demo.py", "--topology", "v5e:2x2", "--batch_sizes", "8"],
+         "generator.tokenizer 'workdirs/demo'"),
+        (["--configs", "configs/dvae_demo.py", "--topology", "v5e:2x2", "--set", "generator.tokenizer=x"],
+         "--set generator.tokenizer: the config has no such field"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            aot.run(argv)
+        assert str(error.value).startswith("error: ") and expected in str(error.value) and "\n" not in str(error.value)

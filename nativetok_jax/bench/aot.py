@@ -34,8 +34,10 @@ Each row (JSON ``rows``; per chip unless named otherwise):
 - ``compile_s``: lowering + compilation wall time on this machine.
 
 ``--largest_batch`` doubles each config's global batch while its step fits and reports the last
-that does. ``--sampler`` also compiles one sampling-step network call of each diffusion config
-(DiT/D²iT, with guidance: the batch doubled) for the same search.
+that does. ``--sampler`` also compiles one guided sampling step of each generator config for the
+same search: a DiT/D²iT network call (the batch doubled), an AR generator's decode step with its
+key/value cache, a MaskGIT step. Generator configs are shaped by the tokenizer ``generator.tokenizer``
+names (a workdir or a config file; default :data:`GENERATOR_TOKENIZER`).
 """
 
 from __future__ import annotations
@@ -47,30 +49,41 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nativetok_jax import sharding
+from nativetok_jax import checkpoints, sharding
 from nativetok_jax.bench.compare import override_field
 from nativetok_jax import tasks
 from nativetok_jax.bench.diffusion import LatentBench
 from nativetok_jax.bench.diffusion import _build as build_diffusion_state  # noqa: F401 - tests build a concrete state
 from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
-from nativetok_jax.models import build_model
+from nativetok_jax.generation.masked import decode_step as maskgit_decode_step
+from nativetok_jax.layers.partitioning import axis_rules, shard_spec_for
+from nativetok_jax.models import build_model, grain
+from nativetok_jax.models.dvae import DVAEConfig
+from nativetok_jax.models.gpt import CACHE_AXES
 from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
+from nativetok_jax.training.dvae_trainer import build_dvae_state, dvae_objective
+from nativetok_jax.training.generator_trainer import (
+    build_generator_state,
+    generator_batch_shardings,
+    generator_objective,
+)
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import TrainStep, batch_shardings, make_train_step
 from nativetok_jax.training.tokenizer_objective import image_batch_shardings, tokenizer_train_step
 
 GiB = 2**30
+Built = TypeVar("Built")
 # Peak dense bf16 FLOP/s and HBM per chip, by the topology name's prefix. Source: Google Cloud TPU
 # system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as of 2026-12.
 CHIPS = {
@@ -80,6 +93,11 @@ CHIPS = {
     "v6e": dict(peak_flops=918e12, hbm_bytes=32 * GiB, accelerator="v6e-{chips}"),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# The tokenizer whose ids a generator config models when ``generator.tokenizer`` names none (the
+# paper's LlamaGen-B runs on NativeTok-128's ids): its token count and codebook size shape the model.
+GENERATOR_TOKENIZER = "configs/nativetok.py:128"
+# ImageNet's classes, for a generator config that leaves ``num_classes`` to the data (0).
+DEFAULT_CLASSES = 1000
 
 
 def topology_of_accelerator(accelerator_type: str) -> str:
@@ -142,7 +160,7 @@ def topology_devices(name: str) -> tuple[list[Any], dict[str, Any]]:
 
 # ------------------------------------------------------------------------- the abstract train step
 
-def _abstract_built(build: Callable[[], BuiltState]) -> BuiltState:
+def _abstract_built(build: Callable[[], Built]) -> Built:
     """``build()`` traced, never run: its state's arrays are ``ShapeDtypeStruct``\\ s with their
     shardings (``sharding.abstract_initialization``), so TPU devices need no runtime."""
     with sharding.abstract_initialization():
@@ -201,6 +219,73 @@ def _tokenizer_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 TOKENIZER = _tokenizer_step  # the tokenizer's tasks.Task.bench
+
+
+def generator_tokenizer(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """``(num_tokens, codebook_size)`` of the tokenizer a generator config models: ``generator.tokenizer``
+    as a trained workdir (its ``config.json``) or a config file (``configs/nativetok.py:64``), else
+    :data:`GENERATOR_TOKENIZER`.
+
+    Raises:
+      CompileError: a tokenizer that cannot be read (one line).
+    """
+    name = config.generator.get("tokenizer", "") or GENERATOR_TOKENIZER
+    try:
+        tokenizer = load_config_file(name) if ".py" in name else checkpoints.read_config(name)
+        return int(tokenizer.model.num_tokens), int(tokenizer.model.quantizer.codebook_size)
+    except Exception as error:  # noqa: BLE001 - a config file's or workdir's errors are many kinds
+        text = str(error).strip()
+        raise CompileError(f"generator.tokenizer {name!r}: {text.splitlines()[0] if text else type(error).__name__}") from None
+
+
+def _abstract_generator(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> tuple[BuiltState, int]:
+    """The generator's abstract state and its token count."""
+    num_tokens, vocab_size = generator_tokenizer(config)
+    built = _abstract_built(lambda: build_generator_state(
+        config, mesh, rules, vocab_size=vocab_size, num_tokens=num_tokens,
+        num_classes=config.generator.num_classes or DEFAULT_CLASSES))
+    return built, num_tokens
+
+
+def dvae_router(config: ml_collections.ConfigDict) -> grain.GrainRouter:
+    """The DVAE config's router; with entropy routing and no readable thresholds file (they are
+    measured on the training data), placeholder thresholds: they are constants of the program, so
+    its shapes, memory and cost are the same."""
+    model_config = DVAEConfig.from_model_config(config.model)
+    try:
+        return model_config.router()
+    except (grain.GrainError, OSError):
+        placeholder = tuple(float(i + 1) for i in range(len(model_config.factors) - 1))
+        return grain.GrainRouter(model_config.factors, model_config.entropy_settings, "entropy", placeholder)
+
+
+def _generator_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any, batch_size: int,
+                    stage: ml_collections.ConfigDict | None) -> tuple[TrainStep, BuiltState, dict[str, Any], dict[str, Any]]:
+    """The generator trainer's step (AR or MaskGIT), its abstract state, the ids' shapes and shardings."""
+    del stage  # a generator has no HNT stages
+    built, num_tokens = _abstract_generator(config, mesh, rules)
+    shardings = generator_batch_shardings(mesh, batch_size, num_tokens)
+    step = make_train_step(generator_objective(built.graphdef, config.generator), built, shardings,
+                           seed=config.train.seed, ema_decay=config.train.ema_decay)
+    shapes = {"ids": ((batch_size, num_tokens), jnp.int32), "label": ((batch_size,), jnp.int32)}
+    return step, built, shapes, shardings
+
+
+def _dvae_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any, batch_size: int,
+               stage: ml_collections.ConfigDict | None) -> tuple[TrainStep, BuiltState, dict[str, Any], dict[str, Any]]:
+    """The DVAE trainer's step, its abstract state, the images' shapes and shardings."""
+    del stage  # a DVAE has no HNT stages
+    built, discriminator = _abstract_built(lambda: build_dvae_state(config, mesh, rules))
+    objective = dvae_objective(built.graphdef, config, dvae_router(config), _abstract_networks(config), discriminator)
+    shardings = image_batch_shardings(mesh, config, batch_size)
+    step = make_train_step(objective, built, shardings, seed=config.train.seed, ema_decay=config.train.ema_decay)
+    size = config.model.image_size
+    shapes = {"image": ((batch_size, size, size, 3), jnp.uint8), "label": ((batch_size,), jnp.int32)}
+    return step, built, shapes, shardings
+
+
+GENERATOR = _generator_step  # the generator's tasks.Task.bench
+DVAE = _dvae_step  # the DVAE's tasks.Task.bench
 
 
 def abstract_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
@@ -495,47 +580,89 @@ def largest_batch(compile_row: Callable[[int], dict[str, Any]], batch_size: int)
 
 # ------------------------------------------------------------------------------ sampling steps
 
-def compile_sampler(config: ml_collections.ConfigDict, devices: list[Any], chip: dict[str, Any],
-                    num_images: int) -> dict[str, Any]:
-    """One network call of a diffusion sampler with classifier-free guidance (``2 num_images``
-    rows), on the EMA parameters' shardings, compiled for ``devices``."""
+def has_sampler(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``--sampler`` compiles a sampling step for ``config``'s task (generators, DiT, D²iT)."""
+    parts = parts_of(config)
+    return isinstance(parts, LatentBench) or parts is GENERATOR
+
+
+def _sampler_call(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any,
+                  num_images: int) -> tuple[str, Callable[..., Any], tuple[Any, ...], tuple[int, ...]]:
+    """``(what, fn, abstract args, donated argument numbers)`` of one guided sampling step of
+    ``config``'s model for ``num_images`` images (``2 num_images`` rows with guidance): a DiT/D²iT
+    network call; an AR generator's decode step of one position with its key/value cache (the
+    cache in and out, donated, as the sampler's loop carries it); a MaskGIT step over every position."""
     from flax import nnx  # noqa: PLC0415
 
     from nativetok_jax.bench.diffusion import _grain_shape, latent_shape  # noqa: PLC0415
-    from nativetok_jax.layers.partitioning import axis_rules  # noqa: PLC0415
 
     parts = parts_of(config)
-    if not isinstance(parts, LatentBench):
-        raise CompileError("--sampler: a tokenizer config has no sampler")
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_of(config)
-    built = _abstract_built(lambda: parts.build(config, mesh, rules))
+    if not has_sampler(config):
+        raise CompileError(f"--sampler: a {tasks.of(config).name} config has no sampler")
     rows = 2 * num_images
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))  # noqa: E731
+    labels = spec((rows,), jnp.int32)
+    if parts is GENERATOR:
+        built, num_tokens = _abstract_generator(config, mesh, rules)
+        graphdef, params = built.graphdef, built.state["params"]
+        g = config.generator
+        if g.kind == "ar":
+            def abstract_cache():
+                return nnx.merge(graphdef, params).init_cache(rows, num_tokens)
+
+            with jax.set_mesh(mesh), axis_rules(rules):
+                cache = jax.eval_shape(abstract_cache)
+            axis_sizes = dict(mesh.shape)
+            cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
+                mesh, shard_spec_for(CACHE_AXES, a.shape, rules, axis_sizes))), cache)
+            position = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            fn = lambda p, ids, position, cache: nnx.merge(graphdef, p).decode_step(ids, position, cache)  # noqa: E731
+            return "AR decode step with its KV cache, guidance", fn, (params, labels, position, cache), (3,)
+        ids = spec((num_images, num_tokens), jnp.int32)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        step_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar.sharding)
+
+        def maskgit_step(p, ids, labels, step, temperature, choice_temperature, guidance_scale):
+            return maskgit_decode_step(
+                nnx.merge(graphdef, p), ids, labels, jax.random.key(0), step, num_steps=g.sample.num_steps,
+                temperature=temperature, choice_temperature=choice_temperature, guidance_scale=guidance_scale,
+                guided=True, random_order=False, top_k=0, top_p=None)
+
+        return ("MaskGIT step with guidance", maskgit_step,
+                (params, ids, spec((num_images,), jnp.int32), step_index, scalar, scalar, scalar), (1,))
+    built = _abstract_built(lambda: parts.build(config, mesh, rules))
     x = spec((rows, *latent_shape(config)), jnp.float32)
-    t, y = spec((rows,), jnp.int32), spec((rows,), jnp.int32)
+    t, y = spec((rows,), jnp.int32), labels
     graphdef = built.graphdef
     if parts.grain_maps:
         g = spec((rows, *_grain_shape(config)), jnp.int32)
         fn = lambda p, x, t, y, g: nnx.merge(graphdef, p).content(x, t, y, g)  # noqa: E731
-        args = (built.state["params"], x, t, y, g)
-    else:
-        fn = lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y)  # noqa: E731
-        args = (built.state["params"], x, t, y)
+        return "network call with guidance", fn, (built.state["params"], x, t, y, g), ()
+    fn = lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y)  # noqa: E731
+    return "network call with guidance", fn, (built.state["params"], x, t, y), ()
+
+
+def compile_sampler(config: ml_collections.ConfigDict, devices: list[Any], chip: dict[str, Any],
+                    num_images: int) -> dict[str, Any]:
+    """One guided sampling step of ``config``'s model (:func:`_sampler_call`) for ``num_images``
+    images, on the EMA parameters' shardings, compiled for ``devices``."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_of(config)
     start = time.perf_counter()
-    row = dict(sampler="network call with guidance", num_images=num_images, chips=len(devices),
-               hbm_capacity_bytes=chip["hbm_bytes"])
+    what, fn, args, donated = _sampler_call(config, mesh, rules, num_images)
+    row = dict(sampler=what, num_images=num_images, chips=len(devices), hbm_capacity_bytes=chip["hbm_bytes"])
     try:
         with jax.set_mesh(mesh), axis_rules(rules):
-            compiled = jax.jit(fn).lower(*args).compile()
+            compiled = jax.jit(fn, donate_argnums=donated).lower(*args).compile()
     except Exception as error:  # noqa: BLE001 - only running out of memory is an answer
         reason = _out_of_memory(error)
         if reason is None:
             raise
         return dict(row, fits=False, reason=f"XLA refused: {reason}", compile_s=time.perf_counter() - start)
     hbm, cost = _analyses(compiled)
+    seconds = _costed_seconds(float(cost.get("optimal_seconds", float("nan"))))[1] * cycles_loop_scale(compiled.as_text())
     return dict(row, hbm_per_chip_bytes=hbm, fits=hbm <= chip["hbm_bytes"], compile_s=time.perf_counter() - start,
-                estimated_call_s_loop_bodies_once=_costed_seconds(float(cost.get("optimal_seconds", float("nan"))))[1])
+                estimated_call_s=seconds)
 
 
 # -------------------------------------------------------------------------------------- command
@@ -611,7 +738,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                         help="double each batch while the step fits; report the largest that fits")
     parser.add_argument("--sampler", action="store_true",
                         help="also search the largest number of images (from the batch size up) of one guided "
-                             "sampling-step network call (diffusion configs)")
+                             "sampling step (DiT/D2iT network call, AR decode step with its cache, MaskGIT step)")
     parser.add_argument("--out", default="bench_results/compile.json")
     parser.add_argument("--save_hlo", default="", help="a directory to write each compiled step's optimised HLO to")
     args = parser.parse_args(argv)
@@ -669,10 +796,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if args.require_fit and not row["fits"]:
             raise CompileError(f"{spec} does not fit on {args.topology} at global batch {row['global_batch']}: "
                                f"{row['reason']}")
-        if args.sampler and isinstance(parts_of(config), LatentBench):
+        if args.sampler and has_sampler(config):
             best, rows = largest_batch(lambda n, config=config: compile_sampler(config, devices, chip, n), batch_size)
             report["samplers"].append(dict(config=spec, largest_images=best, rows=rows))
-            print(f"{spec}: sampler network call with guidance fits up to {best} images", flush=True)
+            print(f"{spec}: sampler ({rows[0]['sampler']}) fits up to {best} images", flush=True)
             write_json(args.out, report)
     print(f"wrote {args.out}")
     return report

@@ -262,8 +262,10 @@ def override_field(config: ml_collections.ConfigDict, assignment: str) -> None:
     *parents, field = key.split(".")
     node = config
     for parent in parents:
+        if not isinstance(node, ml_collections.ConfigDict) or parent not in node:
+            raise SystemExit(f"error: --set {key}: the config has no such field")
         node = node[parent]
-    if field not in node:
+    if not isinstance(node, ml_collections.ConfigDict) or field not in node:
         raise SystemExit(f"error: --set {key}: the config has no such field")
     try:
         node[field] = ast.literal_eval(value)

@@ -73,7 +73,7 @@ def _guided_logits(
     return guide(conditional, unconditional, guidance_scale)
 
 
-def _decode_step(
+def decode_step(
     model: MaskedTokenTransformer,
     ids: jax.Array,
     labels: jax.Array,
@@ -143,7 +143,7 @@ def _sample(
     labels = constrain(labels, ("batch",))
     ids = constrain(jnp.full((labels.shape[0], num_tokens), model.mask_id, jnp.int32), ("batch", "length"))
     decode = functools.partial(
-        _decode_step,
+        decode_step,
         model,
         labels=labels,
         key=key,

@@ -43,7 +43,7 @@ from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import loop
 from nativetok_jax.training.adversarial import Discriminator, build_discriminator, uses_discriminator
 from nativetok_jax.training.networks import FrozenNetworks, load_networks
-from nativetok_jax.training.state import TrainState, build_state
+from nativetok_jax.training.state import BuiltState, TrainState, build_state
 from nativetok_jax.training.step import Objective, StepContext
 from nativetok_jax.training.tokenizer_objective import (
     discriminator_update,
@@ -82,6 +82,18 @@ def dvae_objective(
 
     return Objective(loss, discriminator_update(discriminator, weights.adversarial_start_step),
                      networks.arrays if networks.arrays else None)
+
+
+def build_dvae_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     rules: sharding.Rules) -> tuple[BuiltState, Discriminator | None]:
+    """The DVAE of ``config.model`` with its optimiser and EMA on ``mesh``, and the patch
+    discriminator (an extra part of the state) when the losses use one."""
+    built = build_state(lambda r: build_dvae(config.model, r), train=config.train, mesh=mesh, rules=rules)
+    discriminator = None
+    if uses_discriminator(config):
+        discriminator, part, part_shardings = build_discriminator(config, config.train.num_steps, mesh, rules)
+        built.add_part("discriminator", part, part_shardings)
+    return built, discriminator
 
 
 THRESHOLDS_FILE = "grain_thresholds.json"  # the run's own copy of the thresholds it routes with
@@ -142,11 +154,7 @@ def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     if is_main:
         write_config(workdir, pinned)
     networks = load_networks(config)
-    built = build_state(lambda r: build_dvae(config.model, r), train=train, mesh=mesh, rules=rules)
-    discriminator = None
-    if uses_discriminator(config):
-        discriminator, part, part_shardings = build_discriminator(config, train.num_steps, mesh, rules)
-        built.add_part("discriminator", part, part_shardings)
+    built, discriminator = build_dvae_state(config, mesh, rules)
 
     def batches(seed: int) -> Any:
         return train_iterator(data, train_source, image_size=size, batch_size=train.batch_size // jax.process_count(),

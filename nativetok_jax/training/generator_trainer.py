@@ -39,7 +39,7 @@ from nativetok_jax.models.generators import build_generator
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import loop
 from nativetok_jax.training.loop import Task
-from nativetok_jax.training.state import build_state
+from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.training.token_extraction import extract_tokens
 from nativetok_jax.workdir import record_upstream, write_config
@@ -54,6 +54,34 @@ def generator_loss(model: Any, kind: str, ids: jax.Array, labels: jax.Array, key
     if kind == "ar":
         return model.next_token_loss(ids, labels, label_drop_key=key, label_drop_probability=label_drop_probability)
     return model.masked_token_loss(ids, labels, key=key, label_drop_probability=label_drop_probability)
+
+
+def build_generator_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+                          vocab_size: int, num_tokens: int, num_classes: int) -> BuiltState:
+    """The generator of ``config.generator`` over a tokenizer's ``vocab_size`` ids and ``num_tokens``
+    positions, with its optimiser and EMA on ``mesh`` (``state.build_state``)."""
+    g = config.generator
+    return build_state(
+        lambda r: build_generator(g, vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
+                                  rngs=r, dtype=g.dtype),
+        train=config.train, mesh=mesh, rules=rules)
+
+
+def generator_objective(graphdef: nnx.GraphDef, generator: ml_collections.ConfigDict) -> Objective:
+    """The training objective of ``generator`` (``config.generator``) on batches ``{"ids": int32
+    [B, L], "label": int32 [B]}``: next-token (``kind="ar"``) or masked-token cross-entropy."""
+
+    def loss(params: Any, batch: Batch, context: StepContext):
+        loss, metrics = generator_loss(nnx.merge(graphdef, params), generator.kind, batch["ids"], batch["label"],
+                                       context.key, generator.label_drop_probability)
+        return loss, ({k: v for k, v in metrics.items() if k != "nll_by_position"}, None)
+
+    return Objective(loss)
+
+
+def generator_batch_shardings(mesh: jax.sharding.Mesh, batch_size: int,
+                              num_tokens: int) -> dict[str, jax.sharding.NamedSharding]:
+    return batch_shardings(mesh, {"ids": (batch_size, num_tokens), "label": (batch_size,)})
 
 
 def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: epath.PathLike,
@@ -128,25 +156,16 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     logging.info("generator %s on %d x %d-token training examples (%d classes, vocabulary %d); %d held out",
                  g.kind, len(train_tokens), tokenizer.num_tokens, num_classes, tokenizer.codebook_size, len(eval_tokens))
 
-    built = build_state(
-        lambda r: build_generator(g, vocab_size=tokenizer.codebook_size, num_tokens=tokenizer.num_tokens,
-                                  num_classes=num_classes, rngs=r, dtype=g.dtype),
-        train=train, mesh=mesh, rules=rules)
+    built = build_generator_state(config, mesh, rules, vocab_size=tokenizer.codebook_size,
+                                  num_tokens=tokenizer.num_tokens, num_classes=num_classes)
     graphdef = built.graphdef
     logging.info("generator parameters: %.2f M", sum(x.size for x in jax.tree.leaves(built.state["params"])) / 1e6)
-
-    def loss(params: Any, batch: Batch, context: StepContext):
-        loss, metrics = generator_loss(nnx.merge(graphdef, params), g.kind, batch["ids"], batch["label"],
-                                       context.key, g.label_drop_probability)
-        return loss, ({k: v for k, v in metrics.items() if k != "nll_by_position"}, None)
-
     held_out = HeldOutLikelihood(graphdef, g, eval_tokens, mesh, rules)
     save_nll = workdir / HELD_OUT_NLL if is_main else None
     task = Task(
-        built, Objective(loss),
+        built, generator_objective(graphdef, g),
         batches=token_iterator(train_tokens, train.batch_size // jax.process_count(), train.seed),
-        batch_shardings=batch_shardings(mesh, {"ids": (train.batch_size, tokenizer.num_tokens),
-                                               "label": (train.batch_size,)}),
+        batch_shardings=generator_batch_shardings(mesh, train.batch_size, tokenizer.num_tokens),
         evaluate=lambda state, step, outputs: _evaluate(held_out, state, tokenizer, graphdef, config, num_classes,
                                                         step, outputs, save_nll),
         name="generator",

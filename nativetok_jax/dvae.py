@@ -30,7 +30,7 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_dvae_model
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
@@ -46,7 +46,7 @@ class _Compiled:
 
     config: ml_collections.ConfigDict
     model_config: DVAEConfig
-    router: grain.GrainRouter
+    router: grain_router.GrainRouter
     graphdef: nnx.GraphDef
     mesh: jax.sharding.Mesh
     rules: sharding.Rules
@@ -176,7 +176,7 @@ class DVAE:
         return self._compiled.model_config
 
     @property
-    def router(self) -> grain.GrainRouter:
+    def router(self) -> grain_router.GrainRouter:
         return self._compiled.router
 
     @property
@@ -231,7 +231,7 @@ class DVAE:
         return sharding.run_batched(fn, self.mesh, self._compiled.rules, self._params, *arrays, **static)
 
     def _check_images(self, images: Any) -> None:
-        grain.check_images(images, self.model_config.coarse_factor)
+        grain_router.check_images(images, self.model_config.coarse_factor)
         if tuple(np.shape(images)[1:3]) != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size} x {self.image_size} px, got {tuple(np.shape(images))}")
 

@@ -4,7 +4,7 @@ D²iT routes a region to the fine grain iff its entropy exceeds a percentile of 
 all training regions (docs/d2it.md; [A] DQ-VAE's ``calculate_entropy_thresholds.py``). This streams
 ``--num_images`` training crops, exactly as training draws them (``config.data``'s source, crop
 range and flips at ``model.image_size``, seeded by ``train.seed``), through the entropy of
-:mod:`nativetok_jax.models.grain` with the config's settings (region side = the coarse factor,
+:mod:`nativetok_jax.models.grain_router` with the config's settings (region side = the coarse factor,
 ``model.grain.num_bins``, ``sigma``, ``low``, ``high``) and writes a JSON file with the
 percentiles 1..99, the entropy settings, the data description and the number of regions. Point
 ``model.grain.thresholds`` at it; ``model.grain.fine_ratio`` r then picks the ``100 (1 - r)``-th
@@ -52,12 +52,12 @@ def data_description(config: ml_collections.ConfigDict, num_images: int) -> dict
 
 
 def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch_size: int = 64):
-    """Entropy percentiles of ``num_images`` training crops: a :class:`grain.GrainThresholds`.
+    """Entropy percentiles of ``num_images`` training crops: a :class:`grain_router.GrainThresholds`.
 
     Raises ``DataError`` (unreadable data), ``GrainError`` / ``ValueError`` (bad settings) with one line.
     """
     from nativetok_jax.data import pipeline, sources
-    from nativetok_jax.models import grain
+    from nativetok_jax.models import grain_router
     from nativetok_jax.models.dvae import DVAEConfig
 
     if num_images < 1 or batch_size < 1:
@@ -71,10 +71,10 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
         # Whole batches keep one compiled shape; the surplus of the last one is dropped.
         batch = np.asarray(next(iterator)["image"])
         take = min(len(batch), num_images - seen)
-        entropies.append(np.asarray(grain.region_entropy(batch, settings))[:take].reshape(-1))
+        entropies.append(np.asarray(grain_router.region_entropy(batch, settings))[:take].reshape(-1))
         seen += take
         logging.log_every_n_seconds(logging.INFO, "entropy of %d / %d crops", 10, seen, num_images)
-    return grain.GrainThresholds.from_entropies(np.concatenate(entropies), settings,
+    return grain_router.GrainThresholds.from_entropies(np.concatenate(entropies), settings,
                                                 data_description(config, num_images))
 
 

@@ -21,6 +21,7 @@ def standin_checkout(tmp_path) -> str:
     return str(directory)
 
 
+@pytest.mark.slow
 def test_compare_runs_tiny_and_writes_what_it_prints(tmp_path, capsys):
     out = tmp_path / "compare.json"
     report = compare.run(["--tiny", "--tokens", "3", "--repeats", "1", "--chunks", "2", "--out", str(out)])
@@ -35,6 +36,7 @@ def test_compare_runs_tiny_and_writes_what_it_prints(tmp_path, capsys):
     assert compare.format_row(row) in printed
 
 
+@pytest.mark.slow
 def test_compare_against_a_prototype_checkout_counts_both_sides_by_part_and_names_differences(tmp_path, capsys):
     out = tmp_path / "compare.json"
     checkout = standin_checkout(tmp_path)
@@ -149,6 +151,7 @@ def test_profile_reads_kinds_phases_and_sources_from_the_compiled_module():
     assert report["top_sources"][-1]["source"] == "(inserted by XLA)"
 
 
+@pytest.mark.slow
 def test_profile_runs_tiny_and_writes_what_it_prints(tmp_path, capsys):
     out = tmp_path / "profile.json"
     report = profile.run(["--tiny", "--tokens", "3", "--chunks", "2", "--steps", "1", "--set", "model.experts.remat=True",

@@ -210,6 +210,7 @@ def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_
         _validate_transformer(config.model.experts, "model.experts")
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_generators_and_the_dvae_compile_through_their_trainers_builders_with_their_samplers(tmp_path):
     """The AR and MaskGIT generators (shaped by the tokenizer config they name) and the DVAE

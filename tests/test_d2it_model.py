@@ -177,6 +177,7 @@ def tiny_d2it_config():
     return config
 
 
+@pytest.mark.slow
 def test_bench_runs_d2its_train_step_and_sampler():
     """``bench diffusion`` on a D²iT config: its real train step (both transformers) and its
     multi-grained sampler (the timing and FLOP arithmetic is DiT's, tested with DiT's bench)."""

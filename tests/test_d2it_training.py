@@ -79,6 +79,7 @@ def test_stopping_at_step_k_then_resuming_equals_the_uninterrupted_run(trained, 
     conftest.assert_same_checkpoint(run_dir, resumed, STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "ground_truth", "random"])
 def test_sample_writes_images_grids_and_grain_maps(trained, tmp_path, mode):
     from PIL import Image
@@ -114,6 +115,7 @@ def test_sample_writes_images_grids_and_grain_maps(trained, tmp_path, mode):
         assert np.abs(again.astype(int) - images).max() <= 1
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(trained, tmp_path):
     from nativetok_jax.sample import sample_d2it
 
@@ -184,6 +186,7 @@ def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trai
     assert (out / "dynamic_grain.md").read_text().startswith("| arm | grain maps | eps-MSE t=100 |")
 
 
+@pytest.mark.slow
 def test_resume_check_names_the_changed_fields_of_either_transformer(trained):
     from nativetok_jax.workdir import check_resume
 
@@ -198,6 +201,7 @@ def test_resume_check_names_the_changed_fields_of_either_transformer(trained):
             check_resume(config, run_dir)
 
 
+@pytest.mark.slow
 def test_sampling_refuses_a_dvae_that_changed_since_the_run_trained(trained, tmp_path):
     """The run records its DVAE's step and latent scale; a DVAE trained further or rescaled since
     (here: the record says otherwise) would encode and scale latents otherwise: refused in one line."""

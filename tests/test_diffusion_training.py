@@ -201,6 +201,7 @@ def test_configs_build_and_validate(tmp_path):
         train_diffusion(few, str(tmp_path / "few"))
 
 
+@pytest.mark.slow
 def test_bench_diffusion_report_equals_its_json(tmp_path, capsys):
     from nativetok_jax.bench import diffusion as bench
 

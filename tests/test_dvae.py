@@ -13,7 +13,7 @@ from flax import nnx
 from nativetok_jax import sharding
 from nativetok_jax.config import ConfigError, dvae_config, load_config_file, validate_dvae, validate_dvae_model
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 from nativetok_jax.models.dvae import (DVAEConfig, DynamicVAE, Posterior, kl_divergence, latent_scale_of,
                                        sample_latents)
 
@@ -103,7 +103,7 @@ def test_posterior_samples_keep_a_coarse_regions_cells_equal():
     grains = jnp.asarray(np.random.default_rng(2).integers(0, 2, (64, 4, 4)), jnp.int32)
     coarse = Posterior(jnp.full((64, 4, 4, 4), 0.5), jnp.full((64, 4, 4, 4), np.log(4.0)))
     fine = Posterior(jnp.full((64, 8, 8, 4), 0.5), jnp.full((64, 8, 8, 4), np.log(4.0)))
-    posterior = Posterior(*(grain.neighbour_copy([c, f], grains) for c, f in zip(coarse, fine)))
+    posterior = Posterior(*(grain_router.neighbour_copy([c, f], grains) for c, f in zip(coarse, fine)))
     z = np.asarray(sample_latents(posterior, grains, jax.random.key(0)))
     cells = z.reshape(64, 4, 2, 4, 2, 4)
     spread = cells.max(axis=(2, 4)) - cells.min(axis=(2, 4))
@@ -122,7 +122,7 @@ def test_decode_accepts_copied_latents_and_projects_other_latents_onto_copies():
     np.testing.assert_allclose(decode(model, latents, grains), direct(model, latents), rtol=1e-5, atol=1e-5)
     # Zero-mean changes to a coarse code's copies are averaged away.
     wobble = jnp.asarray(np.tile([[1.0, -1.0], [-2.0, 2.0]], (4, 4)))[None, :, :, None]
-    coarse_cells = grain.fine_grain_map(grains, 2)[..., None] == 0
+    coarse_cells = grain_router.fine_grain_map(grains, 2)[..., None] == 0
     np.testing.assert_allclose(decode(model, latents + jnp.where(coarse_cells, wobble, 0.0), grains),
                                decode(model, latents, grains), rtol=1e-5, atol=1e-5)
 
@@ -153,7 +153,7 @@ def test_latent_scale_counts_each_code_once():
     grains = jnp.asarray([[[0, 1]]], jnp.int32)  # one coarse, one fine region on a 2 x 4 fine grid
     coarse = jnp.full((1, 1, 2, 1), 3.0)
     fine = jnp.asarray([[[[-1.0], [1.0]], [[-1.0], [1.0]]]])
-    latents = grain.neighbour_copy([coarse, jnp.concatenate([fine, fine], axis=2)], grains)
+    latents = grain_router.neighbour_copy([coarse, jnp.concatenate([fine, fine], axis=2)], grains)
     codes = np.array([3.0, -1.0, 1.0, -1.0, 1.0])  # the coarse code once, four fine codes
     assert latent_scale_of(latents, grains, (2, 1)) == pytest.approx(1 / codes.std(), rel=1e-5)
 
@@ -167,7 +167,7 @@ def thresholds_file(tmp_path_factory):
     rng = np.random.default_rng(5)
     images = np.concatenate([np.full((8, 16, 16, 3), 90, np.uint8), rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)])
     path = str(tmp_path_factory.mktemp("thresholds") / "t.json")
-    grain.GrainThresholds.from_entropies(grain.region_entropy(images, settings), settings).save(path)
+    grain_router.GrainThresholds.from_entropies(grain_router.region_entropy(images, settings), settings).save(path)
     return path
 
 
@@ -227,7 +227,7 @@ def test_public_dvae_bad_inputs_give_one_line_errors(entropy_vae, thresholds_fil
         assert "\n" not in str(info.value)
     other = tiny_config("entropy", thresholds_file)
     other.model.grain.num_bins = 32
-    with pytest.raises(grain.GrainError, match="other entropy settings: num_bins 16 .wanted 32."):
+    with pytest.raises(grain_router.GrainError, match="other entropy settings: num_bins 16 .wanted 32."):
         DVAE.from_config(other)
     with pytest.raises(ConfigError, match="model.grain.fine_ratio: must lie in"):
         config = tiny_config("random")

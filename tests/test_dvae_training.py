@@ -17,7 +17,7 @@ from conftest import assert_same_checkpoint, flat
 from nativetok_jax import checkpoints
 from nativetok_jax.config import ConfigError, dvae_config
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 from test_training import finish, start_main
 
 
@@ -138,8 +138,8 @@ def test_bad_dvae_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"model.grain.thresholds"):
         train_dvae(dvae_train_config(routing="entropy"), str(tmp_path / "c"))
     other = tmp_path / "other.json"
-    grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), grain.EntropySettings(8)).save(str(other))
-    with pytest.raises(grain.GrainError, match="other"):
+    grain_router.GrainThresholds.from_entropies(np.linspace(0, 3, 100), grain_router.EntropySettings(8)).save(str(other))
+    with pytest.raises(grain_router.GrainError, match="other"):
         train_dvae(dvae_train_config(routing="entropy", thresholds=str(other)), str(tmp_path / "d"))
     with pytest.raises(ValueError, match="not a Dynamic VAE"):
         os.makedirs(tmp_path / "e")
@@ -190,12 +190,12 @@ def test_the_routing_experiment_reports_every_arm(tmp_path):
     from nativetok_jax.data.sources import open_sources
     from nativetok_jax.experiments.grain_routing import ARMS, arm_config, run, table
 
-    settings = grain.EntropySettings(4)
+    settings = grain_router.EntropySettings(4)
     config = dvae_train_config(num_steps=2, checkpoint_every=2)
     source, _ = open_sources(config.data, 4)
     crops = eval_images(config.data, source, image_size=16, num_images=16, seed=3)
     thresholds = str(tmp_path / "thresholds.json")
-    grain.GrainThresholds.from_entropies(np.asarray(grain.region_entropy(crops, settings)), settings).save(thresholds)
+    grain_router.GrainThresholds.from_entropies(np.asarray(grain_router.region_entropy(crops, settings)), settings).save(thresholds)
     config.model.grain.update(routing="entropy", thresholds=thresholds)
     assert arm_config(config, "single_grain").model.latent_channels == 10  # 4 (4 r + 1 - r) at r = 0.5
 
@@ -218,15 +218,16 @@ def test_the_routing_experiment_reports_every_arm(tmp_path):
     assert "single_grain" in table(report)
 
 
+@pytest.mark.slow
 def test_a_trained_dvae_keeps_routing_with_the_thresholds_it_trained_with(tmp_path):
     """The run copies its thresholds file: regenerating the file at the same path neither re-routes
     the trained model nor passes unnoticed on resume; a file measured on other crops is refused."""
     from nativetok_jax.training.dvae_trainer import THRESHOLDS_FILE, train_dvae
 
-    settings = grain.EntropySettings(4)
+    settings = grain_router.EntropySettings(4)
     measured_on = dict(source="photos", image_size=16, crop_min=0.1, crop_max=0.3)
     path = str(tmp_path / "thresholds.json")
-    grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings, measured_on).save(path)
+    grain_router.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings, measured_on).save(path)
     config = dvae_train_config(num_steps=2, checkpoint_every=2, routing="entropy", thresholds=path)
     workdir = str(tmp_path / "run")
     train_dvae(config, workdir)
@@ -234,7 +235,7 @@ def test_a_trained_dvae_keeps_routing_with_the_thresholds_it_trained_with(tmp_pa
     assert trained == pytest.approx((1.5,), abs=0.02)
     assert checkpoints.read_config(workdir).model.grain.thresholds == os.path.join(workdir, THRESHOLDS_FILE)
 
-    grain.GrainThresholds.from_entropies(np.linspace(0, 1, 100), settings, measured_on).save(path)  # regenerated
+    grain_router.GrainThresholds.from_entropies(np.linspace(0, 1, 100), settings, measured_on).save(path)  # regenerated
     assert DVAE.from_checkpoint(workdir).router.thresholds == trained
     with pytest.raises(ConfigError, match=r"^config\.model\.grain\.thresholds: .*thresholds\.json differs from the "
                                           r"thresholds this run trained with"):
@@ -242,7 +243,7 @@ def test_a_trained_dvae_keeps_routing_with_the_thresholds_it_trained_with(tmp_pa
 
     for field, value in (("model.image_size", 64), ("data.crop_min", 0.5)):
         other = str(tmp_path / f"other_{field}.json")
-        grain.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings,
+        grain_router.GrainThresholds.from_entropies(np.linspace(0, 3, 100), settings,
                                              dict(measured_on, **{field.split(".")[1]: value})).save(other)
         with pytest.raises(ConfigError, match=rf"measured on other images: {field} {value} \(this run: "):
             train_dvae(dvae_train_config(routing="entropy", thresholds=other), str(tmp_path / field))

@@ -239,6 +239,7 @@ def test_bad_workdir_is_one_line_error(tmp_path):
     assert isinstance(code, str) and code.startswith("error: no config.json") and "\n" not in code, code
 
 
+@pytest.mark.slow
 def test_generated_samples_get_gfid_and_inception_score(weights, tmp_path):
     """``--samples``: gFID of a folder of images against reference statistics made from --data."""
     _, inception = weights

@@ -168,6 +168,7 @@ def test_bad_ranges_raise():
         experts(x_latent(), stop=5)
 
 
+@pytest.mark.slow
 def test_compiled_program_size_does_not_grow_with_token_count():
     """The scan traces one expert whatever L is; the unrolled loop traces L of them."""
 

@@ -125,6 +125,7 @@ def test_export_command_on_a_directory_without_a_run_is_one_error_line(tmp_path,
     assert err.count("\n") == 1 and err.startswith("error: no config.json in")
 
 
+@pytest.mark.slow
 def test_export_command_exports_a_trained_run_as_it_loads_from_its_checkpoint(tmp_path, capsys):
     from test_training import train_config
 

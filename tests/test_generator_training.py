@@ -67,6 +67,7 @@ def test_token_store_round_trips_and_resumes(tokenizer_dir, tmp_path):
         extract_tokens(tokenizer, source, str(tmp_path), **dict(kwargs, seed=4))
 
 
+@pytest.mark.slow
 def test_tiny_generator_trains_and_samples(tokenizer_dir, tmp_path):
     workdir = str(tmp_path / "generator")
     summary = train_generator(tiny_generator_config(tokenizer_dir), workdir)

@@ -103,6 +103,7 @@ def test_frozen_parameters_stay_bit_identical_and_are_out_of_grad_norm_and_optim
     assert "first" not in str(jax.tree_util.tree_flatten_with_path(state["opt_state"])[0])
 
 
+@pytest.mark.slow
 def test_the_mit_learns_through_frozen_experts_which_get_no_gradient():
     config = tiny_config()
     config.train.prefix_probability = 0.0
@@ -165,6 +166,7 @@ def test_the_tokenizer_step_lowers_with_activation_sharding_constraints():
     assert '"model"' in text or "model" in text
 
 
+@pytest.mark.slow
 def test_quantizer_warmup_has_no_quantizer_loss_and_the_fitted_codebook_gets_fresh_moments():
     config = tiny_config()
     config.train.update(batch_size=8, num_steps=10, warmup_steps=0, learning_rate=1e-2)
@@ -193,6 +195,7 @@ def test_quantizer_warmup_has_no_quantizer_loss_and_the_fitted_codebook_gets_fre
     assert float(metrics["quantizer_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_the_discriminator_does_not_run_before_the_adversarial_start():
     config = tiny_config()
     config.train.update(batch_size=8, warmup_steps=0, ema_decay=0.0)

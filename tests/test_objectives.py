@@ -47,6 +47,7 @@ def proxy_config(vqgan_path: str, proxy: str, **train):
     return config
 
 
+@pytest.mark.slow
 def test_proxy_code_cross_entropy_learns_the_vqgan_codes(weight_files):
     config = proxy_config(weight_files[0], "codes", learning_rate=3e-3)
     networks = load_networks(config)

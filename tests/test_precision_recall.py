@@ -69,6 +69,7 @@ def test_feature_and_reference_batch_files(tmp_path):
         manifold_radii(features[:3])
 
 
+@pytest.mark.slow
 def test_evaluate_samples_reports_precision_and_recall_from_an_adm_reference_batch(tmp_path):
     """``evaluate --samples --reference_batch --reference_features``: ADM's mu/sigma converted into
     --reference_stats, the batch's images give the real features, written once and read back."""

@@ -66,6 +66,7 @@ def test_straight_through_gradient_equals_gradient_through_normalisation():
     np.testing.assert_allclose(through_quantiser, through_identity, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_reconstruction_gradient_reaches_the_encoder():
     model = build_model(tiny_config().model, nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)

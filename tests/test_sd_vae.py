@@ -149,6 +149,7 @@ def _compare(model, net, images):
     np.testing.assert_allclose(np.asarray(ours_decoded).transpose(0, 3, 1, 2), decoded.numpy(), rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_real_names_and_shapes_convert_and_match_pytorch():
     """Stable Diffusion's sizes (83,653,863 parameters) with diffusers' names, on a 16 x 16 image."""
     net = _random_net()

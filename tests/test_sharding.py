@@ -26,6 +26,7 @@ def loss_and_grads(config, mesh, params, graphdef, images):
         return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nativetok", "titok"])
 def test_sharded_forward_and_backward_equal_single_device(kind):
     config = tiny_config(kind=kind)

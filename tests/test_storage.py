@@ -198,6 +198,7 @@ def test_project_files_round_trip_through_a_url(fake_gcs):
     assert not any(".tmp" in name for name in written)
 
 
+@pytest.mark.slow
 def test_a_training_run_in_a_gs_workdir_resumes_and_loads(fake_gcs):
     from test_training import train_config
 
@@ -232,7 +233,7 @@ def test_dit_dvae_and_d2it_train_in_gs_workdirs_on_gs_weights(fake_gcs):
 
     from nativetok_jax.data.pipeline import eval_images
     from nativetok_jax.data.sources import open_sources
-    from nativetok_jax.models import grain
+    from nativetok_jax.models import grain_router
     from nativetok_jax.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
     from nativetok_jax.pretrained.sd_vae import KIND
     from nativetok_jax.training.d2it_trainer import train_d2it
@@ -257,10 +258,10 @@ def test_dit_dvae_and_d2it_train_in_gs_workdirs_on_gs_weights(fake_gcs):
 
     # A DVAE routed by a thresholds file in the bucket, then a D²iT on its workdir.
     dvae = dvae_train_config(num_steps=2, eval_every=2, checkpoint_every=2, latent_scale_batches=1)
-    settings = grain.EntropySettings(4)
+    settings = grain_router.EntropySettings(4)
     crops = eval_images(dvae.data, open_sources(dvae.data, 4)[0], image_size=16, num_images=16, seed=3)
     thresholds = "gs://bucket/weights/thresholds.json"
-    grain.GrainThresholds.from_entropies(np.asarray(grain.region_entropy(crops, settings)), settings).save(thresholds)
+    grain_router.GrainThresholds.from_entropies(np.asarray(grain_router.region_entropy(crops, settings)), settings).save(thresholds)
     dvae.model.grain.update(routing="entropy", thresholds=thresholds)
     assert train_dvae(dvae, "gs://bucket/runs/dvae")["step"] == 2
     d2it = tiny_d2it_config("gs://bucket/runs/dvae", num_steps=1, eval_every=1, checkpoint_every=1)

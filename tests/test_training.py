@@ -57,6 +57,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     config = train_config(num_steps=25)
     mesh = sharding.make_mesh(config.mesh)
@@ -194,6 +195,7 @@ def test_growing_parameters_names_what_does_not_fit():
     np.testing.assert_array_equal(grown["experts"]["stack"]["query"][4:], 0.0)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     config = train_config(num_steps=20, checkpoint_every=1, log_every=1, learning_rate=1e30, grad_clip_norm=0.0)

@@ -65,7 +65,7 @@ from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.generation.masked import decode_step as maskgit_decode_step
 from nativetok_jax.layers.partitioning import axis_rules, shard_spec_for
-from nativetok_jax.models import build_model, grain
+from nativetok_jax.models import build_model, grain_router
 from nativetok_jax.models.dvae import DVAEConfig
 from nativetok_jax.models.gpt import CACHE_AXES
 from nativetok_jax.storage import write_json, write_text
@@ -247,16 +247,16 @@ def _abstract_generator(config: ml_collections.ConfigDict, mesh: Any, rules: Any
     return built, num_tokens
 
 
-def dvae_router(config: ml_collections.ConfigDict) -> grain.GrainRouter:
+def dvae_router(config: ml_collections.ConfigDict) -> grain_router.GrainRouter:
     """The DVAE config's router; with entropy routing and no readable thresholds file (they are
     measured on the training data), placeholder thresholds: they are constants of the program, so
     its shapes, memory and cost are the same."""
     model_config = DVAEConfig.from_model_config(config.model)
     try:
         return model_config.router()
-    except (grain.GrainError, OSError):
+    except (grain_router.GrainError, OSError):
         placeholder = tuple(float(i + 1) for i in range(len(model_config.factors) - 1))
-        return grain.GrainRouter(model_config.factors, model_config.entropy_settings, "entropy", placeholder)
+        return grain_router.GrainRouter(model_config.factors, model_config.entropy_settings, "entropy", placeholder)
 
 
 def _generator_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any, batch_size: int,

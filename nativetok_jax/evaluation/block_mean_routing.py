@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nativetok_jax.evaluation.metrics import pooled_psnr, psnr
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 
 ARMS = ("entropy", "random", "fine", "coarse")
 
@@ -39,7 +39,7 @@ def block_means(images: np.ndarray, factor: int) -> np.ndarray:
 def routed_block_means(images: np.ndarray, grains: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Each S x S region rebuilt from the block means of its grain (``factors`` coarsest first)."""
     per_grain = [block_means(images, f) for f in factors]
-    return np.asarray(grain.neighbour_copy(per_grain, np.asarray(grains)))
+    return np.asarray(grain_router.neighbour_copy(per_grain, np.asarray(grains)))
 
 
 def shuffled_grains(grains: np.ndarray, seed: int) -> np.ndarray:
@@ -54,7 +54,7 @@ def _psnr_where(images: np.ndarray, rebuilt: np.ndarray, pixel_mask: np.ndarray)
     return pooled_psnr(images[pixel_mask], rebuilt[pixel_mask])
 
 
-def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) -> dict[str, Any]:
+def block_mean_routing(images: Any, router: grain_router.GrainRouter, seed: int = 0) -> dict[str, Any]:
     """Runs the four arms on uint8 images ``[B, H, W, 3]`` with a two-grain entropy router.
 
     Returns ``{"arms": {arm: {"psnr", "psnr_fine_regions", "psnr_coarse_regions", "fine_fraction",
@@ -63,7 +63,7 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
     two grains or images it cannot split.
     """
     if router.num_grains != 2:
-        raise grain.GrainError(f"the block-mean experiment compares two grains, the router has {router.num_grains}")
+        raise grain_router.GrainError(f"the block-mean experiment compares two grains, the router has {router.num_grains}")
     images = np.asarray(images)
     entropy_grains = np.asarray(router(images))
     maps = {
@@ -77,9 +77,9 @@ def block_mean_routing(images: Any, router: grain.GrainRouter, seed: int = 0) ->
     arms = {}
     for arm, grains in maps.items():
         rebuilt = routed_block_means(images, grains, router.factors)
-        fine_pixels = np.asarray(grain.expand(jnp.asarray(grains), size)) == 1
+        fine_pixels = np.asarray(grain_router.expand(jnp.asarray(grains), size)) == 1
         fine_pixels = np.broadcast_to(fine_pixels[..., None], images.shape)
-        codes = np.asarray(grain.code_weights(grains, router.factors)).sum(axis=(1, 2))
+        codes = np.asarray(grain_router.code_weights(grains, router.factors)).sum(axis=(1, 2))
         arms[arm] = dict(
             psnr=psnr(images, rebuilt),
             psnr_fine_regions=_psnr_where(images, rebuilt, fine_pixels),

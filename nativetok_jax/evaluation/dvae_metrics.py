@@ -40,7 +40,7 @@ from nativetok_jax.evaluation.tokenizer_metrics import (
     inception_outputs_fn,
     inception_score_splits,
 )
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 
 COARSE_SHADE = 0.3  # how dark coarse regions are drawn in grain-map pictures
 
@@ -123,7 +123,7 @@ def evaluate_dvae(
         for name, (error, values) in region_squared_errors(images, block_means[:count], grains[:count]).items():
             block_regions[name][0] += error
             block_regions[name][1] += values
-        codes += float(np.sum(np.asarray(grain.code_weights(grains[:count], factors)), dtype=np.float64))
+        codes += float(np.sum(np.asarray(grain_router.code_weights(grains[:count], factors)), dtype=np.float64))
         for label, grain_map in zip(np.asarray(labels)[:count], grains[:count]):
             totals = fine_by_class.setdefault(int(label), [0, 0])
             totals[0] += int(np.sum(grain_map > 0))

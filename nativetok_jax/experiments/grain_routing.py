@@ -127,7 +127,7 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
     from nativetok_jax.evaluation.block_mean_routing import routed_block_means
     from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
     from nativetok_jax.evaluation.metrics import psnr_of_squared_error, psnr_per_image
-    from nativetok_jax.models import grain
+    from nativetok_jax.models import grain_router
 
     totals = {name: [0.0, 0] for name in ("fine", "coarse", "entropy_fine", "entropy_coarse")}
     fine, floats, per_image, block_means = [], [], [], []
@@ -144,7 +144,7 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
                 totals[prefix + name][0] += error
                 totals[prefix + name][1] += count
         fine.append(grains.mean())
-        floats.append(np.asarray(grain.code_weights(grains, (2, 1))).sum(axis=(1, 2)) * dvae.latent_shape[-1])
+        floats.append(np.asarray(grain_router.code_weights(grains, (2, 1))).sum(axis=(1, 2)) * dvae.latent_shape[-1])
     return {"psnr": float(np.concatenate(per_image).mean()),
             "block_mean_psnr": float(np.concatenate(block_means).mean()),
             **{f"psnr_{name}_regions": psnr_of_squared_error(*value) for name, value in totals.items()},

@@ -7,7 +7,7 @@ latent holds smooth regions at a coarse grain and detailed ones at a fine grain.
   is taken after the last-but-one level (factor ``f/2``), the coarse one after the last (factor
   ``f = 2^(levels-1)``); each has its own mid stack (res block, attention, res block) and head
   (GroupNorm, swish, 3x3 convolution) emitting a mean and a log-variance of ``latent_channels``.
-- **Routing** by a grain map from :mod:`nativetok_jax.models.grain` (region side S = ``f``): in a
+- **Routing** by a grain map from :mod:`nativetok_jax.models.grain_router` (region side S = ``f``): in a
   coarse region the coarse code's mean and log-variance are copied onto its 2x2 fine cells
   (neighbour copying [P]); posterior samples draw their noise on each grain's own grid and copy it
   too, so a coarse region's four cells always hold one code.
@@ -36,7 +36,7 @@ from nativetok_jax.layers.attention import Attention
 from nativetok_jax.layers.conv import Conv
 from nativetok_jax.layers.norm import GroupNorm
 from nativetok_jax.layers.partitioning import param
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 from nativetok_jax.models.vqgan import Decoder, ResBlock, VQGANConfig, average_pool_2x2, res_blocks
 
 # Log-variance range of the posterior, as LDM's DiagonalGaussianDistribution clamps it.
@@ -56,7 +56,7 @@ class DVAEConfig:
     num_groups: int = 32
     latent_channels: int = 4
     dtype: str = "float32"
-    # Router: see nativetok_jax.models.grain.
+    # Router: see nativetok_jax.models.grain_router.
     routing: str = "entropy"
     fine_ratio: float = 0.5
     thresholds: str = ""  # thresholds file (entropy routing)
@@ -102,8 +102,8 @@ class DVAEConfig:
         return self.image_size // self.fine_factor
 
     @property
-    def entropy_settings(self) -> grain.EntropySettings:
-        return grain.EntropySettings(self.coarse_factor, self.num_bins, self.sigma, self.low, self.high)
+    def entropy_settings(self) -> grain_router.EntropySettings:
+        return grain_router.EntropySettings(self.coarse_factor, self.num_bins, self.sigma, self.low, self.high)
 
     @property
     def pyramid(self) -> VQGANConfig:
@@ -117,14 +117,14 @@ class DVAEConfig:
         """The decoder's levels: all but the coarsest, so it starts on the fine grid."""
         return dataclasses.replace(self.pyramid, channel_multipliers=self.channel_multipliers[:-1])
 
-    def router(self) -> grain.GrainRouter:
+    def router(self) -> grain_router.GrainRouter:
         """The router this config names; entropy routing reads (and checks) the thresholds file."""
         thresholds: tuple[float, ...] = ()
         if self.routing == "entropy":
             if not self.thresholds:
-                raise grain.GrainError("entropy routing needs a thresholds file (model.grain.thresholds)")
-            thresholds = grain.GrainThresholds.load(self.thresholds, self.entropy_settings).thresholds(self.fine_ratio)
-        return grain.GrainRouter(self.factors, self.entropy_settings, self.routing, thresholds, (self.fine_ratio,))
+                raise grain_router.GrainError("entropy routing needs a thresholds file (model.grain.thresholds)")
+            thresholds = grain_router.GrainThresholds.load(self.thresholds, self.entropy_settings).thresholds(self.fine_ratio)
+        return grain_router.GrainRouter(self.factors, self.entropy_settings, self.routing, thresholds, (self.fine_ratio,))
 
 
 class AttentionBlock(nnx.Module):
@@ -225,19 +225,19 @@ def sample_latents(posterior: Posterior, grains: jax.Array, key: jax.Array) -> j
     coarse region's cells hold one code (for the two grains of a Dynamic VAE)."""
     b, h, w, c = posterior.mean.shape
     coarse_key, fine_key = jax.random.split(key)
-    noise = grain.neighbour_copy([jax.random.normal(coarse_key, (b, h // 2, w // 2, c)),
+    noise = grain_router.neighbour_copy([jax.random.normal(coarse_key, (b, h // 2, w // 2, c)),
                                   jax.random.normal(fine_key, (b, h, w, c))], grains)
     return posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise
 
 
 def kl_divergence(posterior: Posterior, grains: jax.Array, factors: tuple[int, ...] = (2, 1)) -> jax.Array:
     """KL(q || N(0, I)) in nats per image ``[B]``: summed over channels and codes, each fine cell
-    weighted ``1 / copies`` (:func:`grain.code_weights`), so a coarse code counts once.
+    weighted ``1 / copies`` (:func:`grain_router.code_weights`), so a coarse code counts once.
 
     Per code: ``0.5 * sum_c (mean^2 + exp(logvar) - 1 - logvar)`` (LDM's closed form).
     """
     per_cell = 0.5 * jnp.sum(jnp.square(posterior.mean) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar, axis=-1)
-    return jnp.sum(per_cell * grain.code_weights(grains, factors), axis=(1, 2))
+    return jnp.sum(per_cell * grain_router.code_weights(grains, factors), axis=(1, 2))
 
 
 class DynamicVAE(nnx.Module):
@@ -269,15 +269,15 @@ class DynamicVAE(nnx.Module):
         """Images ``[B, H, W, 3]`` in [-1, 1] and grain map ``[B, H/f, W/f]`` -> the routed
         posterior on the fine grid (coarse codes neighbour-copied)."""
         coarse, fine = self.branch_moments(images)
-        return Posterior(grain.neighbour_copy([coarse.mean, fine.mean], grains),
-                         grain.neighbour_copy([coarse.logvar, fine.logvar], grains))
+        return Posterior(grain_router.neighbour_copy([coarse.mean, fine.mean], grains),
+                         grain_router.neighbour_copy([coarse.logvar, fine.logvar], grains))
 
     def decoder_features(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
         """Latents ``[B, h, w, C]`` -> the decoder's activations before its output convolution.
 
         Each coarse code's copies are first replaced by their mean, so latents that are not exact
         copies (a diffusion model's output) decode as the nearest ones that are."""
-        latents = grain.average_copies(latents.astype(jnp.float32), grains, self.factors)
+        latents = grain_router.average_copies(latents.astype(jnp.float32), grains, self.factors)
         positions = self.position_rows[...][:, None, :] + self.position_cols[...][None, :, :]
         return self.decoder.features(latents + positions)
 
@@ -303,7 +303,7 @@ class DynamicVAE(nnx.Module):
 def latent_scale_of(latents: jax.Array, grains: jax.Array, factors: tuple[int, ...] = (2, 1)) -> float:
     """``1 / std`` of routed latents, every code counted once (coarse copies weighted 1/4): the
     global scale that gives diffusion unit-variance inputs (SD-VAE's 0.18215 is the same idea)."""
-    weights = grain.code_weights(grains, factors)[..., None] * jnp.ones_like(latents[..., :1])
+    weights = grain_router.code_weights(grains, factors)[..., None] * jnp.ones_like(latents[..., :1])
     total = jnp.sum(weights) * latents.shape[-1]
     mean = jnp.sum(weights * latents) / total
     variance = jnp.sum(weights * jnp.square(latents - mean)) / total

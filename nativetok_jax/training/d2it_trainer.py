@@ -361,9 +361,9 @@ class D2iTSampler:
 def random_grain_maps(key: jax.Array, count: int, grain_shape: Sequence[int], ratio: float) -> np.ndarray:
     """int32 ``[count, gh, gw]``: every region fine with probability ``ratio``, independently (the
     paper's "random" grain-map row; ``ratio`` the data's fine fraction)."""
-    from nativetok_jax.models import grain
+    from nativetok_jax.models import grain_router
 
-    return np.asarray(grain.random_grain_map(key, (count, *grain_shape), float(ratio)))
+    return np.asarray(grain_router.random_grain_map(key, (count, *grain_shape), float(ratio)))
 
 
 def grid_with_grain_maps(images: np.ndarray, grains: np.ndarray, columns: int) -> list[np.ndarray]:

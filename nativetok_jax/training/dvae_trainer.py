@@ -37,7 +37,7 @@ from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterat
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.dvae import DVAE, LATENT_SCALE_FILE
 from nativetok_jax.evaluation.dvae_metrics import evaluate_dvae
-from nativetok_jax.models import grain
+from nativetok_jax.models import grain_router
 from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, build_dvae, kl_divergence, latent_scale_of, sample_latents
 from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import loop
@@ -55,7 +55,7 @@ from nativetok_jax.training.tokenizer_objective import (
 def dvae_objective(
     graphdef: nnx.GraphDef,
     config: ml_collections.ConfigDict,
-    router: grain.GrainRouter,
+    router: grain_router.GrainRouter,
     networks: FrozenNetworks | None = None,
     discriminator: Discriminator | None = None,
 ) -> Objective:
@@ -117,7 +117,7 @@ def pin_thresholds(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
     if model.grain.routing != "entropy":
         return config
     named = storage.path(model.grain.thresholds)
-    measured = grain.GrainThresholds.load(str(named), DVAEConfig.from_model_config(model).entropy_settings)
+    measured = grain_router.GrainThresholds.load(str(named), DVAEConfig.from_model_config(model).entropy_settings)
     wanted = dict(image_size=model.image_size, crop_min=config.data.crop_min, crop_max=config.data.crop_max)
     other = [f"{field} {measured.data[key]!r} (this run: {wanted[key]!r})" for key, field in MEASURED_ON
              if key in measured.data and measured.data[key] != wanted[key]]
@@ -126,7 +126,7 @@ def pin_thresholds(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
                           "measure this run's with `python -m nativetok_jax.grain_thresholds --config C --out T.json`")
     copy = storage.path(workdir) / THRESHOLDS_FILE
     if copy.exists():
-        trained = grain.GrainThresholds.load(str(copy))
+        trained = grain_router.GrainThresholds.load(str(copy))
         if named != copy and trained.percentiles != measured.percentiles:
             raise ConfigError(f"config.model.grain.thresholds: {named} differs from the thresholds this run trained "
                               f"with ({copy}); name that copy to resume, or give a new --workdir")

@@ -15,8 +15,8 @@ from PIL import Image
 
 from nativetok_jax.config import dvae_config
 from nativetok_jax.evaluation.block_mean_routing import block_mean_routing, block_means, shuffled_grains
-from nativetok_jax.models import grain
-from nativetok_jax.models.grain import EntropySettings, GrainError, GrainThresholds
+from nativetok_jax.models import grain_router
+from nativetok_jax.models.grain_router import EntropySettings, GrainError, GrainThresholds
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
@@ -77,7 +77,7 @@ def test_entropy_ranks_flat_two_tone_gaussian_uniform_at_every_gray_level(region
             level + 0.05 * rng.standard_normal(shape),
             rng.uniform(level - 0.35, level + 0.35, shape),
         ])
-        entropy = np.asarray(grain.region_entropy(to_images(grays), settings))[:, 0, 0]
+        entropy = np.asarray(grain_router.region_entropy(to_images(grays), settings))[:, 0, 0]
         assert np.all(np.diff(entropy) > 0.2), (level, entropy)
 
 
@@ -92,7 +92,7 @@ def test_entropy_is_exactly_invariant_to_permuting_a_regions_pixels():
                 block = permuted[b, i:i + 8, j:j + 8].reshape(64, 3)
                 permuted[b, i:i + 8, j:j + 8] = block[rng.permutation(64)].reshape(8, 8, 3)
     assert not np.array_equal(images, permuted)
-    np.testing.assert_array_equal(grain.region_entropy(images, settings), grain.region_entropy(permuted, settings))
+    np.testing.assert_array_equal(grain_router.region_entropy(images, settings), grain_router.region_entropy(permuted, settings))
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
@@ -101,7 +101,7 @@ def test_k_equal_mass_levels_with_a_tiny_sigma_give_ln_k(k):
     bins = np.linspace(0, 1, 64)
     levels = bins[np.linspace(3, 60, k).astype(int)]
     gray = np.repeat(levels, 64 // k)[None].reshape(1, 8, 8)
-    entropy = grain.gray_region_entropy(jnp.asarray(gray), settings)
+    entropy = grain_router.gray_region_entropy(jnp.asarray(gray), settings)
     np.testing.assert_allclose(np.asarray(entropy)[0, 0, 0], math.log(k), atol=1e-5)
 
 
@@ -109,7 +109,7 @@ def test_entropy_equals_an_independent_numpy_computation():
     rng = np.random.default_rng(2)
     for settings in (EntropySettings(8), EntropySettings(8, num_bins=32, sigma=0.02, low=-1.0, high=1.0)):
         images = varied_images(rng, 3, 16, 8)
-        np.testing.assert_allclose(grain.region_entropy(images, settings), numpy_entropy(images, settings),
+        np.testing.assert_allclose(grain_router.region_entropy(images, settings), numpy_entropy(images, settings),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -125,57 +125,57 @@ def test_grain_map_commutes_with_flips():
     settings = EntropySettings(8)
     images = varied_images(rng, 6, 32, 8)
     # Median of these very images: many regions sit near the threshold.
-    threshold = float(np.median(np.asarray(grain.region_entropy(images, settings))))
-    grains = np.asarray(grain.grain_map(images, [threshold], settings))
+    threshold = float(np.median(np.asarray(grain_router.region_entropy(images, settings))))
+    grains = np.asarray(grain_router.grain_map(images, [threshold], settings))
     assert 0 < grains.mean() < 1
     for axis in (1, 2):
-        flipped = np.asarray(grain.grain_map(np.flip(images, axis), [threshold], settings))
+        flipped = np.asarray(grain_router.grain_map(np.flip(images, axis), [threshold], settings))
         np.testing.assert_array_equal(flipped, np.flip(grains, axis))
 
 
 def test_flat_left_half_is_coarse_and_noisy_right_half_is_fine():
     rng = np.random.default_rng(4)
     settings = EntropySettings(8)
-    thresholds = GrainThresholds.from_entropies(grain.region_entropy(varied_images(rng, 8, 32, 8), settings), settings)
+    thresholds = GrainThresholds.from_entropies(grain_router.region_entropy(varied_images(rng, 8, 32, 8), settings), settings)
     gray = np.concatenate([np.full((16, 16), 0.4), rng.uniform(0, 1, (16, 16))], axis=1)[None]
-    grains = np.asarray(grain.grain_map(to_images(gray), thresholds.thresholds(0.5), settings))
+    grains = np.asarray(grain_router.grain_map(to_images(gray), thresholds.thresholds(0.5), settings))
     np.testing.assert_array_equal(grains[0], [[0, 0, 1, 1], [0, 0, 1, 1]])
 
 
 def test_a_percentile_leaves_about_the_rest_of_distinct_entropies_above_it():
     rng = np.random.default_rng(5)
     settings = EntropySettings(8)
-    entropy = np.unique(np.asarray(grain.region_entropy(varied_images(rng, 64, 32, 8), settings)))
+    entropy = np.unique(np.asarray(grain_router.region_entropy(varied_images(rng, 64, 32, 8), settings)))
     assert entropy.size > 800
     thresholds = GrainThresholds.from_entropies(entropy, settings)
     for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
         (threshold,) = thresholds.thresholds(ratio)
-        fraction = np.mean(np.asarray(grain.grains_of(jnp.asarray(entropy), [threshold])))
+        fraction = np.mean(np.asarray(grain_router.grains_of(jnp.asarray(entropy), [threshold])))
         assert abs(fraction - ratio) < 0.01, (ratio, fraction)
 
 
 def test_an_all_flat_set_has_no_fine_region():
     settings = EntropySettings(8)
     flat = to_images(np.full((4, 16, 16), 0.37))
-    thresholds = GrainThresholds.from_entropies(grain.region_entropy(flat, settings), settings)
+    thresholds = GrainThresholds.from_entropies(grain_router.region_entropy(flat, settings), settings)
     for ratio in (0.01, 0.5, 0.99):
-        assert not np.asarray(grain.grain_map(flat, thresholds.thresholds(ratio), settings)).any()
+        assert not np.asarray(grain_router.grain_map(flat, thresholds.thresholds(ratio), settings)).any()
     # Flat regions at any level stay coarse under thresholds measured on varied images.
     rng = np.random.default_rng(6)
-    varied = GrainThresholds.from_entropies(grain.region_entropy(varied_images(rng, 16, 32, 8), settings), settings)
+    varied = GrainThresholds.from_entropies(grain_router.region_entropy(varied_images(rng, 16, 32, 8), settings), settings)
     levels = to_images(np.linspace(0, 1, 13)[:, None, None] * np.ones((13, 8, 8)))
-    assert not np.asarray(grain.grain_map(levels, varied.thresholds(0.5), settings)).any()
+    assert not np.asarray(grain_router.grain_map(levels, varied.thresholds(0.5), settings)).any()
 
 
 def test_fine_needs_an_entropy_strictly_above_the_threshold():
     entropy = jnp.asarray([1.0, np.nextafter(np.float32(1.0), np.float32(2.0)), 0.5, 2.0])
-    np.testing.assert_array_equal(grain.grains_of(entropy, [1.0]), [0, 1, 0, 1])
+    np.testing.assert_array_equal(grain_router.grains_of(entropy, [1.0]), [0, 1, 0, 1])
     # Three grains: the number of ascending thresholds strictly exceeded.
-    np.testing.assert_array_equal(grain.grains_of(entropy, [0.5, 1.0]), [1, 2, 0, 2])
+    np.testing.assert_array_equal(grain_router.grains_of(entropy, [0.5, 1.0]), [1, 2, 0, 2])
 
 
 def test_random_grain_maps_realise_the_ratios():
-    grains = np.asarray(grain.random_grain_map(jax.random.key(0), (64, 16, 16), (0.3, 0.2)))
+    grains = np.asarray(grain_router.random_grain_map(jax.random.key(0), (64, 16, 16), (0.3, 0.2)))
     counts = np.bincount(grains.reshape(-1), minlength=3) / grains.size
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.01)
 
@@ -197,14 +197,14 @@ def test_neighbour_copying_holds_exact_copies_of_coarse_codes_and_the_fine_codes
     coarse = rng.standard_normal((2, 3, 3, 5)).astype(np.float32)
     fine = rng.standard_normal((2, 6, 6, 5)).astype(np.float32)
     grains = rng.integers(0, 2, (2, 3, 3))
-    out = np.asarray(grain.neighbour_copy([jnp.asarray(coarse), jnp.asarray(fine)], jnp.asarray(grains)))
+    out = np.asarray(grain_router.neighbour_copy([jnp.asarray(coarse), jnp.asarray(fine)], jnp.asarray(grains)))
     for b in range(2):
         for i in range(3):
             for j in range(3):
                 cells = out[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
                 expected = fine[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2] if grains[b, i, j] else np.broadcast_to(coarse[b, i, j], (2, 2, 5))
                 np.testing.assert_array_equal(cells, expected)
-    weights = np.asarray(grain.code_weights(jnp.asarray(grains), (16, 8)))
+    weights = np.asarray(grain_router.code_weights(jnp.asarray(grains), (16, 8)))
     np.testing.assert_array_equal(weights, np.where(np.repeat(np.repeat(grains, 2, 1), 2, 2) == 1, 1.0, 0.25))
     # The weights count each code once: 4 per fine region, 1 per coarse one.
     np.testing.assert_allclose(weights.sum(axis=(1, 2)), 4 * grains.sum(axis=(1, 2)) + (9 - grains.sum(axis=(1, 2))))
@@ -214,11 +214,11 @@ def test_three_grains_copy_onto_the_finest_grid():
     rng = np.random.default_rng(8)
     codes = [rng.standard_normal((1, n, n)).astype(np.float32) for n in (2, 4, 8)]
     grains = np.array([[[0, 1], [2, 0]]])
-    out = np.asarray(grain.neighbour_copy([jnp.asarray(c) for c in codes], jnp.asarray(grains)))
+    out = np.asarray(grain_router.neighbour_copy([jnp.asarray(c) for c in codes], jnp.asarray(grains)))
     np.testing.assert_array_equal(out[0, :4, :4], np.full((4, 4), codes[0][0, 0, 0]))
     np.testing.assert_array_equal(out[0, :4, 4:], np.repeat(np.repeat(codes[1][0, :2, 2:], 2, 0), 2, 1))
     np.testing.assert_array_equal(out[0, 4:, :4], codes[2][0, 4:, :4])
-    weights = np.asarray(grain.code_weights(jnp.asarray(grains), (32, 16, 8)))
+    weights = np.asarray(grain_router.code_weights(jnp.asarray(grains), (32, 16, 8)))
     assert weights.sum() == 1 + 4 + 16 + 1
 
 
@@ -226,7 +226,7 @@ def test_gradients_reach_only_the_grain_each_region_chose():
     rng = np.random.default_rng(9)
     grains = jnp.asarray(rng.integers(0, 2, (2, 3, 3)))
     coarse, fine = jnp.asarray(rng.standard_normal((2, 3, 3, 4))), jnp.asarray(rng.standard_normal((2, 6, 6, 4)))
-    g_coarse, g_fine = jax.grad(lambda c, f: jnp.sum(grain.neighbour_copy([c, f], grains)), argnums=(0, 1))(coarse, fine)
+    g_coarse, g_fine = jax.grad(lambda c, f: jnp.sum(grain_router.neighbour_copy([c, f], grains)), argnums=(0, 1))(coarse, fine)
     chosen = np.asarray(grains)[..., None]
     np.testing.assert_array_equal(g_coarse, np.where(chosen == 0, 4.0, 0.0) * np.ones(4))
     fine_chosen = np.repeat(np.repeat(chosen, 2, 1), 2, 2)
@@ -236,12 +236,12 @@ def test_gradients_reach_only_the_grain_each_region_chose():
 def test_average_copies_leaves_copies_alone_and_projects_anything_onto_them():
     rng = np.random.default_rng(10)
     grains = jnp.asarray(rng.integers(0, 2, (2, 2, 2)))
-    copied = grain.neighbour_copy([jnp.asarray(rng.standard_normal((2, 2, 2, 3))),
+    copied = grain_router.neighbour_copy([jnp.asarray(rng.standard_normal((2, 2, 2, 3))),
                                    jnp.asarray(rng.standard_normal((2, 4, 4, 3)))], grains)
-    np.testing.assert_allclose(grain.average_copies(copied, grains, (8, 4)), copied, rtol=1e-6)
+    np.testing.assert_allclose(grain_router.average_copies(copied, grains, (8, 4)), copied, rtol=1e-6)
     anything = jnp.asarray(rng.standard_normal((2, 4, 4, 3)))
-    projected = grain.average_copies(anything, grains, (8, 4))
-    np.testing.assert_allclose(grain.average_copies(projected, grains, (8, 4)), projected, rtol=1e-6)
+    projected = grain_router.average_copies(anything, grains, (8, 4))
+    np.testing.assert_allclose(grain_router.average_copies(projected, grains, (8, 4)), projected, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------- router and errors
@@ -250,9 +250,9 @@ def test_average_copies_leaves_copies_alone_and_projects_anything_onto_them():
 def test_fixed_grain_routers():
     settings = EntropySettings(8)
     images = np.zeros((2, 16, 24, 3), np.uint8)
-    assert np.asarray(grain.GrainRouter((8, 4), settings, "fine")(images)).tolist() == [[[1] * 3] * 2] * 2
-    assert not np.asarray(grain.GrainRouter((8, 4), settings, "coarse")(images)).any()
-    random = grain.GrainRouter((8, 4), settings, "random", ratios=(0.5,))
+    assert np.asarray(grain_router.GrainRouter((8, 4), settings, "fine")(images)).tolist() == [[[1] * 3] * 2] * 2
+    assert not np.asarray(grain_router.GrainRouter((8, 4), settings, "coarse")(images)).any()
+    random = grain_router.GrainRouter((8, 4), settings, "random", ratios=(0.5,))
     assert random(images, jax.random.key(0)).shape == (2, 2, 3)
     with pytest.raises(GrainError, match="needs a PRNG key"):
         random(images)
@@ -265,7 +265,7 @@ def test_fixed_grain_routers():
 ])
 def test_bad_images_give_one_line_errors(shape, dtype, message):
     with pytest.raises(GrainError, match=message) as info:
-        grain.region_entropy(np.zeros(shape, dtype), EntropySettings(8))
+        grain_router.region_entropy(np.zeros(shape, dtype), EntropySettings(8))
     assert "\n" not in str(info.value)
 
 
@@ -313,7 +313,7 @@ def test_thresholds_tool_end_to_end_on_a_folder(tmp_path):
     config = folder_config(tmp_path)
     config_file = tmp_path / "dvae_folder.py"
     config_file.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\nfrom test_grain import folder_config\n"
+        f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\nfrom test_grain_router import folder_config\n"
         f"import pathlib\n\ndef get_config():\n    return folder_config(pathlib.Path({str(tmp_path / 'cfg')!r}))\n")
     (tmp_path / "cfg").mkdir()
     out = tmp_path / "out" / "thresholds.json"
@@ -362,8 +362,8 @@ def test_model_free_routing_puts_the_fine_grain_where_it_pays():
     rng = np.random.default_rng(14)
     settings = EntropySettings(8)
     images = varied_images(rng, 16, 32, 8)
-    thresholds = GrainThresholds.from_entropies(grain.region_entropy(images, settings), settings)
-    router = grain.GrainRouter((8, 4), settings, "entropy", thresholds.thresholds(0.5))
+    thresholds = GrainThresholds.from_entropies(grain_router.region_entropy(images, settings), settings)
+    router = grain_router.GrainRouter((8, 4), settings, "entropy", thresholds.thresholds(0.5))
     report = block_mean_routing(images, router, seed=0)
     arms = report["arms"]
     assert arms["entropy"]["fine_fraction"] == arms["random"]["fine_fraction"] == pytest.approx(0.5, abs=0.02)
@@ -382,13 +382,13 @@ def test_three_grains_route_by_two_thresholds():
     gray = np.concatenate([np.full((16, 16), 0.5), np.where(rng.random((16, 16)) < 0.5, 0.3, 0.7),
                            rng.uniform(0, 1, (16, 16))], axis=1)[None]
     images = to_images(gray)
-    flat, two_tone, noise = np.asarray(grain.region_entropy(images, settings))[0, 0]
+    flat, two_tone, noise = np.asarray(grain_router.region_entropy(images, settings))[0, 0]
     thresholds = ((flat + two_tone) / 2, (two_tone + noise) / 2)
-    router = grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds)
+    router = grain_router.GrainRouter((16, 8, 4), settings, "entropy", thresholds)
     np.testing.assert_array_equal(router(images), [[[0, 1, 2]]])
     with pytest.raises(GrainError, match="3 grains need 2 thresholds, got 1"):
-        grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds[:1])
+        grain_router.GrainRouter((16, 8, 4), settings, "entropy", thresholds[:1])
     with pytest.raises(GrainError, match="region_size 8 must equal the coarsest factor 16"):
-        grain.GrainRouter((16, 8), EntropySettings(8), "entropy", thresholds[:1])
+        grain_router.GrainRouter((16, 8), EntropySettings(8), "entropy", thresholds[:1])
     with pytest.raises(GrainError, match="thresholds must be ascending"):
-        grain.GrainRouter((16, 8, 4), settings, "entropy", thresholds[::-1])
+        grain_router.GrainRouter((16, 8, 4), settings, "entropy", thresholds[::-1])

@@ -65,8 +65,8 @@ def print_parameter_counts() -> None:
     """Prints the table above, computed without allocating the weights."""
     from flax import nnx
 
-    from nativetok_jax.models.d2it import d2it, parameter_count
-    from nativetok_jax.models.dit import dit
+    from nativetok_jax.models.d2it.content_transformer import d2it, parameter_count
+    from nativetok_jax.models.dit.transformer import dit
 
     for size in ("B", "L", "XL"):
         ours = parameter_count(nnx.eval_shape(lambda: d2it(size, rngs=nnx.Rngs(0))))

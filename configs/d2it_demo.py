@@ -12,7 +12,7 @@ are encoded once into the DVAE's grain latent stores (``workdirs/dvae_demo/grain
 with its flip, labelled by photograph (11 classes).
 
 Both transformers train in one state, one step summing their losses (see
-:mod:`nativetok_jax.models.dynamic_diffusion_transformer` for why) [C]:
+:mod:`nativetok_jax.models.d2it.dynamic_diffusion_transformer` for why) [C]:
 
 - the Dynamic Content Transformer at a laptop's size: width 128, 3 trunk blocks + 1 RefineNet
   block, 4 heads, one token per 8 px region (16 tokens), learned grain embedding, learnable

@@ -81,13 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
     # and num_tokens; XLA's FLOP count becomes exact (the model benchmark uses it for that).
     config.model.unroll_scans = False
     # kind="titok" only: latent token i attends to the image and the latent tokens <= i (the
-    # paper's plain-causal-mask ablation; models/titok.py). Same parameters as without it.
+    # paper's plain-causal-mask ablation; models/nativetok/titok.py). Same parameters as without it.
     config.model.latent_causal_mask = False
     # The LayerNorms' epsilon in the encoder, token head and decoder; TiTok's released tokenizers
     # (``titok_release_config``) were trained with PyTorch's 1e-5.
     config.model.norm_epsilon = 1e-6
     # kind="titok" only: the token head reads the rows as TiTok's released tokenizers do (their
-    # ``is_legacy`` reshape; models/autoencoder.py TokenHead). Same parameters as without it.
+    # ``is_legacy`` reshape; models/nativetok/autoencoder.py TokenHead). Same parameters as without it.
     config.model.legacy_token_layout = False
     # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
     # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     # numbers, compile time growing with num_tokens. For tests and benchmarks only.
     config.model.experts.scan = True
     # The experts run in this many scans, each with a slot buffer of only the slots its experts
-    # can see (models/experts.py): fewer masked rows computed, compile time growing with chunks.
+    # can see (models/nativetok/experts.py): fewer masked rows computed, compile time growing with chunks.
     # 4: the expert stack's forward FLOPs at the prototype's sizes fall 13 % (L = 32) and 27 %
     # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
     config.model.experts.chunks = 4
@@ -897,7 +897,7 @@ DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
 
 
 def dvae_config() -> ml_collections.ConfigDict:
-    """D²iT's Dynamic VAE at 256 px (docs/d2it.md "Stage 1"; nativetok_jax/models/dvae.py).
+    """D²iT's Dynamic VAE at 256 px (docs/d2it.md "Stage 1"; nativetok_jax/models/d2it/dvae.py).
 
     ``model`` is replaced by the DVAE's own fields: a VQGAN-style pyramid whose last level gives the
     coarse grain (f = 2^(levels-1)) and whose last-but-one gives the fine grain (f/2), the latent
@@ -978,7 +978,7 @@ D2IT_SIZES = {size: (width, depth - D2IT_REFINE_DEPTH, D2IT_REFINE_DEPTH, heads)
 
 
 def d2it_model_config(size: str = "B") -> ml_collections.ConfigDict:
-    """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it.py``)
+    """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it/content_transformer.py``)
     on the 256 px Dynamic VAE's fine f8 latent (32 x 32 x 4, grain map 16 x 16).
 
     Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``docs/d2it.md``):
@@ -1065,16 +1065,16 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
     config.dvae = ml_collections.ConfigDict(dict(workdir=""))
 
     config.grain_transformer = default_grain_transformer_config()
-    # Both transformers train in one step (models/dynamic_diffusion_transformer.py says why) [C]:
+    # Both transformers train in one step (models/d2it/dynamic_diffusion_transformer.py says why) [C]:
     # loss = content loss + grain_loss_weight * the grain transformer's masked cross-entropy.
     config.train.grain_loss_weight = 1.0
     return config
 
 
-# The Dynamic Grain Transformer's section (models/grain_transformer.py reads it).
+# The Dynamic Grain Transformer's section (models/d2it/grain_transformer.py reads it).
 
 def default_grain_transformer_config() -> ml_collections.ConfigDict:
-    """The ``config.grain_transformer`` section (``models/grain_transformer.py`` documents every field)."""
+    """The ``config.grain_transformer`` section (``models/d2it/grain_transformer.py`` documents every field)."""
     return ml_collections.ConfigDict(dict(
         width=384, depth=6, num_heads=6, mlp_ratio=4.0, remat=False, dtype="float32",
         label_drop_probability=0.1,

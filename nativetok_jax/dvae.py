@@ -30,8 +30,8 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_dvae_model
-from nativetok_jax.models import grain_router
-from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, sample_latents
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.dvae import DVAEConfig, DynamicVAE, sample_latents
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
 
@@ -197,7 +197,7 @@ class DVAE:
     @property
     def latent_scale(self) -> float:
         """Multiply latents by this before diffusion (``1 / std`` of routed training latents; 1.0
-        until a trainer has estimated it, see :func:`nativetok_jax.models.dvae.latent_scale_of`)."""
+        until a trainer has estimated it, see :func:`nativetok_jax.models.d2it.dvae.latent_scale_of`)."""
         return self._latent_scale
 
     @property

@@ -4,7 +4,7 @@ D²iT routes a region to the fine grain iff its entropy exceeds a percentile of 
 all training regions (docs/d2it.md; [A] DQ-VAE's ``calculate_entropy_thresholds.py``). This streams
 ``--num_images`` training crops, exactly as training draws them (``config.data``'s source, crop
 range and flips at ``model.image_size``, seeded by ``train.seed``), through the entropy of
-:mod:`nativetok_jax.models.grain_router` with the config's settings (region side = the coarse factor,
+:mod:`nativetok_jax.models.d2it.grain_router` with the config's settings (region side = the coarse factor,
 ``model.grain.num_bins``, ``sigma``, ``low``, ``high``) and writes a JSON file with the
 percentiles 1..99, the entropy settings, the data description and the number of regions. Point
 ``model.grain.thresholds`` at it; ``model.grain.fine_ratio`` r then picks the ``100 (1 - r)``-th
@@ -57,8 +57,8 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
     Raises ``DataError`` (unreadable data), ``GrainError`` / ``ValueError`` (bad settings) with one line.
     """
     from nativetok_jax.data import pipeline, sources
-    from nativetok_jax.models import grain_router
-    from nativetok_jax.models.dvae import DVAEConfig
+    from nativetok_jax.models.d2it import grain_router
+    from nativetok_jax.models.d2it.dvae import DVAEConfig
 
     if num_images < 1 or batch_size < 1:
         raise ConfigError(f"--num_images and --batch_size must be positive, got {num_images} and {batch_size}")

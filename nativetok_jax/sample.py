@@ -207,7 +207,7 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     from nativetok_jax.data.sources import SAMPLE_FILE
     from nativetok_jax.evaluation.grids import save_grid, save_png
     from nativetok_jax.layers.partitioning import axis_rules
-    from nativetok_jax.models.dit import dit_from_config
+    from nativetok_jax.models.dit.transformer import dit_from_config
     from nativetok_jax.pretrained.sd_vae import latent_space
     from nativetok_jax.generation.diffusion_sampling import diffusion_sampler, image_decoder
     from nativetok_jax.training.diffusion_trainer import autoencoder_upstream
@@ -280,22 +280,24 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     from nativetok_jax.data.grain_latent_store import GrainLatentSource
     from nativetok_jax.data.sources import SAMPLE_FILE
     from nativetok_jax.evaluation.grids import save_grid, save_png
-    from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-    from nativetok_jax.training import d2it_trainer
+    from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+    from nativetok_jax.generation import d2it_sampling
+    from nativetok_jax.evaluation.dvae_metrics import grid_with_grain_maps
+    from nativetok_jax.training import grain_latent_extraction as grain_latents
     from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     mode = grain_maps or "model"
-    if mode not in d2it_trainer.GRAIN_MAP_MODES:
-        raise ConfigError(f"--grain_maps: must be one of {d2it_trainer.GRAIN_MAP_MODES}, got {mode!r}")
+    if mode not in d2it_sampling.GRAIN_MAP_MODES:
+        raise ConfigError(f"--grain_maps: must be one of {d2it_sampling.GRAIN_MAP_MODES}, got {mode!r}")
     if mode == "ground_truth" and labels:
         raise ConfigError("--labels: ground-truth grain maps come with their own labels (the held-out store's)")
     config = require_task(workdir, "sample", ("d2it",))
     model = config.model
     settings = diffusion_settings(model, **flags_given)
     n, num_classes = settings["num_samples"], model.num_classes
-    stores = d2it_trainer.store_directory(config)
+    stores = grain_latents.store_directory(config)
     if mode == "ground_truth":
-        held_out = d2it_trainer.store_arrays(GrainLatentSource(stores / "eval"))
+        held_out = GrainLatentSource(stores / "eval").columns()
         chosen = np.arange(n) % len(held_out["label"])
         labels, given_maps = held_out["label"][chosen].astype(np.int32), held_out["grains"][chosen, 0]
     else:
@@ -305,8 +307,8 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     check_loadable(workdir)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
-    dvae = d2it_trainer.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
-    check_upstream(workdir, d2it_trainer.dvae_upstream(config, dvae), "sampling")  # the DVAE it trained on
+    dvae = grain_latents.open_dvae(config, mesh)  # before the sampling: a missing DVAE fails fast
+    check_upstream(workdir, grain_latents.dvae_upstream(config, dvae), "sampling")  # the DVAE it trained on
     from flax import nnx
 
     abstract = nnx.eval_shape(
@@ -314,13 +316,13 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     graphdef, _ = nnx.split(abstract)
     params, step = checkpoints.load_params(workdir, use_ema=use_ema, placement=sharding.restore_placement(
         sharding.param_axes(abstract), mesh, rules))
-    sampler = d2it_trainer.D2iTSampler(graphdef, config, dvae, dvae.latent_scale, mesh, rules,
-                                       method=settings["method"], respacing=settings["respacing"], eta=settings["eta"],
+    sampler = d2it_sampling.D2iTSampler(graphdef, config, dvae, dvae.latent_scale, mesh, rules,
+                                        method=settings["method"], respacing=settings["respacing"], eta=settings["eta"],
                                        guidance_scale=settings["guidance_scale"])
     latent_key, grain_key = jax.random.split(jax.random.key(settings["seed"]))
     if mode == "random":
-        ratio = d2it_trainer.fine_fraction(GrainLatentSource(stores / "train"))
-        given_maps = d2it_trainer.random_grain_maps(grain_key, n, dvae.grain_map_shape, ratio)
+        ratio = grain_latents.fine_fraction(GrainLatentSource(stores / "train"))
+        given_maps = d2it_sampling.random_grain_maps(grain_key, n, dvae.grain_map_shape, ratio)
     elif mode == "model":
         chunk = 64
         given_maps = np.concatenate([
@@ -340,7 +342,7 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
             save_png(directory / SAMPLE_FILE.format(index=i), image)
         storage.write_npz(directory / SAMPLES_NPZ, arr_0=images, arr_1=labels, grains=grains)
         columns = min(num_classes, n) if num_classes <= 16 else 8
-        save_grid(directory / "grid.png", d2it_trainer.grid_with_grain_maps(images, grains, columns),
+        save_grid(directory / "grid.png", grid_with_grain_maps(images, grains, columns),
                   upscale=max(1, 96 // dvae.image_size))
     logging.info("wrote %d samples of %s (step %d, grain maps: %s, %s %s, guidance %.2f) to %s", n, workdir, step, mode,
                  settings["method"], settings["respacing"], settings["guidance_scale"], out)

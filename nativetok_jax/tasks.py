@@ -47,11 +47,11 @@ from nativetok_jax.config import (
     validate_model,
     validate_training,
 )
-from nativetok_jax.models import build_model
-from nativetok_jax.models.dit import dit_from_config
-from nativetok_jax.models.dvae import build_dvae
-from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.dit.transformer import dit_from_config
+from nativetok_jax.models.d2it.dvae import build_dvae
+from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+from nativetok_jax.models.generators.build import build_generator
 
 DEFAULT_TASK = "tokenizer"  # a config without a ``task`` field (every run written before there were others)
 GENERATOR_NAMES = {"ar": "AR", "maskgit": "MaskGIT"}  # config.generator.kind in messages

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
-from nativetok_jax.models import Autoencoder, build_model
+from nativetok_jax.models.nativetok import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.pretrained.proxy import load_proxy_decoder

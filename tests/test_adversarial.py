@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from nativetok_jax import sharding
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.models.discriminator import PatchDiscriminator
 from nativetok_jax.training import losses as L
 from nativetok_jax.training.adversarial import build_discriminator

@@ -12,8 +12,8 @@ from flax import nnx
 
 from conftest import tiny_config
 from nativetok_jax.config import ConfigError, load_config_file, quantizer_warmup_steps, validate_generator, validate_training
-from nativetok_jax.models import build_model
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.training import hnt
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")

@@ -12,9 +12,9 @@ from nativetok_jax.diffusion.gaussian import GaussianDiffusion
 from nativetok_jax.diffusion.respacing import respace
 from nativetok_jax.diffusion.samplers import make_sampler
 from nativetok_jax.diffusion.schedule import named_schedule
-from nativetok_jax.models.d2it import (DynamicContentTransformer, copy_dit_parameters, d2it, d2it_from_config,
+from nativetok_jax.models.d2it.content_transformer import (DynamicContentTransformer, copy_dit_parameters, d2it, d2it_from_config,
                                        parameter_count)
-from nativetok_jax.models.dit import DiT
+from nativetok_jax.models.dit.transformer import DiT
 
 TINY = dict(input_size=8, in_channels=4, width=32, depth=2, num_heads=4, num_classes=5)
 

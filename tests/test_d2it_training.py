@@ -131,7 +131,7 @@ def test_bad_input_is_one_line(trained, tmp_path):
     config.train.grain_loss_weight = -1.0
     with pytest.raises(ConfigError, match=r"^config.train.grain_loss_weight: must be a number >= 0"):
         validate_d2it(config)
-    from nativetok_jax.training.d2it_trainer import open_dvae
+    from nativetok_jax.training.grain_latent_extraction import open_dvae
 
     config = tiny_d2it_config(dvae_dir)
     config.model.latent_channels = 8
@@ -149,7 +149,7 @@ def test_dynamic_grain_experiment_reports_both_arms_and_every_grain_map_row(trai
     from flax import nnx
 
     from nativetok_jax.experiments import dynamic_grain
-    from nativetok_jax.models.inception import InceptionV3
+    from nativetok_jax.models.frozen.inception import InceptionV3
     from test_evaluate import random_weights
 
     dvae_dir, _, _ = trained
@@ -254,7 +254,7 @@ def test_two_processes_share_the_latent_and_grain_latent_stores(trained, tmp_pat
     from nativetok_jax.data.grain_latent_store import GrainLatentSource
     from nativetok_jax.data.latent_store import LatentSource
     from nativetok_jax.data.token_store import read_meta
-    from nativetok_jax.models.kl_autoencoder import PixelSpace
+    from nativetok_jax.models.dit.kl_autoencoder import PixelSpace
     from nativetok_jax.training.diffusion_trainer import latent_stores
     from test_diffusion_training import tiny_dit_config
     from test_generator_training import free_port

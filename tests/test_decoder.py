@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 
 NUM_TOKENS = 8
 

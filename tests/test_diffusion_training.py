@@ -21,7 +21,7 @@ from nativetok_jax.data.latent_store import LatentSource
 from nativetok_jax.data.pipeline import SkippedImages
 from nativetok_jax.data.sources import PhotoSource
 from nativetok_jax.diffusion.gaussian import build_diffusion
-from nativetok_jax.models.kl_autoencoder import PixelSpace
+from nativetok_jax.models.dit.kl_autoencoder import PixelSpace
 from nativetok_jax.sample import diffusion_settings, sample_diffusion
 from nativetok_jax.training.diffusion_trainer import (build_dit_state, diffusion_batch_shardings, diffusion_objective,
                                                       draw_latents, latent_encoder, latent_stores, train_diffusion)

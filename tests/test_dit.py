@@ -10,7 +10,7 @@ from flax import nnx
 from nativetok_jax.config import ConfigError, dit_latent_shape, dit_model_config, validate_dit_model
 from nativetok_jax.diffusion.guidance import guided
 from nativetok_jax.layers.transformer import slice_stack
-from nativetok_jax.models.dit import DiT, dit, dit_from_config, parameter_count, sincos_2d_positions
+from nativetok_jax.models.dit.transformer import DiT, dit, dit_from_config, parameter_count, sincos_2d_positions
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, width=32, depth=2, num_heads=4, num_classes=5)
 

@@ -13,8 +13,8 @@ from flax import nnx
 from nativetok_jax import sharding
 from nativetok_jax.config import ConfigError, dvae_config, load_config_file, validate_dvae, validate_dvae_model
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.models import grain_router
-from nativetok_jax.models.dvae import (DVAEConfig, DynamicVAE, Posterior, kl_divergence, latent_scale_of,
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.dvae import (DVAEConfig, DynamicVAE, Posterior, kl_divergence, latent_scale_of,
                                        sample_latents)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")

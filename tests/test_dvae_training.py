@@ -17,7 +17,7 @@ from conftest import assert_same_checkpoint, flat
 from nativetok_jax import checkpoints
 from nativetok_jax.config import ConfigError, dvae_config
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.models import grain_router
+from nativetok_jax.models.d2it import grain_router
 from test_training import finish, start_main
 
 

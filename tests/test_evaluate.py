@@ -19,8 +19,8 @@ from nativetok_jax.data.images import center_crop
 from nativetok_jax.data.photos import load_photos
 from nativetok_jax.evaluation import fid, tokenizer_metrics
 from nativetok_jax.evaluation.ssim import ssim
-from nativetok_jax.models.inception import InceptionV3
-from nativetok_jax.models.lpips import LPIPS
+from nativetok_jax.models.frozen.inception import InceptionV3
+from nativetok_jax.models.frozen.lpips import LPIPS
 from nativetok_jax.pretrained import files
 from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 from nativetok_jax.training.trainer import train_and_evaluate

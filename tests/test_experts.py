@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nativetok_jax.models.experts import CausalExperts, chunk_bounds
+from nativetok_jax.models.nativetok.experts import CausalExperts, chunk_bounds
 
 WIDTH, CONTEXT, BATCH = 16, 5, 2
 

@@ -14,7 +14,7 @@ from conftest import tiny_config
 from nativetok_jax import Tokenizer, sharding
 from nativetok_jax.config import generator_config
 from nativetok_jax.generation.pretrained import TrainedGenerator
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.pretrained import export
 from nativetok_jax.pretrained.files import WeightsError
 

@@ -16,7 +16,7 @@ from nativetok_jax.layers.norm import RMSNorm
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.layers.rotary import apply_rotary
 from nativetok_jax.layers.swiglu import llama_hidden_size
-from nativetok_jax.models.gpt import GPT
+from nativetok_jax.models.generators.gpt import GPT
 
 VOCAB, LENGTH, CLASSES, BATCH = 16, 8, 4, 4
 

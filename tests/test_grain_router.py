@@ -15,8 +15,8 @@ from PIL import Image
 
 from nativetok_jax.config import dvae_config
 from nativetok_jax.evaluation.block_mean_routing import block_mean_routing, block_means, shuffled_grains
-from nativetok_jax.models import grain_router
-from nativetok_jax.models.grain_router import EntropySettings, GrainError, GrainThresholds
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.grain_router import EntropySettings, GrainError, GrainThresholds
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
@@ -329,7 +329,7 @@ def test_thresholds_tool_end_to_end_on_a_folder(tmp_path):
     values = [content["percentiles"][str(p)] for p in range(1, 100)]
     assert values == sorted(values) and values[0] < values[-1]
     # Half the training images are flat, half noise: the median cut separates them.
-    from nativetok_jax.models.dvae import DVAEConfig
+    from nativetok_jax.models.d2it.dvae import DVAEConfig
     config.model.grain.thresholds = str(out)
     router = DVAEConfig.from_model_config(config.model).router()
     noise = to_images(np.random.default_rng(12).uniform(0, 1, (1, 32, 32)))

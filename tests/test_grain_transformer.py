@@ -26,7 +26,7 @@ from nativetok_jax.config import DEFAULT_RULES, ConfigError, default_grain_trans
 from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
 from nativetok_jax.generation.grain_maps import sample_grain_maps
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.grain_transformer import (
+from nativetok_jax.models.d2it.grain_transformer import (
     GrainTransformer,
     grain_sampling_settings,
     grain_transformer_from_config,

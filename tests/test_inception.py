@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nativetok_jax.models.inception import resize_bilinear
+from nativetok_jax.models.frozen.inception import resize_bilinear
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.inception import convert_fid_inception, load_inception
 

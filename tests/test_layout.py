@@ -23,23 +23,30 @@ def _layout_block() -> list[str]:
 
 
 def test_the_readme_layout_tree_names_every_package_folder_and_module_and_nothing_else():
-    lines = _layout_block()
     named_folders, named_files = set(), set()
-    top = None
-    for line in lines:
-        if not line.startswith(" "):
-            top = line.split()[0].rstrip("/")
-            named_folders.add(top)
-            continue
-        words = line.split()
+    parents: list[tuple[int, str]] = []  # (indent, folder) of the enclosing folders
+    for line in _layout_block():
+        indent, words = len(line) - len(line.lstrip()), line.split()
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        prefix = parents[-1][1] + "/" if parents else ""
         if words[0].endswith("/"):
-            named_folders.add(f"{top}/{words[0].rstrip('/')}")
+            folder = prefix + words[0].rstrip("/")
+            named_folders.add(folder)
+            parents.append((indent, folder))
+            words = words[1:]
         else:
-            named_files.update(f"{top}/{w}" for w in words if w.endswith(".py"))
-    package = os.path.join(ROOT, PACKAGE)
-    folders = {f"{PACKAGE}/{d}" for d in os.listdir(package)
-               if os.path.isfile(os.path.join(package, d, "__init__.py"))}
-    modules = {f"{PACKAGE}/{f}" for f in os.listdir(package) if f.endswith(".py") and f != "__init__.py"}
+            folder = prefix.rstrip("/")
+        named_files.update(f"{folder}/{w}" for w in words if w.endswith(".py"))
+    folders, modules = set(), set()
+    for directory, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+        relative = os.path.relpath(directory, ROOT)
+        if "__init__.py" in files:
+            folders.add(relative)
+        if relative == PACKAGE or relative.startswith(f"{PACKAGE}/models"):  # the folders whose files are named
+            modules.update(f"{relative}/{f}" for f in files if f.endswith(".py") and f != "__init__.py"
+                           and not (relative.startswith(f"{PACKAGE}/models/") and relative.count("/") > 1))
+    folders.discard(PACKAGE)
     assert folders <= named_folders, f"package folders missing from the README's layout: {folders - named_folders}"
     assert modules <= named_files, f"modules missing from the README's layout: {modules - named_files}"
     missing = [p for p in named_folders | named_files if not os.path.exists(os.path.join(ROOT, p))]
@@ -64,7 +71,7 @@ def test_no_tracked_file_cites_an_outside_document_or_a_machine_path():
     outside = re.compile("|".join([r"NATIVE" r"TOK\.md", r"D2" r"IT\.md", "/wo" "rk/", r"\.\./sha" r"red/"]))
     offenders = []
     for name in files:
-        if name.endswith((".py", ".md", ".sh", ".toml", ".txt", ".ipynb", ".json")):
+        if name.endswith((".py", ".md", ".sh", ".toml", ".txt", ".ipynb", ".json")) and os.path.exists(os.path.join(ROOT, name)):
             with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
                 if outside.search(f.read()):
                     offenders.append(name)

@@ -22,8 +22,8 @@ from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import (ConfigError, generator_config, load_config_file, quantizer_warmup_steps,
                                   validate_training)
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models import build_model
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator
 from nativetok_jax.training.guards import Preempted, ends_preempted_runs

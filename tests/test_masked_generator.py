@@ -13,7 +13,7 @@ from nativetok_jax import sharding
 from nativetok_jax.config import DEFAULT_RULES
 from nativetok_jax.generation.masked import mask_schedule, sample
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer, cosine_mask, masked_cross_entropy
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer, cosine_mask, masked_cross_entropy
 
 VOCAB = 16
 LENGTH = 8

@@ -11,9 +11,9 @@ from flax import nnx
 from test_training import train_config
 from nativetok_jax import Tokenizer, checkpoints, sharding
 from nativetok_jax.config import ConfigError, validate_training
-from nativetok_jax.models import build_model
-from nativetok_jax.models.lpips import LPIPS
-from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.frozen.lpips import LPIPS
+from nativetok_jax.models.frozen.vqgan import VQGAN, VQGANConfig
 from nativetok_jax.pretrained import files
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.state import build_state

@@ -78,7 +78,7 @@ def test_evaluate_samples_reports_precision_and_recall_from_an_adm_reference_bat
 
     from nativetok_jax.data.images import center_crop
     from nativetok_jax.data.photos import load_photos
-    from nativetok_jax.models.inception import InceptionV3
+    from nativetok_jax.models.frozen.inception import InceptionV3
     from test_evaluate import random_weights, run_entry_point
 
     inception = str(tmp_path / "inception.npz")

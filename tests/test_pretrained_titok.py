@@ -16,7 +16,7 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, convert
 from nativetok_jax.config import ConfigError, TITOK_RELEASES, load_config_file, titok_release_config
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
 from nativetok_jax.pretrained.titok import convert_state_dict

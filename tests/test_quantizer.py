@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.sharding import params_of
-from nativetok_jax.models.quantizer import Quantizer, code_statistics
+from nativetok_jax.models.nativetok.quantizer import Quantizer, code_statistics
 
 
 def quantizer_with(codebook: np.ndarray, commitment_weight: float = 0.25) -> Quantizer:

@@ -12,8 +12,8 @@ from flax import nnx
 from nativetok_jax import checkpoints
 from nativetok_jax.config import ConfigError, base_config, generator_config
 from nativetok_jax.generation import autoregressive, masked
-from nativetok_jax.models.gpt import GPT
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+from nativetok_jax.models.generators.gpt import GPT
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 from nativetok_jax.sample import sample_images, sampling_settings
 
 VOCAB, LENGTH, CLASSES = 16, 8, 4

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from nativetok_jax import convert
-from nativetok_jax.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig, PixelSpace, sample_latents
+from nativetok_jax.models.dit.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig, PixelSpace, sample_latents
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.sd_vae import convert_state_dict, load_sd_vae
 from test_lpips import _write_safetensors

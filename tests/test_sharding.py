@@ -12,7 +12,7 @@ from conftest import tiny_config
 from nativetok_jax import sharding
 from nativetok_jax.config import ConfigError
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 
 
 def loss_and_grads(config, mesh, params, graphdef, images):

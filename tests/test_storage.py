@@ -233,8 +233,8 @@ def test_dit_dvae_and_d2it_train_in_gs_workdirs_on_gs_weights(fake_gcs):
 
     from nativetok_jax.data.pipeline import eval_images
     from nativetok_jax.data.sources import open_sources
-    from nativetok_jax.models import grain_router
-    from nativetok_jax.models.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
+    from nativetok_jax.models.d2it import grain_router
+    from nativetok_jax.models.dit.kl_autoencoder import KLAutoencoder, KLAutoencoderConfig
     from nativetok_jax.pretrained.sd_vae import KIND
     from nativetok_jax.training.d2it_trainer import train_d2it
     from nativetok_jax.training.diffusion_trainer import train_diffusion

@@ -22,10 +22,10 @@ from nativetok_jax.data.token_order import (ReorderedTokens, TokenOrderError, re
                                             token_permutation)
 from nativetok_jax.experiments import token_order
 from nativetok_jax.generation.pretrained import TrainedGenerator
-from nativetok_jax.models import build_model
-from nativetok_jax.models.generators import build_generator
-from nativetok_jax.models.parameter_matching import match_encoder, tokenizer_parameters
-from nativetok_jax.models.titok import TiTokEncoder, latent_causal_attention_mask
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.generators.build import build_generator
+from nativetok_jax.models.nativetok.parameter_matching import match_encoder, tokenizer_parameters
+from nativetok_jax.models.nativetok.titok import TiTokEncoder, latent_causal_attention_mask
 
 NUM_TOKENS = 8
 

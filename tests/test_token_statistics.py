@@ -123,7 +123,7 @@ def tiny_generator(kind: str):
     from nativetok_jax import sharding
     from nativetok_jax.config import generator_config
     from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.models.generators import build_generator
+    from nativetok_jax.models.generators.build import build_generator
 
     config = generator_config()
     config.generator.update(kind=kind, width=32, depth=1, num_heads=2, mlp_ratio=2.0)
@@ -201,7 +201,7 @@ def test_masked_token_nll_is_maskgits_loss_at_fixed_masks(maskgit, held_out):
     import jax.numpy as jnp
 
     from nativetok_jax.evaluation.token_likelihood import decoding_mask_rates, rate_masks, trained_generator_nll
-    from nativetok_jax.models.masked_generator import masked_cross_entropy
+    from nativetok_jax.models.generators.masked_generator import masked_cross_entropy
 
     network, generator = maskgit
     ids, labels = held_out

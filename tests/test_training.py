@@ -19,7 +19,7 @@ from conftest import assert_same_checkpoint, flat, tiny_config
 from nativetok_jax import Tokenizer, checkpoints, sharding
 from nativetok_jax.data.pipeline import train_iterator
 from nativetok_jax.data.sources import open_sources
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.training.hnt import RestoreError, grow_params
 from nativetok_jax.training.state import build_state
 from nativetok_jax.training.tokenizer_objective import tokenizer_train_step

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from nativetok_jax import convert
-from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
+from nativetok_jax.models.frozen.vqgan import VQGAN, VQGANConfig
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import convert_maskgit_vqgan, load_maskgit_vqgan
 

@@ -65,9 +65,10 @@ from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.generation.masked import decode_step as maskgit_decode_step
 from nativetok_jax.layers.partitioning import axis_rules, shard_spec_for
-from nativetok_jax.models import build_model, grain_router
-from nativetok_jax.models.dvae import DVAEConfig
-from nativetok_jax.models.gpt import CACHE_AXES
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.d2it.dvae import DVAEConfig
+from nativetok_jax.models.generators.gpt import CACHE_AXES
 from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator

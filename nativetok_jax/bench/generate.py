@@ -22,7 +22,7 @@ from flax import nnx
 
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.generation.autoregressive import sampler
-from nativetok_jax.models.gpt import GPT
+from nativetok_jax.models.generators.gpt import GPT
 
 
 def measure(

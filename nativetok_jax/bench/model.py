@@ -22,7 +22,7 @@ from flax import nnx
 from nativetok_jax import sharding
 from nativetok_jax.config import load_config_file
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.storage import write_json  # also what the other benchmarks write their JSON with
 
 

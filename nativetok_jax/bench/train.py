@@ -25,7 +25,7 @@ import numpy as np
 from nativetok_jax import sharding
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.config import load_config_file
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
 from nativetok_jax.training.networks import load_networks

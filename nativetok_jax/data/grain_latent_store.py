@@ -9,7 +9,7 @@
 Axis 1 holds the image (0) and its horizontal flip (1), each routed and encoded on its own (a
 flip's grain map is the flipped map, ``grain_map(flip(x)) == flip(grain_map(x))``, but its latents
 are the encoder's, not flipped latents), so a diffusion trainer samples ``mean + exp(logvar / 2) *
-noise`` (noise drawn per grain and neighbour-copied, :func:`nativetok_jax.models.dvae.sample_latents`)
+noise`` (noise drawn per grain and neighbour-copied, :func:`nativetok_jax.models.d2it.dvae.sample_latents`)
 of a random one of the two each step, as DiT does with its flips. Latents are unscaled: multiply
 by ``meta["latent_scale"]``.
 

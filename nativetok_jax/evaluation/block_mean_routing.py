@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nativetok_jax.evaluation.metrics import pooled_psnr, psnr
-from nativetok_jax.models import grain_router
+from nativetok_jax.models.d2it import grain_router
 
 ARMS = ("entropy", "random", "fine", "coarse")
 

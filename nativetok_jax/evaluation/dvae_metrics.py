@@ -40,7 +40,7 @@ from nativetok_jax.evaluation.tokenizer_metrics import (
     inception_outputs_fn,
     inception_score_splits,
 )
-from nativetok_jax.models import grain_router
+from nativetok_jax.models.d2it import grain_router
 
 COARSE_SHADE = 0.3  # how dark coarse regions are drawn in grain-map pictures
 
@@ -51,6 +51,15 @@ def grain_map_picture(images: np.ndarray, grains: np.ndarray) -> np.ndarray:
     scale = images.shape[1] // grains.shape[1]
     fine = np.repeat(np.repeat(np.asarray(grains), scale, axis=1), scale, axis=2)[..., None] > 0
     return np.where(fine, images, (images * COARSE_SHADE).astype(np.uint8))
+
+
+def grid_with_grain_maps(images: np.ndarray, grains: np.ndarray, columns: int) -> list[np.ndarray]:
+    """Rows for :func:`~nativetok_jax.evaluation.grids.save_grid`: each sample followed by itself with
+    its coarse regions darkened (the grain map it was drawn with), ``columns`` samples a row."""
+    pictures = grain_map_picture(images, np.asarray(grains))
+    pairs = np.stack([images, pictures], axis=1).reshape(-1, *images.shape[1:])  # sample, map, sample, map ...
+    width = 2 * max(1, columns)
+    return [pairs[i:i + width] for i in range(0, len(pairs), width)]
 
 
 def region_squared_errors(originals: np.ndarray, reconstructions: np.ndarray, grains: np.ndarray

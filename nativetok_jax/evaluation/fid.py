@@ -1,6 +1,6 @@
 """Frechet (Inception) distance and Inception Score from InceptionV3 outputs, on the host.
 
-The features and logits come from :class:`nativetok_jax.models.inception.InceptionV3`:
+The features and logits come from :class:`nativetok_jax.models.frozen.inception.InceptionV3`:
 ``features`` (2048-d pool3) for FID and rFID, ``logits_unbiased`` (1008 classes) for the
 Inception Score. Everything here is float64 numpy/scipy, as in the reference tools, because the
 matrix square root of two 2048 x 2048 covariances loses digits in float32.

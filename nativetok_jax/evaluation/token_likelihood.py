@@ -5,10 +5,10 @@ tokenizers with a confidence interval (:mod:`nativetok_jax.evaluation.paired_boo
 splitting the NLL into unigram and context (:mod:`nativetok_jax.evaluation.token_statistics`)
 needs the per-token numbers behind that average:
 
-- :func:`next_token_nll`: the AR generator (``models/gpt.py``) with teacher forcing, ``[m, L]``;
+- :func:`next_token_nll`: the AR generator (``models/generators/gpt.py``) with teacher forcing, ``[m, L]``;
   its mean is exactly the trainer's ``nll_per_token`` (``HeldOutLikelihood``), its column means
   the trainer's ``nll_by_position``.
-- :func:`masked_token_nll`: the MaskGIT generator (``models/masked_generator.py``) at given mask
+- :func:`masked_token_nll`: the MaskGIT generator (``models/generators/masked_generator.py``) at given mask
   rates, ``[m, R]``: the mean NLL of the hidden tokens of each crop when a fraction ``r`` of its
   positions is hidden. :func:`decoding_mask_rates` gives the rates MaskGIT's cosine decoding
   schedule (``generation/masked.py``) puts its inputs at; :func:`rate_masks` the masks, fixed by
@@ -35,8 +35,8 @@ from jax.experimental import multihost_utils
 from nativetok_jax import sharding
 from nativetok_jax.generation.masked import mask_schedule
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.gpt import GPT
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+from nativetok_jax.models.generators.gpt import GPT
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 
 if TYPE_CHECKING:
     from nativetok_jax.generation.pretrained import TrainedGenerator
@@ -52,7 +52,7 @@ def next_token_nll(model: Model, ids: np.ndarray, labels: np.ndarray, *, batch_s
     """Teacher-forced NLL of every token under an AR generator: float32 ``[m, L]``, nats.
 
     Entry ``[j, i]`` is ``-log q(ids[j, i] | labels[j], ids[j, :i])``, the GPT's row ``i``
-    (``models/gpt.py``: ``[class ; t_1 .. t_{L-1}]`` predicts ``t_1 .. t_L``). The mean is the
+    (``models/generators/gpt.py``: ``[class ; t_1 .. t_{L-1}]`` predicts ``t_1 .. t_L``). The mean is the
     generator trainer's held-out ``nll_per_token``, the column means its ``nll_by_position``.
 
     Args:

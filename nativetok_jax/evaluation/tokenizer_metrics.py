@@ -40,9 +40,9 @@ from nativetok_jax.evaluation.fid import FeatureStatistics, frechet_distance, in
 from nativetok_jax.evaluation.metrics import psnr_per_image
 from nativetok_jax.evaluation.rate_distortion import SameBitsTotals
 from nativetok_jax.evaluation.ssim import WIN_SIZE, ssim
-from nativetok_jax.models.inception import FEATURE_DIM, InceptionV3
-from nativetok_jax.models.lpips import LPIPS
-from nativetok_jax.models.quantizer import histogram_statistics
+from nativetok_jax.models.frozen.inception import FEATURE_DIM, InceptionV3
+from nativetok_jax.models.frozen.lpips import LPIPS
+from nativetok_jax.models.nativetok.quantizer import histogram_statistics
 from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 
 INCEPTION_SCORE_SPLITS = 10

@@ -11,7 +11,7 @@ width and seed, both arms from one config (``configs/dynamic_grain.py``; each re
   experiment's ``single_grain`` arm, :func:`nativetok_jax.experiments.grain_routing.arm_config`).
   It is trained by the D²iT trainer with D²iT's parts switched off (no grain embedding, no
   RefineNet, fixed sin-cos positions, uniform loss weights): on an all-coarse map that network
-  *is* DiT/2 followed by 2 x 2 averaging (a test of ``models/d2it.py``), i.e. DiT on the coarse
+  *is* DiT/2 followed by 2 x 2 averaging (a test of ``models/d2it/content_transformer.py``), i.e. DiT on the coarse
   grid's codes;
 - ``d2it``: D²iT (the config's content transformer, RefineNet, grain embedding, dynamic grain
   loss) on the entropy-routed Dynamic VAE.
@@ -157,11 +157,11 @@ def judge_arm(run_config: ml_collections.ConfigDict, run_dir: str, evaluation: m
     from nativetok_jax import sample
     from nativetok_jax.data.grain_latent_store import GrainLatentSource
     from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
-    from nativetok_jax.training import d2it_trainer
+    from nativetok_jax.training import d2it_trainer, grain_latent_extraction
 
     summary = d2it_trainer.train_d2it(run_config, run_dir)
-    stores = d2it_trainer.store_directory(run_config)
-    held_out = d2it_trainer.store_arrays(GrainLatentSource(stores / "eval"))
+    stores = grain_latent_extraction.store_directory(run_config)
+    held_out = GrainLatentSource(stores / "eval").columns()
     num_classes = run_config.model.num_classes
     result: dict[str, Any] = {
         **{k: v for k, v in summary.items() if k.startswith("eps_mse_t")},
@@ -198,17 +198,17 @@ def variational_bound_bpd(run_dir: str, run_config: ml_collections.ConfigDict, h
                           evaluation: ml_collections.ConfigDict) -> dict[str, float]:
     """The held-out variational bound (EMA weights), bits per latent dimension, and its parts."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from nativetok_jax import checkpoints, sharding
     from nativetok_jax.diffusion.gaussian import build_diffusion
     from nativetok_jax.diffusion.multi_grain import grain_loss_weights
     from nativetok_jax.diffusion.variational_bound import variational_bound
-    from nativetok_jax.layers.partitioning import axis_rules
-    from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+    from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
     from nativetok_jax.data.grain_latent_store import GrainLatentSource
-    from nativetok_jax.training.d2it_trainer import content_apply, grain_noise, store_directory
+    from nativetok_jax.training import loop
+    from nativetok_jax.training.d2it_trainer import content_apply, grain_noise
+    from nativetok_jax.training.grain_latent_extraction import store_directory
 
     model_config = run_config.model
     mesh, rules = sharding.make_mesh(run_config.mesh), sharding.rules_of(run_config)
@@ -230,16 +230,12 @@ def variational_bound_bpd(run_dir: str, run_config: ml_collections.ConfigDict, h
                                  num_terms=evaluation.bound_terms)
 
     x0 = held_out["mean"][:, 0] * scale
-    n, b = len(x0), min(evaluation.batch_size, len(x0))
-    parts: dict[str, list[np.ndarray]] = {}
-    with jax.set_mesh(mesh), axis_rules(rules):
-        for start in range(0, n, b):
-            index = np.resize(np.arange(start, min(start + b, n)), b)
-            values = bound(params, jnp.asarray(x0[index]), jnp.asarray(held_out["grains"][index, 0]),
-                           jnp.asarray(held_out["label"][index]), jax.random.fold_in(jax.random.key(0), start))
-            for name, value in values.items():
-                parts.setdefault(name, []).append(np.asarray(value)[: min(b, n - start)])
-    return {f"bound_{name}": float(np.concatenate(value).mean()) for name, value in parts.items()}
+    examples = {"x0": x0, "grains": held_out["grains"][:, 0], "label": held_out["label"]}
+    values = loop.per_example(  # a batch's noise key is its first example's index (the batching is fixed)
+        lambda batch, index: bound(params, batch["x0"], batch["grains"], batch["label"],
+                                   jax.random.fold_in(jax.random.key(0), index[0])),
+        examples, evaluation.batch_size, mesh, rules)
+    return {f"bound_{name}": float(value.mean()) for name, value in values.items()}
 
 
 def held_out_images(run_config: ml_collections.ConfigDict) -> np.ndarray:

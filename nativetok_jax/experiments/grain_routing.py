@@ -70,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0) -> dict
     from nativetok_jax.data.sources import open_sources
     from nativetok_jax.dvae import DVAE
     from nativetok_jax.evaluation.block_mean_routing import block_mean_routing
-    from nativetok_jax.models.dvae import DVAEConfig
+    from nativetok_jax.models.d2it.dvae import DVAEConfig
     from nativetok_jax.training.dvae_trainer import train_dvae
 
     if steps < 0:
@@ -127,7 +127,7 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
     from nativetok_jax.evaluation.block_mean_routing import routed_block_means
     from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
     from nativetok_jax.evaluation.metrics import psnr_of_squared_error, psnr_per_image
-    from nativetok_jax.models import grain_router
+    from nativetok_jax.models.d2it import grain_router
 
     totals = {name: [0.0, 0] for name in ("fine", "coarse", "entropy_fine", "entropy_coarse")}
     fine, floats, per_image, block_means = [], [], [], []

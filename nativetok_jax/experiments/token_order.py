@@ -122,7 +122,7 @@ def tokenizer_configs(config: ml_collections.ConfigDict, arms: list[str]) -> dic
         or ``match_parameters`` is not "", "depth" or "width".
     """
     from nativetok_jax.config import validate_training
-    from nativetok_jax.models.parameter_matching import match_encoder
+    from nativetok_jax.models.nativetok.parameter_matching import match_encoder
 
     names = sorted({ARMS[arm].tokenizer for arm in arms})
     tokenizers = {}
@@ -260,7 +260,7 @@ def arm_description(config: ml_collections.ConfigDict, arm: str, tokenizers: dic
                     root: Any) -> dict[str, Any]:
     """What an arm is: its tokenizer's kind and sizes, its reading order, its parameter counts and
     the paths of its per-crop NLLs."""
-    from nativetok_jax.models.parameter_matching import generator_parameters, tokenizer_parameters
+    from nativetok_jax.models.nativetok.parameter_matching import generator_parameters, tokenizer_parameters
     from nativetok_jax.training.generator_trainer import HELD_OUT_NLL
 
     model = tokenizers[ARMS[arm].tokenizer].model

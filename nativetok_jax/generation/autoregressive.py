@@ -27,7 +27,7 @@ from flax import nnx
 
 from nativetok_jax.generation.sampling import filter_logits, guide
 from nativetok_jax.layers.partitioning import constrain
-from nativetok_jax.models.gpt import GPT
+from nativetok_jax.models.generators.gpt import GPT
 
 Params = Any
 

@@ -27,8 +27,8 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.models.dit import dit_from_config
-from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+from nativetok_jax.models.dit.transformer import dit_from_config
+from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
 from nativetok_jax.pretrained import directory as pretrained_directory
 
 DVAE_DIRECTORY = "dvae"

@@ -15,7 +15,7 @@ from flax import nnx
 from nativetok_jax.config import dit_latent_shape
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.diffusion.samplers import make_sampler
-from nativetok_jax.models.kl_autoencoder import KLAutoencoder, PixelSpace
+from nativetok_jax.models.dit.kl_autoencoder import KLAutoencoder, PixelSpace
 
 Autoencoder = KLAutoencoder | PixelSpace
 

@@ -1,7 +1,7 @@
 """Drawing grain maps from D²iT's Dynamic Grain Transformer (arXiv 2504.09454, Sec. 3.2).
 
 MaskGIT's parallel decoding (:func:`nativetok_jax.generation.masked.sample`) over the
-:class:`~nativetok_jax.models.grain_transformer.GrainTransformer`'s ``gh * gw`` raster-order
+:class:`~nativetok_jax.models.d2it.grain_transformer.GrainTransformer`'s ``gh * gw`` raster-order
 tokens, reshaped to ``[B, gh, gw]`` maps for the content transformer.
 """
 
@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from nativetok_jax.generation.masked import sample as masked_sample
-from nativetok_jax.models.grain_transformer import GrainTransformer, check_labels
+from nativetok_jax.models.d2it.grain_transformer import GrainTransformer, check_labels
 
 
 def sample_grain_maps(

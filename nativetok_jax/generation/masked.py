@@ -22,7 +22,7 @@ from flax import nnx
 
 from nativetok_jax.generation.sampling import filter_logits, guide
 from nativetok_jax.layers.partitioning import constrain
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 
 # cos(pi/2 * r) * L lands on an integer for some (r, L) up to rounding (cos(pi/3) = 0.5000000000000001):
 # without the slack, ceil would keep one token too many masked.

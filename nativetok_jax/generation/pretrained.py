@@ -23,7 +23,7 @@ from nativetok_jax import sharding, storage
 from nativetok_jax.data.token_order import to_tokenizer_order, token_permutation
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.tokenizer import Tokenizer
 

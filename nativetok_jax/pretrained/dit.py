@@ -38,7 +38,7 @@ from flax import nnx, traverse_util
 from nativetok_jax.workdir import write_config
 from nativetok_jax import checkpoints, storage
 from nativetok_jax.config import DIT_SIZES, ConfigError, dit_config
-from nativetok_jax.models.dit import dit_from_config, sincos_2d_positions
+from nativetok_jax.models.dit.transformer import dit_from_config, sincos_2d_positions
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import _strip_prefix
 

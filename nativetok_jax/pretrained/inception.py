@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.inception import InceptionV3
+from nativetok_jax.models.frozen.inception import InceptionV3
 from nativetok_jax.pretrained import files
 
 KIND = "fid_inception"

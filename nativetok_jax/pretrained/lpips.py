@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.lpips import LPIPS, TAP_CHANNELS, VGG16_LAYOUT
+from nativetok_jax.models.frozen.lpips import LPIPS, TAP_CHANNELS, VGG16_LAYOUT
 from nativetok_jax.pretrained import files
 
 KIND = "lpips"

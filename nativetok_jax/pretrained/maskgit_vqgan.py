@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
+from nativetok_jax.models.frozen.vqgan import VQGAN, VQGANConfig
 from nativetok_jax import storage
 from nativetok_jax.pretrained import files
 

@@ -6,7 +6,7 @@ import ml_collections
 
 from nativetok_jax import storage
 from nativetok_jax.config import ConfigError
-from nativetok_jax.models.proxy import ProxyPixelDecoder
+from nativetok_jax.models.nativetok.proxy import ProxyPixelDecoder
 from nativetok_jax.pretrained.maskgit_vqgan import load_maskgit_vqgan
 
 

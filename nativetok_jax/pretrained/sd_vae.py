@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.kl_autoencoder import SD_SCALE_FACTOR, KLAutoencoder, KLAutoencoderConfig, PixelSpace
+from nativetok_jax.models.dit.kl_autoencoder import SD_SCALE_FACTOR, KLAutoencoder, KLAutoencoderConfig, PixelSpace
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import _map, _strip_prefix
 

@@ -44,8 +44,8 @@ from flax import nnx, traverse_util
 from nativetok_jax.workdir import write_config
 from nativetok_jax import checkpoints, storage
 from nativetok_jax.config import TITOK_VIT_SIZES, ConfigError, titok_release_config
-from nativetok_jax.models import build_model
-from nativetok_jax.models.vqgan import VQGANConfig
+from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.frozen.vqgan import VQGANConfig
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.maskgit_vqgan import KIND as VQGAN_KIND
 from nativetok_jax.pretrained.maskgit_vqgan import _expected_shapes as vqgan_shapes

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nativetok_jax.models import Autoencoder
+from nativetok_jax.models.nativetok import Autoencoder
 from nativetok_jax.models.pixels import images_to_model
 
 

@@ -5,7 +5,7 @@ the training and held-out crops once into grain latent stores (routed posterior 
 maps of each crop and its flip; :mod:`nativetok_jax.training.grain_latent_extraction`), kept in
 the DVAE's workdir (``<dvae>/grain_latents``, or ``config.latents.directory``) so every D²iT run
 on that DVAE shares them; build the Dynamic Diffusion Transformer (content and grain transformer
-in one module, :mod:`nativetok_jax.models.dynamic_diffusion_transformer`, which says why one
+in one module, :mod:`nativetok_jax.models.d2it.dynamic_diffusion_transformer`, which says why one
 state) on the mesh; train with the shared loop (``training/loop.py``). What is here is the loss,
 the data and the evaluation; the loop, step and state builder are every trainer's.
 
@@ -41,19 +41,17 @@ from etils import epath
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import ConfigError, d2it_latent_shape, validate_d2it
+from nativetok_jax.config import validate_d2it
 from nativetok_jax.data.grain_latent_store import GrainLatentSource
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
 from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
 from nativetok_jax.diffusion.multi_grain import average_coarse, grain_loss_weights, multi_grain_noise
 from nativetok_jax.dvae import DVAE
-from nativetok_jax.evaluation.dvae_metrics import grain_map_picture
-from nativetok_jax.generation.grain_maps import sample_grain_maps
-from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.dvae import Posterior, sample_latents
-from nativetok_jax.models.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-from nativetok_jax.models.grain_transformer import grain_sampling_settings, grain_transformer_loss
-from nativetok_jax.generation.diffusion_sampling import diffusion_sampler
+from nativetok_jax.evaluation.dvae_metrics import grid_with_grain_maps
+from nativetok_jax.generation.d2it_sampling import D2iTSampler
+from nativetok_jax.models.d2it.dvae import Posterior, sample_latents
+from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+from nativetok_jax.models.d2it.grain_transformer import grain_transformer_loss
 from nativetok_jax.training import loop
 from nativetok_jax.training.diffusion_trainer import (
     HeldOutEpsMSE,
@@ -62,53 +60,21 @@ from nativetok_jax.training.diffusion_trainer import (
     store_sources,
 )
 from nativetok_jax.training.generator_trainer import token_iterator
-from nativetok_jax.training.grain_latent_extraction import extract_grain_latents
+from nativetok_jax.training.grain_latent_extraction import (
+    dvae_upstream,
+    extract_grain_latents,
+    fine_fraction,
+    open_dvae,
+    store_directory,
+)
 from nativetok_jax.training.state import BuiltState, build_state
 from nativetok_jax.training.step import Objective, StepContext, batch_shardings
 from nativetok_jax.workdir import record_upstream, write_config
 
 Batch = dict[str, jax.Array]
-GRAIN_LATENTS = "grain_latents"  # the stores' directory inside the DVAE workdir
 
 
 # --------------------------------------------------------------------------------- the latent stores
-
-def open_dvae(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> DVAE:
-    """The trained Dynamic VAE of ``config.dvae.workdir`` (EMA weights, latent scale), checked
-    against ``config.model``: its fine latent must be the one the content transformer diffuses.
-
-    Raises:
-      ConfigError: no DVAE workdir named, a workdir of another task, or a latent shape mismatch.
-      FileNotFoundError: the workdir has no config or no checkpoint.
-    """
-    workdir = config.dvae.workdir
-    if not workdir:
-        raise ConfigError("config.dvae.workdir: names no Dynamic VAE run (train one with configs/dvae_demo.py)")
-    try:
-        dvae = DVAE.from_checkpoint(workdir, mesh=mesh)
-    except ValueError as error:
-        raise ConfigError(f"config.dvae.workdir: {error}") from None
-    expected = d2it_latent_shape(config.model)
-    if tuple(dvae.latent_shape) != tuple(expected):
-        raise ConfigError(f"config.model: the content transformer diffuses {expected} latents "
-                          f"(image_size {config.model.image_size}, fine_factor {config.model.fine_factor}, "
-                          f"latent_channels {config.model.latent_channels}), the DVAE in {workdir} makes "
-                          f"{tuple(dvae.latent_shape)}")
-    return dvae
-
-
-def dvae_upstream(config: ml_collections.ConfigDict, dvae: DVAE) -> dict[str, Any]:
-    """What identifies the trained DVAE a D²iT run diffuses the latents of, beyond its workdir: its
-    newest checkpoint's step and its latent scale (a DVAE trained further, or rescaled, encodes and
-    scales latents otherwise). Recorded by :func:`workdir.record_upstream`."""
-    return {"dvae step": checkpoints.latest_step(config.dvae.workdir), "dvae latent_scale": float(dvae.latent_scale)}
-
-
-def store_directory(config: ml_collections.ConfigDict) -> epath.Path:
-    """Where the grain latent stores live: ``config.latents.directory``, else ``<dvae>/grain_latents``."""
-    return storage.path(config.latents.directory) if config.latents.directory else \
-        storage.path(config.dvae.workdir) / GRAIN_LATENTS
-
 
 def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE, sources: StoreSources | None = None
                         ) -> tuple[GrainLatentSource, GrainLatentSource]:
@@ -135,17 +101,6 @@ def grain_latent_stores(config: ml_collections.ConfigDict, dvae: DVAE, sources: 
     held_out = extract_grain_latents(dvae, sources.held_out, directory / "eval", data=sources.held_out_data,
                                      num_examples=sources.num_held_out, seed=config.train.seed + 1, **common)
     return train, held_out
-
-
-def store_arrays(store: GrainLatentSource) -> dict[str, np.ndarray]:
-    """Every example of a (held-out) store: ``mean``, ``logvar`` ``[N, 2, h, w, C]``, ``grains``
-    ``[N, 2, gh, gw]``, ``label`` ``[N]``."""
-    return store.columns()
-
-
-def fine_fraction(store: GrainLatentSource) -> float:
-    """The fraction of fine regions over a store's grain maps (both orientations: the same maps)."""
-    return float(store.columns("grains")["grains"][:, 0].mean())
 
 
 # ------------------------------------------------------------------------------------ the objective
@@ -237,7 +192,7 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
                  *(sum(x.size for x in jax.tree.leaves(params[part])) / 1e6 for part in ("content", "grain")))
     diffusion = build_diffusion(model_config.diffusion.schedule, model_config.diffusion.num_steps,
                                 learn_sigma=model_config.learn_sigma)
-    held_out = store_arrays(eval_latents)
+    held_out = eval_latents.columns()
     eps_mse = HeldOutEpsMSE(content_eps_mse(graphdef, diffusion, model_config), {
         "x0": held_out["mean"][:, 0] * scale, "grains": held_out["grains"][:, 0], "label": held_out["label"]},
         mesh, rules, train.eval_timesteps, batch_size=train.eval_batch_size, seed=train.seed)
@@ -255,8 +210,7 @@ def train_d2it(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_latents),
                    num_eval_examples=len(eval_latents), latent_scale=scale,
                    train_fine_fraction=fine_fraction(train_latents), data=sources.data)
-    if is_main:
-        storage.write_json(workdir / "eval.json", summary)
+    loop.write_summary(workdir, summary)
     return summary
 
 
@@ -302,77 +256,9 @@ class HeldOutGrainNLL:
         self._batch_nll = batch_nll
 
     def __call__(self, params: Any) -> dict[str, float]:
-        n, b = len(self.grains), self.batch_size
-        values = []
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            for start in range(0, n, b):
-                index = np.resize(np.arange(start, min(start + b, n)), b)
-                nll = self._batch_nll(params, self.grains[index], self.labels[index], index.astype(np.int32))
-                values.append(np.asarray(nll)[: min(b, n - start)])
-        return {"grain_nll": float(np.concatenate(values).mean())}
-
-
-# ---------------------------------------------------------------------------------------- sampling
-
-GRAIN_MAP_MODES = ("model", "ground_truth", "random")
-
-
-class D2iTSampler:
-    """Draws images from a D²iT: grain maps, then the latent given them, then the DVAE's decoding.
-
-    ``sample(params, labels, key, sample_indices, grains)`` -> float32 scaled latents, and
-    :meth:`grain_maps` / :meth:`decode` around it. Used by the trainer's preview and by
-    ``python -m nativetok_jax.sample`` (:func:`nativetok_jax.sample.sample_d2it`).
-    """
-
-    def __init__(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, dvae: DVAE, latent_scale: float,
-                 mesh: jax.sharding.Mesh, rules: Any, *, method: str, respacing: str, eta: float = 0.0,
-                 guidance_scale: float = 1.0, grain_settings: dict[str, Any] | None = None):
-        self.mesh, self.rules, self.dvae, self.latent_scale = mesh, rules, dvae, float(latent_scale)
-        self.grain_shape = tuple(dvae.grain_map_shape)
-        self.sample = diffusion_sampler(
-            graphdef, config.model, mesh, method=method, respacing=respacing, eta=eta, guidance_scale=guidance_scale,
-            apply_fn=lambda params, x, t, y, g: nnx.merge(graphdef, params).content(x, t, y, g),
-            shape=dvae.latent_shape)
-        settings = grain_sampling_settings(config.grain_transformer) if grain_settings is None else grain_settings
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._grain_maps = jax.jit(
-            lambda params, labels, key: sample_grain_maps(nnx.merge(graphdef, params).grain, labels, key, **settings),
-            out_shardings=replicated)
-
-    def generated_grain_maps(self, params: Any, labels: np.ndarray, key: jax.Array) -> np.ndarray:
-        """int32 ``[B, gh, gw]`` drawn by the grain transformer for ``labels``."""
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            return np.asarray(self._grain_maps(params, jnp.asarray(labels, jnp.int32), key))
-
-    def latents(self, params: Any, labels: np.ndarray, key: jax.Array, indices: np.ndarray,
-                grains: np.ndarray) -> np.ndarray:
-        """Scaled latents ``[B, h, w, C]`` for ``labels`` and grain maps (sample ``i``'s noise from
-        ``fold_in(key, indices[i])``)."""
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            return np.asarray(self.sample(params, jnp.asarray(labels, jnp.int32), key,
-                                          jnp.asarray(indices, jnp.int32), jnp.asarray(grains, jnp.int32)))
-
-    def decode(self, latents: np.ndarray, grains: np.ndarray) -> np.ndarray:
-        """uint8 images ``[B, H, W, 3]`` of scaled latents."""
-        return np.asarray(self.dvae.decode(latents / self.latent_scale, np.asarray(grains, np.int32)))
-
-
-def random_grain_maps(key: jax.Array, count: int, grain_shape: Sequence[int], ratio: float) -> np.ndarray:
-    """int32 ``[count, gh, gw]``: every region fine with probability ``ratio``, independently (the
-    paper's "random" grain-map row; ``ratio`` the data's fine fraction)."""
-    from nativetok_jax.models import grain_router
-
-    return np.asarray(grain_router.random_grain_map(key, (count, *grain_shape), float(ratio)))
-
-
-def grid_with_grain_maps(images: np.ndarray, grains: np.ndarray, columns: int) -> list[np.ndarray]:
-    """Rows for :func:`~nativetok_jax.evaluation.grids.save_grid`: each sample followed by itself with
-    its coarse regions darkened (the grain map it was drawn with), ``columns`` samples a row."""
-    pictures = grain_map_picture(images, np.asarray(grains))
-    pairs = np.stack([images, pictures], axis=1).reshape(-1, *images.shape[1:])  # sample, map, sample, map ...
-    width = 2 * max(1, columns)
-    return [pairs[i:i + width] for i in range(0, len(pairs), width)]
+        nll = loop.per_example(lambda batch, index: self._batch_nll(params, batch["grains"], batch["labels"], index),
+                               {"grains": self.grains, "labels": self.labels}, self.batch_size, self.mesh, self.rules)
+        return {"grain_nll": float(nll.mean())}
 
 
 class Preview:
@@ -400,14 +286,13 @@ class Preview:
 def _evaluate(eps_mse: HeldOutEpsMSE, grain_nll: HeldOutGrainNLL, preview: Preview, state: dict[str, Any], step: int,
               outputs: loop.Outputs) -> dict[str, Any]:
     """Held-out epsilon-MSE and grain NLL (EMA weights when kept) and the grid of samples with maps."""
-    params = state["ema"] if state["ema"] else state["params"]
+    params = loop.evaluation_params(state)
     result = dict(eps_mse(params), **grain_nll(params))
     if preview.num_samples:
         images, grains = preview(params)
         result["preview_fine_fraction"] = float(grains.mean())
         outputs.grid("samples", step, grid_with_grain_maps(images, grains, preview.columns),
                      upscale=max(1, 96 // preview.image_size))
-    outputs.scalars(step, {f"eval/{k}": v for k, v in result.items()})
     logging.info("step %d: held-out eps-MSE %s; grain NLL %.4f nats/region", step,
                  ", ".join(f"{k[8:]} {v:.4f}" for k, v in result.items() if k.startswith("eps_mse_")),
                  result["grain_nll"])

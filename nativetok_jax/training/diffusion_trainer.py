@@ -19,7 +19,6 @@ step's key, so a resumed run repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,8 +38,8 @@ from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
 from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
 from nativetok_jax.generation.diffusion_sampling import diffusion_sampler, image_decoder  # noqa: F401 - their old home
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.dit import dit_from_config
-from nativetok_jax.models.kl_autoencoder import KLAutoencoder, PixelSpace, sample_latents
+from nativetok_jax.models.dit.transformer import dit_from_config
+from nativetok_jax.models.dit.kl_autoencoder import KLAutoencoder, PixelSpace, sample_latents
 from nativetok_jax.pretrained.sd_vae import latent_space
 from nativetok_jax.training import loop
 from nativetok_jax.training.generator_trainer import token_iterator
@@ -255,8 +254,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     result = loop.run(task, train, workdir)
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_latents),
                    num_eval_examples=len(eval_latents), data=sources.data)
-    if is_main:
-        (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    loop.write_summary(workdir, summary)
     return summary
 
 
@@ -297,18 +295,9 @@ class HeldOutEpsMSE:
 
     def __call__(self, params: Any) -> dict[str, float]:
         """``{"eps_mse_t100": ..., ...}`` (float means over the held-out examples)."""
-        n, b = self.num_examples, self.batch_size
-        result = {}
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            for step in self.timesteps:
-                values = []
-                for start in range(0, n, b):
-                    index = np.resize(np.arange(start, min(start + b, n)), b)  # the last batch padded
-                    batch = {name: value[index] for name, value in self.examples.items()}
-                    mse = self._batch_mse(params, batch, index.astype(np.int32), step)
-                    values.append(np.asarray(mse)[: min(b, n - start)])
-                result[f"eps_mse_t{step}"] = float(np.concatenate(values).mean())
-        return result
+        return {f"eps_mse_t{step}": float(loop.per_example(
+            lambda batch, index, t=step: self._batch_mse(params, batch, index, t), self.examples, self.batch_size,
+            self.mesh, self.rules).mean()) for step in self.timesteps}
 
 
 def dit_eps_mse(graphdef: nnx.GraphDef, diffusion: GaussianDiffusion) -> ExampleMSE:
@@ -352,9 +341,8 @@ class Preview:
 def _evaluate(held_out: HeldOutEpsMSE, preview: Preview, state: dict[str, Any], step: int,
               outputs: loop.Outputs) -> dict[str, Any]:
     """Held-out epsilon-MSE (EMA weights when kept) and a PNG grid of preview samples."""
-    params = state["ema"] if state["ema"] else state["params"]
+    params = loop.evaluation_params(state)
     result = held_out(params)
-    outputs.scalars(step, {f"eval/{k}": v for k, v in result.items()})
     if preview.num_samples:
         images, columns = preview(params), max(1, preview.columns)
         outputs.grid("samples", step, [images[i : i + columns] for i in range(0, len(images), columns)],

@@ -37,8 +37,8 @@ from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterat
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.dvae import DVAE, LATENT_SCALE_FILE
 from nativetok_jax.evaluation.dvae_metrics import evaluate_dvae
-from nativetok_jax.models import grain_router
-from nativetok_jax.models.dvae import DVAEConfig, DynamicVAE, build_dvae, kl_divergence, latent_scale_of, sample_latents
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.dvae import DVAEConfig, DynamicVAE, build_dvae, kl_divergence, latent_scale_of, sample_latents
 from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import loop
 from nativetok_jax.training.adversarial import Discriminator, build_discriminator, uses_discriminator
@@ -179,8 +179,7 @@ def train_dvae(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> di
                    train_fine_fraction_per_class=scale["fine_fraction_per_class"],
                    skipped_images=skipped.count, skipped_examples=skipped.examples,
                    data=describe_data(data, train_source, eval_source))
-    if is_main:
-        storage.write_json(epath.Path(workdir) / "eval.json", summary)
+    loop.write_summary(workdir, summary)
     logging.info("latent scale %.4f from %d training crops; their fine fraction %.4f (per class %s)",
                  scale["latent_scale"], scale["num_images"], scale["fine_fraction"], scale["fine_fraction_per_class"])
     return summary
@@ -209,12 +208,10 @@ def _evaluate(evaluator: DVAE, state: TrainState, images: np.ndarray, step: int,
               seed: int) -> dict[str, Any]:
     """Held-out quality (EMA weights when kept): PSNR overall and per grain, fine fraction, and the
     block means of the model's own routing at the same number of codes (``block_mean_psnr``); grids."""
-    dvae = evaluator.with_params(state["ema"] or state["params"])
+    dvae = evaluator.with_params(loop.evaluation_params(state))
     rows: list[np.ndarray] = []
     batch = min(len(images), 64)
     metrics, _ = evaluate_dvae(dvae, (images[i:i + batch] for i in range(0, len(images), batch)), shown=rows, seed=seed)
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)}
-    outputs.scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // dvae.image_size))
     logging.info("step %d: held-out PSNR %.2f dB (fine regions %s, coarse %s), fine fraction %.3f; block means of "
                  "its routing %.2f dB at %.1f codes per image", step, metrics["psnr"], _db(metrics["psnr_fine"]),

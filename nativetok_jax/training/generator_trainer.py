@@ -15,7 +15,6 @@ token data and the evaluation.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grain
@@ -35,7 +34,7 @@ from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, to
 from nativetok_jax.data.token_store import TokenSource
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import loop
 from nativetok_jax.training.loop import Task
@@ -174,8 +173,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
     summary = dict(result.metrics, step=result.step, num_train_examples=len(train_tokens),
                    num_eval_examples=len(eval_tokens), data=describe_data(config.data, *sources),
                    token_order=dict(permutation=order, positions=token_permutation(order, tokenizer.num_tokens).tolist()))
-    if is_main:
-        (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    loop.write_summary(workdir, summary)
     return summary
 
 
@@ -237,12 +235,11 @@ def _evaluate(evaluate: HeldOutLikelihood, state: dict[str, Any], tokenizer: Tok
               save_nll: epath.Path | None = None) -> dict[str, Any]:
     """Held-out NLL (every crop's per-token NLLs written to ``save_nll``), and a PNG grid of
     samples (one row per class, cycling) decoded by the tokenizer, in the tokenizer's order."""
-    params = state["ema"] if state["ema"] else state["params"]
+    params = loop.evaluation_params(state)
     result = evaluate(params)
     per_token = result.pop("per_token")
     if save_nll is not None:
         storage.write_npz(save_nll, nll=per_token)
-    outputs.scalars(step, {"eval/nll_per_token": result["nll_per_token"]})
     s = config.generator.sample
     labels = np.arange(s.num_samples) % num_classes
     with jax.set_mesh(evaluate.mesh), axis_rules(evaluate.rules):

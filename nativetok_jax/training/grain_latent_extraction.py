@@ -1,4 +1,6 @@
-"""Grain latent extraction: encode a dataset once with a trained Dynamic VAE, for D²iT's diffusion.
+"""D²iT's grain latent stores: the trained Dynamic VAE a config names (:func:`open_dvae`), where its
+stores live (:func:`store_directory`), and their extraction (:func:`extract_grain_latents`): a
+dataset encoded once with the DVAE, for D²iT's diffusion.
 
 Example ``i`` is image ``i mod len(source)`` cropped as the DVAE's training data is (the crops of
 :func:`nativetok_jax.training.token_extraction.example_image`, drawn from ``(seed, i)`` without
@@ -15,14 +17,62 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from nativetok_jax import storage
+from nativetok_jax import checkpoints, storage
+from nativetok_jax.config import ConfigError, d2it_latent_shape
 from nativetok_jax.data.grain_latent_store import GrainLatentSource
+from nativetok_jax.dvae import DVAE
 from nativetok_jax.training.token_extraction import encode_into_store, local_mesh
 
 
+GRAIN_LATENTS = "grain_latents"  # the stores' directory inside the DVAE workdir
+
+
+def open_dvae(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> DVAE:
+    """The trained Dynamic VAE of ``config.dvae.workdir`` (EMA weights, latent scale), checked
+    against ``config.model``: its fine latent must be the one the content transformer diffuses.
+
+    Raises:
+      ConfigError: no DVAE workdir named, a workdir of another task, or a latent shape mismatch.
+      FileNotFoundError: the workdir has no config or no checkpoint.
+    """
+    workdir = config.dvae.workdir
+    if not workdir:
+        raise ConfigError("config.dvae.workdir: names no Dynamic VAE run (train one with configs/dvae_demo.py)")
+    try:
+        dvae = DVAE.from_checkpoint(workdir, mesh=mesh)
+    except ValueError as error:
+        raise ConfigError(f"config.dvae.workdir: {error}") from None
+    expected = d2it_latent_shape(config.model)
+    if tuple(dvae.latent_shape) != tuple(expected):
+        raise ConfigError(f"config.model: the content transformer diffuses {expected} latents "
+                          f"(image_size {config.model.image_size}, fine_factor {config.model.fine_factor}, "
+                          f"latent_channels {config.model.latent_channels}), the DVAE in {workdir} makes "
+                          f"{tuple(dvae.latent_shape)}")
+    return dvae
+
+
+def dvae_upstream(config: ml_collections.ConfigDict, dvae: DVAE) -> dict[str, Any]:
+    """What identifies the trained DVAE a D²iT run diffuses the latents of, beyond its workdir: its
+    newest checkpoint's step and its latent scale (a DVAE trained further, or rescaled, encodes and
+    scales latents otherwise). Recorded by :func:`workdir.record_upstream`."""
+    return {"dvae step": checkpoints.latest_step(config.dvae.workdir), "dvae latent_scale": float(dvae.latent_scale)}
+
+
+def store_directory(config: ml_collections.ConfigDict) -> epath.Path:
+    """Where the grain latent stores live: ``config.latents.directory``, else ``<dvae>/grain_latents``."""
+    return storage.path(config.latents.directory) if config.latents.directory else \
+        storage.path(config.dvae.workdir) / GRAIN_LATENTS
+
+
+def fine_fraction(store: GrainLatentSource) -> float:
+    """The fraction of fine regions over a store's grain maps (both orientations: the same maps)."""
+    return float(store.columns("grains")["grains"][:, 0].mean())
+
+
 def extract_grain_latents(
-    dvae: Any,
+    dvae: DVAE,
     source: Any,
     directory: storage.PathLike,
     *,

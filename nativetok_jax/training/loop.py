@@ -10,7 +10,8 @@ place for all of them:
   from the previous HNT stage), else starts fresh;
 - runs the one jitted, donated step under the mesh *and* the logical-axis rules;
 - checks that the loss and parameters are finite before every log and every save;
-- logs (``train.log_every``), evaluates (``train.eval_every`` and at the end) and checkpoints
+- logs (``train.log_every``), evaluates (``train.eval_every`` and at the end; every number the
+  evaluation returns is logged as ``eval/<name>``) and checkpoints
   (``train.checkpoint_every`` and at the end) on their schedules, with a progress report
   (steps/s, ETA) and an optional profiler window (``train.profile_steps`` from
   ``train.profile_first_step``);
@@ -28,16 +29,19 @@ Example (a new model adds a loss and a config, not a loop)::
         error = jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
         return error, ({"mse": error}, None)
 
-    def evaluate(state, step, outputs):
+    def evaluate(state, step, outputs):  # its numbers are logged as eval/mse ...
         outputs.grid("samples", step, rows_of_uint8_images)
-        return {"mse": held_out_mse(state["ema"] or state["params"])}
+        return {"mse": held_out_mse(loop.evaluation_params(state))}
 
     result = loop.run(loop.Task(
         built, Objective(loss), batches=grain_iterator,
         batch_shardings=batch_shardings(mesh, {"x": (256, 32), "y": (256, 1)}), evaluate=evaluate,
     ), config.train, workdir)
+    loop.write_summary(workdir, dict(result.metrics, step=result.step))  # eval.json
 
-Only process 0 writes events and images; every process takes part in checkpoints.
+Around the evaluations: :func:`evaluation_params` (the EMA when kept), :func:`per_example` (a
+jitted function over held-out examples in padded batches under the mesh and rules) and
+:func:`write_summary` (the run's ``eval.json``). Only process 0 writes events and images; every process takes part in checkpoints.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from nativetok_jax import checkpoints
+from nativetok_jax import checkpoints, storage
 from nativetok_jax.evaluation.grids import save_grid
+from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.training import tensorboard
 from nativetok_jax.training.guards import Preempted, Preemption, check_finite
 from nativetok_jax.training.profiler import ProfileWindow
@@ -106,7 +111,8 @@ class Task:
       batches: this process's share of every global batch (numpy dicts); a grain iterator, so
         checkpoints hold its position and a resumed run sees the very batches it would have.
       batch_shardings: the global batch arrays' shardings, by name (``step.batch_shardings``).
-      evaluate: ``(state, step, outputs) -> metrics``: held-out evaluation and grids.
+      evaluate: ``(state, step, outputs) -> metrics``: held-out evaluation and grids; the loop
+        logs the numbers among the metrics as ``eval/<name>``.
       grow: ``state -> state`` used when there is no checkpoint to resume (HNT growth).
       before_step: ``(state, step) -> state`` run before each step (the codebook fit).
       log_scalars: extra scalars logged with the step's metrics.
@@ -129,6 +135,47 @@ class Result:
     state: TrainState
     step: int
     metrics: dict[str, Any]  # the last evaluation's
+
+
+def evaluation_params(state: TrainState) -> Any:
+    """The weights every evaluation uses: the EMA when the run keeps one (``train.ema_decay > 0``),
+    else the parameters."""
+    return state["ema"] if state["ema"] else state["params"]
+
+
+def scalars_of(metrics: dict[str, Any]) -> dict[str, float]:
+    """``eval/<name>`` for every finite number of an evaluation's result (lists, dicts, strings and
+    ``None`` are left to ``eval.json``)."""
+    return {f"eval/{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)}
+
+
+def per_example(fn: Callable[..., Any], examples: dict[str, np.ndarray], batch_size: int, mesh: jax.sharding.Mesh,
+                rules: Any, *args: Any) -> Any:
+    """``fn(batch, indices, *args)`` over every example, ``batch_size`` at a time, under the mesh and
+    the axis rules; returns its per-example results (a pytree of ``[N, ...]`` numpy arrays).
+
+    ``examples`` maps names to ``[N, ...]`` arrays; ``indices`` (int32 ``[b]``) are the examples'
+    positions, so ``fn`` can derive per-example randomness that does not depend on the batching. The
+    last batch is padded by repeating its examples (one compiled shape) and the padding dropped.
+    ``fn``'s results must be replicated (``out_shardings``) or fully addressable on every host.
+    """
+    n = len(next(iter(examples.values())))
+    b = min(batch_size, n)
+    parts = []
+    with jax.set_mesh(mesh), axis_rules(rules):
+        for start in range(0, n, b):
+            index = np.resize(np.arange(start, min(start + b, n)), b)  # the last batch padded
+            out = fn({name: value[index] for name, value in examples.items()}, index.astype(np.int32), *args)
+            parts.append(jax.tree.map(lambda v, k=min(b, n - start): np.asarray(v)[:k], out))
+    return jax.tree.map(lambda *v: np.concatenate(v), *parts)
+
+
+def write_summary(workdir: epath.PathLike, summary: dict[str, Any]) -> None:
+    """Writes the run's final evaluation to ``<workdir>/eval.json`` (process 0; indented JSON): the
+    one writer of every trainer's summary."""
+    if jax.process_index() == 0:
+        storage.write_json(epath.Path(workdir) / "eval.json", summary)
 
 
 def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
@@ -187,6 +234,7 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
             if not stop and (step % train.eval_every == 0 or last):
                 with progress.timed("eval"):
                     metrics = task.evaluate(state, step, outputs)
+                outputs.scalars(step, scalars_of(metrics))
             if save:
                 store.save(step, state, task.batches)
                 last_saved = step
@@ -194,6 +242,7 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
                 raise Preempted(f"{preemption.reason} at step {step}; checkpoint saved in {store.directory}")
         if not metrics:  # the run was already complete: evaluate what it left
             metrics = task.evaluate(state, step, outputs)
+            outputs.scalars(step, scalars_of(metrics))
     finally:
         preemption.restore()
         if profile is not None:

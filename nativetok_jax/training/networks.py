@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.models.lpips import LPIPS
-from nativetok_jax.models.proxy import ProxyPixelDecoder
-from nativetok_jax.models.vqgan import VQGAN, VQGANConfig
+from nativetok_jax.models.frozen.lpips import LPIPS
+from nativetok_jax.models.nativetok.proxy import ProxyPixelDecoder
+from nativetok_jax.models.frozen.vqgan import VQGAN, VQGANConfig
 
 from nativetok_jax.pretrained.lpips import load_lpips
 from nativetok_jax.pretrained.proxy import load_proxy_decoder, weights_path

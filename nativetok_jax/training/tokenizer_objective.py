@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.models import Autoencoder
+from nativetok_jax.models.nativetok import Autoencoder
 from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import losses as L
 from nativetok_jax.training.adversarial import Discriminator

@@ -12,7 +12,6 @@ logs, images and configs.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -31,7 +30,7 @@ from nativetok_jax.evaluation.plots import plot_rate_distortion
 from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models import build_model
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
@@ -75,8 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         previous = (stage_dir, stage.num_tokens)
     summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples,
                    data=describe_data(config.data, train_source, eval_source))
-    if is_main:
-        (epath.Path(workdir) / "eval.json").write_text(json.dumps(summary, indent=2))
+    loop.write_summary(workdir, summary)
     return summary
 
 
@@ -192,13 +190,12 @@ def _evaluate(
     """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines: the
     same-bits thumbnail and the mean colour at every prefix length (``rate_distortion``, plotted to
     ``images/rate_distortion_<step>.png``), and at all tokens as ``baseline_psnr_<codec>``."""
-    weights = state["ema"] if state["ema"] else state["params"]
+    weights = loop.evaluation_params(state)
     tokenizer = evaluator.with_params(weights)
     metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=min(len(images), 64))
     whole = metrics["rate_distortion"][-1]  # all tokens
     baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
-    outputs.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if k != "rate_distortion"})
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // config.model.image_size))
     outputs.plot("rate_distortion", step, lambda path: plot_rate_distortion(metrics["rate_distortion"], path))
     logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],

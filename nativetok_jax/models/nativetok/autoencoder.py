@@ -18,11 +18,11 @@ from nativetok_jax.config import validate_model
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.remat import remat_of
-from nativetok_jax.models.decoder import TokenDecoder
-from nativetok_jax.models.experts import CausalExperts
-from nativetok_jax.models.mit import MetaImageTransformer
-from nativetok_jax.models.quantizer import Quantized, Quantizer
-from nativetok_jax.models.titok import TiTokEncoder
+from nativetok_jax.models.nativetok.decoder import TokenDecoder
+from nativetok_jax.models.nativetok.experts import CausalExperts
+from nativetok_jax.models.nativetok.mit import MetaImageTransformer
+from nativetok_jax.models.nativetok.quantizer import Quantized, Quantizer
+from nativetok_jax.models.nativetok.titok import TiTokEncoder
 
 
 class TokenHead(nnx.Module):

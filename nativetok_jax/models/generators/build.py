@@ -7,8 +7,8 @@ import ml_collections
 from flax import nnx
 
 from nativetok_jax.layers.remat import remat_of
-from nativetok_jax.models.gpt import GPT
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+from nativetok_jax.models.generators.gpt import GPT
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 
 Generator = GPT | MaskedTokenTransformer
 

@@ -24,7 +24,7 @@ from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.patches import unpatchify
 from nativetok_jax.layers.transformer import BlockStack
-from nativetok_jax.models.embeddings import POSITION_INIT
+from nativetok_jax.models.nativetok.embeddings import POSITION_INIT
 
 
 class TokenDecoder(nnx.Module):

@@ -31,7 +31,7 @@ from flax import nnx
 from nativetok_jax.layers.conv import Conv
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import GroupNorm
-from nativetok_jax.models.vqgan import upsample_nearest_2x
+from nativetok_jax.models.frozen.vqgan import upsample_nearest_2x
 
 SD_SCALE_FACTOR = 0.18215
 LOG_VARIANCE_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp

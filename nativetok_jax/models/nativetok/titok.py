@@ -22,7 +22,7 @@ from flax import nnx
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.transformer import BlockStack
-from nativetok_jax.models.embeddings import POSITION_INIT, PatchEmbedding
+from nativetok_jax.models.nativetok.embeddings import POSITION_INIT, PatchEmbedding
 
 
 def latent_causal_attention_mask(num_context: int, num_tokens: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain
 from nativetok_jax.layers.transformer import BlockStack
-from nativetok_jax.models.embeddings import PatchEmbedding
+from nativetok_jax.models.nativetok.embeddings import PatchEmbedding
 
 
 class MetaImageTransformer(nnx.Module):

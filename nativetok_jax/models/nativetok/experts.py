@@ -33,7 +33,7 @@ from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.remat import rematerialized
 from nativetok_jax.layers.transformer import BlockStack, slice_stack, stacked
-from nativetok_jax.models.embeddings import POSITION_INIT
+from nativetok_jax.models.nativetok.embeddings import POSITION_INIT
 
 
 class Expert(nnx.Module):

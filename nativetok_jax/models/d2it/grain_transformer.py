@@ -5,7 +5,7 @@ two steps: a *grain transformer* draws the grain map (which regions are fine, wh
 the class label, then the content transformer draws the mixed-grain latent given that map. The
 paper says the grain map is generated [P] (FFHQ has no labels, so it must be a generative model
 of maps, not a classifier) but not how; we model it as a discrete generator over the binary map
-[C]: the project's MaskGIT (:class:`~nativetok_jax.models.masked_generator.MaskedTokenTransformer`,
+[C]: the project's MaskGIT (:class:`~nativetok_jax.models.generators.masked_generator.MaskedTokenTransformer`,
 Chang et al. 2022) with vocabulary 2 (0 coarse, 1 fine) and one token per region, read in raster
 order (a ``[gh, gw]`` map is ``gh * gw`` tokens: 16 x 16 = 256 at 256 px, 4 x 4 in the 32 px demo).
 Its positions are learned per token, so the 2-D layout is learned rather than imposed.
@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax.config import validate_grain_transformer_config
-from nativetok_jax.models.masked_generator import MaskedTokenTransformer
+from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 
 GRAIN_VOCABULARY = 2  # grain ids: 0 coarse, 1 fine (the grain latent store's convention)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 if TYPE_CHECKING:
-    from nativetok_jax.models.vqgan import VQGAN
+    from nativetok_jax.models.frozen.vqgan import VQGAN
 
 DECODINGS = ("argmax", "soft")
 

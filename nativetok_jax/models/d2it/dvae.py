@@ -2,12 +2,12 @@
 latent holds smooth regions at a coarse grain and detailed ones at a fine grain.
 
 - **Dual-grain encoder** [A: DQ-VAE ``DualGrainEncoder``]: a VQGAN-style pyramid (maskgit's
-  residual blocks and 2x2 average pooling, :mod:`nativetok_jax.models.vqgan`, plus VQGAN's
+  residual blocks and 2x2 average pooling, :mod:`nativetok_jax.models.frozen.vqgan`, plus VQGAN's
   single-head spatial attention at the feature sides ``attention_resolutions``). The fine branch
   is taken after the last-but-one level (factor ``f/2``), the coarse one after the last (factor
   ``f = 2^(levels-1)``); each has its own mid stack (res block, attention, res block) and head
   (GroupNorm, swish, 3x3 convolution) emitting a mean and a log-variance of ``latent_channels``.
-- **Routing** by a grain map from :mod:`nativetok_jax.models.grain_router` (region side S = ``f``): in a
+- **Routing** by a grain map from :mod:`nativetok_jax.models.d2it.grain_router` (region side S = ``f``): in a
   coarse region the coarse code's mean and log-variance are copied onto its 2x2 fine cells
   (neighbour copying [P]); posterior samples draw their noise on each grain's own grid and copy it
   too, so a coarse region's four cells always hold one code.
@@ -36,8 +36,8 @@ from nativetok_jax.layers.attention import Attention
 from nativetok_jax.layers.conv import Conv
 from nativetok_jax.layers.norm import GroupNorm
 from nativetok_jax.layers.partitioning import param
-from nativetok_jax.models import grain_router
-from nativetok_jax.models.vqgan import Decoder, ResBlock, VQGANConfig, average_pool_2x2, res_blocks
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.frozen.vqgan import Decoder, ResBlock, VQGANConfig, average_pool_2x2, res_blocks
 
 # Log-variance range of the posterior, as LDM's DiagonalGaussianDistribution clamps it.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -56,7 +56,7 @@ class DVAEConfig:
     num_groups: int = 32
     latent_channels: int = 4
     dtype: str = "float32"
-    # Router: see nativetok_jax.models.grain_router.
+    # Router: see nativetok_jax.models.d2it.grain_router.
     routing: str = "entropy"
     fine_ratio: float = 0.5
     thresholds: str = ""  # thresholds file (entropy routing)

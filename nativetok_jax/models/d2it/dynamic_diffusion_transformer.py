@@ -21,15 +21,15 @@ import jax
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.models.d2it import d2it_from_config
-from nativetok_jax.models.grain_transformer import GrainTransformer, grain_transformer_from_config
+from nativetok_jax.models.d2it.content_transformer import d2it_from_config
+from nativetok_jax.models.d2it.grain_transformer import GrainTransformer, grain_transformer_from_config
 
 
 class DynamicDiffusionTransformer(nnx.Module):
     """``.content``: the Dynamic Content Transformer (``content(x [B, h, w, C], t [B], labels [B],
-    grains [B, h/2, w/2]) -> float32 [B, h, w, 2C]``, :mod:`nativetok_jax.models.d2it`);
+    grains [B, h/2, w/2]) -> float32 [B, h, w, 2C]``, :mod:`nativetok_jax.models.d2it.content_transformer`);
     ``.grain``: the Dynamic Grain Transformer (a MaskGIT over grain maps,
-    :mod:`nativetok_jax.models.grain_transformer`). Parameters are ``{"content": ..., "grain": ...}``."""
+    :mod:`nativetok_jax.models.d2it.grain_transformer`). Parameters are ``{"content": ..., "grain": ...}``."""
 
     def __init__(self, content: nnx.Module, grain: GrainTransformer):
         self.content = content
@@ -43,7 +43,7 @@ class DynamicDiffusionTransformer(nnx.Module):
 def dynamic_diffusion_transformer_from_config(config: ml_collections.ConfigDict, grain_shape: Sequence[int],
                                               rngs: nnx.Rngs) -> DynamicDiffusionTransformer:
     """Both transformers of a ``task="d2it"`` config: ``config.model`` (the content transformer,
-    :func:`nativetok_jax.models.d2it.d2it_from_config`) and ``config.grain_transformer`` for grain
+    :func:`nativetok_jax.models.d2it.content_transformer.d2it_from_config`) and ``config.grain_transformer`` for grain
     maps of ``grain_shape`` ``(gh, gw)``, conditioned on ``config.model.num_classes`` classes (the
     grain transformer is unconditional when that is 1).
 

@@ -4,7 +4,7 @@ Source: D²iT (Jia et al., CVPR 2025, arXiv 2504.09454) section 3.2 names the pa
 noise prediction ("rough prediction of noise" plus "detailed regions correction"), RefineNet
 blocks, learnable position embeddings, the dynamic grain loss. No code is released; the design
 below is ours where the paper is silent [C] (``docs/d2it.md``), built from DiT's pieces
-(:mod:`nativetok_jax.models.dit`, facebookresearch/DiT ``models.py``):
+(:mod:`nativetok_jax.models.dit.transformer`, facebookresearch/DiT ``models.py``):
 
 - the latent ``x [B, h, w, C]`` lives on the Dynamic VAE's fine grid (coarse regions hold one code
   copied 2 x 2); the grain map ``grains [B, h/2, w/2]`` has one cell per region (1 fine, 0 coarse);
@@ -40,7 +40,7 @@ from nativetok_jax.diffusion.multi_grain import FINE, average_coarse, check_grai
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.layers.transformer import stacked
-from nativetok_jax.models.dit import (EMBEDDING_INIT, ROW_AXES, DiT, DiTBlock, apply_blocks, parameter_count,
+from nativetok_jax.models.dit.transformer import (EMBEDDING_INIT, ROW_AXES, DiT, DiTBlock, apply_blocks, parameter_count,
                                       sincos_2d_positions)
 
 __all__ = ["DynamicContentTransformer", "d2it", "d2it_from_config", "parameter_count"]

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.models.autoencoder import build_model
-from nativetok_jax.models.generators import build_generator
+from nativetok_jax.models.nativetok.autoencoder import build_model
+from nativetok_jax.models.generators.build import build_generator
 
 MATCHING = ("", "depth", "width")  # "": the configured sizes
 

@@ -66,11 +66,123 @@ def _transformer(width: int, depth: int, num_heads: int, remat: bool = False) ->
     )
 
 
+# ----------------------------------------------------------------- the sections every task composes
+# A task's config is run_config(task) (data, train's loop and optimiser, mesh, sharding) plus its own
+# sections: nothing is inherited and deleted, so a field a task does not read is not there to be set.
+
+def data_section() -> ml_collections.ConfigDict:
+    """``config.data``: where images come from and how training crops are taken."""
+    data = ml_collections.ConfigDict()
+    # "photos": the photographs bundled with scikit-image (no download; held-out photographs for
+    # evaluation); "folder": every jpg/png/webp under data.path (sub-folders are classes);
+    # "tfds": a prepared TFDS dataset, read by name from data.tfds_data_dir.
+    data.source = "photos"
+    data.path = ""
+    data.eval_path = ""  # folder source: evaluation images; "" holds out num_eval_images.
+    data.tfds_name = ""
+    data.tfds_data_dir = ""
+    data.train_split = "train"
+    data.eval_split = "validation"
+    # Training crops: a random square whose side is a fraction in [crop_min, crop_max] of the
+    # image's short side, resized to model.image_size; 1.0 and 1.0 is TiTok's resize-and-crop.
+    data.crop_min = 1.0
+    data.crop_max = 1.0
+    data.flip = True
+    data.num_eval_images = 64
+    data.num_threads = 4  # decoding threads per process
+    data.worker_count = 0  # grain worker processes; 0 decodes in this process
+    return data
+
+
+def train_section() -> ml_collections.ConfigDict:
+    """``config.train``: the loop (steps, batch, schedules of logs, evaluations and checkpoints, the
+    profiler window) and the optimiser (AdamW, warm-up then cosine, clipping, EMA)."""
+    train = ml_collections.ConfigDict()
+    train.seed = 0
+    train.num_steps = 1_000_000
+    train.batch_size = 256  # global, over all processes
+    # TiTok's recipe: AdamW, lr 1e-4, betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
+    train.learning_rate = 1e-4
+    train.final_learning_rate_ratio = 0.1
+    train.warmup_steps = 10_000
+    train.beta1 = 0.9
+    train.beta2 = 0.99
+    train.weight_decay = 1e-4
+    train.grad_clip_norm = 1.0
+    train.ema_decay = 0.999  # 0 keeps no EMA.
+    train.log_every = 100
+    train.eval_every = 5_000
+    train.checkpoint_every = 5_000
+    train.keep_checkpoints = 3
+    # A profiler trace (TensorBoard's profile plugin) of this many steps from profile_first_step
+    # on, written to the workdir by process 0; 0 traces nothing.
+    train.profile_steps = 0
+    train.profile_first_step = 10
+    return train
+
+
+def run_config(task: str) -> ml_collections.ConfigDict:
+    """The sections every task has: ``task``, ``data``, ``train`` (loop and optimiser), ``mesh``
+    (axis sizes; -1 takes every device left over) and ``sharding.rules``."""
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.data = data_section()
+    config.train = train_section()
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    config.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    return config
+
+
+def reconstruction_losses(*, quantized: bool) -> ml_collections.ConfigDict:
+    """``train.losses`` of an autoencoder that makes pixels (the tokenizer, the DVAE): the pixel,
+    perceptual and adversarial terms; ``quantized`` adds the tokenizer's quantiser and proxy-code
+    terms."""
+    losses = ml_collections.ConfigDict(dict(
+        pixel="l2",
+        pixel_weight=1.0,
+        # LPIPS(reconstruction, image); needs pretrained.lpips.
+        perceptual_weight=0.0,
+        # Hinge GAN with a patch discriminator (config.discriminator); 0 trains none.
+        adversarial_weight=0.0,
+        adversarial_start_step=0,
+        # VQGAN's balance: scale the generator term by |grad rec| / |grad gan| at the last
+        # pixel-producing layer, clipped to max_adaptive_weight.
+        adaptive_adversarial_weight=True,
+        max_adaptive_weight=1e4,
+        # LeCam regulariser of the discriminator (0 turns it off) and its running means' decay.
+        lecam_weight=0.0,
+        lecam_decay=0.999,
+    ))
+    if quantized:
+        losses.quantizer_weight = 1.0
+        # Proxy-code head only (needs pretrained.maskgit_vqgan): "codes" is cross-entropy
+        # against the VQGAN's codes of each image (TiTok stage 1); "soft_l1" is the L1
+        # distance of softmax-weighted code embeddings to the VQGAN's latents (the
+        # prototype's variant); "pixels" decodes soft codes with the frozen VQGAN decoder and
+        # applies the pixel, perceptual and adversarial losses (TiTok stage 2).
+        losses.proxy = "codes"
+        losses.proxy_weight = 1.0
+    return losses
+
+
+def discriminator_section() -> ml_collections.ConfigDict:
+    """``config.discriminator``: the patch discriminator and its own optimiser (used when
+    ``train.losses.adversarial_weight > 0``)."""
+    return ml_collections.ConfigDict(
+        dict(width=64, depth=3, norm="batch", learning_rate=1e-4, final_learning_rate_ratio=1.0,
+             warmup_steps=0, beta1=0.9, beta2=0.99, weight_decay=1e-4, grad_clip_norm=1.0))
+
+
+def pretrained_section(*names: str) -> ml_collections.ConfigDict:
+    """``config.pretrained``: files converted by ``python -m nativetok_jax.convert`` (nothing is ever
+    downloaded), one field per network the task can use: ``lpips`` (perceptual loss and metric),
+    ``maskgit_vqgan`` (the proxy-code head), ``inception`` (rFID and IS)."""
+    return ml_collections.ConfigDict({name: "" for name in names})
+
+
 def base_config() -> ml_collections.ConfigDict:
     """NativeTok with 32 tokens at 256 px, the paper's sizes (docs/nativetok.md)."""
-    config = ml_collections.ConfigDict()
-    config.task = "tokenizer"  # or "generator" (see generator_config)
-
+    config = run_config("tokenizer")
     config.model = ml_collections.ConfigDict()
     config.model.kind = "nativetok"  # or "titok": the order-free baseline.
     config.model.image_size = 256
@@ -120,103 +232,25 @@ def base_config() -> ml_collections.ConfigDict:
     # = "pixels" trains, so use it for models from that stage).
     config.model.decoder.proxy_decoding = "argmax"
 
-    config.data = ml_collections.ConfigDict()
-    # "photos": the photographs bundled with scikit-image (no download; held-out photographs for
-    # evaluation); "folder": every jpg/png/webp under data.path (sub-folders are classes);
-    # "tfds": a prepared TFDS dataset, read by name from data.tfds_data_dir.
-    config.data.source = "photos"
-    config.data.path = ""
-    config.data.eval_path = ""  # folder source: evaluation images; "" holds out num_eval_images.
-    config.data.tfds_name = ""
-    config.data.tfds_data_dir = ""
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
-    # Training crops: a random square whose side is a fraction in [crop_min, crop_max] of the
-    # image's short side, resized to model.image_size; 1.0 and 1.0 is TiTok's resize-and-crop.
-    config.data.crop_min = 1.0
-    config.data.crop_max = 1.0
-    config.data.flip = True
-    config.data.num_eval_images = 64
-    config.data.num_threads = 4  # decoding threads per process
-    config.data.worker_count = 0  # grain worker processes; 0 decodes in this process
-
-    config.train = ml_collections.ConfigDict()
-    config.train.seed = 0
-    config.train.num_steps = 1_000_000
-    config.train.batch_size = 256  # global, over all processes
-    # TiTok's recipe: AdamW, lr 1e-4, betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
-    config.train.learning_rate = 1e-4
-    config.train.final_learning_rate_ratio = 0.1
-    config.train.warmup_steps = 10_000
-    config.train.beta1 = 0.9
-    config.train.beta2 = 0.99
-    config.train.weight_decay = 1e-4
-    config.train.grad_clip_norm = 1.0
-    config.train.ema_decay = 0.999  # 0 keeps no EMA.
+    t = config.train
     # With this probability an example is decoded from a random prefix of its tokens only, so
     # that coarse-to-fine previews (the first k tokens) are meaningful.
-    config.train.prefix_probability = 0.5
+    t.prefix_probability = 0.5
     # Decode continuous tokens for this many steps, then fit the codebook to the encoder's
     # outputs and quantise (0: quantise from the start). See training/codebook.py. Or give the
     # warm-up as a fraction of train.num_steps (of the first HNT stage's steps), so that it
     # follows --config.train.num_steps; set at most one of the two.
-    config.train.quantizer_warmup_steps = 0
-    config.train.quantizer_warmup_fraction = 0.0
-    config.train.losses = ml_collections.ConfigDict(
-        dict(
-            pixel="l2",
-            pixel_weight=1.0,
-            quantizer_weight=1.0,
-            # LPIPS(reconstruction, image); needs pretrained.lpips.
-            perceptual_weight=0.0,
-            # Proxy-code head only (needs pretrained.maskgit_vqgan): "codes" is cross-entropy
-            # against the VQGAN's codes of each image (TiTok stage 1); "soft_l1" is the L1
-            # distance of softmax-weighted code embeddings to the VQGAN's latents (the
-            # prototype's variant); "pixels" decodes soft codes with the frozen VQGAN decoder and
-            # applies the pixel, perceptual and adversarial losses (TiTok stage 2).
-            proxy="codes",
-            proxy_weight=1.0,
-            # Hinge GAN with a patch discriminator (config.discriminator); 0 trains none.
-            adversarial_weight=0.0,
-            adversarial_start_step=0,
-            # VQGAN's balance: scale the generator term by |grad rec| / |grad gan| at the last
-            # pixel-producing layer, clipped to max_adaptive_weight.
-            adaptive_adversarial_weight=True,
-            max_adaptive_weight=1e4,
-            # LeCam regulariser of the discriminator (0 turns it off) and its running means' decay.
-            lecam_weight=0.0,
-            lecam_decay=0.999,
-        )
-    )
-    # The patch discriminator and its own optimiser (used when losses.adversarial_weight > 0).
-    config.discriminator = ml_collections.ConfigDict(
-        dict(width=64, depth=3, norm="batch", learning_rate=1e-4, final_learning_rate_ratio=1.0,
-             warmup_steps=0, beta1=0.9, beta2=0.99, weight_decay=1e-4, grad_clip_norm=1.0)
-    )
-    # Pretrained networks, as files converted by `python -m nativetok_jax.convert` (nothing is
-    # ever downloaded): LPIPS for the perceptual loss and metric, the MaskGIT VQGAN for the
-    # proxy-code head, the FID Inception for rFID and IS.
-    config.pretrained = ml_collections.ConfigDict(dict(lpips="", maskgit_vqgan="", inception=""))
-    config.train.log_every = 100
-    config.train.eval_every = 5_000
-    config.train.checkpoint_every = 5_000
-    config.train.keep_checkpoints = 3
-    # A profiler trace (TensorBoard's profile plugin) of this many steps from profile_first_step
-    # on, written to the workdir by process 0; 0 traces nothing.
-    config.train.profile_steps = 0
-    config.train.profile_first_step = 10
-
+    t.quantizer_warmup_steps = 0
+    t.quantizer_warmup_fraction = 0.0
+    t.losses = reconstruction_losses(quantized=True)
+    config.discriminator = discriminator_section()
+    config.pretrained = pretrained_section("lpips", "maskgit_vqgan", "inception")
     # Hierarchical Native Training: an empty tuple trains one stage with model.num_tokens; else
     # a tuple of dicts(num_tokens=, num_steps=, frozen=(...), name=""), run in order, each in
     # its own sub-directory. frozen names parts: mit, old_experts, experts, token_head,
     # quantizer, decoder (encoder for TiTok).
     config.hnt = ml_collections.ConfigDict()
     config.hnt.stages = ()
-
-    # Mesh axis sizes; -1 takes every device left over.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-    config.sharding = ml_collections.ConfigDict()
-    config.sharding.rules = DEFAULT_RULES
     return config
 
 
@@ -256,10 +290,6 @@ def titok_release_config(release: str = "L-32") -> ml_collections.ConfigDict:
     return config
 
 
-TOKENIZER_ONLY = ("model", "hnt", "pretrained", "discriminator")
-TOKENIZER_ONLY_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
-
-
 def generator_config() -> ml_collections.ConfigDict:
     """A second-stage generator trained on a tokenizer's ids: LlamaGen-B (AR) by default.
 
@@ -268,12 +298,7 @@ def generator_config() -> ml_collections.ConfigDict:
     names the tokenizer's workdir, whose checkpoint encodes the data once into a token store.
     The tokenizer's model, objective and HNT fields are not part of it.
     """
-    config = base_config()
-    config.task = "generator"
-    for name in TOKENIZER_ONLY:
-        del config[name]
-    for name in TOKENIZER_ONLY_TRAIN:
-        del config.train[name]
+    config = run_config("generator")
     g = config.generator = ml_collections.ConfigDict()
     g.kind = "ar"  # "ar": LlamaGen-class GPT; "maskgit": bidirectional masked-token transformer
     g.tokenizer = ""  # a tokenizer workdir (or one stage's directory)
@@ -582,11 +607,12 @@ def _number(value, field: str, low: float = 0.0) -> None:
              f"must be a number >= {low:g}, got {value!r}")
 
 
-def _validate_objective(config: ml_collections.ConfigDict) -> None:
-    """The loss weights, the discriminator, and the pretrained files the objective needs."""
+def _validate_objective(config: ml_collections.ConfigDict, *, quantized: bool = True) -> None:
+    """The loss weights, the discriminator, and the pretrained files the objective needs
+    (``quantized``: the tokenizer's, with its quantiser and proxy-code terms)."""
     losses, head = config.train.losses, (config.model.get("decoder") or {}).get("head", "pixel")
-    for name in ("pixel_weight", "quantizer_weight", "perceptual_weight", "proxy_weight",
-                 "adversarial_weight", "lecam_weight", "max_adaptive_weight"):
+    names = ("pixel_weight", "perceptual_weight", "adversarial_weight", "lecam_weight", "max_adaptive_weight")
+    for name in names + (("quantizer_weight", "proxy_weight") if quantized else ()):
         _number(losses.get(name), f"train.losses.{name}")
     _require(isinstance(losses.get("adversarial_start_step"), int) and losses.adversarial_start_step >= 0,
              "train.losses.adversarial_start_step", f"must be an integer >= 0, got {losses.get('adversarial_start_step')!r}")
@@ -594,9 +620,10 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     decay = losses.get("lecam_decay")
     _require(isinstance(decay, (int, float)) and 0 <= decay < 1, "train.losses.lecam_decay",
              f"must lie in [0, 1), got {decay!r}")
-    _require(losses.get("proxy") in PROXY_LOSSES, "train.losses.proxy",
-             f"must be one of {PROXY_LOSSES}, got {losses.get('proxy')!r}")
-    makes_pixels = head == "pixel" or losses.proxy == "pixels"
+    if quantized:
+        _require(losses.get("proxy") in PROXY_LOSSES, "train.losses.proxy",
+                 f"must be one of {PROXY_LOSSES}, got {losses.get('proxy')!r}")
+    makes_pixels = head == "pixel" or losses.get("proxy") == "pixels"
     for name in ("perceptual_weight", "adversarial_weight"):
         _require(makes_pixels or losses[name] == 0, f"train.losses.{name}",
                  f"needs pixels, but the proxy-code head trained with proxy={losses.proxy!r} makes none "
@@ -779,9 +806,6 @@ def _validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int
 
 
 # What the tokenizer's schema holds that a diffusion run does not use.
-DIFFUSION_UNUSED_TRAIN = ("losses", "prefix_probability", "quantizer_warmup_steps", "quantizer_warmup_fraction")
-
-
 def dit_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
     """A whole DiT training run (``task="diffusion"``): DiT-``size``/``patch_size`` on SD-VAE latents
     of ImageNet 256 px with DiT's recipe (facebookresearch/DiT ``train.py``).
@@ -797,12 +821,7 @@ def dit_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDic
     steps [C]; ``preview``: the class-conditional grid written at every evaluation, DDIM-50 with
     guidance 4.0 (DiT's picture setting) [C].
     """
-    config = base_config()
-    config.task = "diffusion"
-    for name in TOKENIZER_ONLY:
-        del config[name]
-    for name in DIFFUSION_UNUSED_TRAIN:
-        del config.train[name]
+    config = run_config("diffusion")
     config.model = dit_model_config(size, patch_size)
     d = config.data
     d.source, d.tfds_name = "tfds", "imagenet2012"
@@ -906,8 +925,7 @@ def dvae_config() -> ml_collections.ConfigDict:
     at ``fine_ratio`` are the fixed-grain comparisons). ``train.losses.kl_weight`` weighs the KL,
     in which a coarse code counts once.
     """
-    config = base_config()
-    config.task = "dvae"
+    config = run_config("dvae")
     m = config.model = ml_collections.ConfigDict()
     m.kind = "dvae"
     m.image_size = 256
@@ -922,9 +940,11 @@ def dvae_config() -> ml_collections.ConfigDict:
         routing="entropy", fine_ratio=0.5, thresholds="",
         num_bins=0,  # 0: region_size^2 bins
         sigma=0.01, low=0.0, high=1.0))
-    losses = config.train.losses
+    losses = config.train.losses = reconstruction_losses(quantized=False)
     losses.pixel, losses.perceptual_weight, losses.adversarial_weight = "l1", 1.0, 0.5
     losses.kl_weight = 1e-6
+    config.discriminator = discriminator_section()
+    config.pretrained = pretrained_section("lpips", "inception")
     config.train.latent_scale_batches = 8  # training batches the final latent scale is measured on
     return config
 
@@ -964,7 +984,7 @@ def validate_dvae(config: ml_collections.ConfigDict) -> None:
     _positive_int(config.train.get("latent_scale_batches"), "train.latent_scale_batches")
     _require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {config.train.losses.get('pixel')!r}")
-    _validate_objective(config)
+    _validate_objective(config, quantized=False)
     validate_data_source(config.data)
 
 

@@ -46,6 +46,14 @@ def parse(*args: str):
      "configs/gen_imagenet.py:ar,L, configs/gen_imagenet.py:maskgit"),
     (["--config", "configs/d2it.py"],
      "error: configs/d2it.py needs an argument, one of: configs/d2it.py:B, configs/d2it.py:L, configs/d2it.py:XL"),
+    # A DVAE has no HNT stages, prefix dropout or quantiser: its config does not hold those fields,
+    # so setting one stops the run instead of being ignored.
+    (["--config", "configs/dvae_demo.py", "--config.hnt.stages=()"],
+     "error: --config.hnt.stages: config has no field 'hnt'; its fields: data, discriminator, mesh, model, "
+     "pretrained, sharding, task, train"),
+    (["--config", "configs/dvae_demo.py", "--config.train.quantizer_warmup_steps=10"],
+     "error: --config.train.quantizer_warmup_steps: config.train has no field 'quantizer_warmup_steps'; "
+     "did you mean 'warmup_steps'?"),
 ])
 def test_a_bad_config_flag_is_one_line_naming_the_field_or_the_choices(args, message, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -1,8 +1,13 @@
-"""The configuration schema: every field with its default, and one-line validation errors.
+"""The run configs: every task's factory, composed from sections, with one-line validation errors.
 
-Config files in ``configs/`` start from :func:`base_config` and override what they change, so a
-field exists (and is documented) in exactly one place. :func:`validate` turns a bad value into
-a ``ConfigError`` that names the field, before anything is built or compiled.
+A task's config is :func:`run_config` (``data``, ``train``, ``mesh``, ``sharding``) plus its own
+sections; each model's section (defaults and checks) lives with the model and is re-exported here
+(``dit_model_config`` from ``models/dit/transformer.py``, ``d2it_model_config`` from
+``models/d2it/content_transformer.py``, the grain transformer's, the tokenizer's
+``validate_model``), so a field exists and is documented in exactly one place. Config files in
+``configs/`` start from a factory (:func:`base_config` for the tokenizer) and override what they
+change; the ``validate_*`` functions turn a bad value into a ``ConfigError`` that names the field,
+before anything is built or compiled (:mod:`nativetok_jax.schema` holds the checks).
 """
 
 from __future__ import annotations
@@ -17,13 +22,39 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from nativetok_jax.errors import UserError
 from nativetok_jax import storage
+from nativetok_jax.models.d2it.content_transformer import (  # noqa: F401  (re-exported: the config API)
+    D2IT_SIZES,
+    d2it_latent_shape,
+    d2it_model_config,
+    validate_d2it_model,
+)
+from nativetok_jax.models.d2it.dvae import dvae_model_config, validate_dvae_model
+from nativetok_jax.models.d2it.grain_transformer import (  # noqa: F401
+    default_grain_transformer_config,
+    validate_grain_transformer_config,
+)
+from nativetok_jax.models.dit.transformer import (  # noqa: F401
+    DIT_SIZES,
+    dit_latent_shape,
+    dit_model_config,
+    validate_diffusion_sampling,
+    validate_dit_model,
+)
+from nativetok_jax.models.nativetok.autoencoder import validate_model
+from nativetok_jax.schema import (  # noqa: F401
+    DTYPES,
+    REMAT_POLICIES,
+    ConfigError,
+    boolean,
+    number,
+    positive_int,
+    require,
+    require_unconditional_model,
+    transformer_section,
+    validate_transformer,
+)
 
-MODEL_KINDS = ("nativetok", "titok")
-DECODER_HEADS = ("pixel", "proxy_codes")
-DTYPES = ("float32", "bfloat16")
-PROXY_DECODINGS = ("argmax", "soft")
 PROXY_LOSSES = ("codes", "soft_l1", "pixels")
 DISCRIMINATOR_NORMS = ("batch", "group")
 
@@ -50,20 +81,7 @@ DEFAULT_RULES = (
 )
 
 
-class ConfigError(UserError, ValueError):
-    """A config field has a value the code cannot use; the message names the field."""
-
-
 # What a rematerialised layer keeps (nativetok_jax/layers/remat.py): jax.checkpoint_policies names.
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-def _transformer(width: int, depth: int, num_heads: int, remat: bool = False) -> ml_collections.ConfigDict:
-    # remat_policy: what a rematerialised layer keeps (layers/remat.py), when remat is True.
-    return ml_collections.ConfigDict(
-        dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=4.0, remat=remat,
-             remat_policy="nothing_saveable")
-    )
 
 
 # ----------------------------------------------------------------- the sections every task composes
@@ -203,13 +221,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.legacy_token_layout = False
     # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
     # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
-    config.model.encoder = _transformer(width=1024, depth=18, num_heads=16)
+    config.model.encoder = transformer_section(width=1024, depth=18, num_heads=16)
     # One light transformer per token position.
     # remat: each expert is recomputed in the backward pass instead of the expert scan stacking its
     # residuals. Measured with `bench profile` (process CPU-seconds per step, 2026-11-30): the demo's
     # step 548 -> 368 ms, the prototype's sizes 2.38 -> 1.87 s (L = 32) and 12.7 -> 11.5 s (L = 128),
     # although it adds 3-15 % FLOPs: XLA:CPU zero-fills and copies the stacked residual buffers.
-    config.model.experts = _transformer(width=256, depth=2, num_heads=4, remat=True)
+    config.model.experts = transformer_section(width=256, depth=2, num_heads=4, remat=True)
     # scan=False runs the prototype's unrolled Python loop instead of the scanned stack: same
     # numbers, compile time growing with num_tokens. For tests and benchmarks only.
     config.model.experts.scan = True
@@ -222,7 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)
     )
     # TiTok-L decoder.
-    config.model.decoder = _transformer(width=1024, depth=24, num_heads=16)
+    config.model.decoder = transformer_section(width=1024, depth=24, num_heads=16)
     config.model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
     config.model.decoder.proxy_codebook_size = 1024
     # > 0: a Linear of this width and tanh before the head (TiTok's released decoders: 2 x width).
@@ -348,17 +366,17 @@ def _fill_defaults(stored: Any, defaults: Any) -> Any:
 def validate_generator(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first generator, data or training field that cannot work."""
     g, train = config.generator, config.train
-    _require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
-    _require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
-    _require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
-    _validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
+    require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
+    require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
+    require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
+    validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
                                                         mlp_ratio=g.mlp_ratio, remat=g.remat,
                                                         remat_policy=g.remat_policy)), "generator")
-    _require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
+    require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
     for name in ("num_classes", "num_train_examples", "num_eval_examples"):
-        _require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
+        require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
-    _positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
+    positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
     from nativetok_jax.data.token_order import TokenOrderError, token_permutation
 
     try:
@@ -366,12 +384,12 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     except TokenOrderError as error:
         raise ConfigError(str(error)) from None
     p = g.label_drop_probability
-    _require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
     validate_sampling(g.sample, g.kind)
     require_unconditional_model(g.sample.get("guidance_scale"), p, "config.generator.sample.guidance_scale",
                                 "generator.label_drop_probability")
     validate_loop(train)
-    _number(train.get("learning_rate"), "train.learning_rate")
+    number(train.get("learning_rate"), "train.learning_rate")
     validate_data_source(config.data)
 
 
@@ -419,10 +437,10 @@ def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_s
 def validate_loop(train: ml_collections.ConfigDict) -> None:
     """The training loop's schedule fields (``training/loop.py``), shared by every trainer."""
     for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        _positive_int(train.get(name), f"train.{name}")
+        positive_int(train.get(name), f"train.{name}")
     for name in ("profile_steps", "profile_first_step"):
         value = train.get(name, 0)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{name}",
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{name}",
                  f"must be an integer >= 0, got {value!r}")
 
 
@@ -434,15 +452,15 @@ def quantizer_warmup_steps(train: ml_collections.ConfigDict, num_steps: int | No
     """
     num_steps = train.num_steps if num_steps is None else num_steps
     steps, fraction = train.quantizer_warmup_steps, train.get("quantizer_warmup_fraction", 0.0)
-    _require(isinstance(steps, int) and steps >= 0, "train.quantizer_warmup_steps",
+    require(isinstance(steps, int) and steps >= 0, "train.quantizer_warmup_steps",
              f"must be an integer >= 0, got {steps!r}")
-    _require(isinstance(fraction, (int, float)) and 0 <= fraction < 1, "train.quantizer_warmup_fraction",
+    require(isinstance(fraction, (int, float)) and 0 <= fraction < 1, "train.quantizer_warmup_fraction",
              f"must lie in [0, 1), got {fraction!r}")
-    _require(not (steps and fraction), "train.quantizer_warmup_steps",
+    require(not (steps and fraction), "train.quantizer_warmup_steps",
              f"{steps} and train.quantizer_warmup_fraction {fraction} are both set; set one of them to 0")
     if fraction:
         return int(fraction * num_steps)
-    _require(steps < num_steps, "train.quantizer_warmup_steps",
+    require(steps < num_steps, "train.quantizer_warmup_steps",
              f"{steps} leaves none of the {num_steps} steps quantised; lower it, or give the warm-up as "
              "--config.train.quantizer_warmup_fraction (with --config.train.quantizer_warmup_steps=0)")
     return steps
@@ -459,9 +477,9 @@ SOURCE_FIELDS = {"path": "folder", "eval_path": "folder"}
 def validate_data_source(data: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` for an unknown ``data.source`` or a field of another source set."""
     source = data.get("source")
-    _require(source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {source!r}")
+    require(source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {source!r}")
     for field, owner in SOURCE_FIELDS.items():
-        _require(not data.get(field) or source == owner, f"data.{field}",
+        require(not data.get(field) or source == owner, f"data.{field}",
                  f"is read only when data.source is {owner!r}, but data.source is {source!r}: add "
                  f"--config.data.source={owner}, or leave data.{field} empty")
 
@@ -498,113 +516,30 @@ def config_choice(path: str, arg: str | None, choices: Sequence[str], default: s
     return arg
 
 
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config.{field}: {message}")
-
-
-def require_unconditional_model(guidance_scale: Any, label_drop_probability: Any, field: str, drop_field: str) -> None:
-    """Raises ``ConfigError`` naming ``field`` when classifier-free guidance other than 1 (0 is the
-    unconditional model alone) is asked of a model trained with ``label_drop_probability`` 0 (``field``
-    as the message names it: ``config.<path>`` or a flag): its
-    null class's embedding never trained (it stays at its initial value), so the "unconditional"
-    prediction is an arbitrary one and guidance amplifies noise. Either number being malformed is
-    left to the field's own check."""
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (guidance_scale, label_drop_probability)):
-        return
-    if label_drop_probability == 0 and guidance_scale != 1:
-        raise ConfigError(f"{field}: guidance {guidance_scale:g} needs the unconditional model, which never trained: "
-                          f"{drop_field} is 0 (set the guidance to 1, or train with label dropout > 0)")
-
-
-def _positive_int(value, field: str) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
-             f"must be a positive integer, got {value!r}")
-
-
-def _boolean(value, field: str) -> None:
-    _require(isinstance(value, bool), field, f"must be True or False, got {value!r}")
-
-
-def _validate_transformer(cfg: ml_collections.ConfigDict, field: str) -> None:
-    for name in ("width", "depth", "num_heads"):
-        _positive_int(cfg.get(name), f"{field}.{name}")
-    _boolean(cfg.get("remat"), f"{field}.remat")
-    _require(cfg.get("remat_policy", "nothing_saveable") in REMAT_POLICIES, f"{field}.remat_policy",
-             f"must be one of {REMAT_POLICIES}, got {cfg.get('remat_policy')!r}")
-    _require(cfg.width % cfg.num_heads == 0, f"{field}.width",
-             f"{cfg.width} is not divisible by num_heads={cfg.num_heads}")
-    _require(float(cfg.mlp_ratio) > 0, f"{field}.mlp_ratio", f"must be > 0, got {cfg.mlp_ratio!r}")
-
-
-def validate_model(model: ml_collections.ConfigDict) -> None:
-    """Raises ``ConfigError`` naming the first field of ``config.model`` that cannot work."""
-    _require(model.get("kind") in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {model.get('kind')!r}")
-    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
-    for name in ("image_size", "patch_size", "num_tokens"):
-        _positive_int(model.get(name), f"model.{name}")
-    _require(model.image_size % model.patch_size == 0, "model.image_size",
-             f"{model.image_size} is not a multiple of patch_size={model.patch_size}")
-    _validate_transformer(model.encoder, "model.encoder")
-    _validate_transformer(model.decoder, "model.decoder")
-    _boolean(model.get("unroll_scans"), "model.unroll_scans")
-    _boolean(model.get("latent_causal_mask", False), "model.latent_causal_mask")
-    _require(not model.get("latent_causal_mask", False) or model.kind == "titok", "model.latent_causal_mask",
-             f"only the titok encoder has latent tokens to mask; model.kind is {model.kind!r}")
-    if model.kind == "nativetok":
-        _validate_transformer(model.experts, "model.experts")
-        _boolean(model.experts.get("scan"), "model.experts.scan")
-        _positive_int(model.experts.get("chunks"), "model.experts.chunks")
-    _positive_int(model.quantizer.get("codebook_size"), "model.quantizer.codebook_size")
-    _positive_int(model.quantizer.get("token_dim"), "model.quantizer.token_dim")
-    weight = model.quantizer.get("commitment_weight")
-    _require(isinstance(weight, (int, float)) and weight >= 0, "model.quantizer.commitment_weight",
-             f"must be a number >= 0, got {weight!r}")
-    _require(model.decoder.get("head") in DECODER_HEADS, "model.decoder.head",
-             f"must be one of {DECODER_HEADS}, got {model.decoder.get('head')!r}")
-    _positive_int(model.decoder.get("proxy_codebook_size"), "model.decoder.proxy_codebook_size")
-    _require(model.decoder.get("proxy_decoding") in PROXY_DECODINGS, "model.decoder.proxy_decoding",
-             f"must be one of {PROXY_DECODINGS}, got {model.decoder.get('proxy_decoding')!r}")
-    hidden = model.decoder.get("head_hidden", 0)
-    _require(isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 0, "model.decoder.head_hidden",
-             f"must be an integer >= 0, got {hidden!r}")
-    epsilon = model.get("norm_epsilon", 1e-6)
-    _require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon < 1,
-             "model.norm_epsilon", f"must lie in (0, 1), got {epsilon!r}")
-    _boolean(model.get("legacy_token_layout", False), "model.legacy_token_layout")
-    _require(not model.get("legacy_token_layout", False) or model.kind == "titok", "model.legacy_token_layout",
-             f"only TiTok's released tokenizers use it; model.kind is {model.kind!r}")
-
-
 def validate_training(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field of the model, data or training config that cannot work."""
     validate_model(config.model)
     train, data = config.train, config.data
     validate_loop(train)
-    _require(train.batch_size % _process_count() == 0, "train.batch_size",
+    require(train.batch_size % _process_count() == 0, "train.batch_size",
              f"{train.batch_size} is not divisible by the {_process_count()} processes")
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
         value = train.get(name)
-        _require(isinstance(value, (int, float)) and value >= 0, f"train.{name}", f"must be a number >= 0, got {value!r}")
-    _require(isinstance(train.warmup_steps, int) and train.warmup_steps >= 0, "train.warmup_steps",
+        require(isinstance(value, (int, float)) and value >= 0, f"train.{name}", f"must be a number >= 0, got {value!r}")
+    require(isinstance(train.warmup_steps, int) and train.warmup_steps >= 0, "train.warmup_steps",
              f"must be an integer >= 0, got {train.warmup_steps!r}")
     for name in ("beta1", "beta2", "ema_decay", "prefix_probability"):
         value = train.get(name)
-        _require(isinstance(value, (int, float)) and 0 <= value < 1 + (name == "prefix_probability"),
+        require(isinstance(value, (int, float)) and 0 <= value < 1 + (name == "prefix_probability"),
                  f"train.{name}", f"must lie in [0, 1), got {value!r}")
-    _require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
+    require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
     _validate_objective(config)
     quantizer_warmup_steps(train)
     validate_data_source(data)
-    _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
+    require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
-    _positive_int(data.get("num_eval_images"), "data.num_eval_images")
-
-
-def _number(value, field: str, low: float = 0.0) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low, field,
-             f"must be a number >= {low:g}, got {value!r}")
+    positive_int(data.get("num_eval_images"), "data.num_eval_images")
 
 
 def _validate_objective(config: ml_collections.ConfigDict, *, quantized: bool = True) -> None:
@@ -613,38 +548,38 @@ def _validate_objective(config: ml_collections.ConfigDict, *, quantized: bool = 
     losses, head = config.train.losses, (config.model.get("decoder") or {}).get("head", "pixel")
     names = ("pixel_weight", "perceptual_weight", "adversarial_weight", "lecam_weight", "max_adaptive_weight")
     for name in names + (("quantizer_weight", "proxy_weight") if quantized else ()):
-        _number(losses.get(name), f"train.losses.{name}")
-    _require(isinstance(losses.get("adversarial_start_step"), int) and losses.adversarial_start_step >= 0,
+        number(losses.get(name), f"train.losses.{name}")
+    require(isinstance(losses.get("adversarial_start_step"), int) and losses.adversarial_start_step >= 0,
              "train.losses.adversarial_start_step", f"must be an integer >= 0, got {losses.get('adversarial_start_step')!r}")
-    _boolean(losses.get("adaptive_adversarial_weight"), "train.losses.adaptive_adversarial_weight")
+    boolean(losses.get("adaptive_adversarial_weight"), "train.losses.adaptive_adversarial_weight")
     decay = losses.get("lecam_decay")
-    _require(isinstance(decay, (int, float)) and 0 <= decay < 1, "train.losses.lecam_decay",
+    require(isinstance(decay, (int, float)) and 0 <= decay < 1, "train.losses.lecam_decay",
              f"must lie in [0, 1), got {decay!r}")
     if quantized:
-        _require(losses.get("proxy") in PROXY_LOSSES, "train.losses.proxy",
+        require(losses.get("proxy") in PROXY_LOSSES, "train.losses.proxy",
                  f"must be one of {PROXY_LOSSES}, got {losses.get('proxy')!r}")
     makes_pixels = head == "pixel" or losses.get("proxy") == "pixels"
     for name in ("perceptual_weight", "adversarial_weight"):
-        _require(makes_pixels or losses[name] == 0, f"train.losses.{name}",
-                 f"needs pixels, but the proxy-code head trained with proxy={losses.proxy!r} makes none "
+        require(makes_pixels or losses[name] == 0, f"train.losses.{name}",
+                 f"needs pixels, but the proxy-code head trained with proxy={losses.get('proxy')!r} makes none "
                  "(use proxy='pixels' or model.decoder.head='pixel')")
     if losses.adversarial_weight > 0:
         d = config.discriminator
-        _positive_int(d.get("width"), "discriminator.width")
-        _positive_int(d.get("depth"), "discriminator.depth")
-        _require(d.get("norm") in DISCRIMINATOR_NORMS, "discriminator.norm",
+        positive_int(d.get("width"), "discriminator.width")
+        positive_int(d.get("depth"), "discriminator.depth")
+        require(d.get("norm") in DISCRIMINATOR_NORMS, "discriminator.norm",
                  f"must be one of {DISCRIMINATOR_NORMS}, got {d.get('norm')!r}")
         for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
-            _number(d.get(name), f"discriminator.{name}")
-        _require(config.model.image_size >= 2 ** (d.depth + 1), "discriminator.depth",
+            number(d.get(name), f"discriminator.{name}")
+        require(config.model.image_size >= 2 ** (d.depth + 1), "discriminator.depth",
                  f"{d.depth} stride-2 layers leave no patch of a {config.model.image_size} px image")
     needed = {"lpips": losses.perceptual_weight > 0, "maskgit_vqgan": head == "proxy_codes"}
     for name, needs in needed.items():
         path = config.pretrained.get(name, "")
         if needs:
-            _require(bool(path), f"pretrained.{name}", "is needed by this objective: convert the public weights "
+            require(bool(path), f"pretrained.{name}", "is needed by this objective: convert the public weights "
                      "with `python -m nativetok_jax.convert` and name the file here")
-            _require(storage.path(path).is_file(), f"pretrained.{name}", f"file not found: {path}")
+            require(storage.path(path).is_file(), f"pretrained.{name}", f"file not found: {path}")
 
 
 def _process_count() -> int:
@@ -656,12 +591,12 @@ def _process_count() -> int:
 def validate_rules(rules, mesh_axes: tuple[str, ...]) -> None:
     """Every rule maps a logical name to mesh axes that exist (or to None)."""
     for entry in rules:
-        _require(isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str),
+        require(isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str),
                  "sharding.rules", f"each rule must be (logical_name, mesh_axes), got {entry!r}")
         name, target = entry
         targets = (target,) if isinstance(target, str) or target is None else tuple(target)
         unknown = [t for t in targets if t is not None and t not in mesh_axes]
-        _require(not unknown, "sharding.rules", f"rule for {name!r} names unknown mesh axes {unknown}; "
+        require(not unknown, "sharding.rules", f"rule for {name!r} names unknown mesh axes {unknown}; "
                  f"the mesh axes are {mesh_axes}")
 
 
@@ -669,143 +604,25 @@ def validate_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str
     """Resolves ``-1`` and checks that the axis sizes multiply to the device count."""
     sizes = {name: mesh.get(name, 1) for name in ("data", "fsdp", "model")}
     for name, size in sizes.items():
-        _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{name}",
+        require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{name}",
                  f"must be a positive integer or -1, got {size!r}")
     free = [name for name, size in sizes.items() if size == -1]
-    _require(len(free) <= 1, "mesh", f"only one axis may be -1, got {free}")
+    require(len(free) <= 1, "mesh", f"only one axis may be -1, got {free}")
     fixed = 1
     for size in sizes.values():
         fixed *= max(size, 1)
     if free:
-        _require(num_devices % fixed == 0, f"mesh.{free[0]}",
+        require(num_devices % fixed == 0, f"mesh.{free[0]}",
                  f"cannot fill {num_devices} devices with the other axes' product {fixed}")
         sizes[free[0]] = num_devices // fixed
     else:
-        _require(fixed == num_devices, "mesh",
+        require(fixed == num_devices, "mesh",
                  f"data*fsdp*model = {fixed} but there are {num_devices} devices")
     return sizes
 
 
-# --- DiT (diffusion) models -----------------------------------------------------------------
+# --- DiT (diffusion) runs -------------------------------------------------------------------
 
-DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-AUTOENCODERS = ("sd_vae", "pixels")
-NOISE_SCHEDULES = ("linear", "cosine")
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
-
-
-def dit_model_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
-    """The ``model`` section of a DiT: DiT-``size``/``patch_size`` on SD-VAE latents at 256 px.
-
-    Fields (facebookresearch/DiT's defaults unless marked [C], our choice):
-      kind: "dit".
-      size: "S", "B", "L" or "XL" (a label; ``width``/``depth``/``num_heads`` are what is built).
-      image_size: pixels per side; the latent side is ``image_size / autoencoder downsampling``.
-      patch_size: latent cells per patch side (2, 4 or 8 in DiT's tables).
-      mlp_ratio, learn_sigma, num_classes (1000; ``num_classes`` itself is the null class).
-      label_drop_probability: 0.1, labels dropped to the null class while training (guidance).
-      dtype: compute dtype; diffusion arithmetic stays float32 whatever it is.
-      remat, unroll_scans: as for the other transformers.
-      autoencoder.kind: "sd_vae" (LDM KL-f8, 4 channels, ``scale_factor`` 0.18215, weights from
-        ``python -m nativetok_jax.convert sd-vae``) or "pixels" (identity, 3 channels in [-1, 1]:
-        the demo's pixel-space diffusion [C]).
-      autoencoder.weights: the converted SD-VAE file ("" only for "pixels").
-      diffusion: the training process: ``schedule`` "linear" (1e-4 .. 0.02) or "cosine",
-        ``num_steps`` 1000.
-      sample: ``method`` "ddpm" (DiT's FID protocol) or "ddim", ``respacing`` "250" (or "ddim50",
-        "100", ...), ``eta`` (DDIM only), ``guidance_scale`` (1.5 for FID, 4.0 for pictures; 1 = off),
-        ``guided_channels`` (0 = all [C]; 3 = DiT's exact FID run), ``clip_denoised`` (pixels only).
-    """
-    if size not in DIT_SIZES:
-        raise ConfigError(f"config.model.size: unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
-    width, depth, num_heads = DIT_SIZES[size]
-    model = ml_collections.ConfigDict()
-    model.kind = "dit"
-    model.size = size
-    model.image_size = 256
-    model.patch_size = patch_size
-    model.width, model.depth, model.num_heads = width, depth, num_heads
-    model.mlp_ratio = 4.0
-    model.learn_sigma = True
-    model.num_classes = 1000
-    model.label_drop_probability = 0.1
-    model.dtype = "float32"
-    model.remat = False
-    model.remat_policy = "nothing_saveable"  # layers/remat.py
-    model.unroll_scans = False
-    model.autoencoder = ml_collections.ConfigDict(dict(kind="sd_vae", weights="", scale_factor=0.18215))
-    model.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))
-    model.sample = ml_collections.ConfigDict(dict(method="ddpm", respacing="250", eta=0.0, guidance_scale=1.5,
-                                                  guided_channels=0, clip_denoised=False))
-    return model
-
-
-def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """``(side, side, channels)`` of what the DiT diffuses: SD-VAE latents (f8, 4) or pixels (3)."""
-    if model.autoencoder.kind == "pixels":
-        return model.image_size, model.image_size, 3
-    return model.image_size // 8, model.image_size // 8, 4
-
-
-def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = True) -> None:
-    """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
-    (files are checked for existence here, not read; ``check_files=False`` leaves the SD-VAE file
-    out, for what builds the network alone)."""
-    _require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
-    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
-    for name in ("image_size", "patch_size", "num_classes"):
-        _positive_int(model.get(name), f"model.{name}")
-    _validate_transformer(model, "model")
-    _require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
-    for name in ("learn_sigma", "unroll_scans"):
-        _boolean(model.get(name), f"model.{name}")
-    p = model.get("label_drop_probability")
-    _require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
-    ae = model.autoencoder
-    _require(ae.get("kind") in AUTOENCODERS, "model.autoencoder.kind",
-             f"must be one of {AUTOENCODERS}, got {ae.get('kind')!r}")
-    if ae.kind == "sd_vae":
-        _require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
-        _number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
-        _require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
-        if check_files:
-            _require(bool(ae.get("weights")), "model.autoencoder.weights",
-                     "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
-                     "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
-            _require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
-    side = dit_latent_shape(model)[0]
-    _require(side % model.patch_size == 0, "model.patch_size",
-             f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
-    _validate_diffusion_sampling(model, dit_latent_shape(model)[2])
-
-
-def _validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int) -> None:
-    """``model.diffusion`` (schedule, steps) and ``model.sample`` of a diffusion model whose latent has
-    ``channels`` channels (DiT's and D²iT's)."""
-    d = model.diffusion
-    _require(d.get("schedule") in NOISE_SCHEDULES, "model.diffusion.schedule",
-             f"must be one of {NOISE_SCHEDULES}, got {d.get('schedule')!r}")
-    _positive_int(d.get("num_steps"), "model.diffusion.num_steps")
-    s = model.sample
-    _require(s.get("method") in DIFFUSION_SAMPLERS, "model.sample.method",
-             f"must be one of {DIFFUSION_SAMPLERS}, got {s.get('method')!r}")
-    from nativetok_jax.diffusion.respacing import space_timesteps
-
-    try:
-        space_timesteps(d.num_steps, s.get("respacing"))
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"config.model.sample.respacing: {error}") from None
-    _number(s.get("eta"), "model.sample.eta")
-    _number(s.get("guidance_scale"), "model.sample.guidance_scale")
-    require_unconditional_model(s.guidance_scale, model.get("label_drop_probability"), "config.model.sample.guidance_scale",
-                                "model.label_drop_probability")
-    g = s.get("guided_channels")
-    _require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
-             f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
-    _boolean(s.get("clip_denoised"), "model.sample.clip_denoised")
-
-
-# What the tokenizer's schema holds that a diffusion run does not use.
 def dit_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
     """A whole DiT training run (``task="diffusion"``): DiT-``size``/``patch_size`` on SD-VAE latents
     of ImageNet 256 px with DiT's recipe (facebookresearch/DiT ``train.py``).
@@ -858,11 +675,11 @@ def validate_d2it(config: ml_collections.ConfigDict) -> None:
     validate_d2it_model(config.model)
     validate_grain_transformer_config(config.grain_transformer)
     workdir = config.get("dvae", {}).get("workdir")
-    _require(isinstance(workdir, str) and bool(workdir), "dvae.workdir",
+    require(isinstance(workdir, str) and bool(workdir), "dvae.workdir",
              "names no Dynamic VAE run: train one first (python -m nativetok_jax.main --config configs/dvae_demo.py "
              "--workdir DIR) and give its DIR")
     weight = config.train.get("grain_loss_weight")
-    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+    require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
              "train.grain_loss_weight", f"must be a number >= 0, got {weight!r}")
     validate_diffusion_run(config)
 
@@ -871,22 +688,22 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     """The training, preview, data and latent-store fields of a diffusion run (DiT's or D²iT's)."""
     train, data = config.train, config.data
     validate_loop(train)
-    _require(train.batch_size % _process_count() == 0, "train.batch_size",
+    require(train.batch_size % _process_count() == 0, "train.batch_size",
              f"{train.batch_size} is not divisible by the {_process_count()} processes")
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
-        _number(train.get(name), f"train.{name}")
-    _require(isinstance(train.get("warmup_steps"), int) and train.warmup_steps >= 0, "train.warmup_steps",
+        number(train.get(name), f"train.{name}")
+    require(isinstance(train.get("warmup_steps"), int) and train.warmup_steps >= 0, "train.warmup_steps",
              f"must be an integer >= 0, got {train.get('warmup_steps')!r}")
     for name in ("beta1", "beta2", "ema_decay"):
         value = train.get(name)
-        _require(isinstance(value, (int, float)) and 0 <= value < 1, f"train.{name}", f"must lie in [0, 1), got {value!r}")
+        require(isinstance(value, (int, float)) and 0 <= value < 1, f"train.{name}", f"must lie in [0, 1), got {value!r}")
     steps = tuple(train.get("eval_timesteps") or ())
     num_steps = config.model.diffusion.num_steps
-    _require(bool(steps) and all(isinstance(s, int) and 0 <= s < num_steps for s in steps), "train.eval_timesteps",
+    require(bool(steps) and all(isinstance(s, int) and 0 <= s < num_steps for s in steps), "train.eval_timesteps",
              f"must be steps in [0, {num_steps}), got {steps!r}")
-    _positive_int(train.get("eval_batch_size"), "train.eval_batch_size")
+    positive_int(train.get("eval_batch_size"), "train.eval_batch_size")
     p = train.preview
-    _require(isinstance(p.get("num_samples"), int) and p.num_samples >= 0, "train.preview.num_samples",
+    require(isinstance(p.get("num_samples"), int) and p.num_samples >= 0, "train.preview.num_samples",
              f"must be an integer >= 0, got {p.get('num_samples')!r}")
     from nativetok_jax.diffusion.respacing import space_timesteps
 
@@ -894,25 +711,24 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
         space_timesteps(num_steps, p.get("respacing"))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config.train.preview.respacing: {error}") from None
-    _number(p.get("eta"), "train.preview.eta")
-    _number(p.get("guidance_scale"), "train.preview.guidance_scale")
+    number(p.get("eta"), "train.preview.eta")
+    number(p.get("guidance_scale"), "train.preview.guidance_scale")
     require_unconditional_model(p.guidance_scale, config.model.get("label_drop_probability"),
                                 "config.train.preview.guidance_scale", "model.label_drop_probability")
     validate_data_source(data)
-    _require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
+    require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
-    _boolean(data.get("flip"), "data.flip")
-    _boolean(data.get("photo_labels", False), "data.photo_labels")
-    _positive_int(data.get("num_eval_images"), "data.num_eval_images")
+    boolean(data.get("flip"), "data.flip")
+    boolean(data.get("photo_labels", False), "data.photo_labels")
+    positive_int(data.get("num_eval_images"), "data.num_eval_images")
     latents = config.latents
-    _require(isinstance(latents.get("num_train_examples"), int) and latents.num_train_examples >= 0,
+    require(isinstance(latents.get("num_train_examples"), int) and latents.num_train_examples >= 0,
              "latents.num_train_examples", f"must be an integer >= 0, got {latents.get('num_train_examples')!r}")
-    _positive_int(latents.get("batch_size"), "latents.batch_size")
+    positive_int(latents.get("batch_size"), "latents.batch_size")
 
 
 # ------------------------------------------------------------------------------------- D²iT's Dynamic VAE
 
-DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
 
 
 def dvae_config() -> ml_collections.ConfigDict:
@@ -926,20 +742,7 @@ def dvae_config() -> ml_collections.ConfigDict:
     in which a coarse code counts once.
     """
     config = run_config("dvae")
-    m = config.model = ml_collections.ConfigDict()
-    m.kind = "dvae"
-    m.image_size = 256
-    m.dtype = "float32"
-    m.filters = 128
-    m.channel_multipliers = (1, 1, 2, 2, 4)  # 5 levels: coarse f16, fine f8
-    m.num_res_blocks = 2
-    m.attention_resolutions = (32, 16)  # encoder feature-map sides with attention after each block
-    m.num_groups = 32
-    m.latent_channels = 4
-    m.grain = ml_collections.ConfigDict(dict(
-        routing="entropy", fine_ratio=0.5, thresholds="",
-        num_bins=0,  # 0: region_size^2 bins
-        sigma=0.01, low=0.0, high=1.0))
+    config.model = dvae_model_config()
     losses = config.train.losses = reconstruction_losses(quantized=False)
     losses.pixel, losses.perceptual_weight, losses.adversarial_weight = "l1", 1.0, 0.5
     losses.kl_weight = 1e-6
@@ -949,126 +752,19 @@ def dvae_config() -> ml_collections.ConfigDict:
     return config
 
 
-def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
-    """Raises ``ConfigError`` naming the first field of a DVAE's ``config.model`` that cannot work."""
-    _require(model.get("kind") == "dvae", "model.kind", f"must be 'dvae', got {model.get('kind')!r}")
-    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
-    for name in ("image_size", "filters", "num_res_blocks", "num_groups", "latent_channels"):
-        _positive_int(model.get(name), f"model.{name}")
-    multipliers = tuple(model.get("channel_multipliers") or ())
-    _require(len(multipliers) >= 2 and all(isinstance(v, int) and v >= 1 for v in multipliers),
-             "model.channel_multipliers", f"need at least two positive integers (a fine and a coarse level), got {multipliers!r}")
-    coarse = 2 ** (len(multipliers) - 1)
-    _require(model.image_size % coarse == 0, "model.image_size",
-             f"{model.image_size} is not a multiple of the coarse factor {coarse}")
-    bad = [model.filters * v for v in multipliers if (model.filters * v) % model.num_groups]
-    _require(not bad, "model.num_groups", f"{model.num_groups} groups do not divide the widths {bad}")
-    g = model.grain
-    _require(g.get("routing") in DVAE_ROUTINGS, "model.grain.routing", f"must be one of {DVAE_ROUTINGS}, got {g.get('routing')!r}")
-    ratio = g.get("fine_ratio")
-    _require(isinstance(ratio, (int, float)) and 0 < ratio < 1, "model.grain.fine_ratio", f"must lie in (0, 1), got {ratio!r}")
-    _require(isinstance(g.get("num_bins"), int) and (g.num_bins == 0 or g.num_bins >= 2), "model.grain.num_bins",
-             f"must be 0 (region_size^2) or an integer >= 2, got {g.get('num_bins')!r}")
-    _require(isinstance(g.get("sigma"), (int, float)) and g.sigma > 0, "model.grain.sigma", f"must be > 0, got {g.get('sigma')!r}")
-    _require(g.low < g.high, "model.grain.low", f"need low < high, got {g.low!r} and {g.high!r}")
-    if g.routing == "entropy":
-        _require(bool(g.get("thresholds")), "model.grain.thresholds", "entropy routing needs a thresholds file: make it with "
-                 "`python -m nativetok_jax.grain_thresholds --config C --out T.json`")
-
-
 def validate_dvae(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first DVAE model, data or loss field that cannot work."""
     validate_dvae_model(config.model)
     validate_loop(config.train)
-    _number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
-    _positive_int(config.train.get("latent_scale_batches"), "train.latent_scale_batches")
-    _require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
+    number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
+    positive_int(config.train.get("latent_scale_batches"), "train.latent_scale_batches")
+    require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {config.train.losses.get('pixel')!r}")
     _validate_objective(config, quantized=False)
     validate_data_source(config.data)
 
 
 # ------------------------------------------------------------------------------------- D²iT's content transformer
-
-# D²iT-B/L/XL (paper Table 1 and the ablation "10 DiT + 2 RefineNet"): DiT's width and heads, its
-# depth split into a trunk and two RefineNet blocks: size -> (width, trunk depth, refine depth, heads).
-D2IT_REFINE_DEPTH = 2
-D2IT_SIZES = {size: (width, depth - D2IT_REFINE_DEPTH, D2IT_REFINE_DEPTH, heads)
-              for size, (width, depth, heads) in DIT_SIZES.items() if size != "S"}
-
-
-def d2it_model_config(size: str = "B") -> ml_collections.ConfigDict:
-    """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it/content_transformer.py``)
-    on the 256 px Dynamic VAE's fine f8 latent (32 x 32 x 4, grain map 16 x 16).
-
-    Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``docs/d2it.md``):
-      kind: "d2it".
-      size: "B", "L" or "XL" (a label; ``width``/``depth``/``refine_depth``/``num_heads`` are built).
-      image_size, fine_factor, latent_channels: the latent is ``image_size / fine_factor`` per side
-        with ``latent_channels`` channels; they must match the Dynamic VAE's (its fine grain f8, 4
-        channels [C]); the grain map has half the latent's side (coarse f16 [P]).
-      patch_size: 2, fixed: one token per region of 2 x 2 fine cells [C] (256 tokens at 256 px,
-        DiT/2's count).
-      width, num_heads, mlp_ratio: DiT's at each size [P: D²iT-B/L/XL].
-      depth, refine_depth: trunk blocks and RefineNet blocks, 10+2 / 22+2 / 26+2 [P: the ablation's
-        best split of 12 is 10+2; L and XL keep DiT's total depth with 2 RefineNet blocks [C]].
-      grain_embedding: add a learned embedding of each token's grain [C] (switch for ablations).
-      learnable_positions: positions learned, initialised from DiT's 2-D sin-cos [P: "learnable
-        position embeddings"; the initialisation is ours, C]; False: DiT's fixed ones.
-      learn_sigma, num_classes, label_drop_probability, dtype, remat, unroll_scans: as DiT's.
-      diffusion: DiT's process (linear, 1000 steps) [A] with multi-grained noise [P, C: drawn on the
-        coarse grid, copied 2 x 2 in coarse regions]; ``grain_loss`` = (coarse, fine) per-cell loss
-        weights, (0.25, 1.0) weighs each latent code once [A: DQ-VAE's codebook mask]; (1, 1) is the
-        ablation without the dynamic grain loss.
-      sample: as DiT's (DDPM-250, guidance 1.5 on every channel).
-    """
-    if size not in D2IT_SIZES:
-        raise ConfigError(f"config.model.size: unknown D²iT size {size!r}; choose one of {sorted(D2IT_SIZES)}")
-    width, depth, refine_depth, num_heads = D2IT_SIZES[size]
-    model = dit_model_config("B", 2)
-    del model["autoencoder"]  # the latent space is the Dynamic VAE in config.dvae.workdir
-    model.kind = "d2it"
-    model.size = size
-    model.fine_factor = 8
-    model.latent_channels = 4
-    model.width, model.depth, model.refine_depth, model.num_heads = width, depth, refine_depth, num_heads
-    model.grain_embedding = True
-    model.learnable_positions = True
-    model.diffusion.grain_loss = (0.25, 1.0)
-    return model
-
-
-def d2it_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """``(side, side, channels)`` of the fine-grid latent the content transformer diffuses."""
-    side = model.image_size // model.fine_factor
-    return side, side, model.latent_channels
-
-
-def validate_d2it_model(model: ml_collections.ConfigDict) -> None:
-    """Raises ``ConfigError`` naming the first field of a D²iT ``model`` section that cannot work."""
-    _require(model.get("kind") == "d2it", "model.kind", f"must be 'd2it', got {model.get('kind')!r}")
-    _require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
-    for name in ("image_size", "fine_factor", "latent_channels", "num_classes"):
-        _positive_int(model.get(name), f"model.{name}")
-    _require(model.get("patch_size") == 2, "model.patch_size",
-             f"must be 2 (one token per region of 2 x 2 fine cells), got {model.get('patch_size')!r}")
-    _require(model.image_size % (2 * model.fine_factor) == 0, "model.image_size",
-             f"{model.image_size} px is not a whole number of {2 * model.fine_factor} px regions "
-             f"(fine_factor {model.fine_factor}, regions of 2 x 2 fine cells)")
-    _validate_transformer(model, "model")
-    _require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
-    refine = model.get("refine_depth")
-    _require(isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0, "model.refine_depth",
-             f"must be an integer >= 0, got {refine!r}")
-    for name in ("learn_sigma", "unroll_scans", "grain_embedding", "learnable_positions"):
-        _boolean(model.get(name), f"model.{name}")
-    p = model.get("label_drop_probability")
-    _require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
-    weights = tuple(model.diffusion.get("grain_loss") or ())
-    _require(len(weights) == 2 and all(isinstance(w, (int, float)) and w >= 0 for w in weights) and sum(weights) > 0,
-             "model.diffusion.grain_loss", f"must be (coarse, fine) weights >= 0, not both 0, got {weights!r}")
-    _validate_diffusion_sampling(model, model.latent_channels)
-
 
 def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
     """A whole D²iT run (``task="d2it"``): the content transformer D²iT-``size`` on the grain latent
@@ -1092,32 +788,6 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
 
 
 # The Dynamic Grain Transformer's section (models/d2it/grain_transformer.py reads it).
-
-def default_grain_transformer_config() -> ml_collections.ConfigDict:
-    """The ``config.grain_transformer`` section (``models/d2it/grain_transformer.py`` documents every field)."""
-    return ml_collections.ConfigDict(dict(
-        width=384, depth=6, num_heads=6, mlp_ratio=4.0, remat=False, dtype="float32",
-        label_drop_probability=0.1,
-        num_steps=8, temperature=1.0, choice_temperature=math.inf, guidance_scale=1.0,
-    ))
-
-
-def validate_grain_transformer_config(section: ml_collections.ConfigDict, field: str = "grain_transformer") -> None:
-    """Raises :class:`~nativetok_jax.config.ConfigError` naming the first field of ``section``
-    (``config.<field>.<name>``) that cannot work."""
-    _validate_transformer(section, field)
-    _require(section.get("dtype") in DTYPES, f"{field}.dtype", f"must be one of {DTYPES}, got {section.get('dtype')!r}")
-    drop = section.get("label_drop_probability")
-    _require(isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop < 1,
-             f"{field}.label_drop_probability", f"must lie in [0, 1), got {drop!r}")
-    steps = section.get("num_steps")
-    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, f"{field}.num_steps",
-             f"must be a positive integer, got {steps!r}")
-    for name in ("temperature", "choice_temperature", "guidance_scale"):
-        _number(section.get(name), f"{field}.{name}")
-        # An infinite choice temperature is a uniformly random keep order; elsewhere inf means nothing.
-        _require(math.isfinite(section.get(name)) or name == "choice_temperature", f"{field}.{name}",
-                 f"must be finite, got {section.get(name)!r}")
 
 
 # Hierarchical Native Training's stage schedule (training/hnt.py grows and freezes by it).

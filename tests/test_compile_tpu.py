@@ -182,7 +182,7 @@ def test_a_config_argument_may_hold_commas():
 
 
 def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_product():
-    from nativetok_jax.config import ConfigError, _validate_transformer
+    from nativetok_jax.schema import ConfigError, validate_transformer as _validate_transformer
     from nativetok_jax.layers.remat import POLICIES, rematerialized
 
     batch, tokens, width, depth = 2, 8, 16, 2

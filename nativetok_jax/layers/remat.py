@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from nativetok_jax.config import REMAT_POLICIES as POLICIES
+from nativetok_jax.schema import REMAT_POLICIES as POLICIES
 Remat = bool | str  # False, True (nothing_saveable) or a policy name
 
 

@@ -35,13 +35,23 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.config import D2IT_SIZES, d2it_latent_shape, validate_d2it_model
+from nativetok_jax.schema import DTYPES, ConfigError, boolean, positive_int, require, validate_transformer
 from nativetok_jax.diffusion.multi_grain import FINE, average_coarse, check_grains
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.layers.transformer import stacked
-from nativetok_jax.models.dit.transformer import (EMBEDDING_INIT, ROW_AXES, DiT, DiTBlock, apply_blocks, parameter_count,
-                                      sincos_2d_positions)
+from nativetok_jax.models.dit.transformer import (
+    DIT_SIZES,
+    EMBEDDING_INIT,
+    ROW_AXES,
+    DiT,
+    DiTBlock,
+    apply_blocks,
+    diffusion_transformer_fields,
+    parameter_count,
+    sincos_2d_positions,
+    validate_diffusion_sampling,
+)
 
 __all__ = ["DynamicContentTransformer", "d2it", "d2it_from_config", "parameter_count"]
 
@@ -81,7 +91,7 @@ class DynamicContentTransformer(DiT):
         Args:
           input_size: the fine latent's side ``h`` (32 for 256 px through the f8 Dynamic VAE); even.
           in_channels: latent channels ``C`` (4).
-          width, num_heads, mlp_ratio: DiT's (:data:`nativetok_jax.config.D2IT_SIZES`).
+          width, num_heads, mlp_ratio: DiT's (:data:`D2IT_SIZES`).
           depth: trunk blocks (>= 1); refine_depth: RefineNet blocks (>= 0; 0: none).
           num_classes: labels ``0 .. num_classes-1``; ``num_classes`` is the null class.
           learn_sigma: also predict the variance (doubles the output channels).
@@ -158,7 +168,7 @@ class DynamicContentTransformer(DiT):
 
 def d2it(size: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, rngs: nnx.Rngs,
          **kwargs) -> DynamicContentTransformer:
-    """D²iT-``size`` (``size`` in :data:`nativetok_jax.config.D2IT_SIZES`: B 10+2, L 22+2, XL 26+2
+    """D²iT-``size`` (``size`` in :data:`D2IT_SIZES`: B 10+2, L 22+2, XL 26+2
     blocks at DiT's widths); defaults: ImageNet 256 px on the f8 Dynamic VAE's 32 x 32 x 4 latent.
 
     Raises:
@@ -173,7 +183,7 @@ def d2it(size: str, *, input_size: int = 32, in_channels: int = 4, num_classes: 
 
 
 def d2it_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DynamicContentTransformer:
-    """The content transformer a config's ``model`` section (:func:`nativetok_jax.config.d2it_model_config`)
+    """The content transformer a config's ``model`` section (:func:`d2it_model_config`)
     describes, validated first (``ConfigError`` naming the field)."""
     validate_d2it_model(model)
     side, _, channels = d2it_latent_shape(model)
@@ -208,3 +218,83 @@ def copy_dit_parameters(source: DiT, target: DynamicContentTransformer) -> None:
             variable[...] = updates[path]
     nnx.update(target, state)
 
+# ----------------------------------------------------------------- config.model of D²iT's content transformer: defaults and checks
+
+# D²iT-B/L/XL (paper Table 1 and the ablation "10 DiT + 2 RefineNet"): DiT's width and heads, its
+# depth split into a trunk and two RefineNet blocks: size -> (width, trunk depth, refine depth, heads).
+D2IT_REFINE_DEPTH = 2
+
+
+D2IT_SIZES = {size: (width, depth - D2IT_REFINE_DEPTH, D2IT_REFINE_DEPTH, heads)
+              for size, (width, depth, heads) in DIT_SIZES.items() if size != "S"}
+
+
+def d2it_model_config(size: str = "B") -> ml_collections.ConfigDict:
+    """The ``model`` section of D²iT's Dynamic Content Transformer (``nativetok_jax/models/d2it/content_transformer.py``)
+    on the 256 px Dynamic VAE's fine f8 latent (32 x 32 x 4, grain map 16 x 16).
+
+    Fields ([P] the paper, [A] DiT's or DQ-VAE's code, [C] our choice, see ``docs/d2it.md``):
+      kind: "d2it".
+      size: "B", "L" or "XL" (a label; ``width``/``depth``/``refine_depth``/``num_heads`` are built).
+      image_size, fine_factor, latent_channels: the latent is ``image_size / fine_factor`` per side
+        with ``latent_channels`` channels; they must match the Dynamic VAE's (its fine grain f8, 4
+        channels [C]); the grain map has half the latent's side (coarse f16 [P]).
+      patch_size: 2, fixed: one token per region of 2 x 2 fine cells [C] (256 tokens at 256 px,
+        DiT/2's count).
+      width, num_heads, mlp_ratio: DiT's at each size [P: D²iT-B/L/XL].
+      depth, refine_depth: trunk blocks and RefineNet blocks, 10+2 / 22+2 / 26+2 [P: the ablation's
+        best split of 12 is 10+2; L and XL keep DiT's total depth with 2 RefineNet blocks [C]].
+      grain_embedding: add a learned embedding of each token's grain [C] (switch for ablations).
+      learnable_positions: positions learned, initialised from DiT's 2-D sin-cos [P: "learnable
+        position embeddings"; the initialisation is ours, C]; False: DiT's fixed ones.
+      learn_sigma, num_classes, label_drop_probability, dtype, remat, unroll_scans: as DiT's.
+      diffusion: DiT's process (linear, 1000 steps) [A] with multi-grained noise [P, C: drawn on the
+        coarse grid, copied 2 x 2 in coarse regions]; ``grain_loss`` = (coarse, fine) per-cell loss
+        weights, (0.25, 1.0) weighs each latent code once [A: DQ-VAE's codebook mask]; (1, 1) is the
+        ablation without the dynamic grain loss.
+      sample: as DiT's (DDPM-250, guidance 1.5 on every channel).
+    """
+    if size not in D2IT_SIZES:
+        raise ConfigError(f"config.model.size: unknown D²iT size {size!r}; choose one of {sorted(D2IT_SIZES)}")
+    width, depth, refine_depth, num_heads = D2IT_SIZES[size]
+    # No autoencoder field: the latent space is the Dynamic VAE in config.dvae.workdir.
+    model = diffusion_transformer_fields("d2it", size, width, depth, num_heads, REGION_CELLS)
+    model.fine_factor = 8
+    model.latent_channels = 4
+    model.refine_depth = refine_depth
+    model.grain_embedding = True
+    model.learnable_positions = True
+    model.diffusion.grain_loss = (0.25, 1.0)
+    return model
+
+
+def d2it_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(side, side, channels)`` of the fine-grid latent the content transformer diffuses."""
+    side = model.image_size // model.fine_factor
+    return side, side, model.latent_channels
+
+
+def validate_d2it_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a D²iT ``model`` section that cannot work."""
+    require(model.get("kind") == "d2it", "model.kind", f"must be 'd2it', got {model.get('kind')!r}")
+    require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "fine_factor", "latent_channels", "num_classes"):
+        positive_int(model.get(name), f"model.{name}")
+    require(model.get("patch_size") == 2, "model.patch_size",
+             f"must be 2 (one token per region of 2 x 2 fine cells), got {model.get('patch_size')!r}")
+    require(model.image_size % (2 * model.fine_factor) == 0, "model.image_size",
+             f"{model.image_size} px is not a whole number of {2 * model.fine_factor} px regions "
+             f"(fine_factor {model.fine_factor}, regions of 2 x 2 fine cells)")
+    validate_transformer(model, "model")
+    require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
+    refine = model.get("refine_depth")
+    require(isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0, "model.refine_depth",
+             f"must be an integer >= 0, got {refine!r}")
+    for name in ("learn_sigma", "unroll_scans", "grain_embedding", "learnable_positions"):
+        boolean(model.get(name), f"model.{name}")
+    p = model.get("label_drop_probability")
+    require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    weights = tuple(model.diffusion.get("grain_loss") or ())
+    require(len(weights) == 2 and all(isinstance(w, (int, float)) and w >= 0 for w in weights) and sum(weights) > 0,
+             "model.diffusion.grain_loss", f"must be (coarse, fine) weights >= 0, not both 0, got {weights!r}")
+    validate_diffusion_sampling(model, model.latent_channels)

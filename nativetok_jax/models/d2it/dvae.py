@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from nativetok_jax.layers.attention import Attention
@@ -38,6 +39,7 @@ from nativetok_jax.layers.norm import GroupNorm
 from nativetok_jax.layers.partitioning import param
 from nativetok_jax.models.d2it import grain_router
 from nativetok_jax.models.frozen.vqgan import Decoder, ResBlock, VQGANConfig, average_pool_2x2, res_blocks
+from nativetok_jax.schema import DTYPES, positive_int, require
 
 # Log-variance range of the posterior, as LDM's DiagonalGaussianDistribution clamps it.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -50,9 +52,9 @@ class DVAEConfig:
 
     image_size: int = 256
     filters: int = 128
-    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)  # 5 levels: coarse f16, fine f8
     num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (32, 16)
+    attention_resolutions: tuple[int, ...] = (32, 16)  # encoder feature-map sides with attention after each block
     num_groups: int = 32
     latent_channels: int = 4
     dtype: str = "float32"
@@ -60,7 +62,7 @@ class DVAEConfig:
     routing: str = "entropy"
     fine_ratio: float = 0.5
     thresholds: str = ""  # thresholds file (entropy routing)
-    num_bins: int = 0
+    num_bins: int = 0  # 0: region_size^2 bins
     sigma: float = 0.01
     low: float = 0.0
     high: float = 1.0
@@ -313,3 +315,48 @@ def latent_scale_of(latents: jax.Array, grains: jax.Array, factors: tuple[int, .
 def build_dvae(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> DynamicVAE:
     """The Dynamic VAE ``config.model`` describes (see :func:`nativetok_jax.config.dvae_config`)."""
     return DynamicVAE(DVAEConfig.from_model_config(model_config), rngs=rngs)
+
+
+# ----------------------------------------------------------------- config.model of a DVAE: defaults and checks
+
+DVAE_ROUTINGS = ("entropy", "fine", "coarse", "random")
+GRAIN_FIELDS = ("routing", "fine_ratio", "thresholds", "num_bins", "sigma", "low", "high")  # config.model.grain
+
+
+def dvae_model_config() -> ml_collections.ConfigDict:
+    """``config.model`` of a Dynamic VAE, with :class:`DVAEConfig`'s defaults (the one place they
+    are written): ``kind`` "dvae", the pyramid's sizes, and ``grain``, the router's fields."""
+    defaults = DVAEConfig()
+    model = ml_collections.ConfigDict(dict(kind="dvae"))
+    for field in dataclasses.fields(DVAEConfig):
+        if field.name not in GRAIN_FIELDS:
+            model[field.name] = getattr(defaults, field.name)
+    model.grain = ml_collections.ConfigDict({name: getattr(defaults, name) for name in GRAIN_FIELDS})
+    return model
+
+
+def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of a DVAE's ``config.model`` that cannot work."""
+    require(model.get("kind") == "dvae", "model.kind", f"must be 'dvae', got {model.get('kind')!r}")
+    require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "filters", "num_res_blocks", "num_groups", "latent_channels"):
+        positive_int(model.get(name), f"model.{name}")
+    multipliers = tuple(model.get("channel_multipliers") or ())
+    require(len(multipliers) >= 2 and all(isinstance(v, int) and v >= 1 for v in multipliers),
+             "model.channel_multipliers", f"need at least two positive integers (a fine and a coarse level), got {multipliers!r}")
+    coarse = 2 ** (len(multipliers) - 1)
+    require(model.image_size % coarse == 0, "model.image_size",
+             f"{model.image_size} is not a multiple of the coarse factor {coarse}")
+    bad = [model.filters * v for v in multipliers if (model.filters * v) % model.num_groups]
+    require(not bad, "model.num_groups", f"{model.num_groups} groups do not divide the widths {bad}")
+    g = model.grain
+    require(g.get("routing") in DVAE_ROUTINGS, "model.grain.routing", f"must be one of {DVAE_ROUTINGS}, got {g.get('routing')!r}")
+    ratio = g.get("fine_ratio")
+    require(isinstance(ratio, (int, float)) and 0 < ratio < 1, "model.grain.fine_ratio", f"must lie in (0, 1), got {ratio!r}")
+    require(isinstance(g.get("num_bins"), int) and (g.num_bins == 0 or g.num_bins >= 2), "model.grain.num_bins",
+             f"must be 0 (region_size^2) or an integer >= 2, got {g.get('num_bins')!r}")
+    require(isinstance(g.get("sigma"), (int, float)) and g.sigma > 0, "model.grain.sigma", f"must be > 0, got {g.get('sigma')!r}")
+    require(g.low < g.high, "model.grain.low", f"need low < high, got {g.low!r} and {g.high!r}")
+    if g.routing == "entropy":
+        require(bool(g.get("thresholds")), "model.grain.thresholds", "entropy routing needs a thresholds file: make it with "
+                 "`python -m nativetok_jax.grain_thresholds --config C --out T.json`")

@@ -45,6 +45,7 @@ fraction, the latent budget the content transformer spends, follows the data's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +55,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.config import validate_grain_transformer_config
+from nativetok_jax.schema import DTYPES, number, require, validate_transformer
 from nativetok_jax.models.generators.masked_generator import MaskedTokenTransformer
 
 GRAIN_VOCABULARY = 2  # grain ids: 0 coarse, 1 fine (the grain latent store's convention)
@@ -112,7 +113,7 @@ def grain_transformer_from_config(
     """The :class:`GrainTransformer` that ``config.grain_transformer`` describes, for data with
     ``num_classes`` classes (0 or 1: unconditional) and grain maps of ``grain_shape`` (gh, gw).
 
-    Raises :class:`~nativetok_jax.config.ConfigError` for a field that cannot work.
+    Raises :class:`~nativetok_jax.schema.ConfigError` for a field that cannot work.
     """
     validate_grain_transformer_config(section)
     return GrainTransformer(
@@ -206,3 +207,31 @@ def grain_sampling_settings(section: ml_collections.ConfigDict) -> dict[str, Any
     """The keyword arguments of :func:`nativetok_jax.generation.grain_maps.sample_grain_maps` that
     ``config.grain_transformer`` sets: ``sample_grain_maps(model, labels, key, **settings)``."""
     return {name: section[name] for name in SAMPLING_FIELDS}
+
+# ----------------------------------------------------------------- config.grain_transformer: defaults and checks
+
+def default_grain_transformer_config() -> ml_collections.ConfigDict:
+    """The ``config.grain_transformer`` section (``models/d2it/grain_transformer.py`` documents every field)."""
+    return ml_collections.ConfigDict(dict(
+        width=384, depth=6, num_heads=6, mlp_ratio=4.0, remat=False, dtype="float32",
+        label_drop_probability=0.1,
+        num_steps=8, temperature=1.0, choice_temperature=math.inf, guidance_scale=1.0,
+    ))
+
+
+def validate_grain_transformer_config(section: ml_collections.ConfigDict, field: str = "grain_transformer") -> None:
+    """Raises :class:`~nativetok_jax.schema.ConfigError` naming the first field of ``section``
+    (``config.<field>.<name>``) that cannot work."""
+    validate_transformer(section, field)
+    require(section.get("dtype") in DTYPES, f"{field}.dtype", f"must be one of {DTYPES}, got {section.get('dtype')!r}")
+    drop = section.get("label_drop_probability")
+    require(isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop < 1,
+             f"{field}.label_drop_probability", f"must lie in [0, 1), got {drop!r}")
+    steps = section.get("num_steps")
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, f"{field}.num_steps",
+             f"must be a positive integer, got {steps!r}")
+    for name in ("temperature", "choice_temperature", "guidance_scale"):
+        number(section.get(name), f"{field}.{name}")
+        # An infinite choice temperature is a uniformly random keep order; elsewhere inf means nothing.
+        require(math.isfinite(section.get(name)) or name == "choice_temperature", f"{field}.{name}",
+                 f"must be finite, got {section.get(name)!r}")

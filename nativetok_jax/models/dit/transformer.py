@@ -43,7 +43,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax.config import DIT_SIZES, dit_latent_shape, validate_dit_model
+from nativetok_jax import storage
+from nativetok_jax.schema import (
+    DTYPES,
+    ConfigError,
+    boolean,
+    number,
+    positive_int,
+    require,
+    require_unconditional_model,
+    validate_transformer,
+)
 from nativetok_jax.layers.attention import Attention
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.mlp import Mlp
@@ -314,7 +324,7 @@ def dit(size: str, *, patch_size: int = 2, input_size: int = 32, in_channels: in
 
 
 def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
-    """The DiT a config's ``model`` section (:func:`nativetok_jax.config.dit_model_config`) describes;
+    """The DiT a config's ``model`` section (:func:`dit_model_config`) describes;
     the section is validated first (ConfigError naming the field; the SD-VAE file, which the network
     does not need, is the trainer's and the sampler's to check)."""
     validate_dit_model(model, check_files=False)
@@ -330,3 +340,130 @@ def parameter_count(model: DiT) -> int:
     model whose positions are learned, D²iT's, has them among the trainable ones)."""
     trainable = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return trainable + model.fixed_position_count
+
+# ----------------------------------------------------------------- config.model of a DiT: defaults and checks
+
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+AUTOENCODERS = ("sd_vae", "pixels")
+NOISE_SCHEDULES = ("linear", "cosine")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+
+
+def dit_model_config(size: str = "B", patch_size: int = 2) -> ml_collections.ConfigDict:
+    """The ``model`` section of a DiT: DiT-``size``/``patch_size`` on SD-VAE latents at 256 px.
+
+    Fields (facebookresearch/DiT's defaults unless marked [C], our choice):
+      kind: "dit".
+      size: "S", "B", "L" or "XL" (a label; ``width``/``depth``/``num_heads`` are what is built).
+      image_size: pixels per side; the latent side is ``image_size / autoencoder downsampling``.
+      patch_size: latent cells per patch side (2, 4 or 8 in DiT's tables).
+      mlp_ratio, learn_sigma, num_classes (1000; ``num_classes`` itself is the null class).
+      label_drop_probability: 0.1, labels dropped to the null class while training (guidance).
+      dtype: compute dtype; diffusion arithmetic stays float32 whatever it is.
+      remat, unroll_scans: as for the other transformers.
+      autoencoder.kind: "sd_vae" (LDM KL-f8, 4 channels, ``scale_factor`` 0.18215, weights from
+        ``python -m nativetok_jax.convert sd-vae``) or "pixels" (identity, 3 channels in [-1, 1]:
+        the demo's pixel-space diffusion [C]).
+      autoencoder.weights: the converted SD-VAE file ("" only for "pixels").
+      diffusion: the training process: ``schedule`` "linear" (1e-4 .. 0.02) or "cosine",
+        ``num_steps`` 1000.
+      sample: ``method`` "ddpm" (DiT's FID protocol) or "ddim", ``respacing`` "250" (or "ddim50",
+        "100", ...), ``eta`` (DDIM only), ``guidance_scale`` (1.5 for FID, 4.0 for pictures; 1 = off),
+        ``guided_channels`` (0 = all [C]; 3 = DiT's exact FID run), ``clip_denoised`` (pixels only).
+    """
+    if size not in DIT_SIZES:
+        raise ConfigError(f"config.model.size: unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    width, depth, num_heads = DIT_SIZES[size]
+    model = diffusion_transformer_fields("dit", size, width, depth, num_heads, patch_size)
+    model.autoencoder = ml_collections.ConfigDict(dict(kind="sd_vae", weights="", scale_factor=0.18215))
+    return model
+
+
+def diffusion_transformer_fields(kind: str, size: str, width: int, depth: int, num_heads: int,
+                                 patch_size: int) -> ml_collections.ConfigDict:
+    """The ``model`` fields DiT and D²iT's content transformer share, at DiT's defaults (see
+    :func:`dit_model_config`): the transformer, the class conditioning, the diffusion process and
+    the sampler."""
+    model = ml_collections.ConfigDict()
+    model.kind = kind
+    model.size = size
+    model.image_size = 256
+    model.patch_size = patch_size
+    model.width, model.depth, model.num_heads = width, depth, num_heads
+    model.mlp_ratio = 4.0
+    model.learn_sigma = True
+    model.num_classes = 1000
+    model.label_drop_probability = 0.1
+    model.dtype = "float32"
+    model.remat = False
+    model.remat_policy = "nothing_saveable"  # layers/remat.py
+    model.unroll_scans = False
+    model.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))
+    model.sample = ml_collections.ConfigDict(dict(method="ddpm", respacing="250", eta=0.0, guidance_scale=1.5,
+                                                  guided_channels=0, clip_denoised=False))
+    return model
+
+
+def dit_latent_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(side, side, channels)`` of what the DiT diffuses: SD-VAE latents (f8, 4) or pixels (3)."""
+    if model.autoencoder.kind == "pixels":
+        return model.image_size, model.image_size, 3
+    return model.image_size // 8, model.image_size // 8, 4
+
+
+def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = True) -> None:
+    """Raises ``ConfigError`` naming the first field of a DiT ``model`` section that cannot work
+    (files are checked for existence here, not read; ``check_files=False`` leaves the SD-VAE file
+    out, for what builds the network alone)."""
+    require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
+    require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "patch_size", "num_classes"):
+        positive_int(model.get(name), f"model.{name}")
+    validate_transformer(model, "model")
+    require(model.width % 4 == 0, "model.width", f"2-D sin-cos positions need a multiple of 4, got {model.width}")
+    for name in ("learn_sigma", "unroll_scans"):
+        boolean(model.get(name), f"model.{name}")
+    p = model.get("label_drop_probability")
+    require(isinstance(p, (int, float)) and 0 <= p < 1, "model.label_drop_probability", f"must lie in [0, 1), got {p!r}")
+    ae = model.autoencoder
+    require(ae.get("kind") in AUTOENCODERS, "model.autoencoder.kind",
+             f"must be one of {AUTOENCODERS}, got {ae.get('kind')!r}")
+    if ae.kind == "sd_vae":
+        require(model.image_size % 8 == 0, "model.image_size", f"the SD-VAE needs a multiple of 8, got {model.image_size}")
+        number(ae.get("scale_factor"), "model.autoencoder.scale_factor")
+        require(ae.scale_factor > 0, "model.autoencoder.scale_factor", f"must be > 0, got {ae.scale_factor!r}")
+        if check_files:
+            require(bool(ae.get("weights")), "model.autoencoder.weights",
+                     "names no file: convert the public sd-vae-ft-ema / sd-vae-ft-mse weights with "
+                     "`python -m nativetok_jax.convert sd-vae diffusion_pytorch_model.safetensors --out FILE.npz`")
+            require(storage.path(ae.weights).is_file(), "model.autoencoder.weights", f"file not found: {ae.weights}")
+    side = dit_latent_shape(model)[0]
+    require(side % model.patch_size == 0, "model.patch_size",
+             f"{model.patch_size} does not divide the {side} x {side} latent of {model.image_size} px images")
+    validate_diffusion_sampling(model, dit_latent_shape(model)[2])
+
+
+def validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int) -> None:
+    """``model.diffusion`` (schedule, steps) and ``model.sample`` of a diffusion model whose latent has
+    ``channels`` channels (DiT's and D²iT's)."""
+    d = model.diffusion
+    require(d.get("schedule") in NOISE_SCHEDULES, "model.diffusion.schedule",
+             f"must be one of {NOISE_SCHEDULES}, got {d.get('schedule')!r}")
+    positive_int(d.get("num_steps"), "model.diffusion.num_steps")
+    s = model.sample
+    require(s.get("method") in DIFFUSION_SAMPLERS, "model.sample.method",
+             f"must be one of {DIFFUSION_SAMPLERS}, got {s.get('method')!r}")
+    from nativetok_jax.diffusion.respacing import space_timesteps
+
+    try:
+        space_timesteps(d.num_steps, s.get("respacing"))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.model.sample.respacing: {error}") from None
+    number(s.get("eta"), "model.sample.eta")
+    number(s.get("guidance_scale"), "model.sample.guidance_scale")
+    require_unconditional_model(s.guidance_scale, model.get("label_drop_probability"), "config.model.sample.guidance_scale",
+                                "model.label_drop_probability")
+    g = s.get("guided_channels")
+    require(isinstance(g, int) and 0 <= g <= channels, "model.sample.guided_channels",
+             f"must be an integer in [0, {channels}] (0: all channels), got {g!r}")
+    boolean(s.get("clip_denoised"), "model.sample.clip_denoised")

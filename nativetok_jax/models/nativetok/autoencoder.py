@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.config import validate_model
+from nativetok_jax.schema import DTYPES, boolean, positive_int, require, validate_transformer
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.remat import remat_of
@@ -207,3 +207,48 @@ def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder
     """The tokenizer ``config.model`` describes (validated first, with one-line errors)."""
     validate_model(model)
     return {"nativetok": NativeTok, "titok": TiTok}[model.kind](model, rngs=rngs)
+
+# ----------------------------------------------------------------- config.model of a tokenizer: defaults and checks
+
+MODEL_KINDS = ("nativetok", "titok")
+DECODER_HEADS = ("pixel", "proxy_codes")
+PROXY_DECODINGS = ("argmax", "soft")
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field of ``config.model`` that cannot work."""
+    require(model.get("kind") in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {model.get('kind')!r}")
+    require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    for name in ("image_size", "patch_size", "num_tokens"):
+        positive_int(model.get(name), f"model.{name}")
+    require(model.image_size % model.patch_size == 0, "model.image_size",
+             f"{model.image_size} is not a multiple of patch_size={model.patch_size}")
+    validate_transformer(model.encoder, "model.encoder")
+    validate_transformer(model.decoder, "model.decoder")
+    boolean(model.get("unroll_scans"), "model.unroll_scans")
+    boolean(model.get("latent_causal_mask", False), "model.latent_causal_mask")
+    require(not model.get("latent_causal_mask", False) or model.kind == "titok", "model.latent_causal_mask",
+             f"only the titok encoder has latent tokens to mask; model.kind is {model.kind!r}")
+    if model.kind == "nativetok":
+        validate_transformer(model.experts, "model.experts")
+        boolean(model.experts.get("scan"), "model.experts.scan")
+        positive_int(model.experts.get("chunks"), "model.experts.chunks")
+    positive_int(model.quantizer.get("codebook_size"), "model.quantizer.codebook_size")
+    positive_int(model.quantizer.get("token_dim"), "model.quantizer.token_dim")
+    weight = model.quantizer.get("commitment_weight")
+    require(isinstance(weight, (int, float)) and weight >= 0, "model.quantizer.commitment_weight",
+             f"must be a number >= 0, got {weight!r}")
+    require(model.decoder.get("head") in DECODER_HEADS, "model.decoder.head",
+             f"must be one of {DECODER_HEADS}, got {model.decoder.get('head')!r}")
+    positive_int(model.decoder.get("proxy_codebook_size"), "model.decoder.proxy_codebook_size")
+    require(model.decoder.get("proxy_decoding") in PROXY_DECODINGS, "model.decoder.proxy_decoding",
+             f"must be one of {PROXY_DECODINGS}, got {model.decoder.get('proxy_decoding')!r}")
+    hidden = model.decoder.get("head_hidden", 0)
+    require(isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 0, "model.decoder.head_hidden",
+             f"must be an integer >= 0, got {hidden!r}")
+    epsilon = model.get("norm_epsilon", 1e-6)
+    require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon < 1,
+             "model.norm_epsilon", f"must lie in (0, 1), got {epsilon!r}")
+    boolean(model.get("legacy_token_layout", False), "model.legacy_token_layout")
+    require(not model.get("legacy_token_layout", False) or model.kind == "titok", "model.legacy_token_layout",
+             f"only TiTok's released tokenizers use it; model.kind is {model.kind!r}")

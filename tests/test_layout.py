@@ -154,3 +154,16 @@ def test_cycle_finder_finds_a_planted_circle():
 
 def test_the_package_has_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+def test_layers_and_models_import_nothing_above_them():
+    """Imports point one way: layers and models use the core (errors, schema, storage), each other
+    and diffusion's process, never the run config, the trainers or the pipelines above them."""
+    core = {f"{PACKAGE}.{m}" for m in ("errors", "schema", "storage")}
+    allowed = ("layers", "models", "diffusion")
+    offenders = []
+    for module, targets in import_graph().items():
+        if module.startswith((f"{PACKAGE}.layers", f"{PACKAGE}.models")):
+            offenders += [f"{module} -> {t}" for t in sorted(targets)
+                          if t not in core and not t.startswith(tuple(f"{PACKAGE}.{a}" for a in allowed))]
+    assert not offenders, offenders

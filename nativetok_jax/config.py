@@ -3,8 +3,8 @@
 A task's config is :func:`run_config` (``data``, ``train``, ``mesh``, ``sharding``) plus its own
 sections; each model's section (defaults and checks) lives with the model and is re-exported here
 (``dit_model_config`` from ``models/dit/transformer.py``, ``d2it_model_config`` from
-``models/d2it/content_transformer.py``, the grain transformer's, the tokenizer's
-``validate_model``), so a field exists and is documented in exactly one place. Config files in
+``models/d2it/content_transformer.py``, the grain transformer's, the DVAE's, the tokenizer's
+``tokenizer_model_config``), so a field exists and is documented in exactly one place. Config files in
 ``configs/`` start from a factory (:func:`base_config` for the tokenizer) and override what they
 change; the ``validate_*`` functions turn a bad value into a ``ConfigError`` that names the field,
 before anything is built or compiled (:mod:`nativetok_jax.schema` holds the checks).
@@ -41,7 +41,7 @@ from nativetok_jax.models.dit.transformer import (  # noqa: F401
     validate_diffusion_sampling,
     validate_dit_model,
 )
-from nativetok_jax.models.nativetok.autoencoder import validate_model
+from nativetok_jax.models.nativetok.autoencoder import tokenizer_model_config, validate_model
 from nativetok_jax.schema import (  # noqa: F401
     DTYPES,
     REMAT_POLICIES,
@@ -201,55 +201,7 @@ def pretrained_section(*names: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """NativeTok with 32 tokens at 256 px, the paper's sizes (docs/nativetok.md)."""
     config = run_config("tokenizer")
-    config.model = ml_collections.ConfigDict()
-    config.model.kind = "nativetok"  # or "titok": the order-free baseline.
-    config.model.image_size = 256
-    config.model.patch_size = 16
-    config.model.num_tokens = 32
-    config.model.dtype = "float32"  # Compute dtype; parameters are always float32.
-    # Unroll the layer and expert scans in the compiled program: compile time grows with depth
-    # and num_tokens; XLA's FLOP count becomes exact (the model benchmark uses it for that).
-    config.model.unroll_scans = False
-    # kind="titok" only: latent token i attends to the image and the latent tokens <= i (the
-    # paper's plain-causal-mask ablation; models/nativetok/titok.py). Same parameters as without it.
-    config.model.latent_causal_mask = False
-    # The LayerNorms' epsilon in the encoder, token head and decoder; TiTok's released tokenizers
-    # (``titok_release_config``) were trained with PyTorch's 1e-5.
-    config.model.norm_epsilon = 1e-6
-    # kind="titok" only: the token head reads the rows as TiTok's released tokenizers do (their
-    # ``is_legacy`` reshape; models/nativetok/autoencoder.py TokenHead). Same parameters as without it.
-    config.model.legacy_token_layout = False
-    # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
-    # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
-    config.model.encoder = transformer_section(width=1024, depth=18, num_heads=16)
-    # One light transformer per token position.
-    # remat: each expert is recomputed in the backward pass instead of the expert scan stacking its
-    # residuals. Measured with `bench profile` (process CPU-seconds per step, 2026-11-30): the demo's
-    # step 548 -> 368 ms, the prototype's sizes 2.38 -> 1.87 s (L = 32) and 12.7 -> 11.5 s (L = 128),
-    # although it adds 3-15 % FLOPs: XLA:CPU zero-fills and copies the stacked residual buffers.
-    config.model.experts = transformer_section(width=256, depth=2, num_heads=4, remat=True)
-    # scan=False runs the prototype's unrolled Python loop instead of the scanned stack: same
-    # numbers, compile time growing with num_tokens. For tests and benchmarks only.
-    config.model.experts.scan = True
-    # The experts run in this many scans, each with a slot buffer of only the slots its experts
-    # can see (models/nativetok/experts.py): fewer masked rows computed, compile time growing with chunks.
-    # 4: the expert stack's forward FLOPs at the prototype's sizes fall 13 % (L = 32) and 27 %
-    # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
-    config.model.experts.chunks = 4
-    config.model.quantizer = ml_collections.ConfigDict(
-        dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)
-    )
-    # TiTok-L decoder.
-    config.model.decoder = transformer_section(width=1024, depth=24, num_heads=16)
-    config.model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
-    config.model.decoder.proxy_codebook_size = 1024
-    # > 0: a Linear of this width and tanh before the head (TiTok's released decoders: 2 x width).
-    config.model.decoder.head_hidden = 0
-    # How proxy-code logits become pixels (through the VQGAN's decoder): "argmax" (the most
-    # likely code per cell) or "soft" (softmax-weighted codebook rows; what train.losses.proxy
-    # = "pixels" trains, so use it for models from that stage).
-    config.model.decoder.proxy_decoding = "argmax"
-
+    config.model = tokenizer_model_config()
     t = config.train
     # With this probability an example is decoded from a random prefix of its tokens only, so
     # that coarse-to-fine previews (the first k tokens) are meaningful.

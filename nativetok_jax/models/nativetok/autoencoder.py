@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.schema import DTYPES, boolean, positive_int, require, validate_transformer
+from nativetok_jax.schema import DTYPES, boolean, positive_int, require, transformer_section, validate_transformer
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.remat import remat_of
@@ -209,6 +209,59 @@ def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder
     return {"nativetok": NativeTok, "titok": TiTok}[model.kind](model, rngs=rngs)
 
 # ----------------------------------------------------------------- config.model of a tokenizer: defaults and checks
+
+def tokenizer_model_config() -> ml_collections.ConfigDict:
+    """``config.model`` of a tokenizer: NativeTok with 32 tokens at 256 px, the paper's sizes
+    (docs/nativetok.md); ``kind="titok"`` builds the order-free baseline from the same fields."""
+    model = ml_collections.ConfigDict()
+    model.kind = "nativetok"  # or "titok": the order-free baseline.
+    model.image_size = 256
+    model.patch_size = 16
+    model.num_tokens = 32
+    model.dtype = "float32"  # Compute dtype; parameters are always float32.
+    # Unroll the layer and expert scans in the compiled program: compile time grows with depth
+    # and num_tokens; XLA's FLOP count becomes exact (the model benchmark uses it for that).
+    model.unroll_scans = False
+    # kind="titok" only: latent token i attends to the image and the latent tokens <= i (the
+    # paper's plain-causal-mask ablation; models/nativetok/titok.py). Same parameters as without it.
+    model.latent_causal_mask = False
+    # The LayerNorms' epsilon in the encoder, token head and decoder; TiTok's released tokenizers
+    # (``titok_release_config``) were trained with PyTorch's 1e-5.
+    model.norm_epsilon = 1e-6
+    # kind="titok" only: the token head reads the rows as TiTok's released tokenizers do (their
+    # ``is_legacy`` reshape; models/nativetok/autoencoder.py TokenHead). Same parameters as without it.
+    model.legacy_token_layout = False
+    # Meta Image Transformer (for kind="titok": the bidirectional encoder with latent tokens).
+    # The prototype used 4 heads at width 1024; 16 (head dim 64) is the ViT-L choice we default to.
+    model.encoder = transformer_section(width=1024, depth=18, num_heads=16)
+    # One light transformer per token position.
+    # remat: each expert is recomputed in the backward pass instead of the expert scan stacking its
+    # residuals: faster on XLA:CPU although it adds 3-15 % FLOPs (XLA:CPU zero-fills and copies the
+    # stacked residual buffers; docs/tokenizer.md has the measurement).
+    model.experts = transformer_section(width=256, depth=2, num_heads=4, remat=True)
+    # scan=False runs the prototype's unrolled Python loop instead of the scanned stack: same
+    # numbers, compile time growing with num_tokens. For tests and benchmarks only.
+    model.experts.scan = True
+    # The experts run in this many scans, each with a slot buffer of only the slots its experts
+    # can see (models/nativetok/experts.py): fewer masked rows computed, compile time growing with chunks.
+    # 4: the expert stack's forward FLOPs at the prototype's sizes fall 13 % (L = 32) and 27 %
+    # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
+    model.experts.chunks = 4
+    model.quantizer = ml_collections.ConfigDict(
+        dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)
+    )
+    # TiTok-L decoder.
+    model.decoder = transformer_section(width=1024, depth=24, num_heads=16)
+    model.decoder.head = "pixel"  # or "proxy_codes" (logits over a VQGAN codebook).
+    model.decoder.proxy_codebook_size = 1024
+    # > 0: a Linear of this width and tanh before the head (TiTok's released decoders: 2 x width).
+    model.decoder.head_hidden = 0
+    # How proxy-code logits become pixels (through the VQGAN's decoder): "argmax" (the most
+    # likely code per cell) or "soft" (softmax-weighted codebook rows; what train.losses.proxy
+    # = "pixels" trains, so use it for models from that stage).
+    model.decoder.proxy_decoding = "argmax"
+    return model
+
 
 MODEL_KINDS = ("nativetok", "titok")
 DECODER_HEADS = ("pixel", "proxy_codes")

@@ -152,7 +152,7 @@ def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None 
       ConfigError: a bad value, named by its flag (one line), or a token-generator flag
         (``unused``: ``{"temperature": value, ...}``, set ones are errors).
     """
-    from nativetok_jax.config import DIFFUSION_SAMPLERS
+    from nativetok_jax.models.dit.transformer import DIFFUSION_SAMPLERS
     from nativetok_jax.diffusion.respacing import space_timesteps
 
     for name, value in (unused or {}).items():

@@ -167,3 +167,32 @@ def test_layers_and_models_import_nothing_above_them():
             offenders += [f"{module} -> {t}" for t in sorted(targets)
                           if t not in core and not t.startswith(tuple(f"{PACKAGE}.{a}" for a in allowed))]
     assert not offenders, offenders
+
+
+def test_every_import_inside_the_package_names_something_that_exists():
+    """A moved name must leave no importer behind, including imports inside functions (which
+    only fail when that path runs, e.g. ``sample.py``'s diffusion flags once asked
+    ``config`` for ``DIFFUSION_SAMPLERS`` after it moved to ``models/dit/transformer.py``)."""
+    import importlib
+
+    missing = []
+    for folder in (PACKAGE, "configs"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    if not (isinstance(node, ast.ImportFrom) and node.level == 0
+                            and (node.module or "").startswith(PACKAGE)):
+                        continue
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        if hasattr(module, alias.name):
+                            continue
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ModuleNotFoundError:
+                            missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} "
+                                           f"{node.module}.{alias.name}")
+    assert not missing, missing

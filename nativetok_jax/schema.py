@@ -25,6 +25,9 @@ DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters are always float3
 
 # What a rematerialised layer keeps (nativetok_jax/layers/remat.py): jax.checkpoint_policies names.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The precision of attention scores and softmax (nativetok_jax/layers/attention.py): float32
+# whatever the compute dtype, or the compute dtype.
+ATTENTION_LOGITS = ("float32", "compute")
 
 
 def transformer_section(width: int, depth: int, num_heads: int, remat: bool = False) -> ml_collections.ConfigDict:
@@ -68,6 +71,13 @@ def boolean(value, field: str) -> None:
 def number(value, field: str, low: float = 0.0) -> None:
     require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low, field,
              f"must be a number >= {low:g}, got {value!r}")
+
+
+def check_attention_logits(section: ml_collections.ConfigDict, field: str) -> None:
+    """Raises ``ConfigError`` unless ``<field>.attention_logits`` (default "float32") is one of
+    :data:`ATTENTION_LOGITS`."""
+    value = section.get("attention_logits", "float32")
+    require(value in ATTENTION_LOGITS, f"{field}.attention_logits", f"must be one of {ATTENTION_LOGITS}, got {value!r}")
 
 
 def validate_transformer(cfg: ml_collections.ConfigDict, field: str) -> None:

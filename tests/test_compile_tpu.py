@@ -181,7 +181,7 @@ def test_a_config_argument_may_hold_commas():
         "configs/dit.py:XL", "configs/recipe.py:nativetok,128@proxy_codes", "configs/d2it.py:XL"]
 
 
-def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_product():
+def test_remat_policies_give_the_same_gradients_and_recompute_what_they_name():
     from nativetok_jax.schema import ConfigError, validate_transformer as _validate_transformer
     from nativetok_jax.layers.remat import POLICIES, rematerialized
 
@@ -202,6 +202,8 @@ def test_remat_policies_give_the_same_gradients_and_dots_saveable_recomputes_no_
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads[remat], grads[False])
     assert counts[False] == counts["dots_saveable"] == 3 * forward
     assert counts["nothing_saveable"] > 3 * forward
+    # Keeps every weight product; recomputes only the attention's two (batched) products.
+    assert counts["dots_with_no_batch_dims_saveable"] == 3 * forward + batch * depth * 4 * tokens**2 * width
     with pytest.raises(ValueError, match="remat policy 'offload'"):
         rematerialized(lambda h: h, "offload")
     config = load_config_file(os.path.join(ROOT, "configs", "nativetok.py:32"))

@@ -10,9 +10,12 @@ True:
 - ``dots_saveable``: keep every matrix product's output, recompute the elementwise work between
   them (layer norms, GELU, softmax): little more FLOPs, most of the memory saving where the
   elementwise intermediates are what the scan stacks;
-- ``dots_with_no_batch_dims_saveable``: keep only products without batch dimensions (the
-  projections of 2-d inputs; in these models' 3-d activations, almost none): close to
-  ``nothing_saveable``.
+- ``dots_with_no_batch_dims_saveable``: keep only products without ``dot_general`` batch
+  dimensions: every product with a weight (projections and MLP, ``[B, T, D] x [D, F]``; ``B`` and
+  ``T`` are free dimensions there, not batch ones) but not the attention's two products
+  (``q k^T`` and ``p v``, batched over examples and heads), whose ``[B, heads, T, T]`` scores are
+  recomputed instead of stored: the weight products' FLOPs are not recomputed, at a fraction of
+  ``dots_saveable``'s memory.
 """
 
 from __future__ import annotations

@@ -20,14 +20,15 @@ from nativetok_jax.layers.remat import rematerialized
 
 class Block(nnx.Module):
     """``x + MHA(LN(x))`` then ``x + MLP(LN(x))``; ``norm_epsilon`` is the LayerNorms' (1e-6; PyTorch's
-    default, 1e-5, for weights trained with it: TiTok's)."""
+    default, 1e-5, for weights trained with it: TiTok's); ``attention_logits`` as
+    :class:`Attention`'s ``logits``."""
 
     def __init__(
         self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-        norm_epsilon: float = 1e-6,
+        norm_epsilon: float = 1e-6, attention_logits: str = "float32",
     ):
         self.attention_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
-        self.attention = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+        self.attention = Attention(width, num_heads, rngs=rngs, dtype=dtype, logits=attention_logits)
         self.mlp_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
 
@@ -81,12 +82,13 @@ class BlockStack(nnx.Module):
         remat: bool = False,
         unroll: bool = False,
         norm_epsilon: float = 1e-6,
+        attention_logits: str = "float32",
     ):
         if depth < 1:
             raise ValueError(f"a transformer stack needs depth >= 1, got {depth}")
         self.layers = stacked(
-            lambda r: Block(width, num_heads, mlp_ratio, rngs=r, dtype=dtype, norm_epsilon=norm_epsilon), depth,
-            "layers", rngs
+            lambda r: Block(width, num_heads, mlp_ratio, rngs=r, dtype=dtype, norm_epsilon=norm_epsilon,
+                            attention_logits=attention_logits), depth, "layers", rngs
         )
         self.depth = depth
         self.remat = remat

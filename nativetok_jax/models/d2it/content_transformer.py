@@ -35,7 +35,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.schema import DTYPES, ConfigError, boolean, positive_int, require, validate_transformer
+from nativetok_jax.schema import (
+    DTYPES,
+    ConfigError,
+    boolean,
+    check_attention_logits,
+    positive_int,
+    require,
+    validate_transformer,
+)
 from nativetok_jax.diffusion.multi_grain import FINE, average_coarse, check_grains
 from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.remat import remat_of
@@ -85,6 +93,7 @@ class DynamicContentTransformer(DiT):
         dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
         unroll: bool = False,
+        attention_logits: str = "float32",
         rngs: nnx.Rngs,
     ):
         """
@@ -98,7 +107,7 @@ class DynamicContentTransformer(DiT):
           grain_embedding: add a learned embedding of each region's grain to its token.
           learnable_positions: positions are parameters initialised from 2-D sin-cos; False: DiT's
             fixed ones.
-          dtype, remat, unroll: as :class:`DiT` (remat and unroll apply to both stacks).
+          dtype, remat, unroll, attention_logits: as :class:`DiT` (they apply to both stacks).
 
         Raises:
           ValueError: an odd ``input_size``, ``refine_depth < 0``, or what :class:`DiT` refuses.
@@ -110,9 +119,11 @@ class DynamicContentTransformer(DiT):
             raise ValueError(f"DynamicContentTransformer: refine_depth must be >= 0, got {refine_depth}")
         super().__init__(input_size=input_size, in_channels=in_channels, patch_size=REGION_CELLS, width=width,
                          depth=depth, num_heads=num_heads, num_classes=num_classes, mlp_ratio=mlp_ratio,
-                         learn_sigma=learn_sigma, dtype=dtype, remat=remat, unroll=unroll, rngs=rngs)
+                         learn_sigma=learn_sigma, dtype=dtype, remat=remat, unroll=unroll,
+                         attention_logits=attention_logits, rngs=rngs)
         self.refine_depth = refine_depth
-        self.refine_blocks = (stacked(lambda r: DiTBlock(width, num_heads, mlp_ratio, rngs=r, dtype=dtype),
+        self.refine_blocks = (stacked(lambda r: DiTBlock(width, num_heads, mlp_ratio, rngs=r, dtype=dtype,
+                                                         attention_logits=attention_logits),
                                       refine_depth, "layers", rngs) if refine_depth else None)
         # The label table's initialisation (DiT: N(0, 0.02)) for the grain table [C].
         self.grain_embedding = (param(rngs, EMBEDDING_INIT, (NUM_GRAINS, width), ("grains", "embed"))
@@ -192,7 +203,7 @@ def d2it_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Dynami
         refine_depth=model.refine_depth, num_heads=model.num_heads, num_classes=model.num_classes,
         mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, grain_embedding=model.grain_embedding,
         learnable_positions=model.learnable_positions, dtype=jnp.dtype(model.dtype), remat=remat_of(model),
-        unroll=model.unroll_scans, rngs=rngs)
+        unroll=model.unroll_scans, attention_logits=model.get("attention_logits", "float32"), rngs=rngs)
 
 
 def copy_dit_parameters(source: DiT, target: DynamicContentTransformer) -> None:
@@ -278,6 +289,7 @@ def validate_d2it_model(model: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field of a D²iT ``model`` section that cannot work."""
     require(model.get("kind") == "d2it", "model.kind", f"must be 'd2it', got {model.get('kind')!r}")
     require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    check_attention_logits(model, "model")
     for name in ("image_size", "fine_factor", "latent_channels", "num_classes"):
         positive_int(model.get(name), f"model.{name}")
     require(model.get("patch_size") == 2, "model.patch_size",

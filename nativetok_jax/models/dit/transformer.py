@@ -48,6 +48,7 @@ from nativetok_jax.schema import (
     DTYPES,
     ConfigError,
     boolean,
+    check_attention_logits,
     number,
     positive_int,
     require,
@@ -124,9 +125,9 @@ class DiTBlock(nnx.Module):
     """An adaLN-Zero transformer block (see the module docstring)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32):
+                 dtype: jnp.dtype = jnp.float32, attention_logits: str = "float32"):
         self.attention_norm = LayerNorm(width, rngs=rngs, affine=False)
-        self.attention = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+        self.attention = Attention(width, num_heads, rngs=rngs, dtype=dtype, logits=attention_logits)
         head_dim = width // num_heads
         in_axes = ("embed", "heads", "head_dim")
         for name in ("query", "key", "value"):
@@ -208,6 +209,7 @@ class DiT(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
         unroll: bool = False,
+        attention_logits: str = "float32",
         rngs: nnx.Rngs,
     ):
         """
@@ -218,9 +220,11 @@ class DiT(nnx.Module):
           width, depth, num_heads: the transformer (:data:`DIT_SIZES`).
           num_classes: labels ``0 .. num_classes-1``; ``num_classes`` is the null class.
           learn_sigma: also predict the variance (doubles the output channels).
-          dtype: compute dtype (parameters float32; norms, softmax and the output float32).
+          dtype: compute dtype (parameters float32; norms and the output float32; the attention
+            softmax float32 unless ``attention_logits`` is "compute").
           remat: recompute each block's activations in the backward pass.
           unroll: unroll the block scan (XLA's cost analysis counts a loop body once).
+          attention_logits: the attention scores' and softmax's precision (layers/attention.py).
 
         Raises:
           ValueError: a patch size that does not divide the input, a width not divisible by the
@@ -247,8 +251,9 @@ class DiT(nnx.Module):
                                      rngs=rngs, dtype=dtype, kernel_init=XAVIER)
         self.timestep_embedder = TimestepEmbedder(width, rngs=rngs, dtype=dtype)
         self.label_embedding = param(rngs, EMBEDDING_INIT, (num_classes + 1, width), ("classes", "embed"))
-        self.blocks = stacked(lambda r: DiTBlock(width, num_heads, mlp_ratio, rngs=r, dtype=dtype),
-                              depth, "layers", rngs)
+        self.attention_logits = attention_logits
+        self.blocks = stacked(lambda r: DiTBlock(width, num_heads, mlp_ratio, rngs=r, dtype=dtype,
+                                                 attention_logits=attention_logits), depth, "layers", rngs)
         self.final_layer = FinalLayer(width, patch_size, self.out_channels, rngs=rngs, dtype=dtype)
 
     @property
@@ -332,7 +337,8 @@ def dit_from_config(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
     return DiT(input_size=side, in_channels=channels, patch_size=model.patch_size, width=model.width,
                depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
                mlp_ratio=model.mlp_ratio, learn_sigma=model.learn_sigma, dtype=jnp.dtype(model.dtype),
-               remat=remat_of(model), unroll=model.unroll_scans, rngs=rngs)
+               remat=remat_of(model), unroll=model.unroll_scans,
+               attention_logits=model.get("attention_logits", "float32"), rngs=rngs)
 
 
 def parameter_count(model: DiT) -> int:
@@ -395,6 +401,7 @@ def diffusion_transformer_fields(kind: str, size: str, width: int, depth: int, n
     model.num_classes = 1000
     model.label_drop_probability = 0.1
     model.dtype = "float32"
+    model.attention_logits = "float32"  # or "compute": layers/attention.py
     model.remat = False
     model.remat_policy = "nothing_saveable"  # layers/remat.py
     model.unroll_scans = False
@@ -417,6 +424,7 @@ def validate_dit_model(model: ml_collections.ConfigDict, check_files: bool = Tru
     out, for what builds the network alone)."""
     require(model.get("kind") == "dit", "model.kind", f"must be 'dit', got {model.get('kind')!r}")
     require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    check_attention_logits(model, "model")
     for name in ("image_size", "patch_size", "num_classes"):
         positive_int(model.get(name), f"model.{name}")
     validate_transformer(model, "model")

@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nativetok_jax.schema import DTYPES, boolean, positive_int, require, transformer_section, validate_transformer
+from nativetok_jax.schema import (
+    DTYPES,
+    boolean,
+    check_attention_logits,
+    positive_int,
+    require,
+    transformer_section,
+    validate_transformer,
+)
 from nativetok_jax.layers.dense import Dense
 from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.remat import remat_of
@@ -80,6 +88,7 @@ class Autoencoder(nnx.Module):
             unroll=model.unroll_scans,
             head_hidden=d.get("head_hidden", 0),
             norm_epsilon=epsilon,
+            attention_logits=model.get("attention_logits", "float32"),
         )
 
     def encoder_features(self, images: jax.Array, *, frozen_experts: int = 0) -> jax.Array:
@@ -147,6 +156,7 @@ class NativeTok(Autoencoder):
             dtype=dtype,
             remat=remat_of(e),
             unroll=model.unroll_scans,
+            attention_logits=model.get("attention_logits", "float32"),
         )
         self.experts = CausalExperts(
             model.num_tokens,
@@ -160,6 +170,7 @@ class NativeTok(Autoencoder):
             scan=x.scan,
             unroll=model.unroll_scans,
             chunks=x.chunks,
+            attention_logits=model.get("attention_logits", "float32"),
         )
         self._build_shared(model, x.width, rngs, dtype)
 
@@ -194,6 +205,7 @@ class TiTok(Autoencoder):
             unroll=model.unroll_scans,
             latent_causal_mask=model.get("latent_causal_mask", False),
             norm_epsilon=model.get("norm_epsilon", 1e-6),
+            attention_logits=model.get("attention_logits", "float32"),
         )
         self._build_shared(model, e.width, rngs, dtype)
 
@@ -219,6 +231,9 @@ def tokenizer_model_config() -> ml_collections.ConfigDict:
     model.patch_size = 16
     model.num_tokens = 32
     model.dtype = "float32"  # Compute dtype; parameters are always float32.
+    # Precision of every attention's scores and softmax (layers/attention.py): "float32" whatever
+    # the compute dtype, or "compute" (in the compute dtype).
+    model.attention_logits = "float32"
     # Unroll the layer and expert scans in the compiled program: compile time grows with depth
     # and num_tokens; XLA's FLOP count becomes exact (the model benchmark uses it for that).
     model.unroll_scans = False
@@ -272,6 +287,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field of ``config.model`` that cannot work."""
     require(model.get("kind") in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {model.get('kind')!r}")
     require(model.get("dtype") in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {model.get('dtype')!r}")
+    check_attention_logits(model, "model")
     for name in ("image_size", "patch_size", "num_tokens"):
         positive_int(model.get(name), f"model.{name}")
     require(model.image_size % model.patch_size == 0, "model.image_size",

@@ -47,6 +47,7 @@ class TokenDecoder(nnx.Module):
         unroll: bool = False,
         head_hidden: int = 0,
         norm_epsilon: float = 1e-6,
+        attention_logits: str = "float32",
     ):
         self.grid = image_size // patch_size
         self.patch_size = patch_size
@@ -59,7 +60,7 @@ class TokenDecoder(nnx.Module):
         self.grid_position = param(rngs, POSITION_INIT, (self.grid**2 + 1, width), ("position", "embed"))
         self.input_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll,
-                                 norm_epsilon=norm_epsilon)
+                                 norm_epsilon=norm_epsilon, attention_logits=attention_logits)
         self.output_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         out = patch_size * patch_size * 3 if head == "pixel" else proxy_codebook_size
         self.head_hidden = (Dense(width, head_hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)

@@ -49,11 +49,13 @@ class Expert(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         unroll: bool = False,
+        attention_logits: str = "float32",
     ):
         self.query = param(rngs, POSITION_INIT, (width,), ("embed",))
         self.slot_position = param(rngs, POSITION_INIT, (width,), ("embed",))
         self.input_norm = LayerNorm(width, rngs=rngs)
-        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, unroll=unroll)
+        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, unroll=unroll,
+                                 attention_logits=attention_logits)
 
     def _with_query(self, context: jax.Array) -> jax.Array:
         q = jnp.broadcast_to(self.query[...].astype(context.dtype), (context.shape[0], 1, context.shape[-1]))
@@ -108,10 +110,12 @@ class CausalExperts(nnx.Module):
         scan: bool = True,
         unroll: bool = False,
         chunks: int = 1,
+        attention_logits: str = "float32",
     ):
         self.bounds = chunk_bounds(num_experts, chunks)
         self.stack = stacked(
-            lambda r: Expert(width, depth, num_heads, mlp_ratio, rngs=r, dtype=dtype, unroll=unroll),
+            lambda r: Expert(width, depth, num_heads, mlp_ratio, rngs=r, dtype=dtype, unroll=unroll,
+                             attention_logits=attention_logits),
             num_experts,
             "experts",
             rngs,

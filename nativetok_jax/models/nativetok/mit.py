@@ -33,9 +33,11 @@ class MetaImageTransformer(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
         unroll: bool = False,
+        attention_logits: str = "float32",
     ):
         self.embedding = PatchEmbedding(image_size, patch_size, width, rngs=rngs, dtype=dtype)
-        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll)
+        self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll,
+                                 attention_logits=attention_logits)
         self.norm = LayerNorm(width, rngs=rngs)
         self.dimension_switcher = Dense(width, out_width, axes=("embed", "embed"), rngs=rngs, dtype=dtype)
 

@@ -53,6 +53,7 @@ class TiTokEncoder(nnx.Module):
         unroll: bool = False,
         latent_causal_mask: bool = False,
         norm_epsilon: float = 1e-6,
+        attention_logits: str = "float32",
     ):
         self.embedding = PatchEmbedding(image_size, patch_size, width, rngs=rngs, dtype=dtype)
         # TiTok's released encoders add a learned position to each latent token; that sum is one
@@ -60,7 +61,7 @@ class TiTokEncoder(nnx.Module):
         self.latent_tokens = param(rngs, POSITION_INIT, (num_tokens, width), ("position", "embed"))
         self.input_norm = LayerNorm(width, rngs=rngs, epsilon=norm_epsilon)
         self.blocks = BlockStack(width, depth, num_heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat, unroll=unroll,
-                                 norm_epsilon=norm_epsilon)
+                                 norm_epsilon=norm_epsilon, attention_logits=attention_logits)
         self.num_tokens = num_tokens
         self.latent_causal_mask = latent_causal_mask
 

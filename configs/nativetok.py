@@ -13,8 +13,8 @@ the paper's batch of 256, NativeTok-128 in float32 with MIT and decoder kept nee
 temporaries per chip (XLA refuses it). The MIT and decoder keep their weight products
 (``dots_with_no_batch_dims_saveable``: only layer norms, GELU and the attention are recomputed),
 the experts keep nothing (``nothing_saveable``; keeping their products made XLA's estimated step
-longer, not shorter) and run in 8 scans, and attention scores and softmax are bfloat16
-(``attention_logits = "compute"``): XLA's estimated step is 16 % shorter than with float32 scores,
+longer, not shorter) and run in 16 scans, and attention scores and softmax are bfloat16
+(``attention_logits = "compute"``): XLA's estimated step is 20 % shorter than with float32 scores,
 whole-layer recomputation and 4 expert scans, in 43 GiB per chip (docs/benchmarks_tpu.md,
 "Attention scores in bfloat16 and weight-product remat").
 """
@@ -32,7 +32,7 @@ def get_config(num_tokens: str | None = None):
     config.model.attention_logits = "compute"  # bfloat16 scores and softmax: see the docstring
     for stack in (config.model.encoder, config.model.decoder):
         stack.update(remat=True, remat_policy="dots_with_no_batch_dims_saveable")  # see the docstring
-    # Eight expert scans instead of four: fewer masked slot rows computed; XLA's estimated step on
-    # v5p is 4 % shorter for NativeTok-128, for a longer compile (docs/benchmarks_tpu.md).
-    config.model.experts.chunks = 8
+    # 16 expert scans instead of 4: fewer masked slot rows computed; XLA's estimated step on v5p is
+    # 8 % shorter for NativeTok-128 (32 scans: no shorter, a longer compile; docs/benchmarks_tpu.md).
+    config.model.experts.chunks = 16
     return config

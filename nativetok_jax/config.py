@@ -3,7 +3,8 @@
 A task's config is :func:`run_config` (``data``, ``train``, ``mesh``, ``sharding``) plus its own
 sections; each model's section (defaults and checks) lives with the model and is re-exported here
 (``dit_model_config`` from ``models/dit/transformer.py``, ``d2it_model_config`` from
-``models/d2it/content_transformer.py``, the grain transformer's, the DVAE's, the tokenizer's
+``models/d2it/content_transformer.py``, the grain transformer's, the DVAE's, the generators'
+(``generator_model_config`` from ``models/generators/build.py``), the tokenizer's
 ``tokenizer_model_config``), so a field exists and is documented in exactly one place. Config files in
 ``configs/`` start from a factory (:func:`base_config` for the tokenizer) and override what they
 change; the ``validate_*`` functions turn a bad value into a ``ConfigError`` that names the field,
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +41,14 @@ from nativetok_jax.models.dit.transformer import (  # noqa: F401
     validate_diffusion_sampling,
     validate_dit_model,
 )
+from nativetok_jax.models.generators.build import (  # noqa: F401
+    GENERATOR_KINDS,
+    generator_model_config,
+    validate_generator_model,
+    validate_sampling,
+)
 from nativetok_jax.models.nativetok.autoencoder import tokenizer_model_config, validate_model
+from nativetok_jax.models.nativetok.titok import TITOK_RELEASES, TITOK_VIT_SIZES  # noqa: F401
 from nativetok_jax.schema import (  # noqa: F401
     DTYPES,
     REMAT_POLICIES,
@@ -224,17 +231,6 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-GENERATOR_KINDS = ("ar", "maskgit")
-
-
-# What the tokenizer's schema holds that a generator does not use (the tokenizer it reads has
-# its own config, in its workdir).
-# TiTok's ViT sizes (width, depth, heads) and its released tokenizers (bytedance/1d-tokenizer,
-# configs/infer/TiTok/titok_{l32,b64,s128}.yaml): encoder and decoder of one size, the token count.
-TITOK_VIT_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16)}
-TITOK_RELEASES = {"L-32": ("L", 32), "B-64": ("B", 64), "S-128": ("S", 128)}
-
-
 def titok_release_config(release: str = "L-32") -> ml_collections.ConfigDict:
     """The tokenizer config whose model is the architecture of one of TiTok's released tokenizers
     (``L-32``, ``B-64``, ``S-128``: encoder and decoder ViT-L, -B or -S, 32, 64 or 128 tokens, an
@@ -269,17 +265,11 @@ def generator_config() -> ml_collections.ConfigDict:
     The tokenizer's model, objective and HNT fields are not part of it.
     """
     config = run_config("generator")
-    g = config.generator = ml_collections.ConfigDict()
-    g.kind = "ar"  # "ar": LlamaGen-class GPT; "maskgit": bidirectional masked-token transformer
+    # The model's fields (kind, size, dtype, classes, label dropout) and the sampling settings'
+    # checks live with the generators (models/generators/build.py); the rest is the run's.
+    g = config.generator = generator_model_config()
     g.tokenizer = ""  # a tokenizer workdir (or one stage's directory)
     g.use_ema = True  # the tokenizer's EMA weights, when it kept them
-    g.width, g.depth, g.num_heads = 768, 12, 12  # LlamaGen-B
-    g.mlp_ratio = 4.0  # maskgit's MLP; the GPT's SwiGLU uses LlamaGen's 2/3 of it, rounded to 256
-    g.remat = False
-    g.remat_policy = "nothing_saveable"  # layers/remat.py
-    g.dtype = "float32"  # compute dtype; parameters are always float32
-    g.num_classes = 0  # 0: as many as the data has (max label + 1)
-    g.label_drop_probability = 0.1  # classifier-free guidance: labels dropped to the null class
     g.tokens_dir = ""  # "": <workdir>/tokens
     # The order the generator reads the ids in: "identity", "reversed" or "random:<seed>" (a fixed
     # permutation; data/token_order.py). Samples are put back in the tokenizer's order to decode.
@@ -287,9 +277,6 @@ def generator_config() -> ml_collections.ConfigDict:
     g.num_train_examples = 0  # 0: one example per training image (centre crops)
     g.num_eval_examples = 0  # 0: every evaluation image (data.num_eval_images for photos)
     g.extract_batch_size = 64
-    g.sample = ml_collections.ConfigDict(dict(
-        num_samples=16, seed=0, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0,
-        num_steps=8, choice_temperature=4.5))  # num_steps, choice_temperature: maskgit only
     t = config.train
     t.learning_rate, t.beta1, t.beta2, t.weight_decay = 1e-4, 0.9, 0.95, 0.05
     t.warmup_steps, t.final_learning_rate_ratio, t.ema_decay = 1000, 0.1, 0.0
@@ -318,14 +305,10 @@ def _fill_defaults(stored: Any, defaults: Any) -> Any:
 def validate_generator(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first generator, data or training field that cannot work."""
     g, train = config.generator, config.train
-    require(g.get("kind") in GENERATOR_KINDS, "generator.kind", f"must be one of {GENERATOR_KINDS}, got {g.get('kind')!r}")
+    validate_generator_model(g)
     require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
     require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
-    validate_transformer(ml_collections.ConfigDict(dict(width=g.width, depth=g.depth, num_heads=g.num_heads,
-                                                        mlp_ratio=g.mlp_ratio, remat=g.remat,
-                                                        remat_policy=g.remat_policy)), "generator")
-    require(g.get("dtype") in DTYPES, "generator.dtype", f"must be one of {DTYPES}, got {g.get('dtype')!r}")
-    for name in ("num_classes", "num_train_examples", "num_eval_examples"):
+    for name in ("num_train_examples", "num_eval_examples"):
         require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
     positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
@@ -335,55 +318,12 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
         token_permutation(g.get("token_order", {}).get("permutation", "identity"), 1)
     except TokenOrderError as error:
         raise ConfigError(str(error)) from None
-    p = g.label_drop_probability
-    require(isinstance(p, (int, float)) and 0 <= p < 1, "generator.label_drop_probability", f"must lie in [0, 1), got {p!r}")
     validate_sampling(g.sample, g.kind)
-    require_unconditional_model(g.sample.get("guidance_scale"), p, "config.generator.sample.guidance_scale",
-                                "generator.label_drop_probability")
+    require_unconditional_model(g.sample.get("guidance_scale"), g.label_drop_probability,
+                                "config.generator.sample.guidance_scale", "generator.label_drop_probability")
     validate_loop(train)
     number(train.get("learning_rate"), "train.learning_rate")
     validate_data_source(config.data)
-
-
-def validate_sampling(settings: ml_collections.ConfigDict, kind: str, *, vocab_size: int | None = None,
-                      names: dict[str, str] | None = None) -> None:
-    """Raises ``ConfigError`` naming the first sampling setting a ``kind`` generator cannot use.
-
-    ``settings`` is ``config.generator.sample`` after any command-line overrides; ``names`` says
-    how an error names a setting (``{"temperature": "--temperature"}`` for a flag; default
-    ``config.generator.sample.<name>``); ``vocab_size`` bounds ``top_k`` when known. Temperature 0
-    is greedy decoding (the limit), not an error; ``num_steps`` and ``choice_temperature`` are
-    checked for MaskGIT, the only kind that uses them.
-    """
-    names = names or {}
-
-    def require(condition: bool, name: str, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{names.get(name, f'config.generator.sample.{name}')}: {message}")
-
-    def number(name: str, low: float, high: float = math.inf, high_open: bool = False) -> None:
-        value = settings.get(name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and low <= value and (value <= high if not high_open else value < high)
-        span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        require(ok, name, f"must be a finite number {span}, got {value!r}")
-
-    def integer(name: str, low: int, high: int | None = None) -> None:
-        value = settings.get(name)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-        require(ok, name, f"must be an integer >= {low}{'' if high is None else f' and <= {high}'}, got {value!r}")
-
-    integer("num_samples", 1)
-    integer("seed", 0)
-    number("temperature", 0.0)  # 0: greedy
-    integer("top_k", 0, vocab_size)  # 0: every id
-    top_p = settings.get("top_p")
-    require(isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1, "top_p",
-            f"must lie in (0, 1] (1: off), got {top_p!r}")
-    number("guidance_scale", 0.0)  # 0: the unconditional model, 1: no guidance
-    if kind == "maskgit":
-        integer("num_steps", 1)
-        number("choice_temperature", 0.0)
 
 
 def validate_loop(train: ml_collections.ConfigDict) -> None:

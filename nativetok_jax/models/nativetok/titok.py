@@ -24,6 +24,11 @@ from nativetok_jax.layers.partitioning import constrain, param
 from nativetok_jax.layers.transformer import BlockStack
 from nativetok_jax.models.nativetok.embeddings import POSITION_INIT, PatchEmbedding
 
+# TiTok's ViT sizes (width, depth, heads) and its released tokenizers (bytedance/1d-tokenizer,
+# configs/infer/TiTok/titok_{l32,b64,s128}.yaml): encoder and decoder of one size, the token count.
+TITOK_VIT_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16)}
+TITOK_RELEASES = {"L-32": ("L", 32), "B-64": ("B", 64), "S-128": ("S", 128)}
+
 
 def latent_causal_attention_mask(num_context: int, num_tokens: int) -> np.ndarray:
     """Boolean ``[C + L, C + L]`` (query row, key row) mask for ``C`` context rows (class token and

@@ -23,6 +23,8 @@ import ml_collections
 from etils import epath
 
 from nativetok_jax import storage
+from nativetok_jax.data.token_order import TokenOrderError, token_permutation
+from nativetok_jax.diffusion.respacing import space_timesteps
 from nativetok_jax.models.d2it.content_transformer import (  # noqa: F401  (re-exported: the config API)
     D2IT_SIZES,
     d2it_latent_shape,
@@ -312,7 +314,6 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
         require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
     positive_int(g.get("extract_batch_size"), "generator.extract_batch_size")
-    from nativetok_jax.data.token_order import TokenOrderError, token_permutation
 
     try:
         token_permutation(g.get("token_order", {}).get("permutation", "identity"), 1)
@@ -597,7 +598,6 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     p = train.preview
     require(isinstance(p.get("num_samples"), int) and p.num_samples >= 0, "train.preview.num_samples",
              f"must be an integer >= 0, got {p.get('num_samples')!r}")
-    from nativetok_jax.diffusion.respacing import space_timesteps
 
     try:
         space_timesteps(num_steps, p.get("respacing"))

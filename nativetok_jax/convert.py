@@ -30,6 +30,16 @@ import argparse
 import os
 import sys
 
+from nativetok_jax.config import ConfigError
+from nativetok_jax.pretrained import files
+from nativetok_jax.pretrained.dit import convert_dit
+from nativetok_jax.pretrained.files import WeightsError
+from nativetok_jax.pretrained.inception import convert_fid_inception
+from nativetok_jax.pretrained.lpips import convert_lpips
+from nativetok_jax.pretrained.maskgit_vqgan import convert_maskgit_vqgan
+from nativetok_jax.pretrained.sd_vae import convert_sd_vae
+from nativetok_jax.pretrained.titok import convert_titok
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; leave accelerators alone
 
 NETWORKS = {
@@ -46,7 +56,6 @@ def convert(network: str, inputs: list[str], out: str, *, image_size: int | None
             num_heads: int | None = None, vae: str = "") -> str:
     """Converts ``inputs`` into ``out``; returns a one-line summary. ``image_size``, ``num_heads`` and
     ``vae`` are the DiT converter's (:func:`nativetok_jax.pretrained.dit.convert_dit`)."""
-    from nativetok_jax.pretrained import files
 
     expected = (1, 2) if network == "lpips" else (1,)
     if len(inputs) not in expected:
@@ -55,28 +64,22 @@ def convert(network: str, inputs: list[str], out: str, *, image_size: int | None
     if given and network != "dit":
         raise files.WeightsError(f"{given[0]}: only the dit converter uses it")
     if network == "dit":
-        from nativetok_jax.pretrained.dit import convert_dit
 
         return convert_dit(inputs[0], out, image_size=image_size, num_heads=num_heads, vae=vae)
     if network == "titok":
-        from nativetok_jax.pretrained.titok import convert_titok
 
         return convert_titok(inputs[0], out)
     if network == "lpips":
-        from nativetok_jax.pretrained.lpips import convert_lpips
 
         vgg, heads = (None, inputs[0]) if len(inputs) == 1 else inputs
         convert_lpips(vgg, heads, out)
     elif network == "inception":
-        from nativetok_jax.pretrained.inception import convert_fid_inception
 
         convert_fid_inception(inputs[0], out)
     elif network == "sd-vae":
-        from nativetok_jax.pretrained.sd_vae import convert_sd_vae
 
         convert_sd_vae(inputs[0], out)
     else:
-        from nativetok_jax.pretrained.maskgit_vqgan import convert_maskgit_vqgan
 
         convert_maskgit_vqgan(inputs[0], out)
     arrays, meta = files.load_weights(out)
@@ -98,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="dit: attention heads, for widths outside DiT's tables")
     parser.add_argument("--vae", default="", help="dit: the converted SD-VAE .npz the run directory names")
     args = parser.parse_args(argv)
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.pretrained.files import WeightsError
 
     try:
         print(convert(args.network, args.inputs, args.out, image_size=args.image_size, num_heads=args.num_heads,

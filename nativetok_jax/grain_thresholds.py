@@ -25,7 +25,11 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from nativetok_jax.command import boundary
 from nativetok_jax.config import ConfigError  # noqa: E402
+from nativetok_jax.data import pipeline, sources
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.dvae import DVAEConfig
 
 FLAGS = flags.FLAGS
 
@@ -56,9 +60,6 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
 
     Raises ``DataError`` (unreadable data), ``GrainError`` / ``ValueError`` (bad settings) with one line.
     """
-    from nativetok_jax.data import pipeline, sources
-    from nativetok_jax.models.d2it import grain_router
-    from nativetok_jax.models.d2it.dvae import DVAEConfig
 
     if num_images < 1 or batch_size < 1:
         raise ConfigError(f"--num_images and --batch_size must be positive, got {num_images} and {batch_size}")
@@ -81,7 +82,6 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.command import boundary
 
     with boundary():
         thresholds = compute_thresholds(FLAGS.config, FLAGS.num_images, FLAGS.batch_size)

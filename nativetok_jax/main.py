@@ -49,6 +49,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     initialize_distributed()
+    # Imported after jax.distributed.initialize(), which must run before anything touches a
+    # backend: the package's modules may build arrays when they are imported.
     from nativetok_jax import tasks
     from nativetok_jax.command import boundary
     from nativetok_jax.workdir import check_resume

@@ -22,7 +22,25 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from nativetok_jax import checkpoints, sharding, storage, tasks
+from nativetok_jax.command import boundary
 from nativetok_jax.config import ConfigError, require_unconditional_model, validate_sampling  # noqa: E402
+from nativetok_jax.data.grain_latent_store import GrainLatentSource
+from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
+from nativetok_jax.diffusion.respacing import space_timesteps
+from nativetok_jax.evaluation.dvae_metrics import grid_with_grain_maps
+from nativetok_jax.evaluation.grids import save_grid, save_png
+from nativetok_jax.generation import d2it_sampling
+from nativetok_jax.generation.diffusion_sampling import diffusion_sampler, image_decoder
+from nativetok_jax.generation.pretrained import TrainedGenerator
+from nativetok_jax.layers.partitioning import axis_rules
+from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+from nativetok_jax.models.dit.transformer import DIFFUSION_SAMPLERS, dit_from_config
+from nativetok_jax.pretrained.sd_vae import latent_space
+from nativetok_jax.training import diffusion_trainer
+from nativetok_jax.training import grain_latent_extraction as grain_latents
+from nativetok_jax.training.generator_trainer import tokenizer_upstream
+from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
 # This command's flags live in their own registry (as evaluate's): importing several entry points
 # into one process (a test session, a notebook) must not fail with a duplicate --workdir.
@@ -88,11 +106,6 @@ def sampling_settings(generator: ml_collections.ConfigDict, overrides: dict[str,
 
 def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **overrides) -> np.ndarray:
     """Writes the samples into ``out`` (local or a URL); returns them as uint8 ``[N, H, W, 3]``."""
-    from nativetok_jax import checkpoints
-    from nativetok_jax.data.sources import SAMPLE_FILE, SAMPLE_IDS_FILE
-    from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.training.generator_trainer import tokenizer_upstream
-    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     config = require_task(workdir, "sample", ("generator",))
     g = config.generator
@@ -122,8 +135,6 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     ids = np.concatenate(ids)
     images = np.concatenate([np.asarray(tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
     if jax.process_index() == 0:
-        from nativetok_jax import storage
-        from nativetok_jax.evaluation.grids import save_grid, save_png
 
         directory = storage.path(out)
         for i, image in enumerate(images):
@@ -152,8 +163,6 @@ def diffusion_settings(model: ml_collections.ConfigDict, *, sampler: str | None 
       ConfigError: a bad value, named by its flag (one line), or a token-generator flag
         (``unused``: ``{"temperature": value, ...}``, set ones are errors).
     """
-    from nativetok_jax.models.dit.transformer import DIFFUSION_SAMPLERS
-    from nativetok_jax.diffusion.respacing import space_timesteps
 
     for name, value in (unused or {}).items():
         if value is not None:
@@ -203,15 +212,6 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     Raises:
       ConfigError: bad settings (:func:`diffusion_settings`) or labels outside ``[0, num_classes)``.
     """
-    from nativetok_jax import checkpoints, sharding, storage
-    from nativetok_jax.data.sources import SAMPLE_FILE
-    from nativetok_jax.evaluation.grids import save_grid, save_png
-    from nativetok_jax.layers.partitioning import axis_rules
-    from nativetok_jax.models.dit.transformer import dit_from_config
-    from nativetok_jax.pretrained.sd_vae import latent_space
-    from nativetok_jax.generation.diffusion_sampling import diffusion_sampler, image_decoder
-    from nativetok_jax.training.diffusion_trainer import autoencoder_upstream
-    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     config = require_task(workdir, "sample", ("diffusion",))
     model = config.model
@@ -221,7 +221,7 @@ def sample_diffusion(workdir: str | os.PathLike, out: str | os.PathLike, *, labe
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     check_loadable(workdir)
-    check_upstream(workdir, autoencoder_upstream(model.autoencoder), "sampling")  # the VAE it trained on
+    check_upstream(workdir, diffusion_trainer.autoencoder_upstream(model.autoencoder), "sampling")  # the VAE it trained on
     autoencoder = latent_space(model.autoencoder)  # before the sampling: a missing VAE file fails fast
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_of(config)
@@ -275,16 +275,6 @@ def sample_d2it(workdir: str | os.PathLike, out: str | os.PathLike, *, grain_map
     Raises:
       ConfigError: bad settings or flags (one line), e.g. ``--labels`` with ground-truth maps.
     """
-    from nativetok_jax import checkpoints, sharding, storage
-    from nativetok_jax.config import ConfigError
-    from nativetok_jax.data.grain_latent_store import GrainLatentSource
-    from nativetok_jax.data.sources import SAMPLE_FILE
-    from nativetok_jax.evaluation.grids import save_grid, save_png
-    from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-    from nativetok_jax.generation import d2it_sampling
-    from nativetok_jax.evaluation.dvae_metrics import grid_with_grain_maps
-    from nativetok_jax.training import grain_latent_extraction as grain_latents
-    from nativetok_jax.workdir import check_loadable, check_upstream, require_task
 
     mode = grain_maps or "model"
     if mode not in d2it_sampling.GRAIN_MAP_MODES:
@@ -401,15 +391,12 @@ def sample_d2it_command(workdir: str, out: str, flags: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.command import boundary
 
     with boundary():  # the project's errors (flags, runs, files) are one line; a bug keeps its traceback
         _sample_and_report()
 
 
 def _sample_and_report() -> None:
-    from nativetok_jax import storage, tasks
-    from nativetok_jax.workdir import require_task
 
     flags = {name: getattr(FLAGS, name) for name in (*SETTINGS, "batch_size", "sampler", "use_ema", "grain_maps")}
     flags["labels"] = parse_labels(FLAGS.labels)

@@ -44,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from nativetok_jax.bench import peer
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second
 from nativetok_jax.config import base_config
@@ -166,7 +167,6 @@ def torch_step(config: ml_collections.ConfigDict, batch_size: int, device: str, 
     """The stand-in's step (``bench.peer.training_step``): ``dict(step, params)``."""
     import torch  # a development dependency (see bench/peer.py)
 
-    from nativetok_jax.bench import peer
 
     model = torch_prototype(config).to(device)
     size = config.model.image_size
@@ -299,7 +299,6 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     import torch  # a development dependency (see bench/peer.py)
 
-    from nativetok_jax.bench import peer
 
     modules = peer.load(args.prototype) if args.prototype else None  # one-line errors before anything compiles
     device = args.torch_device or ("cuda" if jax.default_backend() == "gpu" else "cpu")

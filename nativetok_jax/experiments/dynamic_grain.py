@@ -49,6 +49,28 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from nativetok_jax import checkpoints, sample, sharding, storage
+from nativetok_jax.config import ConfigError
+from nativetok_jax.data.grain_latent_store import GrainLatentSource
+from nativetok_jax.data.pipeline import SkippedImages
+from nativetok_jax.diffusion.gaussian import build_diffusion
+from nativetok_jax.diffusion.multi_grain import grain_loss_weights
+from nativetok_jax.diffusion.variational_bound import variational_bound
+from nativetok_jax.evaluation import fid
+from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
+from nativetok_jax.evaluation.plots import new_figure, save_figure
+from nativetok_jax.evaluation.precision_recall import precision_recall
+from nativetok_jax.evaluation.tokenizer_metrics import inception_score_splits, inception_statistics
+from nativetok_jax.experiments import grain_routing
+from nativetok_jax.experiments.entry_point import run_and_report
+from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
+from nativetok_jax.pretrained.inception import load_inception
+from nativetok_jax.training import d2it_trainer, grain_latent_extraction, loop
+from nativetok_jax.training.d2it_trainer import content_apply, grain_noise
+from nativetok_jax.training.diffusion_trainer import store_sources
+from nativetok_jax.training.dvae_trainer import train_dvae
+from nativetok_jax.training.grain_latent_extraction import store_directory
+from nativetok_jax.training.token_extraction import example_image
 
 FLAGS = flags.FLAGS
 REPORT, PLOT, TABLE = "dynamic_grain.json", "dynamic_grain.png", "dynamic_grain.md"
@@ -89,9 +111,6 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, vae_workdir: str, la
 def vae_workdirs(config: ml_collections.ConfigDict, root: Any, routing_dir: str | None) -> dict[str, str]:
     """``{"entropy": dir, "single_grain": dir}``: trained now under ``root/vae`` unless finished, or
     a routing experiment's arms."""
-    from nativetok_jax import storage
-    from nativetok_jax.experiments import grain_routing
-    from nativetok_jax.training.dvae_trainer import train_dvae
 
     if routing_dir:
         return {arm: str(storage.path(routing_dir) / arm) for arm in ("entropy", "single_grain")}
@@ -105,8 +124,6 @@ def vae_workdirs(config: ml_collections.ConfigDict, root: Any, routing_dir: str 
 def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0, routing_dir: str | None = None,
         inception_path: str | None = None) -> dict[str, Any]:
     """Trains (or resumes) and judges both arms; returns and writes the report."""
-    from nativetok_jax import checkpoints, storage
-    from nativetok_jax.config import ConfigError
 
     if steps < 0:
         raise ConfigError(f"--steps: must be >= 0, got {steps}")
@@ -154,10 +171,6 @@ def judge_arm(run_config: ml_collections.ConfigDict, run_dir: str, evaluation: m
     ``rows``: the grain-map sources its samples are drawn with."""
     import jax
 
-    from nativetok_jax import sample
-    from nativetok_jax.data.grain_latent_store import GrainLatentSource
-    from nativetok_jax.evaluation.grain_statistics import fine_fraction_by_class
-    from nativetok_jax.training import d2it_trainer, grain_latent_extraction
 
     summary = d2it_trainer.train_d2it(run_config, run_dir)
     stores = grain_latent_extraction.store_directory(run_config)
@@ -175,7 +188,6 @@ def judge_arm(run_config: ml_collections.ConfigDict, run_dir: str, evaluation: m
     real = held_out_images(run_config) if inception_path else None
     inception = None
     if inception_path:
-        from nativetok_jax.pretrained.inception import load_inception
 
         inception = load_inception(inception_path)
     result["samples"] = {}
@@ -200,15 +212,6 @@ def variational_bound_bpd(run_dir: str, run_config: ml_collections.ConfigDict, h
     import jax
     from flax import nnx
 
-    from nativetok_jax import checkpoints, sharding
-    from nativetok_jax.diffusion.gaussian import build_diffusion
-    from nativetok_jax.diffusion.multi_grain import grain_loss_weights
-    from nativetok_jax.diffusion.variational_bound import variational_bound
-    from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
-    from nativetok_jax.data.grain_latent_store import GrainLatentSource
-    from nativetok_jax.training import loop
-    from nativetok_jax.training.d2it_trainer import content_apply, grain_noise
-    from nativetok_jax.training.grain_latent_extraction import store_directory
 
     model_config = run_config.model
     mesh, rules = sharding.make_mesh(run_config.mesh), sharding.rules_of(run_config)
@@ -240,9 +243,6 @@ def variational_bound_bpd(run_dir: str, run_config: ml_collections.ConfigDict, h
 
 def held_out_images(run_config: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 ``[N, H, W, 3]``: the held-out crops the held-out store encodes (the real set for FID)."""
-    from nativetok_jax.data.pipeline import SkippedImages
-    from nativetok_jax.training.diffusion_trainer import store_sources
-    from nativetok_jax.training.token_extraction import example_image
 
     sources = store_sources(run_config)
     skipped = SkippedImages()
@@ -253,9 +253,6 @@ def held_out_images(run_config: ml_collections.ConfigDict) -> np.ndarray:
 
 def image_quality(real: np.ndarray, generated: np.ndarray, inception: Any) -> dict[str, float]:
     """gFID, Inception Score, precision and recall of ``generated`` against ``real`` (uint8 images)."""
-    from nativetok_jax.evaluation import fid
-    from nativetok_jax.evaluation.precision_recall import precision_recall
-    from nativetok_jax.evaluation.tokenizer_metrics import inception_score_splits, inception_statistics
 
     batch = 64
     real_features: list = []
@@ -304,7 +301,6 @@ def table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Any) -> None:
     """Three panels: held-out eps-MSE per step and arm; bits per dimension per arm; per-class fine
     fraction of the data against each D²iT sample set's."""
-    from nativetok_jax.evaluation.plots import new_figure, save_figure
 
     arms = report["arms"]
     figure = new_figure(14, 3.8)
@@ -343,7 +339,6 @@ def plot(report: dict[str, Any], path: Any) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.experiments.entry_point import run_and_report
 
     run_and_report(lambda: run(FLAGS.config, FLAGS.workdir, FLAGS.steps, FLAGS.routing_dir, FLAGS.inception), table,
                    f"{FLAGS.workdir}/{REPORT}, {PLOT}, {TABLE}")

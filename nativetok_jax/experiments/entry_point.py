@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nativetok_jax.command import boundary
+
 
 def run_and_report(run: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str], written: str) -> None:
     """Runs ``run()`` inside the entry points' error boundary (``command.boundary``: SIGTERM or
     Ctrl-C ends it as a preempted run, the project's errors are one line ``error: ...``, a bug keeps
     its traceback), then prints the time taken, what was ``written`` and ``table(report)``."""
-    from nativetok_jax.command import boundary
 
     start = time.time()
     with boundary():

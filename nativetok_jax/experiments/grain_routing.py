@@ -35,6 +35,18 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from nativetok_jax import storage
+from nativetok_jax.command import boundary
+from nativetok_jax.config import ConfigError, validate_dvae
+from nativetok_jax.data.pipeline import eval_images
+from nativetok_jax.data.sources import open_sources
+from nativetok_jax.dvae import DVAE
+from nativetok_jax.evaluation.block_mean_routing import block_mean_routing, routed_block_means
+from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
+from nativetok_jax.evaluation.metrics import psnr_of_squared_error, psnr_per_image
+from nativetok_jax.models.d2it import grain_router
+from nativetok_jax.models.d2it.dvae import DVAEConfig
+from nativetok_jax.training.dvae_trainer import train_dvae
 
 FLAGS = flags.FLAGS
 ARMS = ("entropy", "random", "fine", "coarse", "single_grain")
@@ -64,14 +76,6 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
 
 def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0) -> dict[str, Any]:
     """Trains and judges every arm (finished ones are only judged); returns and writes the report."""
-    from nativetok_jax import storage
-    from nativetok_jax.config import ConfigError, validate_dvae
-    from nativetok_jax.data.pipeline import eval_images
-    from nativetok_jax.data.sources import open_sources
-    from nativetok_jax.dvae import DVAE
-    from nativetok_jax.evaluation.block_mean_routing import block_mean_routing
-    from nativetok_jax.models.d2it.dvae import DVAEConfig
-    from nativetok_jax.training.dvae_trainer import train_dvae
 
     if steps < 0:
         raise ConfigError(f"--steps: must be >= 0, got {steps}")
@@ -124,10 +128,6 @@ def judge(dvae: Any, images: np.ndarray, entropy_grains: np.ndarray, seed: int, 
     trainer's evaluation reports it); the region PSNRs pool the squared error over the regions'
     pixels of the whole set, since an image may have no region of a grain.
     """
-    from nativetok_jax.evaluation.block_mean_routing import routed_block_means
-    from nativetok_jax.evaluation.dvae_metrics import region_squared_errors
-    from nativetok_jax.evaluation.metrics import psnr_of_squared_error, psnr_per_image
-    from nativetok_jax.models.d2it import grain_router
 
     totals = {name: [0.0, 0] for name in ("fine", "coarse", "entropy_fine", "entropy_coarse")}
     fine, floats, per_image, block_means = [], [], [], []
@@ -162,7 +162,6 @@ def plot(report: dict[str, Any], path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nativetok_jax import storage
 
     columns = (("psnr", "all pixels"), ("psnr_entropy_fine_regions", "entropy-fine regions"),
                ("psnr_entropy_coarse_regions", "entropy-coarse regions"))
@@ -214,7 +213,6 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.command import boundary
 
     start = time.time()
     with boundary():

@@ -54,7 +54,27 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from nativetok_jax.config import ConfigError  # noqa: E402
+from nativetok_jax import sharding, storage
+from nativetok_jax.bench.train import matmul_flops_per_second
+from nativetok_jax.command import boundary
+from nativetok_jax.config import (
+    ConfigError,  # noqa: E402
+    validate_training,
+)
+from nativetok_jax.data.pipeline import SkippedImages
+from nativetok_jax.data.sources import open_sources
+from nativetok_jax.data.token_order import reading_order
+from nativetok_jax.data.token_store import TokenSource, read_meta
+from nativetok_jax.evaluation import token_likelihood, token_statistics
+from nativetok_jax.evaluation.paired_bootstrap import paired_bootstrap_interval
+from nativetok_jax.evaluation.plots import markdown_table, plot_by_position, plot_contrasts
+from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
+from nativetok_jax.generation.pretrained import TrainedGenerator
+from nativetok_jax.models.nativetok.parameter_matching import generator_parameters, match_encoder, tokenizer_parameters
+from nativetok_jax.tokenizer import Tokenizer
+from nativetok_jax.training.generator_trainer import HELD_OUT_NLL, held_out_crops, train_generator
+from nativetok_jax.training.token_extraction import example_image
+from nativetok_jax.training.trainer import train_and_evaluate
 
 FLAGS = flags.FLAGS
 
@@ -121,8 +141,6 @@ def tokenizer_configs(config: ml_collections.ConfigDict, arms: list[str]) -> dic
       ValueError: the tokenizers differ in token count, image size, codebook, steps or batch size,
         or ``match_parameters`` is not "", "depth" or "width".
     """
-    from nativetok_jax.config import validate_training
-    from nativetok_jax.models.nativetok.parameter_matching import match_encoder
 
     names = sorted({ARMS[arm].tokenizer for arm in arms})
     tokenizers = {}
@@ -156,10 +174,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and measures every selected arm for every seed; returns (and writes) the report."""
     import jax.numpy as jnp
 
-    from nativetok_jax import storage
-    from nativetok_jax.bench.train import matmul_flops_per_second
-    from nativetok_jax.training.generator_trainer import train_generator
-    from nativetok_jax.training.trainer import train_and_evaluate
 
     arms = validate(config)
     tokenizers = tokenizer_configs(config, arms)
@@ -227,12 +241,6 @@ def held_out_figures(generator: ml_collections.ConfigDict, directory: Any) -> tu
     masked-token NLL per mask rate (``maskgit_*``). Ids are read in the generator's order."""
     import jax
 
-    from nativetok_jax import storage
-    from nativetok_jax.data.token_order import reading_order
-    from nativetok_jax.data.token_store import TokenSource
-    from nativetok_jax.evaluation import token_likelihood, token_statistics
-    from nativetok_jax.generation.pretrained import TrainedGenerator
-    from nativetok_jax.training.generator_trainer import HELD_OUT_NLL
 
     g = generator.generator
     train, held_out = (reading_order(TokenSource(storage.path(g.tokens_dir) / split), g.token_order.permutation)
@@ -260,8 +268,6 @@ def arm_description(config: ml_collections.ConfigDict, arm: str, tokenizers: dic
                     root: Any) -> dict[str, Any]:
     """What an arm is: its tokenizer's kind and sizes, its reading order, its parameter counts and
     the paths of its per-crop NLLs."""
-    from nativetok_jax.models.nativetok.parameter_matching import generator_parameters, tokenizer_parameters
-    from nativetok_jax.training.generator_trainer import HELD_OUT_NLL
 
     model = tokenizers[ARMS[arm].tokenizer].model
     counts = tokenizer_parameters(model)
@@ -286,7 +292,6 @@ def contrasts(per_crop: dict[str, dict[str, list[np.ndarray]]], arms: list[str],
     is lower). Items are (seed, crop) pairs: every seed's held-out crops, concatenated, each
     paired across arms (the same crops in the same order within a seed), so the interval covers
     the choice of crops; the spread over seeds is the report's ``std``."""
-    from nativetok_jax.evaluation.paired_bootstrap import paired_bootstrap_interval
 
     result = {}
     for arm, baseline in CONTRASTS:
@@ -322,13 +327,6 @@ def matched_reconstruction(tokenizer_dir: Any, generator: ml_collections.ConfigD
     """``psnr`` (dB; per image, averaged over images: the project's one PSNR) and
     ``codebook_usage`` of the tokenizer in ``tokenizer_dir`` on exactly the held-out crops the
     ``generator`` config's NLL is measured on (``generator_trainer.held_out_crops``)."""
-    from nativetok_jax import sharding
-    from nativetok_jax.data.pipeline import SkippedImages
-    from nativetok_jax.data.sources import open_sources
-    from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
-    from nativetok_jax.tokenizer import Tokenizer
-    from nativetok_jax.training.generator_trainer import held_out_crops
-    from nativetok_jax.training.token_extraction import example_image
 
     tokenizer = Tokenizer.from_checkpoint(tokenizer_dir, use_ema=generator.generator.use_ema,
                                           mesh=sharding.make_mesh(generator.mesh))
@@ -345,8 +343,6 @@ def matched_reconstruction(tokenizer_dir: Any, generator: ml_collections.ConfigD
 
 def num_classes_of(generator: ml_collections.ConfigDict) -> int:
     """The class count a generator is built with: its config's, else its training token store's."""
-    from nativetok_jax import storage
-    from nativetok_jax.data.token_store import read_meta
 
     g = generator.generator
     return int(g.num_classes or read_meta(storage.path(g.tokens_dir) / "train")["num_classes"])
@@ -395,8 +391,6 @@ TABLE_COLUMNS = dict(  # report figure -> the summary table's column
 def write_report(report: dict[str, Any], root: Any) -> None:
     """``token_order.json``, ``nll_by_position.png`` (every arm, mean +- std over seeds),
     ``contrasts.png`` (the paired intervals) and ``token_order.md`` (the summary table) in ``root``."""
-    from nativetok_jax import storage
-    from nativetok_jax.evaluation.plots import plot_by_position, plot_contrasts
 
     storage.write_json(root / "token_order.json", report)
     arms = report["arms"]
@@ -412,7 +406,6 @@ def write_report(report: dict[str, Any], root: Any) -> None:
 def summary_table(report: dict[str, Any]) -> str:
     """The Markdown summary: figures (mean ± std over seeds) and parameter counts per arm, the
     contrasts' intervals, the warnings and the time taken."""
-    from nativetok_jax.evaluation.plots import markdown_table
 
     seeds = report["seeds"]
     rows = {}
@@ -439,7 +432,6 @@ def summary_table(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nativetok_jax.command import boundary
 
     config = FLAGS.config
     for name in ("arms", "seeds", "match_parameters"):

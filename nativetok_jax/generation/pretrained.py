@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding, storage
+from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.data.token_order import to_tokenizer_order, token_permutation
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
@@ -63,7 +63,6 @@ class TrainedGenerator:
     def from_checkpoint(cls, workdir: str, *, use_ema: bool = True) -> TrainedGenerator:
         """The newest checkpoint of a generator's training workdir (EMA weights when kept) and the
         tokenizer its config names."""
-        from nativetok_jax import checkpoints
 
         config = checkpoints.read_config(workdir)
         g = config.generator

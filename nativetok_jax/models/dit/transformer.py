@@ -44,6 +44,15 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax import storage
+from nativetok_jax.diffusion.respacing import space_timesteps
+from nativetok_jax.layers.attention import Attention
+from nativetok_jax.layers.dense import Dense
+from nativetok_jax.layers.mlp import Mlp
+from nativetok_jax.layers.norm import LayerNorm
+from nativetok_jax.layers.partitioning import constrain, param
+from nativetok_jax.layers.patches import patchify, unpatchify
+from nativetok_jax.layers.remat import remat_of, rematerialized
+from nativetok_jax.layers.transformer import stacked
 from nativetok_jax.schema import (
     DTYPES,
     ConfigError,
@@ -55,14 +64,6 @@ from nativetok_jax.schema import (
     require_unconditional_model,
     validate_transformer,
 )
-from nativetok_jax.layers.attention import Attention
-from nativetok_jax.layers.dense import Dense
-from nativetok_jax.layers.mlp import Mlp
-from nativetok_jax.layers.norm import LayerNorm
-from nativetok_jax.layers.partitioning import constrain, param
-from nativetok_jax.layers.patches import patchify, unpatchify
-from nativetok_jax.layers.remat import remat_of, rematerialized
-from nativetok_jax.layers.transformer import stacked
 
 FREQUENCY_DIM = 256
 ROW_AXES = ("batch", "length", "embed")
@@ -461,7 +462,6 @@ def validate_diffusion_sampling(model: ml_collections.ConfigDict, channels: int)
     s = model.sample
     require(s.get("method") in DIFFUSION_SAMPLERS, "model.sample.method",
              f"must be one of {DIFFUSION_SAMPLERS}, got {s.get('method')!r}")
-    from nativetok_jax.diffusion.respacing import space_timesteps
 
     try:
         space_timesteps(d.num_steps, s.get("respacing"))

@@ -196,3 +196,28 @@ def test_every_import_inside_the_package_names_something_that_exists():
                             missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} "
                                            f"{node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_package_imports_sit_at_the_top_unless_a_comment_says_why():
+    """Imports at the top of modules, so a module's dependencies are read in one place; a
+    function-level import of the package is allowed only with its reason in a comment on its line
+    or just above (``main.py`` imports the registry after ``jax.distributed.initialize()``)."""
+    unexplained = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                source = f.read()
+            lines = source.splitlines()
+            for function in ast.walk(ast.parse(source)):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(function):
+                    module = (node.module if isinstance(node, ast.ImportFrom)
+                              else node.names[0].name if isinstance(node, ast.Import) else None)
+                    if not (module or "").startswith(PACKAGE):
+                        continue
+                    nearby = lines[max(0, node.lineno - 4):node.end_lineno]
+                    if not any("#" in line and "noqa" not in line.split("#", 1)[1] for line in nearby):
+                        unexplained.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not unexplained, sorted(set(unexplained))

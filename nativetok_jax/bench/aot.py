@@ -55,20 +55,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from nativetok_jax import checkpoints, sharding
+from nativetok_jax import checkpoints, sharding, tasks
 from nativetok_jax.bench.compare import override_field
-from nativetok_jax import tasks
-from nativetok_jax.bench.diffusion import LatentBench
+from nativetok_jax.bench.diffusion import LatentBench, _grain_shape, latent_shape
 from nativetok_jax.bench.diffusion import _build as build_diffusion_state  # noqa: F401 - tests build a concrete state
 from nativetok_jax.config import ConfigError, load_config_file
 from nativetok_jax.diffusion.gaussian import build_diffusion
 from nativetok_jax.generation.masked import decode_step as maskgit_decode_step
 from nativetok_jax.layers.partitioning import axis_rules, shard_spec_for
 from nativetok_jax.models.d2it import grain_router
-from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.models.d2it.dvae import DVAEConfig
 from nativetok_jax.models.generators.gpt import CACHE_AXES
+from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
@@ -593,10 +593,6 @@ def _sampler_call(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ru
     ``config``'s model for ``num_images`` images (``2 num_images`` rows with guidance): a DiT/D²iT
     network call; an AR generator's decode step of one position with its key/value cache (the
     cache in and out, donated, as the sampler's loop carries it); a MaskGIT step over every position."""
-    from flax import nnx  # noqa: PLC0415
-
-    from nativetok_jax.bench.diffusion import _grain_shape, latent_shape  # noqa: PLC0415
-
     parts = parts_of(config)
     if not has_sampler(config):
         raise CompileError(f"--sampler: a {tasks.of(config).name} config has no sampler")

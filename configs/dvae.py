@@ -19,6 +19,8 @@ Tags: [P] the paper says it; [A] an ancestor's code does it (DQ-VAE, LDM, VQGAN)
 - Decoder: maskgit's VQGAN decoder on the fine grid (no attention) with learned row + column
   position embeddings added to the latent [A: DQ-VAE's DecoderPositional, "learned"] [C: the
   attention-free decoder].
+- No block-mean shortcut (``model.shortcut = "none"``) [P: the paper's DVAE has none]; the CPU
+  demo (configs/dvae_demo.py) turns it on [C].
 - One global latent scale = 1 / std of routed training latents [C, as SD-VAE's 0.18215].
 - Optimiser: the project's AdamW at lr 1e-4 with warm-up and cosine decay, batch 256 [C: the
   paper gives no DVAE recipe].

@@ -1,6 +1,7 @@
 """The dynamic-grain experiment at demo scale (``python -m nativetok_jax.experiments.dynamic_grain``):
-both VAEs from configs/grain_routing.py (the demo DVAE, 400 steps each: the entropy-routed one and
-the single-grain one of equal latent floats), both diffusion arms from configs/d2it_demo.py with a
+both VAEs from configs/grain_routing.py (the demo DVAE with its block-mean shortcut, cut to 400
+steps each to keep this experiment's budget: the entropy-routed one and the single-grain one of
+equal latent floats), both diffusion arms from configs/d2it_demo.py with a
 shorter schedule (``d2it.train.num_steps``; ``--steps N`` changes it for both arms), and the
 evaluation's sample counts and sampler (``evaluation``). Sized for 30 minutes on 2 unloaded cores:
 see the README's "D²iT" section for the measured CPU time.
@@ -18,6 +19,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config():
     config = ml_collections.ConfigDict()
     config.dvae = load_config_file(os.path.join(HERE, "grain_routing.py"))
+    v = config.dvae.train
+    v.num_steps = 400
+    v.warmup_steps = 40
+    v.eval_every = v.checkpoint_every = 400
     d2it = load_config_file(os.path.join(HERE, "d2it_demo.py"))
     t = d2it.train
     t.num_steps = 600

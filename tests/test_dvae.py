@@ -127,6 +127,38 @@ def test_decode_accepts_copied_latents_and_projects_other_latents_onto_copies():
                                decode(model, latents, grains), rtol=1e-5, atol=1e-5)
 
 
+def test_block_mean_shortcut_with_silent_networks_is_the_block_mean_codec_of_its_routing():
+    """With the encoder heads' and the decoder's output convolutions zeroed, a DVAE with the
+    block-mean shortcut decodes each region as its grain's block means: the same-codes codec of
+    evaluation/block_mean_routing.py, checked here by an independent numpy computation."""
+    config = tiny_config()
+    config.model.shortcut = "block_mean"
+    model = DynamicVAE(DVAEConfig.from_model_config(config.model), rngs=nnx.Rngs(0))
+    for conv in (model.encoder.coarse.conv_out, model.encoder.fine.conv_out, model.decoder.conv_out):
+        conv.kernel[...] = jnp.zeros_like(conv.kernel[...])
+        conv.bias[...] = jnp.zeros_like(conv.bias[...])
+    images = random_images(5)
+    grains = np.random.default_rng(5).integers(0, 2, (2, 4, 4)).astype(np.int32)
+    reconstruction = nnx.jit(lambda m, x, g: m(x, g).reconstruction)(model, images, jnp.asarray(grains))
+    x = np.asarray(images, np.float64)
+    expected = np.empty_like(x)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                region = x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+                side = 2 if grains[b, i, j] else 4  # fine f2 blocks, coarse f4 blocks
+                for u in range(0, 4, side):
+                    for v in range(0, 4, side):
+                        expected[b, 4 * i + u:4 * i + u + side, 4 * j + v:4 * j + v + side] = \
+                            region[u:u + side, v:v + side].mean(axis=(0, 1))
+    np.testing.assert_allclose(reconstruction, expected, atol=1e-5)
+    # Without the shortcut the same silent networks give zeros (mid grey).
+    plain = DynamicVAE(DVAEConfig.from_model_config(tiny_config().model), rngs=nnx.Rngs(0))
+    plain.decoder.conv_out.kernel[...] = jnp.zeros_like(plain.decoder.conv_out.kernel[...])
+    plain.decoder.conv_out.bias[...] = jnp.zeros_like(plain.decoder.conv_out.bias[...])
+    np.testing.assert_allclose(nnx.jit(lambda m, x, g: m(x, g).reconstruction)(plain, images, jnp.asarray(grains)), 0.0)
+
+
 def test_one_batch_overfit_lowers_the_loss():
     model = tiny_model()
     rng = np.random.default_rng(4)
@@ -262,6 +294,7 @@ def test_dvae_configs_validate_and_build():
     ("grain.routing", "learned", "model.grain.routing: must be one of"),
     ("grain.thresholds", "", "model.grain.thresholds: entropy routing needs a thresholds file"),
     ("grain.sigma", 0.0, "model.grain.sigma: must be > 0"),
+    ("shortcut", "residual", "model.shortcut: must be one of"),
 ])
 def test_bad_dvae_fields_raise_config_errors_that_name_them(field, value, message):
     config = dvae_config()

@@ -73,8 +73,13 @@ def dvae_objective(
         posterior = model.posterior(images, grains)
         latents = sample_latents(posterior, grains, sample_key)
         features = model.decoder_features(latents, grains)
+        shortcut = model.decoder_shortcut(latents, grains)  # 0.0 without the block-mean shortcut
+
+        def readout(features, kernel):
+            return model.decoder_readout(features, kernel) + shortcut
+
         terms, metrics, reconstruction = reconstruction_terms(
-            weights, images, features, model.last_kernel, model.decoder_readout, context, networks, discriminator)
+            weights, images, features, model.last_kernel, readout, context, networks, discriminator)
         kl = jnp.mean(kl_divergence(posterior, grains))
         terms["kl_loss"] = weights.kl_weight * kl / np.prod(images.shape[1:])
         metrics.update(kl=kl, fine_fraction=jnp.mean((grains > 0).astype(jnp.float32)))

@@ -14,6 +14,12 @@ latent holds smooth regions at a coarse grain and detailed ones at a fine grain.
 - **Decoder** [A: DQ-VAE ``DecoderPositional``, "learned"]: learned row + column position
   embeddings added to the fine-grid latent, then maskgit's VQGAN decoder (no attention) on the
   fine grid, whose ``readout`` accepts a replacement output kernel for the GAN's adaptive weight.
+- **Block-mean shortcut** [C, after DC-AE's residual autoencoding, arXiv 2410.10733 Sec. 3.2],
+  ``shortcut="block_mean"``, off by default (the paper's DVAE has none): each grain's mean gets
+  its blocks' mean colours added in its first three channels, and the decoder's output gets the
+  first three latent channels upsampled (nearest) back to pixels. Parameter-free, so the networks
+  learn a residual over the block-mean codec of the same routing instead of the whole image; a
+  CPU-sized run needs this to pass that codec within its budget (docs/models_that_learn.md).
 - **KL** against N(0, I) per code, each fine cell weighted ``1 / copies`` so a coarse code counts
   once (:func:`kl_divergence`).
 
@@ -43,6 +49,7 @@ from nativetok_jax.schema import DTYPES, positive_int, require
 
 # Log-variance range of the posterior, as LDM's DiagonalGaussianDistribution clamps it.
 LOGVAR_RANGE = (-30.0, 20.0)
+DVAE_SHORTCUTS = ("none", "block_mean")
 POSITION_INIT = nnx.initializers.truncated_normal(stddev=0.02)  # DQ-VAE's trunc_normal_
 
 
@@ -58,6 +65,7 @@ class DVAEConfig:
     num_groups: int = 32
     latent_channels: int = 4
     dtype: str = "float32"
+    shortcut: str = "none"  # "none" or "block_mean" (see the module docstring)
     # Router: see nativetok_jax.models.d2it.grain_router.
     routing: str = "entropy"
     fine_ratio: float = 0.5
@@ -76,6 +84,11 @@ class DVAEConfig:
         if self.image_size % self.coarse_factor:
             raise ValueError(f"DVAEConfig: image_size {self.image_size} is not a multiple of the coarse "
                              f"factor {self.coarse_factor}")
+        if self.shortcut not in DVAE_SHORTCUTS:
+            raise ValueError(f"DVAEConfig: shortcut must be one of {DVAE_SHORTCUTS}, got {self.shortcut!r}")
+        if self.shortcut == "block_mean" and self.latent_channels < 3:
+            raise ValueError(f"DVAEConfig: the block-mean shortcut needs latent_channels >= 3 (a colour), "
+                             f"got {self.latent_channels}")
         self.pyramid  # noqa: B018  (VQGANConfig checks the widths against num_groups)
 
     @classmethod
@@ -217,6 +230,21 @@ class DVAEOutput(NamedTuple):
     latents: jax.Array  # the decoded latents (a posterior sample, or its mean)
 
 
+def block_mean_codes(images: jax.Array, factor: int, channels: int) -> jax.Array:
+    """Images ``[B, H, W, 3]`` -> float32 ``[B, H/f, W/f, channels]``: each ``f x f`` block's mean
+    colour in the first three channels, zeros in the rest (the encoder's block-mean shortcut)."""
+    b, h, w, c = images.shape
+    means = images.astype(jnp.float32).reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    return jnp.pad(means, ((0, 0), (0, 0), (0, 0), (0, channels - c)))
+
+
+def colour_of_codes(latents: jax.Array, factor: int) -> jax.Array:
+    """Latents ``[B, h, w, C]`` -> float32 ``[B, h f, w f, 3]``: the first three channels repeated
+    over each code's ``f x f`` pixels (the decoder's block-mean shortcut)."""
+    colours = latents[..., :3].astype(jnp.float32)
+    return jnp.repeat(jnp.repeat(colours, factor, axis=1), factor, axis=2)
+
+
 def _split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -265,7 +293,12 @@ class DynamicVAE(nnx.Module):
     def branch_moments(self, images: jax.Array) -> tuple[Posterior, Posterior]:
         """Each grain's own posterior, unrouted: (coarse ``[B, H/f, W/f, C]``, fine ``[B, 2H/f, 2W/f, C]``)."""
         coarse, fine = self.encoder(images)
-        return Posterior(*_split_moments(coarse)), Posterior(*_split_moments(fine))
+        coarse, fine = Posterior(*_split_moments(coarse)), Posterior(*_split_moments(fine))
+        if self.config.shortcut == "block_mean":
+            channels = self.config.latent_channels
+            coarse = coarse._replace(mean=coarse.mean + block_mean_codes(images, self.config.coarse_factor, channels))
+            fine = fine._replace(mean=fine.mean + block_mean_codes(images, self.config.fine_factor, channels))
+        return coarse, fine
 
     def posterior(self, images: jax.Array, grains: jax.Array) -> Posterior:
         """Images ``[B, H, W, 3]`` in [-1, 1] and grain map ``[B, H/f, W/f]`` -> the routed
@@ -284,8 +317,17 @@ class DynamicVAE(nnx.Module):
         return self.decoder.features(latents + positions)
 
     def decoder_readout(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
-        """The output convolution (optionally with a replacement kernel): float32 images."""
+        """The output convolution (optionally with a replacement kernel): float32 images, before
+        the shortcut (:meth:`decoder_shortcut`)."""
         return self.decoder.readout(features, kernel).astype(jnp.float32)
+
+    def decoder_shortcut(self, latents: jax.Array, grains: jax.Array) -> jax.Array | float:
+        """What the block-mean shortcut adds to :meth:`decoder_readout`'s images: the copies-averaged
+        latents' colour channels upsampled to pixels (float32 ``[B, H, W, 3]``), or 0.0 without it."""
+        if self.config.shortcut != "block_mean":
+            return 0.0
+        latents = grain_router.average_copies(latents.astype(jnp.float32), grains, self.factors)
+        return colour_of_codes(latents, self.config.fine_factor)
 
     @property
     def last_kernel(self) -> jax.Array:
@@ -293,7 +335,7 @@ class DynamicVAE(nnx.Module):
 
     def decode(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
         """Latents ``[B, h, w, C]`` on the fine grid -> float32 images ``[B, H, W, 3]``, unclipped."""
-        return self.decoder_readout(self.decoder_features(latents, grains))
+        return self.decoder_readout(self.decoder_features(latents, grains)) + self.decoder_shortcut(latents, grains)
 
     def __call__(self, images: jax.Array, grains: jax.Array, key: jax.Array | None = None) -> DVAEOutput:
         """Encode, route, sample (with ``key``; else the mean) and decode."""
@@ -349,6 +391,9 @@ def validate_dvae_model(model: ml_collections.ConfigDict) -> None:
              f"{model.image_size} is not a multiple of the coarse factor {coarse}")
     bad = [model.filters * v for v in multipliers if (model.filters * v) % model.num_groups]
     require(not bad, "model.num_groups", f"{model.num_groups} groups do not divide the widths {bad}")
+    require(model.get("shortcut") in DVAE_SHORTCUTS, "model.shortcut", f"must be one of {DVAE_SHORTCUTS}, got {model.get('shortcut')!r}")
+    require(model.shortcut != "block_mean" or model.latent_channels >= 3, "model.shortcut",
+            f"'block_mean' needs model.latent_channels >= 3 (a colour), got {model.latent_channels}")
     g = model.grain
     require(g.get("routing") in DVAE_ROUTINGS, "model.grain.routing", f"must be one of {DVAE_ROUTINGS}, got {g.get('routing')!r}")
     ratio = g.get("fine_ratio")

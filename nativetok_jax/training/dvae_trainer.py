@@ -72,8 +72,7 @@ def dvae_objective(
         model: DynamicVAE = nnx.merge(graphdef, params)
         posterior = model.posterior(images, grains)
         latents = sample_latents(posterior, grains, sample_key)
-        features = model.decoder_features(latents, grains)
-        shortcut = model.decoder_shortcut(latents, grains)  # 0.0 without the block-mean shortcut
+        features, shortcut = model.decoder_parts(latents, grains)  # shortcut 0.0 without the block-mean one
 
         def readout(features, kernel):
             return model.decoder_readout(features, kernel) + shortcut

@@ -307,27 +307,24 @@ class DynamicVAE(nnx.Module):
         return Posterior(grain_router.neighbour_copy([coarse.mean, fine.mean], grains),
                          grain_router.neighbour_copy([coarse.logvar, fine.logvar], grains))
 
-    def decoder_features(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
-        """Latents ``[B, h, w, C]`` -> the decoder's activations before its output convolution.
+    def decoder_parts(self, latents: jax.Array, grains: jax.Array) -> tuple[jax.Array, jax.Array | float]:
+        """Latents ``[B, h, w, C]`` -> (the decoder's activations before its output convolution,
+        what the block-mean shortcut adds to that convolution's images: float32 ``[B, H, W, 3]``,
+        or 0.0 without it). An image is ``decoder_readout(features) + shortcut``.
 
         Each coarse code's copies are first replaced by their mean, so latents that are not exact
         copies (a diffusion model's output) decode as the nearest ones that are."""
         latents = grain_router.average_copies(latents.astype(jnp.float32), grains, self.factors)
         positions = self.position_rows[...][:, None, :] + self.position_cols[...][None, :, :]
-        return self.decoder.features(latents + positions)
+        features = self.decoder.features(latents + positions)
+        if self.config.shortcut != "block_mean":
+            return features, 0.0
+        return features, colour_of_codes(latents, self.config.fine_factor)
 
     def decoder_readout(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
         """The output convolution (optionally with a replacement kernel): float32 images, before
-        the shortcut (:meth:`decoder_shortcut`)."""
+        the shortcut (:meth:`decoder_parts`)."""
         return self.decoder.readout(features, kernel).astype(jnp.float32)
-
-    def decoder_shortcut(self, latents: jax.Array, grains: jax.Array) -> jax.Array | float:
-        """What the block-mean shortcut adds to :meth:`decoder_readout`'s images: the copies-averaged
-        latents' colour channels upsampled to pixels (float32 ``[B, H, W, 3]``), or 0.0 without it."""
-        if self.config.shortcut != "block_mean":
-            return 0.0
-        latents = grain_router.average_copies(latents.astype(jnp.float32), grains, self.factors)
-        return colour_of_codes(latents, self.config.fine_factor)
 
     @property
     def last_kernel(self) -> jax.Array:
@@ -335,7 +332,8 @@ class DynamicVAE(nnx.Module):
 
     def decode(self, latents: jax.Array, grains: jax.Array) -> jax.Array:
         """Latents ``[B, h, w, C]`` on the fine grid -> float32 images ``[B, H, W, 3]``, unclipped."""
-        return self.decoder_readout(self.decoder_features(latents, grains)) + self.decoder_shortcut(latents, grains)
+        features, shortcut = self.decoder_parts(latents, grains)
+        return self.decoder_readout(features) + shortcut
 
     def __call__(self, images: jax.Array, grains: jax.Array, key: jax.Array | None = None) -> DVAEOutput:
         """Encode, route, sample (with ``key``; else the mean) and decode."""

@@ -16,11 +16,16 @@ soft codes go through the frozen VQGAN decoder to pixels, trained with L2 + LPIP
 does not state them (docs/nativetok.md); TiTok's optimiser settings are the defaults.
 """
 
-from nativetok_jax.config import ConfigError, base_config, config_choice
+import os
 
-MODEL_SIZES = {
-    "nativetok": {},  # the base config: MIT 1024 x 18, experts 256 x 2, TiTok-L decoder
-    "titok": {"encoder": dict(width=1024, depth=24, num_heads=16)},  # TiTok-L
+from nativetok_jax.config import ConfigError, config_choice, load_config_file
+
+# The model and how it computes (bfloat16, remat policies, expert scans) come from the model's
+# paper config: in float32 keeping every activation, NativeTok-128's stage-1 step needs 136 GiB
+# of temporaries per v5p chip at batch 256 (docs/benchmarks_tpu.md, "The recipe's stages").
+MODEL_CONFIGS = {
+    "nativetok": "nativetok.py:32",  # MIT 1024 x 18, experts 256 x 2, TiTok-L decoder
+    "titok": "titok.py:32",  # TiTok-L encoder, the same decoder
 }
 FROZEN_IN_FINETUNE = {
     "nativetok": ("mit", "experts", "token_head", "quantizer"),
@@ -33,15 +38,12 @@ def get_config(arg: str | None = None):
     if not arg:
         config_choice("configs/recipe.py", arg, ("nativetok,32", "nativetok,64", "titok,32", "KIND,TOKENS"))
     kind, _, tokens = arg.partition(",")
-    config_choice("configs/recipe.py", kind, tuple(MODEL_SIZES))
+    config_choice("configs/recipe.py", kind, tuple(MODEL_CONFIGS))
     if not tokens.isdigit() or int(tokens) < 1:
         raise ConfigError(f"configs/recipe.py:{arg}: expected KIND,TOKENS with TOKENS a positive integer, "
                           f"e.g. configs/recipe.py:{kind},32")
-    config = base_config()
-    config.model.kind = kind
-    config.model.num_tokens = int(tokens)
-    for part, sizes in MODEL_SIZES.get(kind, {}).items():
-        config.model[part].update(sizes)
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), MODEL_CONFIGS[kind]))
+    config.model.num_tokens = int(tokens)  # every other size is the same for any token count
     config.model.decoder.head = "proxy_codes"
     config.model.decoder.proxy_codebook_size = 1024
     config.train.losses.update(proxy="codes", proxy_weight=1.0)

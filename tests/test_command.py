@@ -40,7 +40,7 @@ def parse(*args: str):
      "configs/token_order.py:table, configs/token_order.py:imagenet"),
     (["--config", "configs/nativetok.py"],
      "error: configs/nativetok.py needs an argument, one of: configs/nativetok.py:32, configs/nativetok.py:64, "
-     "configs/nativetok.py:128"),
+     "configs/nativetok.py:128, configs/nativetok.py:64,hnt, configs/nativetok.py:128,hnt"),
     (["--config", "configs/gen_imagenet.py"],
      "error: configs/gen_imagenet.py needs an argument, one of: configs/gen_imagenet.py:ar,B, "
      "configs/gen_imagenet.py:ar,L, configs/gen_imagenet.py:maskgit"),

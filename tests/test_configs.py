@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nativetok_jax.config import ConfigError, load_config_file, quantizer_warmup_steps, validate_generator, validate_training
+from nativetok_jax.config import (ConfigError, load_config_file, quantizer_warmup_steps, stage_list, validate_generator,
+                                  validate_training)
 from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.training import hnt
@@ -180,6 +181,31 @@ def test_bad_fields_raise_config_errors_that_name_them(field, value, message):
 def test_missing_config_file_is_a_config_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file("configs/no_such_config.py")
+
+
+def test_paper_hnt_schedule_grows_by_doubling_with_the_earlier_parts_frozen():
+    config = load_config_file(os.path.join(CONFIG_DIR, "nativetok.py:128,hnt"))
+    assert [(s.name, s.num_tokens, tuple(s.frozen)) for s in stage_list(config)] == [
+        ("tokens_32", 32, ()),
+        ("grow_64", 64, ("mit", "old_experts", "token_head", "quantizer")),
+        ("grow_128", 128, ("mit", "old_experts", "token_head", "quantizer")),
+        ("finetune", 128, ()),
+    ]
+    plain = load_config_file(os.path.join(CONFIG_DIR, "nativetok.py:128"))
+    assert config.model.to_dict() == plain.model.to_dict() and not plain.hnt.stages
+    assert [s.num_tokens for s in stage_list(load_config_file(os.path.join(CONFIG_DIR, "nativetok.py:64,hnt")))] == [32, 64, 64]
+
+
+@pytest.mark.parametrize("kind, model_config", [("nativetok", "nativetok.py:32"), ("titok", "titok.py:32")])
+def test_recipe_computes_as_the_paper_config_of_its_model(kind, model_config):
+    """The recipe's model computes as its paper config does (bfloat16, remat, expert scans): in
+    float32 keeping every activation, its NativeTok-128 stage 1 does not fit a v5p chip."""
+    recipe = load_config_file(os.path.join(CONFIG_DIR, f"recipe.py:{kind},128")).model
+    paper = load_config_file(os.path.join(CONFIG_DIR, model_config)).model
+    for field in ("kind", "dtype", "encoder", "experts"):
+        assert recipe.get(field) == paper.get(field), field
+    assert recipe.get("attention_logits") == paper.get("attention_logits")
+    assert recipe.decoder.remat == paper.decoder.remat and recipe.num_tokens == 128
 
 
 @pytest.mark.parametrize("spec", ["recipe.py:nativetok,32", "recipe.py:titok,64", "demo_gan.py", "demo_gan.py:titok"])

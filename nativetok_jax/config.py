@@ -115,6 +115,9 @@ def data_section() -> ml_collections.ConfigDict:
     data.crop_min = 1.0
     data.crop_max = 1.0
     data.flip = True
+    # Each training crop's RGB channels in a random order: colours the training images lack are
+    # seen all the same (the bundled photographs are half grey and hardly blue; docs/models_that_learn.md).
+    data.permute_channels = False
     data.num_eval_images = 64
     data.num_threads = 4  # decoding threads per process
     data.worker_count = 0  # grain worker processes; 0 decodes in this process
@@ -611,6 +614,7 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
     boolean(data.get("flip"), "data.flip")
+    boolean(data.get("permute_channels", False), "data.permute_channels")
     boolean(data.get("photo_labels", False), "data.photo_labels")
     positive_int(data.get("num_eval_images"), "data.num_eval_images")
     latents = config.latents

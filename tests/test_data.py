@@ -233,3 +233,43 @@ def test_a_field_of_another_data_source_is_refused_in_one_line(field, value, own
                                           rf"but data.source is 'photos': add --config.data.source={owner}"):
         validate_data_source(data)
     validate_data_source(data_config(source=owner, **{field: value}))
+
+
+def test_permute_channels_gives_each_crop_its_channels_in_a_random_order(tmp_path):
+    # A flat (200, 100, 0) image: every crop is flat, so each crop must be one of the six orders.
+    Image.fromarray(np.broadcast_to(np.uint8([200, 100, 0]), (24, 24, 3)).copy()).save(tmp_path / "flat.png")
+    source = FolderSource.scan(str(tmp_path))
+    orders = set()
+    for permute in (False, True):
+        batch = next(train_iterator(data_config(crop_min=0.5, crop_max=1.0, permute_channels=permute), source,
+                                    image_size=8, batch_size=48, seed=0))["image"]
+        assert (batch == batch[:, :1, :1]).all()  # still flat: a permutation, not a colour change
+        orders = {tuple(int(v) for v in pixel) for pixel in batch[:, 0, 0]}
+        assert orders == ({(200, 100, 0)} if not permute else
+                          {(200, 100, 0), (200, 0, 100), (100, 200, 0), (100, 0, 200), (0, 200, 100), (0, 100, 200)})
+
+
+def dominant_channel_shares(images: np.ndarray) -> np.ndarray:
+    """The share of images whose mean colour is led by red, green, blue by at least 10 levels."""
+    means = images.reshape(len(images), -1, 3).mean(1)
+    leads = np.sort(means, axis=1)[:, 2] - np.sort(means, axis=1)[:, 1] >= 10
+    return np.array([(leads & (means.argmax(1) == c)).mean() for c in range(3)])
+
+
+def test_the_demo_trains_on_the_colours_of_its_held_out_photographs():
+    """The bundled training photographs are half grey and hardly ever blue, while a quarter of the
+    held-out crops (the rocket's sky) are blue: a tokenizer trained on them brought a blue sky back
+    grey (issue 24). The demo's crops, channels permuted, contain every leading colour."""
+    from nativetok_jax.config import load_config_file
+
+    data = load_config_file("configs/demo.py").data
+    data.num_threads = 1
+    train, held_out = open_sources(data, 8)
+    held_out_shares = dominant_channel_shares(eval_images(data, held_out, image_size=16, num_images=256, seed=0))
+    assert held_out_shares[2] > 0.1  # the rocket's sky
+    plain = data.copy_and_resolve_references()
+    plain.permute_channels = False
+    plain_shares = dominant_channel_shares(next(train_iterator(plain, train, image_size=16, batch_size=256, seed=0))["image"])
+    assert plain_shares[2] < 0.02  # the defect: blue is (nearly) never the leading colour of a training crop
+    shares = dominant_channel_shares(next(train_iterator(data, train, image_size=16, batch_size=256, seed=0))["image"])
+    assert (shares > 0.05).all(), shares

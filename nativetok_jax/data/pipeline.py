@@ -104,12 +104,15 @@ class _Augment(grain.transforms.RandomMap):
     def __init__(self, data: ml_collections.ConfigDict, size: int, skipped: SkippedImages):
         self.size, self.skipped = size, skipped
         self.min_fraction, self.max_fraction, self.flip = data.crop_min, data.crop_max, data.flip
+        self.permute_channels = data.get("permute_channels", False)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         image = decode(element["image"], self.skipped, element.get("name"))
         if image is None:
             return None  # grain's iterator skips None elements.
         crop = random_crop(image, rng, self.size, self.min_fraction, self.max_fraction, self.flip)
+        if self.permute_channels:
+            crop = np.ascontiguousarray(crop[..., rng.permutation(3)])
         return {"image": crop, "label": np.int32(element["label"])}
 
 

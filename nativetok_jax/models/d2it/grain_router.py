@@ -123,7 +123,8 @@ def _entropy_of_values(values: jax.Array, settings: EntropySettings) -> jax.Arra
     return -jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1)
 
 
-# Kernel values held at once by the entropy (2^25 floats, 128 MiB): H * W * num_bins per image.
+# Kernel values held at once by the entropy (2^25 floats, 128 MiB): B * S^2 * num_bins per region
+# position (at least one position per step of the loop).
 KERNEL_BUDGET = 2**25
 
 
@@ -132,12 +133,19 @@ def gray_region_entropy(gray: jax.Array, settings: EntropySettings) -> jax.Array
     """Gray images ``[B, H, W]`` (float, [0, 1]) -> float32 region entropy ``[B, H/S, W/S]`` in nats.
 
     The kernel density holds H * W * num_bins values per image (16.7 M at 256 px and S = 16), so
-    images are processed a few at a time, within ``KERNEL_BUDGET``.
+    regions are processed a few at a time, each for the whole batch, within ``KERNEL_BUDGET``. The
+    loop runs over region positions, not images: a loop over the batch axis, which the mesh
+    shards, made XLA all-gather every image's regions onto every device (8 GiB per chip and step
+    for the 256 px DVAE on v5e:16x16; docs/benchmarks_tpu.md).
     """
     b, h, w = gray.shape
-    regions = _regions(gray.astype(jnp.float32), settings.region_size)
-    chunk = max(1, min(b, KERNEL_BUDGET // (h * w * settings.num_bins)))
-    return jax.lax.map(lambda r: _entropy_of_values(r, settings), regions, batch_size=chunk)
+    regions = _regions(gray.astype(jnp.float32), settings.region_size)  # [B, H/S, W/S, S*S]
+    grid = regions.shape[1:3]
+    by_position = jnp.moveaxis(regions.reshape(b, grid[0] * grid[1], -1), 1, 0)  # [R, B, S*S]
+    per_position = b * regions.shape[-1] * settings.num_bins  # kernel values of one region, whole batch
+    chunk = max(1, min(by_position.shape[0], KERNEL_BUDGET // per_position))
+    entropy = jax.lax.map(lambda r: _entropy_of_values(r, settings), by_position, batch_size=chunk)
+    return jnp.moveaxis(entropy, 0, 1).reshape(b, *grid)
 
 
 def check_images(images: Any, region_size: int, what: str = "images") -> None:

@@ -328,6 +328,7 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     validate_loop(train)
     number(train.get("learning_rate"), "train.learning_rate")
     validate_data_source(config.data)
+    validate_crops(config.data)  # token extraction crops the images
 
 
 def validate_loop(train: ml_collections.ConfigDict) -> None:
@@ -378,6 +379,14 @@ def validate_data_source(data: ml_collections.ConfigDict) -> None:
         require(not data.get(field) or source == owner, f"data.{field}",
                  f"is read only when data.source is {owner!r}, but data.source is {source!r}: add "
                  f"--config.data.source={owner}, or leave data.{field} empty")
+
+
+def validate_crops(data: ml_collections.ConfigDict) -> None:
+    """The training crops' fields (``data/pipeline.py``), shared by every trainer that crops images."""
+    require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
+             f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
+    boolean(data.get("flip"), "data.flip")
+    boolean(data.get("permute_channels", False), "data.permute_channels")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -433,8 +442,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     quantizer_warmup_steps(train)
     validate_data_source(data)
-    require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
-             f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
+    validate_crops(data)
     positive_int(data.get("num_eval_images"), "data.num_eval_images")
 
 
@@ -611,10 +619,7 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     require_unconditional_model(p.guidance_scale, config.model.get("label_drop_probability"),
                                 "config.train.preview.guidance_scale", "model.label_drop_probability")
     validate_data_source(data)
-    require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
-             f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
-    boolean(data.get("flip"), "data.flip")
-    boolean(data.get("permute_channels", False), "data.permute_channels")
+    validate_crops(data)
     boolean(data.get("photo_labels", False), "data.photo_labels")
     positive_int(data.get("num_eval_images"), "data.num_eval_images")
     latents = config.latents
@@ -658,6 +663,7 @@ def validate_dvae(config: ml_collections.ConfigDict) -> None:
              f"must be 'l1' or 'l2', got {config.train.losses.get('pixel')!r}")
     _validate_objective(config, quantized=False)
     validate_data_source(config.data)
+    validate_crops(config.data)
 
 
 # ------------------------------------------------------------------------------------- D²iT's content transformer

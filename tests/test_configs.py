@@ -251,3 +251,17 @@ def test_a_run_written_before_a_field_existed_reads_with_its_default(tmp_path):
     config = checkpoints.read_config(str(tmp_path))
     assert config.model.decoder.proxy_decoding == "argmax" and config.pretrained.lpips == ""
     assert config.model.image_size == 16  # stored values win over defaults
+
+
+@pytest.mark.parametrize("spec", ["demo.py", "dvae_demo.py", "dit_demo.py"])
+@pytest.mark.parametrize("field, value", [("data.permute_channels", "yes"), ("data.flip", 1), ("data.crop_min", 0.0)])
+def test_every_trainer_that_crops_refuses_a_bad_crop_field_in_one_line(spec, field, value):
+    from nativetok_jax import tasks
+
+    config = load_config_file(os.path.join(CONFIG_DIR, spec))
+    validate = tasks.of(config).validate
+    validate(config)
+    name = field.split(".")[1]
+    config.data = ml_collections.ConfigDict({**config.data.to_dict(), name: value})  # untyped, as read from JSON
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(config)

@@ -239,7 +239,6 @@ def test_permute_channels_gives_each_crop_its_channels_in_a_random_order(tmp_pat
     # A flat (200, 100, 0) image: every crop is flat, so each crop must be one of the six orders.
     Image.fromarray(np.broadcast_to(np.uint8([200, 100, 0]), (24, 24, 3)).copy()).save(tmp_path / "flat.png")
     source = FolderSource.scan(str(tmp_path))
-    orders = set()
     for permute in (False, True):
         batch = next(train_iterator(data_config(crop_min=0.5, crop_max=1.0, permute_channels=permute), source,
                                     image_size=8, batch_size=48, seed=0))["image"]

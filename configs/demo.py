@@ -29,7 +29,7 @@ def get_config():
     d.num_eval_images = 64
 
     t = config.train
-    t.num_steps = 2300  # about 8 minutes of a 2-core CPU, start-up and evaluations included
+    t.num_steps = 3200  # about 10 minutes of 2 idle CPU cores, start-up and evaluations included
     t.batch_size = 32
     t.learning_rate = 1e-3
     t.warmup_steps = 100
@@ -40,7 +40,7 @@ def get_config():
     # nativetok_jax/training/codebook.py): random codes collapse on a run this short.
     t.quantizer_warmup_fraction = 0.5
     t.log_every = 50
-    t.eval_every = 1150
+    t.eval_every = 1600
     t.checkpoint_every = 500
     config.mesh.update(data=-1, fsdp=1, model=1)
     return config

@@ -107,6 +107,8 @@ def to_viewed_rgb(image: Image.Image) -> np.ndarray:
 def array_to_rgb(array: Any) -> np.ndarray:
     """An image array (uint8, uint16 or float; grey, grey + alpha, RGB or RGBA) as uint8 RGB.
 
+    A C-contiguous uint8 RGB array is returned itself, not a copy: callers must not write to it.
+
     Raises:
       UnreadableImageError: an array of another rank, channel count or dtype (the message
         names its shape and dtype).
@@ -128,7 +130,11 @@ def array_to_rgb(array: Any) -> np.ndarray:
     if pixels.shape[-1] in (2, 4):
         colour = pixels[..., :-1]
         return _on_white(np.concatenate([np.repeat(colour, 3 // colour.shape[-1], -1), pixels[..., -1:]], -1))
-    return np.ascontiguousarray(np.repeat(pixels, 3 // pixels.shape[-1], axis=-1))
+    if pixels.shape[-1] == 3:
+        # As it is: the data pipeline calls this once per crop on a photograph held in memory,
+        # and a copy of the whole photograph cost 9 times the crop itself.
+        return np.ascontiguousarray(pixels)
+    return _grey_to_rgb(pixels[..., 0])
 
 
 def _sixteen_bit_source(image: Image.Image) -> bool:

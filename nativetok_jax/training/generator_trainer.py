@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import validate_generator
+from nativetok_jax.data.pipeline import shuffled_forever
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
@@ -121,7 +122,7 @@ def held_out_crops(config: ml_collections.ConfigDict, eval_source: Any) -> tuple
 def token_iterator(source: TokenSource, batch_size: int, seed: int) -> grain.DatasetIterator:
     """Shuffled, repeated batches of this process's share ``{"ids": [b, L], "label": [b]}``."""
     dataset = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-    dataset = dataset.seed(seed).shuffle().repeat().batch(batch_size, drop_remainder=True)
+    dataset = shuffled_forever(dataset, seed).batch(batch_size, drop_remainder=True)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 

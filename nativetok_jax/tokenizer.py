@@ -56,6 +56,7 @@ class _Compiled:
     axes: sharding.Params  # their logical axis names
     encode: Callable[..., jax.Array]
     decode: Callable[..., jax.Array]
+    reconstruct_continuous: Callable[..., jax.Array]
 
 
 def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> _Compiled:
@@ -79,6 +80,11 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
             out = nnx.merge(proxy_graphdef, proxy_state)(out)
         return model_to_images(out)
 
+    def reconstruct_continuous(params: sharding.Params, images: jax.Array) -> jax.Array:
+        model: Autoencoder = nnx.merge(graphdef, params)
+        out, _ = model(images_to_model(images), quantize=False)
+        return model_to_images(out)
+
     return _Compiled(
         config=config,
         graphdef=graphdef,
@@ -89,6 +95,7 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
         axes=sharding.param_axes(abstract),
         encode=jax.jit(encode),
         decode=jax.jit(decode, static_argnums=2),
+        reconstruct_continuous=jax.jit(reconstruct_continuous),
     )
 
 
@@ -267,3 +274,17 @@ class Tokenizer:
         """``decode(encode(images)[:, :num_tokens])``: the round trip, optionally from a prefix."""
         ids = self.encode(images)
         return self.decode(ids[:, : num_tokens or self.num_tokens])
+
+    def reconstruct_continuous(self, images: Any) -> jax.Array:
+        """uint8 images ``[B, image_size, image_size, 3]`` through the continuous (l2-normalised,
+        unquantised) tokens, all of them: what the quantiser's warm-up trains (the model's
+        ``quantize=False``). Raises ``ValueError`` for a pixel-less head (``proxy_codes``) or images of
+        another shape or dtype."""
+        if self.config.model.decoder.head == "proxy_codes":
+            raise ValueError("reconstruct_continuous needs a pixel head; model.decoder.head is 'proxy_codes'")
+        shape, dtype = np.shape(images), getattr(images, "dtype", None)
+        expected = (self.image_size, self.image_size, 3)
+        if len(shape) != 4 or tuple(shape[1:]) != expected or shape[0] < 1 or dtype != np.uint8:
+            raise ValueError(f"reconstruct_continuous expects uint8 images of shape [B, {', '.join(map(str, expected))}], "
+                             f"got {tuple(shape)} {dtype}")
+        return self._run(self._compiled.reconstruct_continuous, images)

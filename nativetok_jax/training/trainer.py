@@ -26,6 +26,7 @@ from nativetok_jax import sharding
 from nativetok_jax.config import validate_training
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import describe_data, open_sources
+from nativetok_jax.evaluation.metrics import psnr
 from nativetok_jax.evaluation.plots import plot_rate_distortion
 from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
@@ -131,7 +132,8 @@ def _train_stage(
 
     task = Task(
         built, objective, iterator, shardings,
-        evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs),
+        evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs,
+                                                        quantizer_warmup_steps=warmup),
         grow=(lambda state: hnt.grow_state(state, built, previous[0])) if previous else None,
         before_step=before_step if warmup else None,
         log_scalars=lambda: {"skipped_images": skipped.count},
@@ -186,19 +188,36 @@ def _evaluate(
     config: ml_collections.ConfigDict,
     step: int,
     outputs: loop.Outputs,
+    quantizer_warmup_steps: int = 0,
 ) -> dict[str, float]:
     """Held-out reconstruction quality (EMA weights when kept) next to the no-model baselines: the
     same-bits thumbnail and the mean colour at every prefix length (``rate_distortion``, plotted to
-    ``images/rate_distortion_<step>.png``), and at all tokens as ``baseline_psnr_<codec>``."""
+    ``images/rate_distortion_<step>.png``), and at all tokens as ``baseline_psnr_<codec>``.
+
+    With a pixel head, also ``psnr_continuous``: the same images through the continuous tokens.
+    Before step ``quantizer_warmup_steps`` that is what trains (``quantized`` is 0 then): the
+    codebook is not fitted yet, so the codes' ``psnr`` says nothing about the model and the log
+    line leads with the continuous figure."""
     weights = loop.evaluation_params(state)
     tokenizer = evaluator.with_params(weights)
     metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=min(len(images), 64))
     whole = metrics["rate_distortion"][-1]  # all tokens
     baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
+    quantized = step >= quantizer_warmup_steps
+    metrics["quantized"] = float(quantized)
+    if config.model.decoder.head != "proxy_codes":
+        continuous = [np.asarray(tokenizer.reconstruct_continuous(images[i : i + 64])) for i in range(0, len(images), 64)]
+        metrics["psnr_continuous"] = psnr(images, np.concatenate(continuous))
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // config.model.image_size))
     outputs.plot("rate_distortion", step, lambda path: plot_rate_distortion(metrics["rate_distortion"], path))
-    logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],
-                 {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")},
-                 {k: round(v, 2) for k, v in baselines.items()})
+    previews = {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")}
+    rounded = {k: round(v, 2) for k, v in baselines.items()}
+    if quantized:
+        logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],
+                     previews, rounded)
+    else:
+        logging.info("step %d: held-out PSNR %.2f dB through the continuous tokens (the quantiser starts at step %d; "
+                     "through the not yet fitted codebook %.2f dB; baselines %s)", step, metrics.get("psnr_continuous", np.nan),
+                     quantizer_warmup_steps, metrics["psnr"], rounded)
     return metrics

@@ -224,7 +224,7 @@ def test_the_demo_runs_with_40_steps_and_a_bad_warmup_names_the_flag():
     config.train.num_steps = 40
     validate_training(config)
     (stage,) = hnt.stage_list(config)
-    assert stage.quantizer_warmup_steps == 20 == quantizer_warmup_steps(config.train)
+    assert stage.quantizer_warmup_steps == 10 == quantizer_warmup_steps(config.train)
     config.train.update(quantizer_warmup_fraction=0.0, quantizer_warmup_steps=1150)
     with pytest.raises(ConfigError, match=r"quantizer_warmup_steps: 1150 leaves none of the 40 steps quantised; "
                                           r"lower it, or give the warm-up as --config.train.quantizer_warmup_fraction"):

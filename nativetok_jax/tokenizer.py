@@ -244,14 +244,18 @@ class Tokenizer:
         return sharding.run_batched(lambda params, batch: fn(params, batch, *args), self.mesh,
                                     self._compiled.rules, self._params, array)
 
-    def encode(self, images: Any) -> jax.Array:
-        """uint8 images ``[B, image_size, image_size, 3]`` -> int32 token ids ``[B, num_tokens]``."""
+    def _check_images(self, images: Any, method: str) -> None:
+        """Raises ``ValueError`` naming ``method`` unless ``images`` are uint8 ``[B, image_size, image_size, 3]``."""
         shape, dtype = np.shape(images), getattr(images, "dtype", None)
         expected = (self.image_size, self.image_size, 3)
         if len(shape) != 4 or tuple(shape[1:]) != expected or shape[0] < 1:
-            raise ValueError(f"encode expects images of shape [B, {', '.join(map(str, expected))}], got {tuple(shape)}")
+            raise ValueError(f"{method} expects images of shape [B, {', '.join(map(str, expected))}], got {tuple(shape)}")
         if dtype != np.uint8:
-            raise ValueError(f"encode expects uint8 images (0..255), got dtype {dtype}")
+            raise ValueError(f"{method} expects uint8 images (0..255), got dtype {dtype}")
+
+    def encode(self, images: Any) -> jax.Array:
+        """uint8 images ``[B, image_size, image_size, 3]`` -> int32 token ids ``[B, num_tokens]``."""
+        self._check_images(images, "encode")
         return self._run(self._compiled.encode, images)
 
     def decode(self, ids: Any) -> jax.Array:
@@ -282,9 +286,5 @@ class Tokenizer:
         another shape or dtype."""
         if self.config.model.decoder.head == "proxy_codes":
             raise ValueError("reconstruct_continuous needs a pixel head; model.decoder.head is 'proxy_codes'")
-        shape, dtype = np.shape(images), getattr(images, "dtype", None)
-        expected = (self.image_size, self.image_size, 3)
-        if len(shape) != 4 or tuple(shape[1:]) != expected or shape[0] < 1 or dtype != np.uint8:
-            raise ValueError(f"reconstruct_continuous expects uint8 images of shape [B, {', '.join(map(str, expected))}], "
-                             f"got {tuple(shape)} {dtype}")
+        self._check_images(images, "reconstruct_continuous")
         return self._run(self._compiled.reconstruct_continuous, images)

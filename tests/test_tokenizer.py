@@ -163,8 +163,10 @@ def test_reconstruct_continuous_is_the_models_unquantised_round_trip(tok):
     np.testing.assert_array_equal(np.asarray(tok.reconstruct_continuous(x)), np.asarray(model_to_images(out)))
     codes, _ = model(images_to_model(jnp.asarray(x)), quantize=True)
     assert not np.array_equal(np.asarray(model_to_images(codes)), np.asarray(model_to_images(out)))
-    with pytest.raises(ValueError, match=r"expects uint8 images of shape \[B, 16, 16, 3\]"):
+    with pytest.raises(ValueError, match=r"reconstruct_continuous expects uint8 images \(0\.\.255\), got dtype float32"):
         tok.reconstruct_continuous(x.astype(np.float32))
+    with pytest.raises(ValueError, match=r"reconstruct_continuous expects images of shape \[B, 16, 16, 3\], got \(4, 8, 8, 3\)"):
+        tok.reconstruct_continuous(x[:, :8, :8])
 
 
 def test_an_evaluation_during_the_quantisers_warm_up_reports_the_continuous_tokens(tok, caplog):

@@ -200,14 +200,16 @@ def _evaluate(
     line leads with the continuous figure."""
     weights = loop.evaluation_params(state)
     tokenizer = evaluator.with_params(weights)
-    metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=min(len(images), 64))
+    batch_size = min(len(images), 64)
+    metrics, rows = evaluate_reconstruction(tokenizer, images, batch_size=batch_size)
     whole = metrics["rate_distortion"][-1]  # all tokens
     baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
     quantized = step >= quantizer_warmup_steps
     metrics["quantized"] = float(quantized)
     if config.model.decoder.head != "proxy_codes":
-        continuous = [np.asarray(tokenizer.reconstruct_continuous(images[i : i + 64])) for i in range(0, len(images), 64)]
+        continuous = [np.asarray(tokenizer.reconstruct_continuous(images[i : i + batch_size]))
+                      for i in range(0, len(images), batch_size)]
         metrics["psnr_continuous"] = psnr(images, np.concatenate(continuous))
     outputs.grid("reconstructions", step, rows, upscale=max(1, 96 // config.model.image_size))
     outputs.plot("rate_distortion", step, lambda path: plot_rate_distortion(metrics["rate_distortion"], path))

@@ -224,6 +224,11 @@ def base_config() -> ml_collections.ConfigDict:
     # follows --config.train.num_steps; set at most one of the two.
     t.quantizer_warmup_steps = 0
     t.quantizer_warmup_fraction = 0.0
+    # The codebook's care (training/codebook.py): at the warm-up's end the codebook becomes
+    # encoder outputs (samples_per_code of them per code), refined by kmeans_iterations of
+    # spherical k-means; every restart_dead_every quantised steps (0: never) the codes that a
+    # fresh sample of as many outputs leaves unchosen are re-seeded.
+    t.codebook = ml_collections.ConfigDict(dict(kmeans_iterations=0, samples_per_code=1, restart_dead_every=0))
     t.losses = reconstruction_losses(quantized=True)
     config.discriminator = discriminator_section()
     config.pretrained = pretrained_section("lpips", "maskgit_vqgan", "inception")
@@ -441,6 +446,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
     _validate_objective(config)
     quantizer_warmup_steps(train)
+    care = train.get("codebook") or ml_collections.ConfigDict()
+    for name in ("kmeans_iterations", "samples_per_code", "restart_dead_every"):
+        value = care.get(name)
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= (name == "samples_per_code"),
+                f"train.codebook.{name}", f"must be an integer >= {int(name == 'samples_per_code')}, got {value!r}")
     validate_data_source(data)
     validate_crops(data)
     positive_int(data.get("num_eval_images"), "data.num_eval_images")

@@ -73,6 +73,7 @@ from nativetok_jax.pretrained.inception import KIND as INCEPTION_KIND  # noqa: E
 from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
+from nativetok_jax.config import quantizer_warmup_steps  # noqa: E402
 from nativetok_jax.workdir import check_loadable, require_task  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
@@ -229,6 +230,25 @@ def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
             "step": max(steps, default=None), "use_ema": use_ema}
 
 
+def _require_fitted_codebook(workdir: str, use_ema: bool) -> None:
+    """Raises ``EvaluationError`` when the newest checkpoint was saved before the end of its
+    stage's quantiser warm-up: its codebook is not fitted yet, so its codes decode noise (the
+    trainer's own evaluations give ``psnr_continuous`` then; docs/training.md)."""
+    record = _checkpoint_record(workdir, use_ema)
+    stage = epath.Path(record["stage_directory"])
+    if record["step"] is None or not (stage / "config.json").exists():
+        return
+    train = checkpoints.read_config(stage).get("train")
+    if train is None or "quantizer_warmup_steps" not in train:
+        return
+    warmup = quantizer_warmup_steps(train)
+    if record["step"] <= warmup:
+        raise EvaluationError(
+            f"--workdir: its newest checkpoint (step {record['step']}) comes before the end of the quantiser "
+            f"warm-up (the codebook is fitted after step {warmup}), so its codes would decode noise; train past "
+            f"step {warmup} first")
+
+
 def run_evaluation(
     workdir: str,
     data: str,
@@ -267,6 +287,8 @@ def run_evaluation(
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
+    if not is_dvae:
+        _require_fitted_codebook(workdir, use_ema)
     size = tokenizer.image_size
     if size < WIN_SIZE:
         raise EvaluationError(f"--workdir: the tokenizer works at {size} x {size} px; SSIM needs at least "

@@ -24,6 +24,7 @@ from nativetok_jax.models.frozen.lpips import LPIPS
 from nativetok_jax.pretrained import files
 from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 from nativetok_jax.training.trainer import train_and_evaluate
+from conftest import tiny_config
 from test_training import train_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -358,3 +359,22 @@ def test_inception_protocol_names_the_split_size_and_warns_below_2048_images(num
     evaluate.inception_caveats(num_images, protocol)
     assert (protocol["inception_score_splits"], protocol["inception_score_split_size"]) == (splits, split_size)
     assert ("warnings" in protocol) == warns
+
+
+@pytest.mark.parametrize("step,refused", [(800, True), (600, True), (801, False)])
+def test_a_checkpoint_from_inside_the_quantisers_warm_up_is_refused_in_one_line(tmp_path, step, refused):
+    """The codebook is fitted after step ``warm-up`` (training/trainer.py), so a checkpoint saved up to
+    that step decodes its codes with a codebook that was never fitted: noise, not a measurement."""
+    from nativetok_jax import checkpoints
+    from nativetok_jax.evaluate import EvaluationError, _require_fitted_codebook
+
+    config = tiny_config()
+    config.train.update(num_steps=3200, quantizer_warmup_fraction=0.25)  # the demo's: fitted after step 800
+    checkpoints.write_config(tmp_path, config)
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    if refused:
+        with pytest.raises(EvaluationError, match=rf"newest checkpoint \(step {step}\) comes before the end of the "
+                                                  r"quantiser warm-up \(the codebook is fitted after step 800\)"):
+            _require_fitted_codebook(str(tmp_path), use_ema=True)
+    else:
+        _require_fitted_codebook(str(tmp_path), use_ema=True)

@@ -345,16 +345,16 @@ def test_a_new_trainer_supplies_only_a_model_a_loss_and_data(tmp_path):
 
 def test_the_codebook_fit_runs_the_encoder_under_the_mesh_and_its_rules(monkeypatch):
     from nativetok_jax.layers.partitioning import active_rules
-    from nativetok_jax.training.codebook import fit_codebook
+    from nativetok_jax.training.codebook import encoder_outputs
     from nativetok_jax.training import trainer
 
     seen = []
 
-    def spy(*args):  # traced inside the fit's jit
+    def spy(*args):  # traced inside the encoding's jit
         seen.append((dict(jax.sharding.get_abstract_mesh().shape), active_rules()))
-        return fit_codebook(*args)
+        return encoder_outputs(*args)
 
-    monkeypatch.setattr(trainer, "fit_codebook", spy)
+    monkeypatch.setattr(trainer, "encoder_outputs", spy)
     config = tiny_config()
     config.mesh.update(data=2, fsdp=2, model=2)
     config.train.update(batch_size=8, num_steps=4, warmup_steps=0)

@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import tiny_config
 from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.sharding import params_of
-from nativetok_jax.models.nativetok.quantizer import Quantizer, code_statistics
+from nativetok_jax.models.nativetok.quantizer import Quantizer, code_statistics, rotation_trick
 
 
 def quantizer_with(codebook: np.ndarray, commitment_weight: float = 0.25) -> Quantizer:
@@ -87,3 +87,38 @@ def test_usage_statistics():
     perplexity, usage = code_statistics(jnp.full((10,), 5), codebook_size=16)
     assert float(perplexity) == pytest.approx(1.0)
     assert float(usage) == pytest.approx(1 / 16)
+
+
+def test_the_rotation_trick_gives_the_code_forward_and_the_rotated_gradient_backward():
+    rng = np.random.default_rng(3)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    z = unit(rng.normal(size=(5, 6))).astype(np.float32)
+    q = unit(rng.normal(size=(5, 6))).astype(np.float32)
+    g = rng.normal(size=(5, 6)).astype(np.float32)
+    np.testing.assert_allclose(rotation_trick(jnp.asarray(z), jnp.asarray(q)), q, atol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(rotation_trick(x, jnp.asarray(q)) * g))(jnp.asarray(z))
+    for zi, qi, gi, got in zip(z, q, g, np.asarray(grad)):
+        # The rotation in the plane of z and q by their angle, built from that angle (Rodrigues),
+        # not from the two reflections the implementation uses.
+        u = zi
+        w = unit(qi - (qi @ u) * u)
+        c, s = qi @ u, w @ qi
+        rotation = np.eye(6) + s * (np.outer(w, u) - np.outer(u, w)) + (c - 1) * (np.outer(u, u) + np.outer(w, w))
+        np.testing.assert_allclose(rotation @ zi, qi, atol=1e-5)
+        np.testing.assert_allclose(got, rotation.T @ gi, atol=1e-5)
+        assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(gi), rel=1e-5)  # a rotation keeps norms
+
+
+def test_the_rotation_estimator_quantises_like_straight_through():
+    rng = np.random.default_rng(4)
+    codebook = rng.normal(size=(32, 8))
+    z = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+    plain = quantizer_with(codebook)(z)
+    q = Quantizer(*codebook.shape, estimator="rotation", rngs=nnx.Rngs(0))
+    q.codebook[...] = jnp.asarray(codebook, jnp.float32)
+    rotated = q(z)
+    np.testing.assert_array_equal(rotated.ids, plain.ids)
+    np.testing.assert_allclose(rotated.tokens, plain.tokens, atol=1e-5)
+    assert float(rotated.loss) == pytest.approx(float(plain.loss))
+    with pytest.raises(ValueError, match="estimator"):
+        Quantizer(4, 2, estimator="gumbel", rngs=nnx.Rngs(0))

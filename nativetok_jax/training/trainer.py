@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -35,7 +36,8 @@ from nativetok_jax.models.nativetok import build_model
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
-from nativetok_jax.training.codebook import batches_needed, fit_codebook
+from nativetok_jax.training.codebook import (batches_needed, care_at, encoder_outputs, fit_codebook,
+                                             restart_dead_codes)
 from nativetok_jax.training.loop import Task
 from nativetok_jax.training.networks import load_networks
 from nativetok_jax.training.state import BuiltState, TrainState, build_state, map_params_state
@@ -125,17 +127,21 @@ def _train_stage(
     proxy_decoder = networks.module(networks.arrays, "proxy") if "proxy" in networks else None
     # Shares the arrays, no host copy.
     evaluator = Tokenizer.from_params(config, built.state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
-    fit = CodebookFit(built, config, shardings["image"]) if warmup else None
+    restart_every = 0 if "quantizer" in frozen else train.codebook.restart_dead_every  # a frozen codebook stays
+    care = CodebookFit(built, config, shardings["image"]) if warmup or restart_every else None
 
     def before_step(state: TrainState, step: int) -> TrainState:
-        return fit(state, iterator) if step == warmup else state
+        event = care_at(step, warmup, restart_every)
+        if event == "fit":
+            return care(state, iterator)
+        return care.restart(state, iterator) if event == "restart" else state
 
     task = Task(
         built, objective, iterator, shardings,
         evaluate=lambda state, step, outputs: _evaluate(evaluator, state, evaluation_images, config, step, outputs,
                                                         quantizer_warmup_steps=warmup),
         grow=(lambda state: hnt.grow_state(state, built, previous[0])) if previous else None,
-        before_step=before_step if warmup else None,
+        before_step=before_step if care else None,
         log_scalars=lambda: {"skipped_images": skipped.count},
         name=f"stage {stage.name}" if stage.name else "tokenizer",
     )
@@ -144,40 +150,75 @@ def _train_stage(
 
 
 class CodebookFit:
-    """End of the quantiser warm-up: the codebook (and its EMA) become encoder outputs, and its
-    Adam moments start afresh (the old codebook's moments say nothing about the new one)."""
+    """The codebook's care during training (training/codebook.py): at the end of the quantiser
+    warm-up the codebook (and its EMA) is fitted to encoder outputs and its Adam moments start
+    afresh (the old codebook's moments say nothing about the new one); every
+    ``train.codebook.restart_dead_every`` quantised steps after that, the dead codes are re-seeded
+    and their moments zeroed. Both read batches of their own from the training iterator."""
 
     def __init__(self, built: BuiltState, config: ml_collections.ConfigDict, image_sharding: jax.sharding.NamedSharding):
         self.config, self.image_sharding = config, image_sharding
-        self.count = batches_needed(config.model.quantizer.codebook_size, config.train.batch_size,
-                                    config.model.num_tokens)
+        care = config.train.codebook
+        size = config.model.quantizer.codebook_size
+        self.count = batches_needed(size, config.train.batch_size, config.model.num_tokens,
+                                    per_code=care.samples_per_code)
         graphdef, optimizer = built.graphdef, built.optimizer
         is_codebook = traverse_util.unflatten_dict({
             path: path == ("quantizer", "codebook") for path in traverse_util.flatten_dict(built.state["params"])})
 
-        def fit(state: TrainState, images: jax.Array) -> TrainState:
-            key = jax.random.fold_in(jax.random.key(config.train.seed), state["step"])
-            params = fit_codebook(graphdef, state["params"], images, key)
+        def replace(state: TrainState, codebook: jax.Array, renewed: jax.Array) -> TrainState:
+            """``state`` with ``codebook``; the rows where ``renewed`` ``[K]`` holds take the codebook
+            into the EMA too, and lose their Adam moments."""
+            params = {**state["params"], "quantizer": {**state["params"]["quantizer"], "codebook": codebook}}
             opt_state = map_params_state(
-                optimizer, lambda moment, fresh: jax.numpy.zeros_like(moment) if fresh else moment,
+                optimizer, lambda moment, own: jnp.where(renewed[:, None], 0.0, moment).astype(moment.dtype) if own else moment,
                 state["opt_state"], is_codebook, transform_non_params=lambda x: x)
             ema = state["ema"]
             if ema:
-                ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": params["quantizer"]["codebook"]}}
+                old = ema["quantizer"]["codebook"]
+                ema = {**ema, "quantizer": {**ema["quantizer"], "codebook": jnp.where(renewed[:, None], codebook, old)}}
             return {**state, "params": params, "ema": ema, "opt_state": opt_state}
 
+        def fit(state: TrainState, points: jax.Array) -> TrainState:
+            key = jax.random.fold_in(jax.random.key(config.train.seed), state["step"])
+            codebook = fit_codebook(points, size, key, care.kmeans_iterations)
+            return replace(state, codebook, jnp.ones((size,), bool))
+
+        def restart(state: TrainState, points: jax.Array) -> tuple[TrainState, jax.Array]:
+            key = jax.random.fold_in(jax.random.key(config.train.seed + 1), state["step"])
+            codebook, dead = restart_dead_codes(points, state["params"]["quantizer"]["codebook"], key)
+            return replace(state, codebook, dead), dead.sum()
+
+        self._encode = jax.jit(lambda params, images: encoder_outputs(graphdef, params, images))
         self._fit = jax.jit(fit, out_shardings=built.shardings, donate_argnums=0)
+        self._restart = jax.jit(restart, out_shardings=(built.shardings, None), donate_argnums=0)
         self.mesh, self.rules = built.mesh, built.rules
 
+    def _points(self, state: TrainState, iterator: Any) -> jax.Array:
+        """Encoder outputs of ``self.count`` batches drawn from ``iterator``, ``[N, D]``."""
+        points = []
+        for _ in range(self.count):
+            images = jax.make_array_from_process_local_data(self.image_sharding, next(iterator)["image"])
+            points.append(self._encode(state["params"], images))
+        return jnp.concatenate(points) if len(points) > 1 else points[0]
+
     def __call__(self, state: TrainState, iterator: Any) -> TrainState:
-        images = [jax.make_array_from_process_local_data(self.image_sharding, next(iterator)["image"])
-                  for _ in range(self.count)]
-        images = jax.numpy.concatenate(images) if self.count > 1 else images[0]
+        """The fit at the end of the warm-up."""
         with jax.set_mesh(self.mesh), axis_rules(self.rules):  # the encoder's activation constraints
-            state = self._fit(state, images)
-        logging.info("fitted the codebook to %d encoder outputs at step %d; its Adam moments start afresh",
-                     self.count * self.config.train.batch_size * self.config.model.num_tokens,
+            points = self._points(state, iterator)
+            state = self._fit(state, points)
+        logging.info("fitted the codebook to %d encoder outputs (%d k-means iterations) at step %d; its Adam "
+                     "moments start afresh", points.shape[0], self.config.train.codebook.kmeans_iterations,
                      int(jax.device_get(state["step"])))
+        return state
+
+    def restart(self, state: TrainState, iterator: Any) -> TrainState:
+        """Dead codes re-seeded (training/codebook.py ``restart_dead_codes``)."""
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            points = self._points(state, iterator)
+            state, dead = self._restart(state, points)
+        logging.info("step %d: re-seeded %d codes that none of %d encoder outputs chose",
+                     int(jax.device_get(state["step"])), int(jax.device_get(dead)), points.shape[0])
         return state
 
 
@@ -195,7 +236,7 @@ def _evaluate(
     ``images/rate_distortion_<step>.png``), and at all tokens as ``baseline_psnr_<codec>``.
 
     With a pixel head, also ``psnr_continuous``: the same images through the continuous tokens.
-    Before step ``quantizer_warmup_steps`` that is what trains (``quantized`` is 0 then): the
+    Up to step ``quantizer_warmup_steps`` that is what trains (``quantized`` is 0 then): the
     codebook is not fitted yet, so the codes' ``psnr`` says nothing about the model and the log
     line leads with the continuous figure."""
     weights = loop.evaluation_params(state)
@@ -205,7 +246,9 @@ def _evaluate(
     whole = metrics["rate_distortion"][-1]  # all tokens
     baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
-    quantized = step >= quantizer_warmup_steps
+    # The loop evaluates after step ``step`` and fits the codebook before the next one, so at the
+    # warm-up's last step the codes are still unfitted.
+    quantized = not quantizer_warmup_steps or step > quantizer_warmup_steps
     metrics["quantized"] = float(quantized)
     if config.model.decoder.head != "proxy_codes":
         continuous = [np.asarray(tokenizer.reconstruct_continuous(images[i : i + batch_size]))

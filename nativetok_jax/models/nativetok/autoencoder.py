@@ -29,7 +29,7 @@ from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.models.nativetok.decoder import TokenDecoder
 from nativetok_jax.models.nativetok.experts import CausalExperts
 from nativetok_jax.models.nativetok.mit import MetaImageTransformer
-from nativetok_jax.models.nativetok.quantizer import Quantized, Quantizer
+from nativetok_jax.models.nativetok.quantizer import ESTIMATORS, Quantized, Quantizer
 from nativetok_jax.models.nativetok.titok import TiTokEncoder
 
 
@@ -69,7 +69,8 @@ class Autoencoder(nnx.Module):
         epsilon = model.get("norm_epsilon", 1e-6)
         self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype, norm_epsilon=epsilon,
                                     legacy_layout=model.get("legacy_token_layout", False))
-        self.quantizer = Quantizer(q.codebook_size, q.token_dim, commitment_weight=q.commitment_weight, rngs=rngs)
+        self.quantizer = Quantizer(q.codebook_size, q.token_dim, commitment_weight=q.commitment_weight,
+                                   estimator=q.get("estimator", "straight_through"), rngs=rngs)
         d = model.decoder
         self.decoder = TokenDecoder(
             num_tokens=model.num_tokens,
@@ -263,7 +264,8 @@ def tokenizer_model_config() -> ml_collections.ConfigDict:
     # (L = 128) against 1 chunk; 8 saves only 2 % and 5 % more for twice the compiled scans.
     model.experts.chunks = 4
     model.quantizer = ml_collections.ConfigDict(
-        dict(codebook_size=4096, token_dim=12, commitment_weight=0.25)
+        # estimator: how the decoder's gradient passes the choice of code (models/nativetok/quantizer.py).
+        dict(codebook_size=4096, token_dim=12, commitment_weight=0.25, estimator="straight_through")
     )
     # TiTok-L decoder.
     model.decoder = transformer_section(width=1024, depth=24, num_heads=16)
@@ -304,6 +306,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         positive_int(model.experts.get("chunks"), "model.experts.chunks")
     positive_int(model.quantizer.get("codebook_size"), "model.quantizer.codebook_size")
     positive_int(model.quantizer.get("token_dim"), "model.quantizer.token_dim")
+    require(model.quantizer.get("estimator", "straight_through") in ESTIMATORS, "model.quantizer.estimator",
+            f"must be one of {ESTIMATORS}, got {model.quantizer.get('estimator')!r}")
     weight = model.quantizer.get("commitment_weight")
     require(isinstance(weight, (int, float)) and weight >= 0, "model.quantizer.commitment_weight",
              f"must be a number >= 0, got {weight!r}")

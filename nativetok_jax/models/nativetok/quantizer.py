@@ -2,8 +2,16 @@
 
 Inputs and codes are both projected onto the unit sphere, so the nearest code is the one of
 highest cosine similarity. The codebook loss pulls codes towards the (fixed) inputs, the
-commitment loss pulls inputs towards the (fixed) codes, and the straight-through estimator
-passes the decoder's gradient to the encoder as if quantisation were the identity.
+commitment loss pulls inputs towards the (fixed) codes. How the decoder's gradient reaches the
+encoder through the (non-differentiable) choice of code is the ``estimator``:
+
+- ``straight_through`` (VQ-VAE, TiTok): as if quantisation were the identity; every input of one
+  code's cell gets the same gradient.
+- ``rotation`` (Fifty et al., 2024, "Restructuring Vector Quantization with the Rotation Trick",
+  section 4): the code is written as a fixed rotation of the input, ``q = R z`` with ``R`` the
+  rotation that takes ``z`` to ``q`` in their common plane, and the gradient is rotated back
+  (``R^T g``), so it depends on where the input lies in its cell. Input and code are unit vectors
+  here, so no rescaling is needed. The forward value is the code in both.
 """
 
 from __future__ import annotations
@@ -46,10 +54,30 @@ def histogram_statistics(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.exp(entropy), jnp.mean(counts > 0)
 
 
+ESTIMATORS = ("straight_through", "rotation")
+
+
+def rotation_trick(z: jax.Array, codes: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+    """``codes`` in value, ``R^T g`` in gradient: ``R z`` with ``R = I - 2 r r^T + 2 q z^T`` held fixed,
+    ``r = (z + q) / |z + q|``, for unit vectors ``z`` (the inputs, ``[..., D]``) and ``q`` (their codes).
+    ``R`` is the Householder reflection through ``r`` followed by the one through ``q``, so it is
+    orthogonal and takes ``z`` to ``q``. Where ``z = -q`` (no common plane) ``r`` is 0 and the value
+    is ``z + 2 q = q`` still."""
+    zs, q = jax.lax.stop_gradient(z), jax.lax.stop_gradient(codes)
+    r = zs + q
+    r = r * jax.lax.rsqrt(jnp.maximum(jnp.sum(r * r, axis=-1, keepdims=True), epsilon))
+    along = lambda u, v: jnp.sum(u * v, axis=-1, keepdims=True)
+    return z - 2.0 * r * along(r, z) + 2.0 * q * along(zs, z)
+
+
 class Quantizer(nnx.Module):
     def __init__(
-        self, codebook_size: int, token_dim: int, *, commitment_weight: float = 0.25, rngs: nnx.Rngs
+        self, codebook_size: int, token_dim: int, *, commitment_weight: float = 0.25,
+        estimator: str = "straight_through", rngs: nnx.Rngs
     ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
         self.codebook = param(rngs, nnx.initializers.normal(stddev=1.0), (codebook_size, token_dim),
                               ("codebook", "token_dim"))
         self.codebook_size = codebook_size
@@ -74,8 +102,12 @@ class Quantizer(nnx.Module):
         codebook_loss = jnp.mean(jnp.square(codes - jax.lax.stop_gradient(z)))
         commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(codes)))
         perplexity, usage = code_statistics(ids, self.codebook_size)
+        if self.estimator == "rotation":
+            tokens = rotation_trick(z, codes)
+        else:
+            tokens = z + jax.lax.stop_gradient(codes - z)
         return Quantized(
-            tokens=z + jax.lax.stop_gradient(codes - z),
+            tokens=tokens,
             continuous=z,
             ids=ids,
             codebook_loss=codebook_loss,

@@ -6,7 +6,7 @@
 
 The LPIPS weights file is converted once from the public files (README, "Pretrained weights").
 Like VQGAN, the GAN starts once the reconstructions are reasonable: here when the quantiser
-starts (half-way), with VQGAN's adaptive weight and a small LeCam term; the discriminator is
+starts (a quarter of the way), with VQGAN's adaptive weight and a small LeCam term; the discriminator is
 scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).
 """
 

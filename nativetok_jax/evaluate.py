@@ -242,7 +242,7 @@ def _require_fitted_codebook(workdir: str, use_ema: bool) -> None:
     if train is None or "quantizer_warmup_steps" not in train:
         return
     warmup = quantizer_warmup_steps(train)
-    if record["step"] <= warmup:
+    if warmup and record["step"] <= warmup:  # no warm-up: quantised from the first step (or converted)
         raise EvaluationError(
             f"--workdir: its newest checkpoint (step {record['step']}) comes before the end of the quantiser "
             f"warm-up (the codebook is fitted after step {warmup}), so its codes would decode noise; train past "

@@ -378,3 +378,13 @@ def test_a_checkpoint_from_inside_the_quantisers_warm_up_is_refused_in_one_line(
             _require_fitted_codebook(str(tmp_path), use_ema=True)
     else:
         _require_fitted_codebook(str(tmp_path), use_ema=True)
+
+
+def test_without_a_warm_up_even_a_step_0_checkpoint_is_judged(tmp_path):
+    """A converted model (pretrained.titok) is saved at step 0 and has no warm-up: nothing to refuse."""
+    from nativetok_jax import checkpoints
+    from nativetok_jax.evaluate import _require_fitted_codebook
+
+    checkpoints.write_config(tmp_path, tiny_config())
+    (tmp_path / "checkpoints" / "0").mkdir(parents=True)
+    _require_fitted_codebook(str(tmp_path), use_ema=True)

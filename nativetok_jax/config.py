@@ -447,10 +447,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     quantizer_warmup_steps(train)
     care = train.get("codebook") or ml_collections.ConfigDict()
-    for name in ("kmeans_iterations", "samples_per_code", "restart_dead_every"):
+    positive_int(care.get("samples_per_code"), "train.codebook.samples_per_code")
+    for name in ("kmeans_iterations", "restart_dead_every"):
         value = care.get(name)
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= (name == "samples_per_code"),
-                f"train.codebook.{name}", f"must be an integer >= {int(name == 'samples_per_code')}, got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.codebook.{name}",
+                f"must be an integer >= 0, got {value!r}")
     validate_data_source(data)
     validate_crops(data)
     positive_int(data.get("num_eval_images"), "data.num_eval_images")

@@ -40,6 +40,7 @@ from etils import epath  # noqa: E402
 
 from nativetok_jax import checkpoints, storage, tasks  # noqa: E402
 from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
+from nativetok_jax.config import quantizer_warmup_steps  # noqa: E402
 from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
@@ -73,7 +74,6 @@ from nativetok_jax.pretrained.inception import KIND as INCEPTION_KIND  # noqa: E
 from nativetok_jax.pretrained.inception import load_inception  # noqa: E402
 from nativetok_jax.pretrained.lpips import KIND as LPIPS_KIND  # noqa: E402
 from nativetok_jax.pretrained.lpips import load_lpips  # noqa: E402
-from nativetok_jax.config import quantizer_warmup_steps  # noqa: E402
 from nativetok_jax.workdir import check_loadable, require_task  # noqa: E402
 
 # This command's flags live in their own registry, not absl's global one: other entry points
@@ -230,11 +230,11 @@ def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
             "step": max(steps, default=None), "use_ema": use_ema}
 
 
-def _require_fitted_codebook(workdir: str, use_ema: bool) -> None:
-    """Raises ``EvaluationError`` when the newest checkpoint was saved before the end of its
-    stage's quantiser warm-up: its codebook is not fitted yet, so its codes decode noise (the
-    trainer's own evaluations give ``psnr_continuous`` then; docs/training.md)."""
-    record = _checkpoint_record(workdir, use_ema)
+def _require_fitted_codebook(record: dict[str, Any]) -> None:
+    """Raises ``EvaluationError`` when the newest checkpoint (``record``: ``_checkpoint_record``'s)
+    was saved before the end of its stage's quantiser warm-up: its codebook is not fitted yet, so
+    its codes decode noise (the trainer's own evaluations give ``psnr_continuous`` then;
+    docs/training.md)."""
     stage = epath.Path(record["stage_directory"])
     if record["step"] is None or not (stage / "config.json").exists():
         return
@@ -287,8 +287,9 @@ def run_evaluation(
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
+    checkpoint = _checkpoint_record(workdir, use_ema)
     if not is_dvae:
-        _require_fitted_codebook(workdir, use_ema)
+        _require_fitted_codebook(checkpoint)
     size = tokenizer.image_size
     if size < WIN_SIZE:
         raise EvaluationError(f"--workdir: the tokenizer works at {size} x {size} px; SSIM needs at least "
@@ -299,7 +300,7 @@ def run_evaluation(
         "image_size": size,
         "batch_size": batch_size,
         "preprocessing": PREPROCESSING.format(size=size),
-        "checkpoint": _checkpoint_record(workdir, use_ema),
+        "checkpoint": checkpoint,
         **(dvae_protocol(tokenizer) if is_dvae else {
             "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
             "num_tokens": tokenizer.num_tokens, "codebook_size": tokenizer.codebook_size,

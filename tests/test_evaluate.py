@@ -366,7 +366,7 @@ def test_a_checkpoint_from_inside_the_quantisers_warm_up_is_refused_in_one_line(
     """The codebook is fitted after step ``warm-up`` (training/trainer.py), so a checkpoint saved up to
     that step decodes its codes with a codebook that was never fitted: noise, not a measurement."""
     from nativetok_jax import checkpoints
-    from nativetok_jax.evaluate import EvaluationError, _require_fitted_codebook
+    from nativetok_jax.evaluate import EvaluationError, _checkpoint_record, _require_fitted_codebook
 
     config = tiny_config()
     config.train.update(num_steps=3200, quantizer_warmup_fraction=0.25)  # the demo's: fitted after step 800
@@ -375,16 +375,16 @@ def test_a_checkpoint_from_inside_the_quantisers_warm_up_is_refused_in_one_line(
     if refused:
         with pytest.raises(EvaluationError, match=rf"newest checkpoint \(step {step}\) comes before the end of the "
                                                   r"quantiser warm-up \(the codebook is fitted after step 800\)"):
-            _require_fitted_codebook(str(tmp_path), use_ema=True)
+            _require_fitted_codebook(_checkpoint_record(str(tmp_path), use_ema=True))
     else:
-        _require_fitted_codebook(str(tmp_path), use_ema=True)
+        _require_fitted_codebook(_checkpoint_record(str(tmp_path), use_ema=True))
 
 
 def test_without_a_warm_up_even_a_step_0_checkpoint_is_judged(tmp_path):
     """A converted model (pretrained.titok) is saved at step 0 and has no warm-up: nothing to refuse."""
     from nativetok_jax import checkpoints
-    from nativetok_jax.evaluate import _require_fitted_codebook
+    from nativetok_jax.evaluate import _checkpoint_record, _require_fitted_codebook
 
     checkpoints.write_config(tmp_path, tiny_config())
     (tmp_path / "checkpoints" / "0").mkdir(parents=True)
-    _require_fitted_codebook(str(tmp_path), use_ema=True)
+    _require_fitted_codebook(_checkpoint_record(str(tmp_path), use_ema=True))

@@ -9,7 +9,7 @@ otherwise sit far from everything the encoder produces, and only a handful would
 The fit (``train.codebook``):
 
 - ``kmeans_iterations`` 0: the codebook becomes randomly chosen encoder outputs (slightly
-  jittered); on the demo about 25 % of 4,096 codes then stay in use.
+  jittered); on the demo a training batch's 1,024 tokens then use about 720 distinct codes.
 - ``kmeans_iterations`` > 0: that start is refined by spherical k-means (Lloyd's iterations with
   cosine similarity, the quantiser's own distance) over ``samples_per_code`` encoder outputs per
   code, so the codes are spread where the encoder's outputs are dense.

@@ -12,7 +12,7 @@ scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).
 
 import os
 
-from nativetok_jax.config import config_choice, load_config_file, quantizer_warmup_steps
+from nativetok_jax.config import config_choice, load_config_file
 
 
 def get_config(kind: str | None = None):
@@ -24,7 +24,8 @@ def get_config(kind: str | None = None):
     config.train.losses.update(
         perceptual_weight=0.1,
         adversarial_weight=0.1,
-        adversarial_start_step=quantizer_warmup_steps(config.train),
+        # A fraction, not a step count: the start follows --config.train.num_steps as the warm-up does.
+        adversarial_start_fraction=config.train.quantizer_warmup_fraction,
         adaptive_adversarial_weight=True,
         lecam_weight=0.001,
     )

@@ -173,16 +173,18 @@ def read_config(directory: storage.PathLike) -> ml_collections.ConfigDict:
 
 
 def final_stage_directory(path: storage.PathLike) -> epath.Path:
-    """``path`` itself if it holds checkpoints, else its last training stage that does."""
+    """``path`` itself if it holds checkpoints, else its last training stage that holds a finished
+    one: a stage that has just started has an empty ``checkpoints/`` until its first save, and
+    until then the run's newest model is the previous stage's."""
     directory = storage.path(path)
     if checkpoint_directory(directory).is_dir():
         return directory
     config = read_config(directory)
     stages = [s["name"] for s in (config.get("hnt", {}) or {}).get("stages", ()) or ()]
-    with_checkpoints = [directory / name for name in stages if checkpoint_directory(directory / name).is_dir()]
-    if not with_checkpoints:
-        raise RunDirectoryError(f"no checkpoints under {str(path)!r} or its training stages")
-    return with_checkpoints[-1]
+    finished = [directory / name for name in stages if latest_step(directory / name) is not None]
+    if not finished:
+        raise RunDirectoryError(f"no finished checkpoint under {str(path)!r} or its training stages")
+    return finished[-1]
 
 
 # Where a restored parameter goes: (its path, string keys; its stored shape) -> its sharding.

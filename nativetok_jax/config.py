@@ -175,6 +175,9 @@ def reconstruction_losses(*, quantized: bool) -> ml_collections.ConfigDict:
         # Hinge GAN with a patch discriminator (config.discriminator); 0 trains none.
         adversarial_weight=0.0,
         adversarial_start_step=0,
+        # Or the start as a fraction of the run's steps (0: use adversarial_start_step): the start
+        # then follows --config.train.num_steps, as the quantiser's warm-up fraction does.
+        adversarial_start_fraction=0.0,
         # VQGAN's balance: scale the generator term by |grad rec| / |grad gan| at the last
         # pixel-producing layer, clipped to max_adaptive_weight.
         adaptive_adversarial_weight=True,
@@ -368,6 +371,39 @@ def quantizer_warmup_steps(train: ml_collections.ConfigDict, num_steps: int | No
     return steps
 
 
+def unfitted_codebook(train: ml_collections.ConfigDict | None, step: int | None) -> str | None:
+    """Why a checkpoint of ``step`` of a run (or stage) with ``train`` holds a codebook that was never
+    fitted, or None: the trainer fits it after the quantiser warm-up's last step (training/trainer.py),
+    so up to that step its codes decode noise. Runs without a warm-up (quantised from the first step,
+    or converted and saved at step 0) are never refused."""
+    if step is None or train is None or "quantizer_warmup_steps" not in train:
+        return None
+    warmup = quantizer_warmup_steps(train)
+    if warmup and step <= warmup:
+        return (f"its newest checkpoint (step {step}) comes before the end of the quantiser warm-up (the codebook "
+                f"is fitted after step {warmup}), so its codes would decode noise; train past step {warmup} first")
+    return None
+
+
+def adversarial_start_step(train: ml_collections.ConfigDict) -> int:
+    """The first update that uses the GAN terms (0-based, as ``StepContext.step`` counts):
+    ``train.losses.adversarial_start_step``, or ``train.losses.adversarial_start_fraction`` of
+    ``train.num_steps``, rounded down like :func:`quantizer_warmup_steps`, so equal fractions start
+    the GAN with the first quantised update.
+
+    Raises ``ConfigError`` (one line) for a bad value or both set.
+    """
+    losses = train.losses
+    steps, fraction = losses.get("adversarial_start_step"), losses.get("adversarial_start_fraction", 0.0)
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0, "train.losses.adversarial_start_step",
+            f"must be an integer >= 0, got {steps!r}")
+    require(isinstance(fraction, (int, float)) and 0 <= fraction < 1, "train.losses.adversarial_start_fraction",
+            f"must lie in [0, 1), got {fraction!r}")
+    require(not (steps and fraction), "train.losses.adversarial_start_step",
+            f"{steps} and train.losses.adversarial_start_fraction {fraction} are both set; set one of them to 0")
+    return int(fraction * train.num_steps) if fraction else steps
+
+
 DATA_SOURCES = ("photos", "folder", "tfds")
 # The folder source's own fields: one set with another source is a mistake the run would otherwise
 # make silently (a folder given without data.source=folder trains on the photographs). The TFDS
@@ -464,8 +500,11 @@ def _validate_objective(config: ml_collections.ConfigDict, *, quantized: bool = 
     names = ("pixel_weight", "perceptual_weight", "adversarial_weight", "lecam_weight", "max_adaptive_weight")
     for name in names + (("quantizer_weight", "proxy_weight") if quantized else ()):
         number(losses.get(name), f"train.losses.{name}")
-    require(isinstance(losses.get("adversarial_start_step"), int) and losses.adversarial_start_step >= 0,
-             "train.losses.adversarial_start_step", f"must be an integer >= 0, got {losses.get('adversarial_start_step')!r}")
+    start = adversarial_start_step(config.train)
+    if losses.adversarial_weight and not (config.get("hnt") and config.hnt.get("stages")):  # stages: checked each
+        require(start < config.train.num_steps, "train.losses.adversarial_start_step",
+                f"the GAN would start at step {start} of a {config.train.num_steps}-step run, so it would never "
+                "train; lower it, or give the start as train.losses.adversarial_start_fraction")
     boolean(losses.get("adaptive_adversarial_weight"), "train.losses.adaptive_adversarial_weight")
     decay = losses.get("lecam_decay")
     require(isinstance(decay, (int, float)) and 0 <= decay < 1, "train.losses.lecam_decay",
@@ -709,6 +748,12 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
 HNT_PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
 
 
+# Fields a stage sets from its own keys (``stage_config``); overrides may not name them.
+STAGE_OWNED = {"model.num_tokens": "num_tokens", "train.num_steps": "num_steps",
+               "train.quantizer_warmup_steps": "quantizer_warmup_steps",
+               "train.quantizer_warmup_fraction": "quantizer_warmup_steps"}
+
+
 def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
     """The stages to run: ``config.hnt.stages``, or one stage with the model's own token count."""
     stages = list(config.hnt.stages) if config.hnt.stages else []
@@ -737,10 +782,16 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
                                   f"stage's {stage.num_steps} steps quantised; lower it")
         else:
             warmup = quantizer_warmup_steps(config.train, stage.num_steps) if i == 0 else 0
+        if warmup and "quantizer" in frozen:
+            raise ConfigError(f"config.hnt.stages[{i}].quantizer_warmup_steps: {warmup} would refit the codebook "
+                              "the stage freezes (frozen includes 'quantizer'); set it to 0")
         overrides = tuple((str(key), value) for key, value in (stage.get("overrides") or ()))
         for key, _ in overrides:
             if not _has_field(config, key) or key.split(".")[0] == "hnt":
                 raise ConfigError(f"config.hnt.stages[{i}].overrides: {key!r} is not a config field")
+            if key in STAGE_OWNED:  # the stage's own key sets it; an override would train one value, record another
+                raise ConfigError(f"config.hnt.stages[{i}].overrides: {key!r} is set by the stage's own "
+                                  f"{STAGE_OWNED[key]!r} key; use that instead")
         out.append(ml_collections.ConfigDict(dict(
             name=stage.get("name", "") or f"stage{i}_{stage.num_tokens}tokens",
             num_tokens=stage.num_tokens, num_steps=stage.num_steps, frozen=frozen,

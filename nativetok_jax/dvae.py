@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding, storage
@@ -130,17 +131,22 @@ class DVAE:
                         mesh: jax.sharding.Mesh | None = None) -> DVAE:
         """The DVAE in the newest checkpoint of a ``task="dvae"`` workdir (local or a URL), with the
         latent scale the trainer stored beside it (``latent_scale.json``; 1.0 when the run has not
-        finished). EMA weights when the run kept them and ``use_ema``. Raises ``FileNotFoundError``
+        finished, or when that file was measured at another step than the newest checkpoint's). EMA weights when the run kept them and ``use_ema``. Raises ``FileNotFoundError``
         for a directory without a config or checkpoints, ``ValueError`` for a run of another task."""
         config = checkpoints.read_config(path)
         if config.get("task") != TASK:
             raise ValueError(f"{path} holds a {config.get('task', 'tokenizer')!r} run, not a Dynamic VAE (task='dvae')")
         compiled = _compile(config, mesh)
         # Restored straight into their shardings: no host holds more than its devices' shards.
-        params, _ = checkpoints.load_params(path, use_ema=use_ema, placement=sharding.restore_placement(
+        params, step = checkpoints.load_params(path, use_ema=use_ema, placement=sharding.restore_placement(
             compiled.axes, compiled.mesh, compiled.rules))
         scale_file = storage.path(path) / LATENT_SCALE_FILE
-        scale = json.loads(scale_file.read_text())["latent_scale"] if scale_file.is_file() else 1.0
+        stored = json.loads(scale_file.read_text()) if scale_file.is_file() else {}
+        scale = stored.get("latent_scale", 1.0)
+        if stored.get("step", step) != step:  # measured on other weights: a finished run being extended
+            logging.warning("%s: %s was measured at step %d, the newest checkpoint is step %d (the run goes on); "
+                            "latent scale 1.0 until it finishes", path, LATENT_SCALE_FILE, stored["step"], step)
+            scale = 1.0
         return cls(compiled, None, scale).with_params(_list_keys(params))
 
     @classmethod

@@ -40,7 +40,7 @@ from etils import epath  # noqa: E402
 
 from nativetok_jax import checkpoints, storage, tasks  # noqa: E402
 from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
-from nativetok_jax.config import quantizer_warmup_steps  # noqa: E402
+from nativetok_jax.config import unfitted_codebook  # noqa: E402
 from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
 from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
@@ -232,21 +232,14 @@ def _checkpoint_record(workdir: str, use_ema: bool) -> dict[str, Any]:
 
 def _require_fitted_codebook(record: dict[str, Any]) -> None:
     """Raises ``EvaluationError`` when the newest checkpoint (``record``: ``_checkpoint_record``'s)
-    was saved before the end of its stage's quantiser warm-up: its codebook is not fitted yet, so
-    its codes decode noise (the trainer's own evaluations give ``psnr_continuous`` then;
-    docs/training.md)."""
+    was saved before the end of its stage's quantiser warm-up (``config.unfitted_codebook``; the
+    trainer's own evaluations give ``psnr_continuous`` then; docs/training.md)."""
     stage = epath.Path(record["stage_directory"])
-    if record["step"] is None or not (stage / "config.json").exists():
+    if not (stage / "config.json").exists():
         return
-    train = checkpoints.read_config(stage).get("train")
-    if train is None or "quantizer_warmup_steps" not in train:
-        return
-    warmup = quantizer_warmup_steps(train)
-    if warmup and record["step"] <= warmup:  # no warm-up: quantised from the first step (or converted)
-        raise EvaluationError(
-            f"--workdir: its newest checkpoint (step {record['step']}) comes before the end of the quantiser "
-            f"warm-up (the codebook is fitted after step {warmup}), so its codes would decode noise; train past "
-            f"step {warmup} first")
+    reason = unfitted_codebook(checkpoints.read_config(stage).get("train"), record["step"])
+    if reason:
+        raise EvaluationError(f"--workdir: {reason}")
 
 
 def run_evaluation(
@@ -280,6 +273,8 @@ def run_evaluation(
     config = require_task(workdir, "evaluate --workdir", tasks.with_part("evaluate"),
                           advice="judge a generator's images with sample, then evaluate --samples")
     check_loadable(workdir)
+    checkpoint = _checkpoint_record(workdir, use_ema)
+    _require_fitted_codebook(checkpoint)  # before anything loads or compiles
     tokenizer = tasks.of(config).load("evaluate").from_checkpoint(workdir, use_ema=use_ema)
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
     is_dvae = isinstance(tokenizer, DVAE)
@@ -287,9 +282,6 @@ def run_evaluation(
     expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
-    checkpoint = _checkpoint_record(workdir, use_ema)
-    if not is_dvae:
-        _require_fitted_codebook(checkpoint)
     size = tokenizer.image_size
     if size < WIN_SIZE:
         raise EvaluationError(f"--workdir: the tokenizer works at {size} x {size} px; SSIM needs at least "

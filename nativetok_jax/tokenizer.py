@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
+from nativetok_jax.config import unfitted_codebook
 from nativetok_jax.models.nativetok import Autoencoder, build_model
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
@@ -158,9 +159,14 @@ class Tokenizer:
         Uses the EMA weights when the run kept them (and ``use_ema``); the architecture comes from
         the ``config.json`` the run wrote beside its checkpoints. A proxy-code model loads its
         VQGAN from the file the run's ``config.pretrained.maskgit_vqgan`` names, unless one is given.
+        Raises ``checkpoints.RunDirectoryError`` (one line) for a run without a finished checkpoint
+        or whose newest one comes before the quantiser warm-up's end (its codebook is not fitted).
         """
         stage = checkpoints.final_stage_directory(path)
         config = checkpoints.read_config(stage)
+        reason = unfitted_codebook(config.get("train"), checkpoints.latest_step(stage))
+        if reason:  # a generator trained on such ids, or samples decoded by it, would be noise
+            raise checkpoints.RunDirectoryError(f"{path}: {reason}")
         compiled = _compile(config, mesh)
         # Restored straight into their shardings: no host holds more than its devices' shards.
         params, _ = checkpoints.load_params(stage, use_ema=use_ema, placement=sharding.restore_placement(

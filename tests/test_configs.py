@@ -266,3 +266,53 @@ def test_every_trainer_that_crops_refuses_a_bad_crop_field_in_one_line(spec, fie
     config.data = ml_collections.ConfigDict({**config.data.to_dict(), name: value})  # untyped, as read from JSON
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(config)
+
+
+@pytest.mark.parametrize("field, key", [("train.num_steps", "num_steps"), ("model.num_tokens", "num_tokens"),
+                                        ("train.quantizer_warmup_steps", "quantizer_warmup_steps"),
+                                        ("train.quantizer_warmup_fraction", "quantizer_warmup_steps")])
+def test_a_stage_override_may_not_set_what_the_stage_sets_itself(field, key):
+    """The trainer takes a stage's steps and warm-up from its own keys, its config.json from the
+    overridden config: an override of one of them would train one value and record another."""
+    config = tiny_config()
+    config.hnt.stages = (dict(num_tokens=8, num_steps=20),
+                         dict(num_tokens=8, num_steps=20, overrides=((field, 5),)))
+    with pytest.raises(ConfigError, match=rf"config.hnt.stages\[1\].overrides: '{field}' is set by the stage's "
+                                          rf"own '{key}' key; use that instead"):
+        stage_list(config)
+
+
+def test_a_stage_that_freezes_the_quantizer_may_not_warm_it_up():
+    """The fit at a warm-up's end rewrites the codebook, which a frozen quantiser must keep."""
+    config = tiny_config()
+    config.hnt.stages = (dict(num_tokens=8, num_steps=20),
+                         dict(num_tokens=8, num_steps=20, frozen=("quantizer",), quantizer_warmup_steps=5))
+    with pytest.raises(ConfigError, match=r"config.hnt.stages\[1\].quantizer_warmup_steps: 5 would refit the "
+                                          r"codebook the stage freezes"):
+        stage_list(config)
+
+
+@pytest.mark.parametrize("num_steps", [3200, 12800])
+def test_the_gan_demo_starts_its_gan_with_the_quantiser_whatever_the_step_count(num_steps):
+    """configs/demo_gan.py gives the start as a fraction, so --config.train.num_steps moves it with the
+    warm-up (as a step count fixed at load time it stayed at 3,200 in a 3,200-step run: no GAN)."""
+    from nativetok_jax.config import adversarial_start_step
+
+    config = load_config_file("configs/demo_gan.py")
+    config.train.num_steps = num_steps  # what --config.train.num_steps does, after get_config
+    config.pretrained.lpips = "weights/lpips.npz"
+    assert adversarial_start_step(config.train) == quantizer_warmup_steps(config.train) == num_steps // 4
+
+
+def test_a_gan_that_would_never_start_is_a_one_line_error():
+    from nativetok_jax.config import validate_training
+
+    config = tiny_config()
+    config.train.update(num_steps=100)
+    config.train.losses.update(adversarial_weight=0.1, adversarial_start_step=100)
+    with pytest.raises(ConfigError, match=r"train.losses.adversarial_start_step: the GAN would start at step 100 "
+                                          r"of a 100-step run"):
+        validate_training(config)
+    config.train.losses.update(adversarial_start_step=10, adversarial_start_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"10 and train.losses.adversarial_start_fraction 0.5 are both set"):
+        validate_training(config)

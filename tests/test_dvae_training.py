@@ -56,6 +56,13 @@ def test_dvae_loss_falls_and_the_run_loads_back_with_its_latent_scale(tmp_path):
     dvae = DVAE.from_checkpoint(workdir)
     stored = json.loads(open(os.path.join(workdir, "latent_scale.json")).read())
     assert dvae.latent_scale == pytest.approx(stored["latent_scale"]) and stored["latent_scale"] > 0
+    # Extended with --config.train.num_steps, the run's newest checkpoint is no longer the one the
+    # scale was measured on: until it finishes, the scale is 1.0 (as for any unfinished run).
+    with open(os.path.join(workdir, "latent_scale.json"), "w") as f:
+        json.dump(dict(stored, step=20), f)
+    assert DVAE.from_checkpoint(workdir).latent_scale == 1.0
+    with open(os.path.join(workdir, "latent_scale.json"), "w") as f:
+        json.dump(stored, f)
     params, _ = checkpoints.load_params(workdir)
     for name, value in flat(params).items():
         np.testing.assert_array_equal(flat(jax.device_get(dvae.params))[name], value)

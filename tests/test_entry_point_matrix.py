@@ -180,7 +180,7 @@ def test_export_of_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys
     workdir.mkdir()
     (workdir / "config.json").write_text(train_config().to_json_best_effort())
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err == f"error: no checkpoints under {str(workdir)!r} or its training stages\n"
+    assert capsys.readouterr().err == f"error: no finished checkpoint under {str(workdir)!r} or its training stages\n"
 
 
 # ----------------------------------------------------------------------------- the error boundary

@@ -375,3 +375,69 @@ def test_constraints_under_a_mesh_without_rules_are_an_error():
     mesh = sharding.make_mesh(tiny_config().mesh)
     with jax.set_mesh(mesh), pytest.raises(MissingRulesError, match="no logical-axis rules are active"):
         jax.jit(lambda a: constrain(a, ("batch", "embed")))(x)
+
+
+def _toy_run(train, mesh, evaluated):
+    import grain
+
+    from nativetok_jax.training import loop
+
+    built = build_state(Toy, train=train, mesh=mesh, rules=())
+
+    def loss(params, batch, context):
+        error = jnp.mean((nnx.merge(built.graphdef, params)(batch["x"]) - batch["y"]) ** 2)
+        return error, ({"mse": error}, None)
+
+    def evaluate(state, step, outputs):
+        evaluated.append(step)
+        return {"evaluated_at": step}
+
+    rng = np.random.default_rng(0)
+    examples = [{"x": rng.normal(size=3).astype(np.float32), "y": np.ones(2, np.float32)} for _ in range(64)]
+    batches = iter(grain.MapDataset.source(examples).seed(0).shuffle().repeat().batch(8).to_iter_dataset())
+    return loop.Task(built, Objective(loss), batches, batch_shardings(mesh, {"x": (8, 3), "y": (8, 2)}),
+                     evaluate=evaluate)
+
+
+def _toy_train(**changes):
+    train = dict(seed=0, num_steps=6, learning_rate=0.05, final_learning_rate_ratio=1.0, warmup_steps=0, beta1=0.9,
+                 beta2=0.99, weight_decay=0.0, grad_clip_norm=1.0, ema_decay=0.5, log_every=2, eval_every=3,
+                 checkpoint_every=3, keep_checkpoints=5)
+    return ml_collections.ConfigDict(dict(train, **changes))
+
+
+def test_a_run_preempted_at_an_evaluation_step_makes_the_evaluation_up_when_it_resumes(tmp_path, monkeypatch):
+    """The stop saves without evaluating (to save in time); the resumed run evaluates that step
+    first, so the two processes together evaluate the steps an uninterrupted run does."""
+    from nativetok_jax.training import loop
+
+    class StopAt3:
+        reason = "preempted"
+
+        def reached(self, step):
+            return step == 3
+
+        def restore(self):
+            pass
+
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    uninterrupted = []
+    loop.run(_toy_run(_toy_train(), mesh, uninterrupted), _toy_train(), tmp_path / "whole")
+    first, second = [], []
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "Preemption", StopAt3)
+        with pytest.raises(Preempted, match="at step 3"):
+            loop.run(_toy_run(_toy_train(), mesh, first), _toy_train(), tmp_path / "split")
+    loop.run(_toy_run(_toy_train(), mesh, second), _toy_train(), tmp_path / "split")
+    assert uninterrupted == [3, 6] and first + second == [3, 6]
+
+
+def test_a_profile_window_from_step_0_traces(tmp_path):
+    """train.profile_first_step = 0 traces from the first step (compilation included), as the
+    window's docstring says; the loop used to tell the window only of finished steps, from 1."""
+    from nativetok_jax.training import loop
+
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    train = _toy_train(num_steps=2, eval_every=2, checkpoint_every=2, profile_steps=1, profile_first_step=0)
+    loop.run(_toy_run(train, mesh, []), train, tmp_path / "run")
+    assert any((tmp_path / "run" / "plugins" / "profile").iterdir())

@@ -200,3 +200,36 @@ def test_an_evaluation_during_the_quantisers_warm_up_reports_the_continuous_toke
     late = _evaluate(tok, state, x, tok.config, 11, Outputs(), quantizer_warmup_steps=10)
     assert late["quantized"] == 1.0 and late["psnr"] == early["psnr"]
     assert _evaluate(tok, state, x, tok.config, 0, Outputs(), quantizer_warmup_steps=0)["quantized"] == 1.0
+
+
+def test_a_stage_that_has_not_saved_yet_leaves_the_previous_stage_as_the_runs_model(tmp_path):
+    """A new HNT stage's checkpoints/ exists, empty, from its first step: until it saves, the
+    run's newest model is the previous stage's, not 'no finished checkpoint'."""
+    from nativetok_jax import checkpoints
+
+    config = tiny_config()
+    config.hnt.stages = (dict(name="tokens_4", num_tokens=4, num_steps=2),
+                         dict(name="grow_8", num_tokens=8, num_steps=2))
+    checkpoints.write_config(tmp_path, config)
+    (tmp_path / "tokens_4" / "checkpoints" / "2").mkdir(parents=True)
+    (tmp_path / "grow_8" / "checkpoints" / "1.orbax-checkpoint-tmp-0").mkdir(parents=True)  # being written
+    assert checkpoints.final_stage_directory(tmp_path) == tmp_path / "tokens_4"
+    (tmp_path / "grow_8" / "checkpoints" / "1").mkdir()
+    assert checkpoints.final_stage_directory(tmp_path) == tmp_path / "grow_8"
+
+
+def test_loading_a_tokenizer_from_inside_its_warm_up_is_refused_in_one_line(tmp_path):
+    """Token extraction for a generator, sampling and export load through from_checkpoint: the
+    codebook is fitted after step 800 here, so codes of a checkpoint up to it decode noise."""
+    from nativetok_jax import checkpoints
+    from nativetok_jax.config import unfitted_codebook
+
+    config = tiny_config()
+    config.train.update(num_steps=3200, quantizer_warmup_steps=0, quantizer_warmup_fraction=0.25)
+    checkpoints.write_config(tmp_path, config)
+    (tmp_path / "checkpoints" / "800").mkdir(parents=True)
+    with pytest.raises(checkpoints.RunDirectoryError,
+                       match=r"newest checkpoint \(step 800\) comes before the end of the quantiser warm-up \(the "
+                             r"codebook is fitted after step 800\)"):
+        Tokenizer.from_checkpoint(str(tmp_path))
+    assert unfitted_codebook(config.train, 801) is None and unfitted_codebook(config.train, 800)

@@ -32,7 +32,7 @@ from flax import nnx
 
 from nativetok_jax.workdir import write_config
 from nativetok_jax import sharding, storage
-from nativetok_jax.config import ConfigError, validate_dvae
+from nativetok_jax.config import ConfigError, adversarial_start_step, validate_dvae
 from nativetok_jax.data.pipeline import SkippedImages, eval_images, train_iterator
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.dvae import DVAE, LATENT_SCALE_FILE
@@ -78,13 +78,14 @@ def dvae_objective(
             return model.decoder_readout(features, kernel) + shortcut
 
         terms, metrics, reconstruction = reconstruction_terms(
-            weights, images, features, model.last_kernel, readout, context, networks, discriminator)
+            weights, images, features, model.last_kernel, readout, context, networks, discriminator,
+            adversarial_start_step(config.train))
         kl = jnp.mean(kl_divergence(posterior, grains))
         terms["kl_loss"] = weights.kl_weight * kl / np.prod(images.shape[1:])
         metrics.update(kl=kl, fine_fraction=jnp.mean((grains > 0).astype(jnp.float32)))
         return sum(terms.values()), (dict(metrics, **terms), reconstruction)
 
-    return Objective(loss, discriminator_update(discriminator, weights.adversarial_start_step),
+    return Objective(loss, discriminator_update(discriminator, adversarial_start_step(config.train)),
                      networks.arrays if networks.arrays else None)
 
 

@@ -208,10 +208,18 @@ def run(task: Task, train: Any, workdir: epath.PathLike) -> Result:
     if train.get("profile_steps", 0) and is_main:
         profile = ProfileWindow(workdir, num_steps=train.profile_steps,
                                 first_step=train.get("profile_first_step", 10))
+        profile(step)  # the window is told of each finished step: this one opens a window from step 0
     preemption = Preemption()
     last_saved = latest
     metrics: dict[str, Any] = {}
     try:
+        if latest is not None and latest < train.num_steps and latest % train.eval_every == 0:
+            # A run stopped (preempted) at an evaluation step saved without evaluating, to save in
+            # time: the evaluation is made up here, so the resumed run's record has every one an
+            # uninterrupted run has (a run killed after an evaluation repeats it, same figures).
+            with progress.timed("eval"):
+                metrics = task.evaluate(state, step, outputs)
+            outputs.scalars(step, scalars_of(metrics))
         while step < train.num_steps:
             if task.before_step is not None:
                 state = task.before_step(state, step)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from nativetok_jax.config import adversarial_start_step
 from nativetok_jax.models.nativetok import Autoencoder
 from nativetok_jax.models.pixels import images_to_model
 from nativetok_jax.training import losses as L
@@ -92,12 +93,13 @@ def tokenizer_objective(
 
         last_input, last_kernel, readout = pixel_readout(model, nets, features)
         pixel_terms, pixel_metrics, reconstruction = reconstruction_terms(
-            weights, images, last_input, last_kernel, readout, context, networks, discriminator)
+            weights, images, last_input, last_kernel, readout, context, networks, discriminator,
+            adversarial_start_step(train))
         terms.update(pixel_terms)
         metrics.update(pixel_metrics)
         return sum(terms.values()), (dict(metrics, **terms), reconstruction)
 
-    return Objective(loss, discriminator_update(discriminator, weights.adversarial_start_step),
+    return Objective(loss, discriminator_update(discriminator, adversarial_start_step(train)),
                      networks.arrays if networks.arrays else None)
 
 
@@ -110,10 +112,12 @@ def reconstruction_terms(
     context: StepContext,
     networks: FrozenNetworks,
     discriminator: Discriminator | None,
+    adversarial_start: int,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
     """The loss terms of any model that makes pixels (the tokenizer, the Dynamic VAE): the pixel
     loss, LPIPS (with an ``"lpips"`` network), and the hinge generator term (with a discriminator,
-    from ``adversarial_start_step``, scaled by VQGAN's adaptive weight at ``last_kernel``).
+    from update ``adversarial_start`` (``config.adversarial_start_step``), scaled by VQGAN's adaptive
+    weight at ``last_kernel``).
 
     ``images``: the targets in [-1, 1]; ``readout(last_input, kernel)`` makes the reconstruction.
     Returns ``(terms, metrics, reconstruction)``.
@@ -148,7 +152,7 @@ def reconstruction_terms(
         def off(reconstruction):
             return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
-        adversarial_on = context.step >= weights.adversarial_start_step
+        adversarial_on = context.step >= adversarial_start
         terms["adversarial_loss"], metrics["adversarial_weight"] = jax.lax.cond(
             adversarial_on, adversarial_term, off, reconstruction)
     return terms, metrics, reconstruction

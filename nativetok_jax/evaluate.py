@@ -43,7 +43,7 @@ from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
 from nativetok_jax.config import unfitted_codebook  # noqa: E402
 from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
-from nativetok_jax.data.pipeline import SkippedImages, decode  # noqa: E402
+from nativetok_jax.data.pipeline import SkippedImages, decode, eval_images  # noqa: E402
 from nativetok_jax.data.sources import (  # noqa: E402
     SAMPLE_IDS_FILE,
     DataError,
@@ -113,6 +113,9 @@ PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
 INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
 INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
+HELD_OUT_PREPROCESSING = ("the run's own held-out set (data.pipeline.eval_images, as its trainer's evaluations): "
+                          "crops of {low}-{high} of the short side of the held-out bundled photographs, drawn with "
+                          "seed {seed} like the training crops, unflipped, resized to {size} px (PIL bicubic), uint8")
 PREPROCESSING = ("decoded as viewers show them (EXIF orientation applied, 16-bit and float depths scaled, "
                  "palette/CMYK converted, alpha composited on white; nativetok_jax.data.decoding), short side "
                  "resized to {size} px with PIL bicubic resampling (antialiased), the central {size} x {size} "
@@ -279,7 +282,18 @@ def run_evaluation(
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
     is_dvae = isinstance(tokenizer, DVAE)
     prefix = prefix and not is_dvae
-    expected_images = len(source) if num_images is None else min(num_images, len(source))
+    skipped = SkippedImages()
+    held_out = None
+    if data == PHOTOS and config.data.get("source") == "photos":
+        # A run trained on the bundled photographs is judged on its trainer's held-out set: crops at
+        # its training scale (the full photographs, centre-cropped, are another task: a DVAE's
+        # routing thresholds, measured at that scale, would route most of them fine).
+        held_out = eval_images(config.data, source, image_size=tokenizer.image_size,
+                               num_images=num_images or config.data.num_eval_images, seed=config.train.seed,
+                               skipped=skipped)
+        expected_images = len(held_out)
+    else:
+        expected_images = len(source) if num_images is None else min(num_images, len(source))
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
     size = tokenizer.image_size
@@ -291,7 +305,8 @@ def run_evaluation(
         "tfds_data_dir": tfds_data_dir,
         "image_size": size,
         "batch_size": batch_size,
-        "preprocessing": PREPROCESSING.format(size=size),
+        "preprocessing": (PREPROCESSING.format(size=size) if held_out is None else HELD_OUT_PREPROCESSING.format(
+            size=size, low=config.data.crop_min, high=config.data.crop_max, seed=config.train.seed)),
         "checkpoint": checkpoint,
         **(dvae_protocol(tokenizer) if is_dvae else {
             "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",
@@ -332,13 +347,16 @@ def run_evaluation(
                 {"file": str(storage.path(reference_stats)), "action": "written"} if reference_stats
                 else "computed from the evaluated originals")
 
-    skipped = SkippedImages()
-    batches = image_batches(source, size, batch_size, num_images, skipped)
+    if held_out is None:
+        batches = image_batches(source, size, batch_size, num_images, skipped)
+    else:
+        batches = (held_out[i:i + batch_size] for i in range(0, len(held_out), batch_size))
     start = time.time()
     logging.info("evaluating %d images of %s in batches of %d", expected_images, data, batch_size)
     try:
         if is_dvae:
-            metrics, reference = evaluate_dvae(tokenizer, batches, lpips=lpips, inception=inception, reference=reference)
+            metrics, reference = evaluate_dvae(tokenizer, batches, lpips=lpips, inception=inception, reference=reference,
+                                               seed=config.train.seed)  # random routing: the trainer's draw
         else:
             metrics, reference = evaluate_tokenizer(tokenizer, batches, lpips=lpips, inception=inception,
                                                     reference=reference, prefix=prefix)

@@ -138,7 +138,11 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
     for key in REQUIRED + ("num_images", "protocol", "prefix"):
         assert key in report, key
     assert all(np.isfinite(report[key]) for key in REQUIRED)
-    assert report["num_images"] == 4  # the held-out photographs
+    # The run trained on the bundled photographs: judged on its trainer's own held-out crops (8 of
+    # them at its crop scale), so evaluate repeats the PSNR its last evaluation logged.
+    assert report["num_images"] == 8
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert report["psnr"] == pytest.approx(json.load(f)["psnr"], abs=1e-3)
     assert 0 < report["codebook_usage"] <= 1 and report["perplexity"] >= 1
     rows = report["prefix"]
     assert [row["num_tokens"] for row in rows] == preview_lengths(8, ratio=2) == [1, 2, 4, 8]
@@ -147,13 +151,14 @@ def test_entry_point_writes_every_metric_the_plot_and_reusable_reference_stats(
     assert {k: v for k, v in rows[-1].items() if k != "num_tokens"} == {
         k: v for k, v in report.items() if k in rows[-1]}
     protocol = report["protocol"]
-    assert protocol["image_size"] == 16 and protocol["batch_size"] == 64 and protocol["num_images"] == 4
+    assert protocol["image_size"] == 16 and protocol["batch_size"] == 64 and protocol["num_images"] == 8
+    assert protocol["preprocessing"].startswith("the run's own held-out set") and "0.2-0.6" in protocol["preprocessing"]
     assert protocol["inception"]["weights"]["source"] == "random (tests)"
     assert protocol["lpips"]["weights"]["file"] == os.path.abspath(lpips)
     assert protocol["inception"]["reference_stats"]["action"] == "written"
-    assert (protocol["inception"]["inception_score_splits"], protocol["inception"]["inception_score_split_size"]) == (4, 1)
-    assert protocol["inception"]["warnings"][0].startswith("FID on 4 images (fewer than 2,048")
-    assert "FID on 4 images" in caplog.text
+    assert (protocol["inception"]["inception_score_splits"], protocol["inception"]["inception_score_split_size"]) == (8, 1)
+    assert protocol["inception"]["warnings"][0].startswith("FID on 8 images (fewer than 2,048")
+    assert "FID on 8 images" in caplog.text
     # The tokenizer as a codec: 64 codes (6 bits a token) give 6, 12, 24 and 48 bits.
     codec = report["rate_distortion"]
     assert [(row["tokens"], row["bits"]) for row in codec] == [(1, 6.0), (2, 12.0), (4, 24.0), (8, 48.0)]

@@ -175,3 +175,21 @@ def test_a_generator_run_names_its_tokenizer_by_absolute_path_and_step(tokenizer
         json.dump({"tokenizer step": 1}, f)
     with pytest.raises(ConfigError, match=r"other upstream models \(tokenizer step: 1 when it trained, 2 now\)"):
         sample_images(workdir, str(tmp_path / "again"), num_samples=2)
+
+
+def test_whole_crops_are_encoded_as_the_centre_square_with_a_random_flip():
+    """crop_min = crop_max = 1 with flips (configs/gen_imagenet.py: "centre crops with random
+    flips") takes the centre square, mirrored or not; not a square at a random offset."""
+    from nativetok_jax.data.images import center_crop
+    from nativetok_jax.data.pipeline import decode
+
+    data = train_config().data
+    data.update(crop_min=1.0, crop_max=1.0, flip=True)
+    source = PhotoSource("train")
+    flipped = 0
+    for i in range(8):
+        image, _ = example_image(source, i, data, 16, 3, SkippedImages())
+        centre = center_crop(decode(source[i % len(source)]["image"], SkippedImages()), 16)
+        assert np.array_equal(image, centre) or np.array_equal(image, centre[:, ::-1]), i
+        flipped += not np.array_equal(image, centre)
+    assert 0 < flipped < 8

@@ -4,7 +4,7 @@
 diffusion trainer's latent store with its autoencoder, D²iT's grain latent store with its DVAE),
 split over processes with barriers. Example ``i`` is image ``i mod len(source)`` cropped as the tokenizer's training data is
 (``config.data``: a random square of ``crop_min``..``crop_max`` of the short side and a random
-flip, drawn from ``(seed, i)``; or the centre square when crops are whole), so the store is the
+flip, drawn from ``(seed, i)``; when crops are whole, the centre square and the random flip), so the store is the
 same whoever makes it and whenever an interrupted extraction resumes. See
 :mod:`nativetok_jax.data.token_store` for the files.
 """
@@ -43,11 +43,13 @@ def example_image(source: Any, index: int, data: ml_collections.ConfigDict, imag
     image = decode(element["image"], skipped, element.get("name", f"element {index % len(source)}"))
     if image is None:
         return None
-    if data.crop_min < 1.0 or data.flip:
-        rng = np.random.default_rng([seed, index])
+    rng = np.random.default_rng([seed, index])
+    if data.crop_min < 1.0:
         image = random_crop(image, rng, image_size, data.crop_min, data.crop_max, data.flip)
-    else:
+    else:  # whole crops: the centre square (LlamaGen's and TiTok's extraction), flipped at random
         image = center_crop(image, image_size)
+        if data.flip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
     return image, int(element["label"])
 
 

@@ -111,7 +111,13 @@ flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
 PHOTOS = "photos"
 TFDS_PREFIX = "tfds:"
-INCEPTION_INPUT = "uint8 / 255, resized to 299 x 299 bilinearly without antialias (as pytorch-fid)"
+INCEPTION_INPUTS = {  # InceptionV3.input_convention -> the protocol's description
+    "pytorch_fid": "uint8 / 255, resized to 299 x 299 bilinearly without antialias (half-pixel centres), "
+                   "then 2 x - 1 (as pytorch-fid)",
+    "tensorflow": "uint8 values resized to 299 x 299 as TensorFlow 1's ResizeBilinear (no half-pixel centres), "
+                  "then (x - 128) / 128: the TF FID graph's own input, as ADM's evaluator ran it for the "
+                  "reference statistics",
+}
 INCEPTION_SCORE = "logits without bias over 1008 classes; mean and std over splits"
 HELD_OUT_PREPROCESSING = ("the run's own held-out set (data.pipeline.eval_images, as its trainer's evaluations): "
                           "crops of {low}-{high} of the short side of the held-out bundled photographs, drawn with "
@@ -330,13 +336,13 @@ def run_evaluation(
     if inception_path:
         protocol["inception"] = {
             "weights": weights_record(inception_path, INCEPTION_KIND),
-            "input": INCEPTION_INPUT,
             "rfid": "Frechet distance of pool3 features (2048-d), reconstructions vs. reference statistics",
             "inception_score": INCEPTION_SCORE,
         }
         inception = load_inception(inception_path)
         if reference_stats and storage.path(reference_stats).is_file():
             reference = read_reference_stats(reference_stats, size)
+            inception.input_convention = _input_convention(reference_stats)
             logging.info("rFID reference: reading statistics from %s", reference_stats)
             protocol["inception"]["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
         else:
@@ -346,6 +352,7 @@ def run_evaluation(
             protocol["inception"]["reference_stats"] = (
                 {"file": str(storage.path(reference_stats)), "action": "written"} if reference_stats
                 else "computed from the evaluated originals")
+        protocol["inception"]["input"] = INCEPTION_INPUTS[inception.input_convention]
 
     if held_out is None:
         batches = image_batches(source, size, batch_size, num_images, skipped)
@@ -365,7 +372,7 @@ def run_evaluation(
     if inception_path:
         inception_caveats(metrics["num_images"], protocol["inception"])
     if write_reference:
-        fid.save_statistics(reference_stats, *reference, image_size=size)
+        fid.save_statistics(reference_stats, *reference, image_size=size, input_convention=inception.input_convention)
         logging.info("wrote the reference statistics to %s", reference_stats)
     protocol.update(num_images=metrics["num_images"], skipped_images=skipped.count,
                     skipped_examples=skipped.examples, skipped_files=skipped.names,
@@ -419,13 +426,13 @@ def run_sample_evaluation(
         "samples": str(storage.path(samples)), "batch_size": batch_size, "image_size": size,
         "image_size_from": size_source,
         "inception": {"weights": weights_record(inception_path, INCEPTION_KIND),
-                      "input": INCEPTION_INPUT,
                       "gfid": "Frechet distance of pool3 features (2048-d), samples vs. reference statistics",
                       "inception_score": INCEPTION_SCORE},
     }
     adm_images = _convert_adm_reference_batch(reference_batch, reference_stats, protocol)
     if storage.path(reference_stats).is_file():
         reference = read_reference_stats(reference_stats, size)
+        inception.input_convention = _input_convention(reference_stats)
         protocol.setdefault("reference_stats", {"file": str(storage.path(reference_stats)), "action": "read"})
     else:
         if not data:
@@ -433,11 +440,13 @@ def run_sample_evaluation(
         skipped = SkippedImages()
         reference, _, count = inception_statistics(
             image_batches(open_source(data, tfds_data_dir), size, batch_size, num_images, skipped), inception)
-        fid.save_statistics(reference_stats, *reference, image_size=size)
+        fid.save_statistics(reference_stats, *reference, image_size=size, input_convention=inception.input_convention)
         logging.info("wrote the reference statistics of %d images of %s (at %d px) to %s", count, data, size,
                      reference_stats)
         protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "written", "data": data,
                                        "num_images": count, "preprocessing": PREPROCESSING.format(size=size)}
+    # Samples (and the real features of precision and recall) enter Inception as the reference did.
+    protocol["inception"]["input"] = INCEPTION_INPUTS[inception.input_convention]
     real_features = _reference_features(reference_features, reference_batch, adm_images, data, tfds_data_dir,
                                         num_images, size, batch_size, inception, protocol)
     skipped = SkippedImages()
@@ -456,6 +465,20 @@ def run_sample_evaluation(
     return report
 
 
+def _input_convention(reference_stats: str) -> str:
+    """How images must enter Inception to be compared with the statistics in ``reference_stats``:
+    the convention the file records; files that record none (pytorch-fid's, ours before
+    2026-12-07) are taken as pytorch-fid's, and the log says so."""
+    recorded = fid.recorded_input_convention(reference_stats)
+    if recorded is None:
+        logging.warning("%s records no Inception input convention: taken as pytorch-fid's; statistics converted "
+                        "from an ADM reference batch before 2026-12-07 need converting again", reference_stats)
+        return "pytorch_fid"
+    if recorded not in INCEPTION_INPUTS:
+        raise EvaluationError(f"--reference_stats: {reference_stats} records an unknown Inception input {recorded!r}")
+    return recorded
+
+
 def _convert_adm_reference_batch(path: str | None, reference_stats: str, protocol: dict[str, Any]) -> np.ndarray | None:
     """ADM's reference batch's images (None without one); its ``mu``/``sigma`` are written to
     ``reference_stats`` when that file does not exist yet."""
@@ -466,7 +489,8 @@ def _convert_adm_reference_batch(path: str | None, reference_stats: str, protoco
     except ValueError as error:
         raise EvaluationError(f"--reference_batch: {error}") from error
     if statistics is not None and not storage.path(reference_stats).is_file():
-        fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1])
+        fid.save_statistics(reference_stats, *statistics, image_size=None if images is None else images.shape[1],
+                            input_convention="tensorflow")  # ADM's evaluator ran the TF graph
         protocol["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "converted",
                                        "reference_batch": str(storage.path(path))}
     return images

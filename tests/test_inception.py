@@ -257,3 +257,32 @@ def test_wrong_files_are_one_line_weights_errors(tmp_path, reference):
             attempt()
         assert "\n" not in str(error.value)
     assert not (tmp_path / "b.npz").exists()
+
+
+@pytest.mark.parametrize("in_size, out_size", [((7, 5), (12, 9)), ((13, 11), (5, 4)), ((256, 256), (299, 299))])
+def test_tf1_resize_matches_tensorflow(in_size, out_size):
+    """ADM's evaluator runs TensorFlow's FID graph, whose ResizeBilinear has no half-pixel centres."""
+    tf = pytest.importorskip("tensorflow")
+    images = np.random.default_rng(2).uniform(0, 255, size=(2, *in_size, 3)).astype(np.float32)
+    expected = tf.compat.v1.image.resize_bilinear(images, out_size, align_corners=False,
+                                                  half_pixel_centers=False).numpy()
+    got = np.asarray(resize_bilinear(jnp.asarray(images), *out_size, half_pixel=False))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_network_takes_the_tensorflow_graphs_input(reference):
+    """``input_convention="tensorflow"``: TF1's resize of the 0..255 values, then (x - 128) / 128
+    (the graph ADM's reference statistics came from), fed to the same network as pytorch-fid's."""
+    tf = pytest.importorskip("tensorflow")
+    model, converted = reference
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 90, 90, 3)).astype(np.float32) / 255
+    resized = tf.compat.v1.image.resize_bilinear(images * 255, (107, 107), align_corners=False,
+                                                 half_pixel_centers=False).numpy()
+    network_input = (resized - 128) / 128
+    with torch.no_grad():  # pytorch-fid's model maps its [0, 1] input x to 2 x - 1 itself
+        features, _ = model(torch.from_numpy((network_input + 1) / 2).permute(0, 3, 1, 2))
+    flax_model = load_inception(converted, image_size=107)
+    flax_model.input_convention = "tensorflow"
+    got = flax_model(jnp.asarray(images)).features
+    scale = np.abs(features.numpy()).max()
+    np.testing.assert_allclose(np.asarray(got), features.numpy(), rtol=1e-4, atol=1e-4 * scale)

@@ -100,6 +100,11 @@ def test_evaluate_samples_reports_precision_and_recall_from_an_adm_reference_bat
         report = json.load(f)
     assert report["precision"] == 1.0 and report["recall"] == 1.0
     assert report["protocol"]["reference_stats"]["action"] == "converted"
+    # ADM's statistics came from TensorFlow's FID graph: the samples enter Inception as they did there.
+    from nativetok_jax.evaluation import fid
+
+    assert fid.recorded_input_convention(stats) == "tensorflow"
+    assert "ResizeBilinear" in report["protocol"]["inception"]["input"]
     assert report["protocol"]["reference_features"]["action"] == "written"
     assert load_features(features).shape == (len(images), 2048)
     protocol = {}  # read back without recomputing (and without --reference_batch or --data)

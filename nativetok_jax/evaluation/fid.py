@@ -21,6 +21,7 @@ from etils import epath
 
 NEGATIVE_TOLERANCE = 1e-6  # relative to the covariance's scale
 IMAGE_SIZE_KEY = "image_size"  # our addition to the pytorch-fid format; readers ignore extra arrays
+INPUT_CONVENTION_KEY = "inception_input"
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -126,17 +127,29 @@ class FeatureStatistics:
 
 
 def save_statistics(path: str | epath.PathLike, mu: np.ndarray, sigma: np.ndarray,
-                    image_size: int | None = None) -> None:
+                    image_size: int | None = None, input_convention: str | None = None) -> None:
     """Writes ``mu`` and ``sigma`` (float64) to the ``.npz`` file ``path`` (local or ``gs://``),
     exactly that name, with ``image_size``: the side in pixels the images had before Inception's
-    own resize, so a later reader can refuse images of another size."""
+    own resize, so a later reader can refuse images of another size; and ``input_convention``
+    (``InceptionV3.input_convention``): how the images entered the network, which the features
+    compared with these statistics must share."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_shapes(str(path), mu, sigma)
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = {} if image_size is None else {IMAGE_SIZE_KEY: np.int64(image_size)}
+    extra = {} if image_size is None else {IMAGE_SIZE_KEY: np.int64(image_size)}
+    if input_convention is not None:
+        extra[INPUT_CONVENTION_KEY] = np.str_(input_convention)
     with path.open("wb") as f:  # a file object, so numpy does not append ".npz" to the name
-        np.savez(f, mu=mu, sigma=sigma, **size)
+        np.savez(f, mu=mu, sigma=sigma, **extra)
+
+
+def recorded_input_convention(path: str | epath.PathLike) -> str | None:
+    """The Inception input convention a statistics file records (``None`` for files written before
+    it was recorded, and for other tools' files)."""
+    _read_npz(path, ())  # the file's own one-line errors first
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
+        return str(data[INPUT_CONVENTION_KEY]) if INPUT_CONVENTION_KEY in data.files else None
 
 
 def load_statistics(path: str | epath.PathLike, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

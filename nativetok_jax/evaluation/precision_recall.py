@@ -144,8 +144,10 @@ def read_adm_reference_batch(path: str) -> tuple[np.ndarray, tuple[np.ndarray, n
     """ADM's reference batch: uint8 images ``arr_0 [N, H, W, 3]`` and its ``(mu, sigma)`` if present.
 
     ADM's statistics come from TensorFlow's FID Inception (the network whose converted weights
-    ``python -m nativetok_jax.convert inception`` reads), so they serve our gFID; the images give
-    the real features for precision and recall.
+    ``python -m nativetok_jax.convert inception`` reads) fed as TensorFlow's graph feeds it, so
+    they serve our gFID with the samples entering the network the same way
+    (``InceptionV3.input_convention="tensorflow"``, recorded in the converted statistics); the
+    images give the real features for precision and recall.
 
     Raises:
       ValueError: not an npz, or no uint8 ``arr_0`` of shape ``[N, H, W, 3]``.

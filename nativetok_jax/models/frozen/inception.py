@@ -48,15 +48,25 @@ class InceptionOutputs(NamedTuple):
     logits_unbiased: jax.Array
 
 
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+# How images enter the network: pytorch-fid's (half-pixel bilinear, x / 127.5 - 1) or the TF FID
+# graph's that ADM's evaluator (and so its reference batches' statistics) used.
+INPUT_CONVENTIONS = ("pytorch_fid", "tensorflow")
+
+
+def _bilinear_matrix(in_size: int, out_size: int, half_pixel: bool = True) -> np.ndarray:
     """``[out, in]`` weights of PyTorch's bilinear resize with ``align_corners=False``, no antialias.
 
     Each output pixel centre maps back to ``(o + 0.5) * in / out - 0.5``, clamped at 0; it mixes
     the two nearest input pixels (the last one alone at the far edge), so downscaling samples
-    rather than averages, exactly as ``F.interpolate`` does.
+    rather than averages, exactly as ``F.interpolate`` does. ``half_pixel=False``: TensorFlow 1's
+    ``ResizeBilinear`` (``align_corners=False, half_pixel_centers=False``), where output ``o`` maps
+    to ``o * in / out``: the resize inside the TF FID graph that ADM's evaluator runs.
     """
     scale = in_size / out_size
-    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    if half_pixel:
+        source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    else:  # in float32, as TensorFlow's kernel computes it (float64 positions differ by 1e-5 of a pixel)
+        source = (np.arange(out_size, dtype=np.float32) * np.float32(in_size / out_size)).astype(np.float64)
     lower = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
     upper = np.minimum(lower + 1, in_size - 1)
     frac = source - lower
@@ -66,15 +76,16 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def resize_bilinear(images: jax.Array, height: int, width: int) -> jax.Array:
+def resize_bilinear(images: jax.Array, height: int, width: int, half_pixel: bool = True) -> jax.Array:
     """NHWC ``images`` -> ``[B, height, width, C]`` float32, as PyTorch's
-    ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialias), which the FID tools use.
+    ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialias), which pytorch-fid uses;
+    with ``half_pixel=False`` as TensorFlow 1's ``tf.image.resize_bilinear`` (ADM's evaluator).
 
     ``jax.image.resize`` antialiases when it shrinks, so it would not give the same features.
     """
     images = images.astype(jnp.float32)
-    rows = jnp.asarray(_bilinear_matrix(images.shape[1], height))
-    cols = jnp.asarray(_bilinear_matrix(images.shape[2], width))
+    rows = jnp.asarray(_bilinear_matrix(images.shape[1], height, half_pixel))
+    cols = jnp.asarray(_bilinear_matrix(images.shape[2], width, half_pixel))
     highest = jax.lax.Precision.HIGHEST
     out = jnp.einsum("oh,bhwc->bowc", rows, images, precision=highest)
     return jnp.einsum("pw,bowc->bopc", cols, out, precision=highest)
@@ -277,7 +288,10 @@ class InceptionV3(nnx.Module):
     """``InceptionV3(rngs=...)(images)`` -> :class:`InceptionOutputs` for NHWC images in [0, 1].
 
     Images are resized to ``image_size`` x ``image_size`` (299, as the FID tools do; bilinear
-    without antialias, see :func:`resize_bilinear`) and scaled to [-1, 1]. ``image_size=None``
+    without antialias, see :func:`resize_bilinear`) and scaled to [-1, 1], as pytorch-fid does
+    (``input_convention="pytorch_fid"``), or as the TensorFlow graph of ADM's evaluator does
+    (``"tensorflow"``: TF1's resize of the 0..255 values, then ``(x - 128) / 128``); statistics
+    are only comparable between features of one convention. ``image_size=None``
     skips the resize; the network then takes any size from 75 x 75 up. Convolutions run in
     ``dtype`` at full float32 matmul precision when it is float32 (TPU and GPU would otherwise
     round to bfloat16/TF32 and shift FID); batch norm, pooling to features and the classifier run
@@ -285,7 +299,10 @@ class InceptionV3(nnx.Module):
     """
 
     def __init__(self, *, rngs: nnx.Rngs, image_size: int | None = IMAGE_SIZE,
-                 dtype: jnp.dtype = jnp.float32):
+                 dtype: jnp.dtype = jnp.float32, input_convention: str = "pytorch_fid"):
+        if input_convention not in INPUT_CONVENTIONS:
+            raise ValueError(f"input_convention: one of {INPUT_CONVENTIONS}, got {input_convention!r}")
+        self.input_convention = input_convention
         kw = dict(rngs=rngs, dtype=dtype)
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2, **kw)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3, **kw)
@@ -311,9 +328,10 @@ class InceptionV3(nnx.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"InceptionV3 takes NHWC RGB images [B, H, W, 3], got shape {images.shape}")
         x = images.astype(jnp.float32)
+        tensorflow = self.input_convention == "tensorflow"
         if self.image_size is not None and x.shape[1:3] != (self.image_size, self.image_size):
-            x = resize_bilinear(x, self.image_size, self.image_size)
-        x = 2.0 * x - 1.0
+            x = resize_bilinear(x, self.image_size, self.image_size, half_pixel=not tensorflow)
+        x = (255.0 * x - 128.0) / 128.0 if tensorflow else 2.0 * x - 1.0
         full_precision = jnp.dtype(self.dtype) == jnp.float32
         with jax.default_matmul_precision("highest") if full_precision else contextlib.nullcontext():
             x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))

@@ -55,3 +55,11 @@ def test_a_dit_run_refuses_to_resume_or_sample_on_a_replaced_vae(tmp_path, monke
     with pytest.raises(ConfigError, match=changed + "resuming would silently use the new ones"):
         train_diffusion(tiny_dit_config(num_steps=4, checkpoint_every=2), workdir)
     assert not os.path.exists(tmp_path / "samples")
+    # The library loader and export (which goes through it) refuse it too.
+    from nativetok_jax.generation.diffusion_models import TrainedDiT
+    from nativetok_jax.pretrained.export import export_run
+
+    with pytest.raises(ConfigError, match=changed + "loading it would silently use the new ones"):
+        TrainedDiT.from_checkpoint(workdir)
+    with pytest.raises(ConfigError, match=changed + "loading it would silently use the new ones"):
+        export_run(workdir, str(tmp_path / "exported"))

@@ -30,6 +30,9 @@ from nativetok_jax.dvae import DVAE
 from nativetok_jax.models.dit.transformer import dit_from_config
 from nativetok_jax.models.d2it.dynamic_diffusion_transformer import dynamic_diffusion_transformer_from_config
 from nativetok_jax.pretrained import directory as pretrained_directory
+from nativetok_jax.training import diffusion_trainer
+from nativetok_jax.training import grain_latent_extraction
+from nativetok_jax.workdir import check_upstream
 
 DVAE_DIRECTORY = "dvae"
 
@@ -77,8 +80,10 @@ class TrainedDiT(_TrainedTransformer):
 
     @classmethod
     def from_checkpoint(cls, workdir: str, *, use_ema: bool = True) -> TrainedDiT:
-        """The newest checkpoint of a DiT run (``task="diffusion"``), EMA weights when kept."""
+        """The newest checkpoint of a DiT run (``task="diffusion"``), EMA weights when kept.
+        Raises ``ConfigError`` when its autoencoder changed since it trained (``workdir.check_upstream``)."""
         config, params, step = cls._checkpoint(workdir, "diffusion", use_ema)
+        check_upstream(workdir, diffusion_trainer.autoencoder_upstream(config.model.autoencoder), "loading it")
         return cls(config, params, step=step)
 
     @classmethod
@@ -111,9 +116,12 @@ class TrainedD2iT(_TrainedTransformer):
 
     @classmethod
     def from_checkpoint(cls, workdir: str, *, use_ema: bool = True) -> TrainedD2iT:
-        """The newest checkpoint of a D²iT run (``task="d2it"``) and the DVAE of its ``dvae.workdir``."""
+        """The newest checkpoint of a D²iT run (``task="d2it"``) and the DVAE of its ``dvae.workdir``.
+        Raises ``ConfigError`` when that DVAE (its step or latent scale) changed since the run
+        trained on it (``workdir.check_upstream``)."""
         config, params, step = cls._checkpoint(workdir, "d2it", use_ema)
         dvae = DVAE.from_checkpoint(config.dvae.workdir, mesh=sharding.make_mesh(config.mesh))
+        check_upstream(workdir, grain_latent_extraction.dvae_upstream(config, dvae), "loading it")
         return cls(config, params, dvae, step=step)
 
     @classmethod

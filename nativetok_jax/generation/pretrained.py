@@ -26,6 +26,8 @@ from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.generators.build import build_generator
 from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.tokenizer import Tokenizer
+from nativetok_jax.training import generator_trainer
+from nativetok_jax.workdir import check_upstream
 
 TOKENIZER_DIRECTORY = "tokenizer"
 
@@ -62,10 +64,11 @@ class TrainedGenerator:
     @classmethod
     def from_checkpoint(cls, workdir: str, *, use_ema: bool = True) -> TrainedGenerator:
         """The newest checkpoint of a generator's training workdir (EMA weights when kept) and the
-        tokenizer its config names."""
-
+        tokenizer its config names. Raises ``ConfigError`` when that tokenizer was trained further
+        since the generator learned its ids (``workdir.check_upstream``)."""
         config = checkpoints.read_config(workdir)
         g = config.generator
+        check_upstream(workdir, generator_trainer.tokenizer_upstream(g.tokenizer), "loading it")
         tokenizer = Tokenizer.from_checkpoint(g.tokenizer, use_ema=g.use_ema, mesh=sharding.make_mesh(config.mesh))
         # Straight into their shardings (by logical axes, which do not depend on the class count).
         axes = sharding.param_axes(_abstract_generator(config, tokenizer, 1))

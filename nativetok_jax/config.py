@@ -117,6 +117,8 @@ def data_section() -> ml_collections.ConfigDict:
     data.flip = True
     # Each training crop's RGB channels in a random order: colours the training images lack are
     # seen all the same (the bundled photographs are half grey and hardly blue; docs/models_that_learn.md).
+    # An augmentation of the autoencoders' training crops only: token and latent stores (and so
+    # generators and diffusion models) encode the images as they are, whatever it says.
     data.permute_channels = False
     data.num_eval_images = 64
     data.num_threads = 4  # decoding threads per process

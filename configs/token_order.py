@@ -33,6 +33,12 @@ kept (fewer would save seconds, not minutes): the paired bootstrap's interval sh
 
 ``configs/token_order.py:table`` is the three-seed table of issue 15 (about 110 minutes on 2
 idle cores): native, order_free, causal_mask and native_permuted, seeds 0-2, generators at 400 steps.
+
+``configs/token_order.py:full`` is that table on tokenizers that beat the same-bits thumbnail: every
+tokenizer trains the demo's own 12,800 steps (configs/demo.py; NativeTok passes the thumbnail from
+about step 9,600) and the order-free encoders are grown in depth to NativeTok's MIT + experts'
+parameter count (``match_parameters="depth"``). About 40 minutes per tokenizer on 2 idle cores, so
+about 7 hours for the three seeds; ``--seeds 1 --arms native,order_free`` is the two-hour look.
 """
 
 import os
@@ -61,8 +67,9 @@ def shorten_schedule(train: ml_collections.ConfigDict, num_steps: int) -> None:
 
 
 def get_config(scale: str = "demo"):
-    """``demo`` (the default), ``table`` (the demo's sizes, four arms, three seeds) or ``imagenet``."""
-    scale = config_choice("configs/token_order.py", scale, ("demo", "table", "imagenet"), default="demo")
+    """``demo`` (the default), ``table`` (the demo's sizes, four arms, three seeds), ``full`` (``table``
+    with the demo tokenizer's whole budget and parameter-matched order-free encoders) or ``imagenet``."""
+    scale = config_choice("configs/token_order.py", scale, ("demo", "table", "full", "imagenet"), default="demo")
     config = ml_collections.ConfigDict()
     if scale == "imagenet":
         native = load_config_file(os.path.join(CONFIGS, "recipe.py:nativetok,32"))
@@ -77,8 +84,11 @@ def get_config(scale: str = "demo"):
         generator = load_config_file(os.path.join(CONFIGS, "gen_demo.py"))
         generator.data = native.data
         for tokenizer in (native, order_free):
-            shorten_schedule(tokenizer.train, TOKENIZER_STEPS)
-        shorten_schedule(generator.train, TABLE_GENERATOR_STEPS if scale == "table" else GENERATOR_STEPS)
+            if scale == "full":  # the demo's whole schedule; evaluations only at the half and the end
+                tokenizer.train.eval_every = tokenizer.train.num_steps // 2
+            else:
+                shorten_schedule(tokenizer.train, TOKENIZER_STEPS)
+        shorten_schedule(generator.train, GENERATOR_STEPS if scale == "demo" else TABLE_GENERATOR_STEPS)
         generator.generator.num_train_examples = NUM_TRAIN_EXAMPLES
         generator.generator.num_eval_examples = NUM_EVAL_EXAMPLES
     causal_mask = ml_collections.ConfigDict(order_free.to_dict())
@@ -87,9 +97,11 @@ def get_config(scale: str = "demo"):
     config.order_free = order_free
     config.causal_mask = causal_mask
     config.generator = generator
-    config.arms = TABLE_ARMS if scale == "table" else DEFAULT_ARMS
-    config.seeds = TABLE_SEEDS if scale == "table" else 1  # every arm trained with tokenizer and generator seeds 0..seeds-1
-    config.match_parameters = ""  # "", "depth" or "width": grow order_free / causal_mask's encoder
+    table = scale in ("table", "full")
+    config.arms = TABLE_ARMS if table else DEFAULT_ARMS
+    config.seeds = TABLE_SEEDS if table else 1  # every arm trained with tokenizer and generator seeds 0..seeds-1
+    # "", "depth" or "width": grow order_free / causal_mask's encoder
+    config.match_parameters = "depth" if scale == "full" else ""
     config.permutation_seed = 0  # native_permuted reads the ids in order "random:<permutation_seed>"
     config.bootstrap_samples = 2000  # paired bootstrap resamples of the held-out crops
     # Also train the MaskGIT generator (same size and steps) on each own-order arm's tokens and

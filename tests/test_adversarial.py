@@ -89,3 +89,25 @@ def test_each_player_updates_only_its_own_parameters():
     # LeCam's running means follow the discriminator's mean logits: decay 0.999 from 0.
     lecam = after["discriminator"]["lecam"]
     assert lecam["real"] != 0 and abs(lecam["real"]) < 0.01
+
+
+def test_discriminator_schedule_spans_the_updates_it_makes_not_the_whole_run():
+    """Its optimiser counts only its own updates (none before the GAN starts), so a cosine decay to 0
+    over a 10-step run whose GAN starts at step 6 must reach its end in 4 updates: the 4th update's
+    rate is cos-decay(3 / 4) = 0.146 of the peak (over 10 updates it would be 0.794)."""
+    config = tiny_config()
+    config.train.num_steps = 10
+    config.train.losses.update(adversarial_weight=0.5, adversarial_start_step=6)
+    config.discriminator.update(width=8, depth=2, learning_rate=1.0, final_learning_rate_ratio=0.0,
+                                warmup_steps=0, weight_decay=0.0)
+    mesh = sharding.make_mesh(config.mesh)
+    discriminator, part, _ = build_discriminator(config, 10, mesh, sharding.rules_of(config))
+    params = jax.tree.map(np.asarray, part["params"])
+    grads = jax.tree.map(np.ones_like, params)  # Adam's first moments / root second moments are then 1
+    opt_state = discriminator.optimizer.init(params)
+    rates = []
+    for _ in range(4):
+        updates, opt_state = discriminator.optimizer.update(grads, opt_state, params)
+        rates.append(-float(jax.tree.leaves(updates)[0].ravel()[0]))
+    expected = [0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-4)

@@ -37,7 +37,7 @@ def parse(*args: str):
      "error: configs/demo.py takes no argument, got '32': give configs/demo.py without ':32'"),
     (["--config", "configs/token_order.py:tabel"],
      "error: configs/token_order.py: unknown argument 'tabel'; one of: configs/token_order.py:demo, "
-     "configs/token_order.py:table, configs/token_order.py:imagenet"),
+     "configs/token_order.py:table, configs/token_order.py:full, configs/token_order.py:imagenet"),
     (["--config", "configs/nativetok.py"],
      "error: configs/nativetok.py needs an argument, one of: configs/nativetok.py:32, configs/nativetok.py:64, "
      "configs/nativetok.py:128, configs/nativetok.py:64,hnt, configs/nativetok.py:128,hnt"),

@@ -140,8 +140,27 @@ def test_token_order_table_is_the_demo_with_four_arms_three_seeds_and_longer_gen
     for name in ("native", "order_free", "causal_mask"):
         assert table[name].to_dict() == demo[name].to_dict()
     with pytest.raises(ValueError, match="unknown argument 'tabel'; one of: configs/token_order.py:demo, "
-                                         "configs/token_order.py:table, configs/token_order.py:imagenet"):
+                                         "configs/token_order.py:table, configs/token_order.py:full, configs/token_order.py:imagenet"):
         load_config_file(os.path.join(CONFIG_DIR, "token_order.py:tabel"))
+
+
+def test_token_order_full_is_the_table_on_the_demo_tokenizers_whole_budget_with_matched_encoders():
+    """``:full``: the table's arms and seeds, every tokenizer at configs/demo.py's own schedule (the
+    one that beats the same-bits thumbnail), order-free encoders grown in depth to NativeTok's size."""
+    demo_tokenizer = load_config_file(os.path.join(CONFIG_DIR, "demo.py"))
+    table = load_config_file(os.path.join(CONFIG_DIR, "token_order.py:table"))
+    full = load_config_file(os.path.join(CONFIG_DIR, "token_order.py:full"))
+    assert (full.arms, full.seeds, full.match_parameters) == (table.arms, table.seeds, "depth")
+    assert full.generator.to_dict() == table.generator.to_dict()
+    for name in ("native", "order_free"):
+        t = full[name].train
+        assert (t.num_steps, t.learning_rate, t.warmup_steps) == (demo_tokenizer.train.num_steps,
+                                                                 demo_tokenizer.train.learning_rate,
+                                                                 demo_tokenizer.train.warmup_steps)
+        assert t.eval_every == t.num_steps // 2
+        assert quantizer_warmup_steps(t) == quantizer_warmup_steps(demo_tokenizer.train)
+    assert full.native.model.to_dict() == demo_tokenizer.model.to_dict()
+    assert full.causal_mask.model.latent_causal_mask and not full.order_free.model.latent_causal_mask
 
 
 @pytest.mark.parametrize("size, millions", [("B", 111.0), ("L", 343.0)])

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from nativetok_jax import sharding
+from nativetok_jax.config import adversarial_start_step
 from nativetok_jax.models.discriminator import PatchDiscriminator
 from nativetok_jax.training.losses import hinge_discriminator_loss, lecam_regularizer
 from nativetok_jax.training.optimizer import make_optimizer
@@ -81,14 +82,20 @@ class Discriminator:
 def build_discriminator(
     config: ml_collections.ConfigDict, num_steps: int, mesh: jax.sharding.Mesh, rules: sharding.Rules
 ) -> tuple[Discriminator, DiscriminatorState, DiscriminatorState]:
-    """The discriminator, its initial state (placed on the mesh) and that state's shardings."""
+    """The discriminator of a run (or stage) of ``num_steps`` updates, its initial state (placed on
+    the mesh) and that state's shardings.
+
+    Its optimiser counts only the updates it makes (none before
+    ``config.adversarial_start_step``), so its warm-up and decay span ``num_steps`` minus that start:
+    over ``num_steps`` a ``discriminator.final_learning_rate_ratio`` below 1 would never be reached.
+    """
     d = config.discriminator
     graphdef, params, param_shardings = sharding.init_sharded(
         lambda rngs: PatchDiscriminator(rngs=rngs, width=d.width, depth=d.depth, norm=d.norm,
                                         dtype=jnp.dtype(config.model.dtype)),
         config.train.seed + 1, mesh, rules,
     )
-    optimizer = make_optimizer(d, num_steps, params)
+    optimizer = make_optimizer(d, max(num_steps - adversarial_start_step(config.train), 1), params)
     losses = config.train.losses
     discriminator = Discriminator(graphdef, optimizer, float(losses.lecam_weight), float(losses.lecam_decay))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

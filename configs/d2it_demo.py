@@ -21,7 +21,7 @@ Both transformers train in one state, one step summing their losses (see
 - the Dynamic Grain Transformer (MaskGIT over the 4 x 4 binary map): width 64, 2 blocks, 2 heads.
 
 DiT's recipe otherwise (AdamW constant rate, no weight decay), with what a 10-minute run needs [C]
-(as configs/dit_demo.py): learning rate 1e-3 with a 100-step warm-up, batch 32, EMA 0.99 (the
+(as configs/dit_demo.py): learning rate 1e-3 with a 100-step warm-up, batch 32, EMA 0.995 (the
 held-out numbers and the samples use the EMA weights).
 
 Ablation rows of the paper's Table 4 as switches: ``--config.model.diffusion.grain_loss='(1.0, 1.0)'``

@@ -4,7 +4,7 @@
         --config.pretrained.lpips=weights/lpips.npz
     --config configs/demo_gan.py:titok      # the order-free baseline, same sizes and recipe
 
-The LPIPS weights file is converted once from the public files (README, "Pretrained weights").
+The LPIPS weights file is converted once from the public files (docs/pretrained.md).
 Like VQGAN, the GAN starts once the reconstructions are reasonable: here when the quantiser
 starts (a quarter of the way), with VQGAN's adaptive weight and a small LeCam term; the discriminator is
 scaled to 32 px crops (two stride-2 layers: 6x6 patch logits).

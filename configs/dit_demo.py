@@ -20,13 +20,13 @@ Sizing (measured on the shared 2-core machine, load about 11): a train step take
 (1.36 s of wall time there); XLA uses both cores, so an unloaded 2-core machine needs about 0.35 s
 a step, counted as 0.4. 1,000 steps (400 s) plus start-up, the encoding of 4,096 crops, compiles
 and two evaluations (each: 3 x 128 held-out forwards and a DDIM-50 guided grid of 22 samples;
-about 120 s together) is about 9 minutes. Measured on 2026-11-30 (README "Diffusion"): 0.26 s a
+about 120 s together) is about 9 minutes. Measured on 2026-11-30 (docs/dit.md): 0.26 s a
 step while the machine ran nothing else (steps 100 to 250), so about 6.5 minutes for the whole run;
 589 CPU-seconds in all.
 
 What to look at (DiT at 32 px on a CPU is weak: judge loss curves and pictures, not FID): the
 training loss and the held-out epsilon-MSE at t = 100, 500 and 900 in TensorBoard (``eval/``),
-which fall; ``images/samples_*.png``, one row per class cycling over the photographs (DDIM-50,
+which fall; ``images/samples_*.png``, one column per class cycling over the photographs (DDIM-50,
 guidance 4), which go from noise to textures and colours of the photograph each class names.
 """
 

@@ -4,7 +4,7 @@ steps each to keep this experiment's budget: the entropy-routed one and the sing
 equal latent floats), both diffusion arms from configs/d2it_demo.py with a
 shorter schedule (``d2it.train.num_steps``; ``--steps N`` changes it for both arms), and the
 evaluation's sample counts and sampler (``evaluation``). Sized for 30 minutes on 2 unloaded cores:
-see the README's "D²iT" section for the measured CPU time.
+docs/dvae_and_d2it.md gives the measured CPU time.
 """
 
 import os

@@ -5,7 +5,7 @@
     --config.pretrained.lpips=weights/lpips.npz \
     --config.data.source=tfds --config.data.tfds_name=imagenet2012 --config.data.tfds_data_dir=...
 
-The argument is ``KIND,TOKENS`` (``nativetok`` or ``titok``; 32, 64 or 128 tokens), and it is required.
+The argument is ``KIND,TOKENS`` (``nativetok`` or ``titok``; any positive token count, the paper's 32, 64 or 128), and it is required.
 
 Stage 1, ``proxy_codes``: the decoder's proxy-code head learns, per 16x16 cell, the MaskGIT
 VQGAN's code of each image (cross-entropy), with the quantiser's losses. Stage 2,

@@ -10,8 +10,8 @@ at equal steps, batch and seed, five Dynamic VAEs from one config (``DIR/<arm>``
 - ``single_grain``: a fixed single-grain VAE (every region coarse) whose latent has as many floats
   as the routed ones at r: ``round(C (4 r + 1 - r))`` channels per coarse cell for C fine channels.
 
-Each is judged on the same held-out images with its posterior mean: PSNR over all pixels (MSE
-pooled over the set), PSNR over the regions it routed fine and coarse, and PSNR over the regions
+Each is judged on the same held-out images with its posterior mean: PSNR per image averaged over
+the set, PSNR over the regions it routed fine and coarse, and PSNR over the regions
 the *entropy* router calls fine and coarse (the same pixels for every arm, so the arms compare
 there directly), and the block means of its own routing (``block_mean_psnr``: does the trained
 arm beat the model-free codec of the same routing?). Beside them, the model-free version (block means at the two grains, routed by

@@ -12,7 +12,10 @@ and ``Tokenizer.from_checkpoint`` could no longer load the intact checkpoints.
 checkpoint's orbax metadata (nothing restored), in every directory the run would write, and
 raises a one-line ``ConfigError`` naming the config fields that differ from the stored
 ``config.json`` and the parameters that differ. Settings that leave the shapes alone (steps,
-learning rate, logging) may change between runs. ``main`` calls it first, and
+learning rate, logging) may change between runs, except where they would move a step boundary
+across the checkpoint's step (:func:`moved_boundary`: a quantiser warm-up or GAN start given as a
+fraction of ``train.num_steps`` follows a changed step count, and the run would fit its codebook
+again, or never, or switch its GAN off again). ``main`` calls it first, and
 ``checkpoints.write_config`` calls it before replacing a ``config.json``. :func:`check_loadable`
 applies the same comparison to a run's own ``config.json``, for ``evaluate`` and ``sample``.
 
@@ -31,7 +34,8 @@ from etils import epath
 from flax import traverse_util
 
 from nativetok_jax import checkpoints, sharding, storage, tasks
-from nativetok_jax.config import ConfigError, stage_config, stage_directory, stage_list
+from nativetok_jax.config import (ConfigError, adversarial_start_step, quantizer_warmup_steps, stage_config,
+                                  stage_directory, stage_list)
 from nativetok_jax.errors import UserError
 
 ARCHITECTURE_FIELDS = ("model", "generator", "grain_transformer")  # where the fields that shape parameters live
@@ -87,6 +91,60 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.PathLik
         if problem:
             raise ConfigError(f"{directory} holds checkpoints {problem}. Resume with the stored values, or give a new "
                               "--workdir")
+        problem = moved_boundary(directory, run_config)
+        if problem:
+            raise ConfigError(problem)
+
+
+# The step boundaries a resumed run must keep on the side of its checkpoint where they were:
+# name, the resolved step (of a run's ``train``; None where the run has no such boundary), what
+# crossing it does, and the flags that pin it.
+BOUNDARIES = (
+    ("quantiser warm-up", lambda t: quantizer_warmup_steps(t) if "quantizer_warmup_steps" in t else None,
+     ("fit its codebook again, after {updates} quantised", "never fit its codebook"),
+     "--config.train.quantizer_warmup_steps={step} --config.train.quantizer_warmup_fraction=0"),
+    ("GAN start", lambda t: adversarial_start_step(t) if t.get("losses", {}).get("adversarial_weight", 0) > 0 else None,
+     ("switch its GAN off again, after {updates} adversarial", "start its GAN at once"),
+     "--config.train.losses.adversarial_start_step={step} --config.train.losses.adversarial_start_fraction=0"),
+)
+
+
+def moved_boundary(directory: epath.Path, config: ml_collections.ConfigDict) -> str | None:
+    """Why ``config`` cannot resume the checkpoints in ``directory`` at the step boundaries its
+    ``config.json`` had (one line), or ``None``.
+
+    A boundary at update ``b`` (0-based: the quantiser's codebook is fitted before update ``b``,
+    the GAN terms start at update ``b``) has happened in a checkpoint of step ``s`` (``s`` updates
+    made) when ``s > b``. Resuming with settings that put it on the other side of ``s`` would redo
+    it or skip it: ``--config.train.num_steps=3200`` then the same command without it moves a
+    warm-up of a quarter of the steps from 800 to 3200, and the run, resumed at 3200, fits its
+    codebook again from the encoder's outputs. Moving it on the same side of ``s`` is allowed.
+    """
+    saved = newest_saved_step(directory)
+    if saved is None or not (directory / checkpoints.CONFIG_FILE).exists():
+        return None
+    stored = checkpoints.read_config(str(directory))
+    for name, resolve, (redo, skip), pin in BOUNDARIES:
+        try:
+            old, new = resolve(stored.train), resolve(config.train)
+        except (ConfigError, AttributeError, KeyError):  # a stored config of an older layout
+            continue
+        if old is None or new is None or (saved > old) == (saved > new):
+            continue
+        updates = saved - old
+        effect = redo.format(updates=updates) + (" update" if updates == 1 else " updates") if saved > old else skip
+        return (f"{directory} holds checkpoints at step {saved}, {'after' if saved > old else 'before'} its {name} at "
+                f"step {old}; these settings put it at step {new} (train.num_steps {stored.train.num_steps} -> "
+                f"{config.train.num_steps}), so the resumed run would {effect}. Keep it with {pin.format(step=old)}, "
+                "or give a new --workdir")
+    return None
+
+
+def newest_saved_step(directory: str | epath.PathLike) -> int | None:
+    """The newest finished checkpoint's step in ``directory``, or ``None`` when it has none."""
+    path = epath.Path(checkpoints.checkpoint_directory(str(directory)))
+    steps = ocp.utils.checkpoint_steps(path) if path.is_dir() else []
+    return max(steps) if steps else None
 
 
 def check_loadable(path: str | epath.PathLike) -> None:
@@ -127,13 +185,10 @@ def run_directories(config: ml_collections.ConfigDict,
 def saved_parameter_shapes(directory: str | epath.PathLike) -> tuple[int, dict[str, Any]] | None:
     """``(step, {"a/b": shape-like})`` of the newest finished checkpoint's parameters, from orbax
     metadata alone; ``None`` when the directory has none."""
+    step = newest_saved_step(directory)  # finished saves only: a killed one leaves a tmp directory
+    if step is None:
+        return None
     path = epath.Path(checkpoints.checkpoint_directory(str(directory)))
-    if not path.is_dir():
-        return None
-    steps = ocp.utils.checkpoint_steps(path)  # finished saves only: a killed one leaves a tmp directory
-    if not steps:
-        return None
-    step = max(steps)
     metadata = ocp.PyTreeCheckpointHandler().metadata(path / str(step) / "state")
     return step, traverse_util.flatten_dict(dict(metadata["params"]), sep="/")
 

@@ -170,9 +170,9 @@ def test_a_generator_run_names_its_tokenizer_by_absolute_path_and_step(tokenizer
     assert sample_images(workdir, str(tmp_path / "samples"), num_samples=2).shape == (2, 16, 16, 3)
     upstream = os.path.join(workdir, "upstream.json")
     with open(upstream) as f:
-        assert json.load(f) == {"tokenizer step": 2}
+        assert json.load(f) == {"tokenizer stage": "", "tokenizer step": 2}
     with open(upstream, "w") as f:  # as if the tokenizer had been at step 1 when the generator trained
-        json.dump({"tokenizer step": 1}, f)
+        json.dump({"tokenizer stage": "", "tokenizer step": 1}, f)
     with pytest.raises(ConfigError, match=r"other upstream models \(tokenizer step: 1 when it trained, 2 now\)"):
         sample_images(workdir, str(tmp_path / "again"), num_samples=2)
 

@@ -24,6 +24,7 @@ from nativetok_jax.training.hnt import RestoreError, grow_params
 from nativetok_jax.training.state import build_state
 from nativetok_jax.training.tokenizer_objective import tokenizer_train_step
 from nativetok_jax.training.guards import NonFiniteLossError
+from nativetok_jax.training import trainer as trainer_module
 from nativetok_jax.training.trainer import train_and_evaluate
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -143,14 +144,27 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path):
+def test_hierarchical_stages_freeze_bit_exactly_and_grow_new_experts(tmp_path, monkeypatch):
     workdir = str(tmp_path / "hnt")
     config = train_config()
     config.hnt.stages = (
         dict(num_tokens=4, num_steps=6, frozen=()),
         dict(num_tokens=8, num_steps=6, frozen=("mit", "old_experts", "token_head", "quantizer")),
     )
+    first_batches = []
+
+    def recording_iterator(*args, **kwargs):  # the stage's first batch, from a twin of its iterator
+        first_batches.append(next(train_iterator(*args, **kwargs))["image"])
+        return train_iterator(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_iterator", recording_iterator)
     summary = train_and_evaluate(config, workdir)
+    # Each stage draws its own stream: the second stage's step 0 is not the first stage's batch
+    # (both count steps from 0); the first stage keeps train.seed.
+    assert len(first_batches) == 2 and not np.array_equal(first_batches[0], first_batches[1])
+    np.testing.assert_array_equal(first_batches[0], next(train_iterator(
+        config.data, open_sources(config.data, config.data.num_eval_images)[0], image_size=config.model.image_size,
+        batch_size=config.train.batch_size, seed=config.train.seed))["image"])
     assert [s["num_tokens"] for s in summary["stages"]] == [4, 8]
     first = flat(checkpoints.load_params(os.path.join(workdir, "stage0_4tokens"), use_ema=False)[0])
     second = flat(checkpoints.load_params(os.path.join(workdir, "stage1_8tokens"), use_ema=False)[0])

@@ -112,3 +112,75 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(finished_run, t
         f"error: {finished_run} holds checkpoints (step 2) of another model: "
         "config.model.quantizer.codebook_size is 1024, config.json has 64")
     assert snapshot(finished_run) == before
+
+
+def test_a_changed_step_count_may_not_move_the_warm_up_or_the_gan_start_across_the_checkpoint(finished_run, tmp_path):
+    """A warm-up given as a fraction follows --config.train.num_steps: a run trained to step 2 with
+    a quarter of 4 steps (codebook fitted before update 1), resumed with 16 steps, would put its
+    warm-up at step 4 and fit the codebook again; with 6 steps (warm-up at 1) nothing moves across."""
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+
+    def config(num_steps, **train):
+        return train_config(num_steps=num_steps, quantizer_warmup_steps=0, quantizer_warmup_fraction=0.25, **train)
+
+    checkpoints.write_config(run, config(4))
+    check_resume(config(6), run)
+    check_resume(train_config(num_steps=16, quantizer_warmup_steps=1), run)  # pinned: the same boundary
+    with pytest.raises(ConfigError) as error:
+        check_resume(config(16), run)
+    assert str(error.value) == (
+        f"{run} holds checkpoints at step 2, after its quantiser warm-up at step 1; these settings put it at step 4 "
+        "(train.num_steps 4 -> 16), so the resumed run would fit its codebook again, after 1 quantised update. Keep it "
+        "with --config.train.quantizer_warmup_steps=1 --config.train.quantizer_warmup_fraction=0, or give a new "
+        "--workdir")
+    checkpoints.write_config(run, config(16))  # the other way: a warm-up at 4 moved to 1 would never be fitted
+    with pytest.raises(ConfigError, match="before its quantiser warm-up at step 4; these settings put it at step 1 "
+                                          r"\(train.num_steps 16 -> 4\), so the resumed run would never fit its codebook"):
+        check_resume(config(4), run)
+
+    def gan(num_steps):
+        trained = train_config(num_steps=num_steps, quantizer_warmup_steps=0)
+        trained.train.losses.update(adversarial_weight=0.1, adversarial_start_fraction=0.25)
+        return trained
+
+    checkpoints.write_config(run, gan(4))
+    with pytest.raises(ConfigError, match="after its GAN start at step 1; these settings put it at step 4 .* switch its "
+                                          "GAN off again, after 1 adversarial update. Keep it with "
+                                          "--config.train.losses.adversarial_start_step=1 "
+                                          "--config.train.losses.adversarial_start_fraction=0"):
+        check_resume(gan(16), run)
+    with pytest.raises(ConfigError, match="at step 2, after its quantiser warm-up"):
+        workdir.write_config(run, config(16))  # what the trainers call before replacing config.json
+
+
+def test_a_generator_knows_its_tokenizer_by_stage_and_step_so_a_later_stage_at_the_same_step_is_refused(
+        finished_run, tmp_path):
+    """HNT stages count their steps from 0: a tokenizer's next stage reaches step 2 with another
+    model. The step alone passed the check; the stage (its directory's name) is recorded too, by
+    the generator's upstream.json and its token stores."""
+    from nativetok_jax.data import token_store
+    from nativetok_jax.training.generator_trainer import tokenizer_upstream
+
+    assert tokenizer_upstream(finished_run) == {"tokenizer stage": "", "tokenizer step": 2}
+    config = train_config(num_steps=2)
+    config.hnt.stages = (dict(name="small", num_tokens=8, num_steps=2), dict(name="large", num_tokens=16, num_steps=2))
+    tokenizer = str(tmp_path / "tokenizer")
+    checkpoints.write_config(tokenizer, config)
+    shutil.copytree(os.path.join(finished_run, "checkpoints"), os.path.join(tokenizer, "small", "checkpoints"))
+    upstream = tokenizer_upstream(tokenizer)
+    assert upstream == {"tokenizer stage": "small", "tokenizer step": 2}
+    generator = str(tmp_path / "generator")
+    workdir.record_upstream(generator, upstream)
+    store = tmp_path / "tokens"
+    token_store.write_meta(store, dict(tokenizer=tokenizer, num_examples=4, **upstream, complete=True))
+
+    shutil.copytree(os.path.join(finished_run, "checkpoints"), os.path.join(tokenizer, "large", "checkpoints"))
+    now = tokenizer_upstream(tokenizer)
+    with pytest.raises(ConfigError, match="tokenizer stage: 'small' when it trained, 'large' now"):
+        workdir.check_upstream(generator, now, "sampling")
+    with pytest.raises(token_store.TokenStoreError, match=r"made with other settings \(tokenizer stage\)"):
+        token_store.check_meta(store, dict(tokenizer=tokenizer, num_examples=4, **now))
+    # A store made before these fields were recorded is compared without them.
+    token_store.write_meta(store, dict(tokenizer=tokenizer, num_examples=4, complete=True))
+    assert token_store.check_meta(store, dict(tokenizer=tokenizer, num_examples=4, **now))["num_examples"] == 4

@@ -70,14 +70,20 @@ def write_meta(directory: storage.PathLike, meta: dict[str, Any]) -> None:
     storage.write_json(storage.path(directory) / META, meta)
 
 
+# Description fields added after stores were first written (2026-12-07: the tokenizer checkpoint's
+# stage and step): a store made before records neither, and is compared without them.
+ADDED_FIELDS = ("tokenizer stage", "tokenizer step")
+
+
 def check_meta(directory: storage.PathLike, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The store's recorded ``meta.json`` (``None`` when there is none yet), checked against
     ``meta``: a store made with other settings is never mixed with new shards, that is an error
-    naming the differing fields."""
+    naming the differing fields (:data:`ADDED_FIELDS` only where the store records them)."""
     existing = read_meta(directory)
     if existing is not None:
         described = {k: v for k, v in existing.items() if k not in ("complete", "num_written")}
-        differing = sorted(k for k in set(described) | set(meta) if described.get(k) != meta.get(k))
+        differing = sorted(k for k in set(described) | set(meta) if described.get(k) != meta.get(k)
+                           and not (k in ADDED_FIELDS and k not in described))
         if differing:
             raise TokenStoreError(
                 f"{directory} holds a store made with other settings ({', '.join(differing)}); "

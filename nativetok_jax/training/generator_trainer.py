@@ -94,6 +94,7 @@ def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdi
     directory = epath.Path(g.tokens_dir) if g.tokens_dir else epath.Path(workdir) / "tokens"
     description = dict(tokenizer=str(storage.path(g.tokenizer)), use_ema=g.use_ema, source=data.source,
                        path=data.path or data.tfds_name)
+    description.update(tokenizer_upstream(g.tokenizer))  # a store of another checkpoint's ids is not reused
     train = extract_tokens(tokenizer, train_source, directory / "train", data=data,
                            num_examples=g.num_train_examples or len(train_source), num_classes=num_classes,
                            seed=config.train.seed, description=description, batch_size=g.extract_batch_size)
@@ -127,10 +128,14 @@ def token_iterator(source: TokenSource, batch_size: int, seed: int) -> grain.Dat
 
 
 def tokenizer_upstream(tokenizer: str) -> dict[str, Any]:
-    """What identifies the trained tokenizer a generator models the ids of, beyond its workdir: its
-    final stage's newest checkpoint step (a tokenizer trained further gives other ids for the same
-    images). Recorded by :func:`workdir.record_upstream`."""
-    return {"tokenizer step": checkpoints.latest_step(checkpoints.final_stage_directory(tokenizer))}
+    """What identifies the trained tokenizer a generator models the ids of, beyond its workdir: the
+    training stage its newest checkpoint belongs to ("" for a one-stage run) and that checkpoint's
+    step (a tokenizer trained further gives other ids for the same images; HNT stages count their
+    steps from 0, so a later stage reaches the same step with another model). Recorded by
+    :func:`workdir.record_upstream` and in the token stores' description."""
+    directory = checkpoints.final_stage_directory(tokenizer)
+    stage = "" if directory == storage.path(tokenizer) else directory.name
+    return {"tokenizer stage": stage, "tokenizer step": checkpoints.latest_step(directory)}
 
 
 def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:

@@ -18,6 +18,9 @@ A stage grows from the previous stage's final state: the raw parameters from its
 and, when both stages keep an EMA, the EMA from its EMA. So the weights users load by default
 (the EMA, ``Tokenizer.from_checkpoint``) keep the first L ids of every image across stages, as
 the raw weights do.
+
+Each stage draws its own data stream and per-step randomness (:func:`stage_seed`): stages count
+their steps from 0, and with one seed every later stage replayed the first stage's batches.
 """
 
 from __future__ import annotations
@@ -103,6 +106,15 @@ def grow_state(state: dict[str, Any], built: Any, previous_dir: Any) -> dict[str
         old_ema, _ = checkpoints.load_params(previous_dir, use_ema=True, placement=placement)  # raw if no EMA
         state["ema"] = jax.device_put(grow_params(old_ema, state["ema"]), shardings["ema"])
     return state
+
+
+def stage_seed(seed: int, index: int) -> int:
+    """The seed of stage ``index``'s data stream and per-step randomness: ``seed`` for the first
+    stage, a value drawn from ``(seed, index)`` (numpy's ``SeedSequence``) for later ones, so no
+    stage replays another's batches."""
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
 def frozen_expert_count(frozen: tuple[str, ...], num_old_experts: int, num_tokens: int) -> int:

@@ -69,9 +69,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     summary: dict[str, Any] = {"stages": []}
     previous: tuple[epath.Path, int] | None = None
-    for stage in stages:
+    for index, stage in enumerate(stages):
         stage_dir = hnt.stage_directory(workdir, stage, multi_stage)
-        result = _train_stage(config, stage, stage_dir, previous, mesh, rules, train_source,
+        result = _train_stage(config, stage, index, stage_dir, previous, mesh, rules, train_source,
                               evaluation_images, skipped)
         summary["stages"].append(dict(name=stage.name or "main", num_tokens=stage.num_tokens, **result))
         previous = (stage_dir, stage.num_tokens)
@@ -84,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train_stage(
     config: ml_collections.ConfigDict,
     stage: ml_collections.ConfigDict,
+    index: int,
     stage_dir: epath.Path,
     previous: tuple[epath.Path, int] | None,
     mesh: jax.sharding.Mesh,
@@ -110,16 +111,21 @@ def _train_stage(
         discriminator, part, part_shardings = build_discriminator(config, stage.num_steps, mesh, rules)
         built.add_part("discriminator", part, part_shardings)
 
+    # Each stage draws its own batches, crops and per-step randomness: stages count their steps from
+    # 0, so with the run's seed every later stage replayed the first stage's stream from its start.
+    # The first stage (and a one-stage run) keeps train.seed; config.json records the run's seed.
+    seeded = ml_collections.ConfigDict(config.to_dict())
+    seeded.train.seed = hnt.stage_seed(train.seed, index)
     # Data: this process's share of every global batch.
     iterator = train_iterator(
         config.data, train_source, image_size=config.model.image_size,
-        batch_size=train.batch_size // jax.process_count(), seed=train.seed,
+        batch_size=train.batch_size // jax.process_count(), seed=seeded.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), skipped=skipped,
     )
     shardings = image_batch_shardings(mesh, config, train.batch_size)
     warmup = stage.quantizer_warmup_steps
     objective = tokenizer_objective(
-        built.graphdef, config, num_tokens=stage.num_tokens, quantizer_warmup_steps=warmup,
+        built.graphdef, seeded, num_tokens=stage.num_tokens, quantizer_warmup_steps=warmup,
         frozen_experts=hnt.frozen_expert_count(frozen, num_old_tokens, stage.num_tokens)
         if config.model.kind == "nativetok" else 0,
         networks=networks, discriminator=discriminator,
@@ -128,7 +134,7 @@ def _train_stage(
     # Shares the arrays, no host copy.
     evaluator = Tokenizer.from_params(config, built.state["params"], mesh=mesh, proxy_decoder=proxy_decoder)
     restart_every = 0 if "quantizer" in frozen else train.codebook.restart_dead_every  # a frozen codebook stays
-    care = CodebookFit(built, config, shardings["image"]) if warmup or restart_every else None
+    care = CodebookFit(built, seeded, shardings["image"]) if warmup or restart_every else None
 
     def before_step(state: TrainState, step: int) -> TrainState:
         event = care_at(step, warmup, restart_every)

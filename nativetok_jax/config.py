@@ -317,12 +317,15 @@ def _fill_defaults(stored: Any, defaults: Any) -> Any:
     return merged
 
 
-def validate_generator(config: ml_collections.ConfigDict) -> None:
-    """Raises ``ConfigError`` naming the first generator, data or training field that cannot work."""
+def validate_generator(config: ml_collections.ConfigDict, *, tokenizer_trained: bool = True) -> None:
+    """Raises ``ConfigError`` naming the first generator, data or training field that cannot work
+    (``tokenizer_trained=False``: the tokenizer's workdir is yet to be trained, as in an
+    experiment checking its later stages up front)."""
     g, train = config.generator, config.train
     validate_generator_model(g)
     require(bool(g.get("tokenizer")), "generator.tokenizer", "must name a trained tokenizer's workdir")
-    require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
+    if tokenizer_trained:
+        require(storage.path(g.tokenizer).is_dir(), "generator.tokenizer", f"no such directory: {g.tokenizer}")
     for name in ("num_train_examples", "num_eval_examples"):
         require(isinstance(g.get(name), int) and g.get(name) >= 0, f"generator.{name}",
                  f"must be an integer >= 0, got {g.get(name)!r}")
@@ -336,9 +339,27 @@ def validate_generator(config: ml_collections.ConfigDict) -> None:
     require_unconditional_model(g.sample.get("guidance_scale"), g.label_drop_probability,
                                 "config.generator.sample.guidance_scale", "generator.label_drop_probability")
     validate_loop(train)
-    number(train.get("learning_rate"), "train.learning_rate")
+    validate_optimizer(train)
     validate_data_source(config.data)
     validate_crops(config.data)  # token extraction crops the images
+
+
+def validate_optimizer(train: ml_collections.ConfigDict) -> None:
+    """The optimiser's and the EMA's fields (``training/optimizer.py``) and the batch's split over
+    processes, shared by every trainer: a bad one otherwise surfaced only when the state was built
+    (after a generator's token extraction), or silently (``ema_decay = 1`` froze the EMA)."""
+    require(train.batch_size % _process_count() == 0, "train.batch_size",
+            f"{train.batch_size} is not divisible by the {_process_count()} processes")
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
+        value = train.get(name)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, f"train.{name}",
+                f"must be a number >= 0, got {value!r}")
+    require(isinstance(train.get("warmup_steps"), int) and train.warmup_steps >= 0, "train.warmup_steps",
+            f"must be an integer >= 0, got {train.get('warmup_steps')!r}")
+    for name in ("beta1", "beta2", "ema_decay"):
+        value = train.get(name)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, f"train.{name}",
+                f"must lie in [0, 1), got {value!r}")
 
 
 def validate_loop(train: ml_collections.ConfigDict) -> None:
@@ -469,17 +490,10 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     validate_model(config.model)
     train, data = config.train, config.data
     validate_loop(train)
-    require(train.batch_size % _process_count() == 0, "train.batch_size",
-             f"{train.batch_size} is not divisible by the {_process_count()} processes")
-    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
-        value = train.get(name)
-        require(isinstance(value, (int, float)) and value >= 0, f"train.{name}", f"must be a number >= 0, got {value!r}")
-    require(isinstance(train.warmup_steps, int) and train.warmup_steps >= 0, "train.warmup_steps",
-             f"must be an integer >= 0, got {train.warmup_steps!r}")
-    for name in ("beta1", "beta2", "ema_decay", "prefix_probability"):
-        value = train.get(name)
-        require(isinstance(value, (int, float)) and 0 <= value < 1 + (name == "prefix_probability"),
-                 f"train.{name}", f"must lie in [0, 1), got {value!r}")
+    validate_optimizer(train)
+    value = train.get("prefix_probability")
+    require(isinstance(value, (int, float)) and 0 <= value <= 1, "train.prefix_probability",
+            f"must lie in [0, 1], got {value!r}")
     require(train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
              f"must be 'l1' or 'l2', got {train.losses.get('pixel')!r}")
     _validate_objective(config)
@@ -644,15 +658,7 @@ def validate_diffusion_run(config: ml_collections.ConfigDict) -> None:
     """The training, preview, data and latent-store fields of a diffusion run (DiT's or D²iT's)."""
     train, data = config.train, config.data
     validate_loop(train)
-    require(train.batch_size % _process_count() == 0, "train.batch_size",
-             f"{train.batch_size} is not divisible by the {_process_count()} processes")
-    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "final_learning_rate_ratio"):
-        number(train.get(name), f"train.{name}")
-    require(isinstance(train.get("warmup_steps"), int) and train.warmup_steps >= 0, "train.warmup_steps",
-             f"must be an integer >= 0, got {train.get('warmup_steps')!r}")
-    for name in ("beta1", "beta2", "ema_decay"):
-        value = train.get(name)
-        require(isinstance(value, (int, float)) and 0 <= value < 1, f"train.{name}", f"must lie in [0, 1), got {value!r}")
+    validate_optimizer(train)
     steps = tuple(train.get("eval_timesteps") or ())
     num_steps = config.model.diffusion.num_steps
     require(bool(steps) and all(isinstance(s, int) and 0 <= s < num_steps for s in steps), "train.eval_timesteps",
@@ -709,6 +715,7 @@ def validate_dvae(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first DVAE model, data or loss field that cannot work."""
     validate_dvae_model(config.model)
     validate_loop(config.train)
+    validate_optimizer(config.train)
     number(config.train.losses.get("kl_weight"), "train.losses.kl_weight")
     positive_int(config.train.get("latent_scale_batches"), "train.latent_scale_batches")
     require(config.train.losses.get("pixel") in ("l1", "l2"), "train.losses.pixel",
@@ -748,6 +755,9 @@ def d2it_config(size: str = "B") -> ml_collections.ConfigDict:
 
 # The parts a stage may freeze (training/hnt.py's module docstring says what each one covers).
 HNT_PARTS = ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder", "encoder")
+# The parts each tokenizer kind has: freezing a part the model lacks froze nothing, silently.
+HNT_PARTS_OF = {"nativetok": ("mit", "experts", "old_experts", "token_head", "quantizer", "decoder"),
+                "titok": ("encoder", "token_head", "quantizer", "decoder")}
 
 
 # Fields a stage sets from its own keys (``stage_config``); overrides may not name them.
@@ -774,6 +784,11 @@ def stage_list(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigD
         unknown = [f for f in frozen if f not in HNT_PARTS]
         if unknown:
             raise ConfigError(f"config.hnt.stages[{i}].frozen: unknown parts {unknown}; known: {HNT_PARTS}")
+        kind = config.model.get("kind", "nativetok")
+        absent = [f for f in frozen if f not in HNT_PARTS_OF.get(kind, HNT_PARTS)]
+        if absent:
+            raise ConfigError(f"config.hnt.stages[{i}].frozen: a {kind} model has no {', '.join(absent)} (its parts: "
+                              f"{', '.join(HNT_PARTS_OF[kind])}), so nothing would be frozen")
         if i and stage.num_tokens < out[-1].num_tokens:
             raise ConfigError(f"config.hnt.stages[{i}].num_tokens: {stage.num_tokens} is fewer than the previous stage's")
         # Only the first stage warms up the quantiser by default: later ones inherit a fitted codebook.

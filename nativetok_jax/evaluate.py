@@ -266,10 +266,7 @@ def run_evaluation(
     prefix: bool = True,
 ) -> dict[str, Any]:
     """Everything the command does; returns the JSON it wrote to ``out``."""
-    if batch_size < 1:
-        raise EvaluationError(f"--batch_size: must be positive, got {batch_size}")
-    if num_images is not None and num_images < 1:
-        raise EvaluationError(f"--num_images: must be positive, got {num_images}")
+    _check_counts(batch_size, num_images)
     if reference_stats and not inception_path:
         raise EvaluationError("--reference_stats: rFID statistics need --inception")
     if not out.endswith(".json"):
@@ -284,6 +281,14 @@ def run_evaluation(
     check_loadable(workdir)
     checkpoint = _checkpoint_record(workdir, use_ema)
     _require_fitted_codebook(checkpoint)  # before anything loads or compiles
+    # The files the flags name, read before the checkpoint is restored: a file of another kind, or
+    # statistics of another image size, is one line at once.
+    lpips = load_lpips(lpips_path) if lpips_path else None
+    inception = load_inception(inception_path) if inception_path else None
+    reference = None
+    if inception is not None and reference_stats and storage.path(reference_stats).is_file():
+        reference = read_reference_stats(reference_stats, config.model.image_size)
+        inception.input_convention = _input_convention(reference_stats)
     tokenizer = tasks.of(config).load("evaluate").from_checkpoint(workdir, use_ema=use_ema)
     # A Dynamic VAE workdir is judged the same way, plus PSNR per routed grain (no token prefixes).
     is_dvae = isinstance(tokenizer, DVAE)
@@ -327,22 +332,17 @@ def run_evaluation(
                  f"averaged over images"),
     }
 
-    lpips = inception = reference = None
     write_reference = False
     if lpips_path:
         protocol["lpips"] = {"weights": weights_record(lpips_path, LPIPS_KIND),
                              "input": "uint8 / 127.5 - 1, at the tokenizer's image size; per image, averaged"}
-        lpips = load_lpips(lpips_path)
-    if inception_path:
+    if inception is not None:
         protocol["inception"] = {
             "weights": weights_record(inception_path, INCEPTION_KIND),
             "rfid": "Frechet distance of pool3 features (2048-d), reconstructions vs. reference statistics",
             "inception_score": INCEPTION_SCORE,
         }
-        inception = load_inception(inception_path)
-        if reference_stats and storage.path(reference_stats).is_file():
-            reference = read_reference_stats(reference_stats, size)
-            inception.input_convention = _input_convention(reference_stats)
+        if reference is not None:
             logging.info("rFID reference: reading statistics from %s", reference_stats)
             protocol["inception"]["reference_stats"] = {"file": str(storage.path(reference_stats)), "action": "read"}
         else:
@@ -391,6 +391,15 @@ def run_evaluation(
     return report
 
 
+def _check_counts(batch_size: int, num_images: int | None) -> None:
+    """``--batch_size`` and ``--num_images`` (None: every image) must be positive: a batch size
+    of 0 never closed a batch, and every image went through Inception as one."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch_size: must be positive, got {batch_size}")
+    if num_images is not None and num_images < 1:
+        raise EvaluationError(f"--num_images: must be positive, got {num_images}")
+
+
 def run_sample_evaluation(
     samples: str,
     out: str,
@@ -406,6 +415,7 @@ def run_sample_evaluation(
 ) -> dict[str, Any]:
     """gFID and Inception Score (precision and recall with ``reference_features``) of the images in
     ``samples``; returns the JSON written to ``out``."""
+    _check_counts(batch_size, num_images)
     if not inception_path or not storage.path(inception_path).is_file():
         raise EvaluationError(f"--inception: gFID and IS need the FID Inception weights file, got {inception_path!r}")
     if not reference_stats:

@@ -40,7 +40,7 @@ from nativetok_jax.pretrained.sd_vae import latent_space
 from nativetok_jax.training import diffusion_trainer
 from nativetok_jax.training import grain_latent_extraction as grain_latents
 from nativetok_jax.training.generator_trainer import tokenizer_upstream
-from nativetok_jax.workdir import check_loadable, check_upstream, require_task
+from nativetok_jax.workdir import check_loadable, check_upstream, require_task, saved_parameter_shapes
 
 # This command's flags live in their own registry (as evaluate's): importing several entry points
 # into one process (a test session, a notebook) must not fail with a duplicate --workdir.
@@ -117,15 +117,11 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
     check_loadable(g.tokenizer)
     check_loadable(workdir)
     check_upstream(workdir, tokenizer_upstream(g.tokenizer), "sampling")  # the tokenizer it trained on
+    # The class count from the checkpoint's metadata (its class table has a null row), so --labels
+    # is checked before the generator and its tokenizer are restored.
+    labels = generator_labels(overrides.get("labels"), settings.num_samples, saved_class_count(workdir))
     generator = TrainedGenerator.from_checkpoint(workdir, use_ema=overrides.get("use_ema", True))
-    tokenizer, num_classes = generator.tokenizer, generator.num_classes
-    wanted = overrides.get("labels")
-    if wanted:
-        labels = np.resize(np.asarray(wanted, np.int32), settings.num_samples)
-    else:
-        labels = (np.arange(settings.num_samples) % num_classes).astype(np.int32)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    tokenizer = generator.tokenizer
     ids = []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size]
@@ -145,6 +141,26 @@ def sample_images(workdir: str | os.PathLike, out: str | os.PathLike, **override
                   upscale=max(1, 96 // tokenizer.image_size))
     logging.info("wrote %d samples of %s (step %d) to %s", len(images), workdir, generator.step, out)
     return images
+
+
+def saved_class_count(workdir: str) -> int:
+    """The classes of a token generator's newest checkpoint, from orbax's metadata (nothing
+    restored): its class embedding's rows less the null class's."""
+    _, shapes = saved_parameter_shapes(checkpoints.final_stage_directory(workdir))
+    return int(tuple(getattr(shapes["class_embedding"], "shape", shapes["class_embedding"]))[0]) - 1
+
+
+def generator_labels(wanted: Any, num_samples: int, num_classes: int) -> np.ndarray:
+    """``--labels`` repeated to ``num_samples`` (default: the classes in turn), int32.
+
+    Raises ``ConfigError`` for a label outside ``[0, num_classes)``."""
+    if wanted:
+        labels = np.resize(np.asarray(wanted, np.int32), num_samples)
+    else:
+        labels = (np.arange(num_samples) % num_classes).astype(np.int32)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ConfigError(f"--labels: must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    return labels
 
 
 TOKEN_ONLY = ("temperature", "top_k", "top_p", "choice_temperature")

@@ -258,6 +258,19 @@ def test_stage_overrides_must_name_config_fields():
         hnt.stage_list(config)
 
 
+@pytest.mark.parametrize("kind, part", [("titok", "mit"), ("titok", "old_experts"), ("nativetok", "encoder")])
+def test_a_stage_may_not_freeze_a_part_its_model_lacks(kind, part):
+    """trainable_mask matched no parameter for such a part: nothing was frozen, and no error."""
+    config = tiny_config()
+    config.model.kind = kind
+    config.hnt.stages = (dict(num_tokens=8, num_steps=2), dict(num_tokens=16, num_steps=2, frozen=(part, "decoder")))
+    with pytest.raises(ConfigError, match=rf"config.hnt.stages\[1\].frozen: a {kind} model has no {part} \(its "
+                                          r"parts: .*\), so nothing would be frozen"):
+        hnt.stage_list(config)
+    config.hnt.stages = (dict(num_tokens=8, num_steps=2), dict(num_tokens=16, num_steps=2, frozen=("decoder",)))
+    assert hnt.stage_list(config)[1].frozen == ("decoder",)
+
+
 def test_a_run_written_before_a_field_existed_reads_with_its_default(tmp_path):
     import json
 

@@ -393,3 +393,33 @@ def test_without_a_warm_up_even_a_step_0_checkpoint_is_judged(tmp_path):
     checkpoints.write_config(tmp_path, tiny_config())
     (tmp_path / "checkpoints" / "0").mkdir(parents=True)
     _require_fitted_codebook(_checkpoint_record(str(tmp_path), use_ema=True))
+
+
+@pytest.mark.slow
+def test_the_flags_files_are_refused_before_the_checkpoint_is_restored(workdir, weights, tmp_path, monkeypatch):
+    """A weights file of another kind, or reference statistics of another image size, is one line
+    before the run's checkpoint is restored (it was read after the restore)."""
+    lpips, inception = weights
+
+    def restored(*args, **kwargs):
+        raise AssertionError("the checkpoint was restored before the flags' files were checked")
+
+    monkeypatch.setattr(Tokenizer, "from_checkpoint", restored)
+    out = str(tmp_path / "eval.json")
+    code = run_entry_point("--workdir", workdir, "--data", "photos", "--lpips", inception, "--out", out)
+    assert isinstance(code, str) and code.startswith("error: ") and "lpips" in code and "\n" not in code
+    stats = str(tmp_path / "reference_414.npz")
+    fid.save_statistics(stats, np.zeros(2048), np.eye(2048), image_size=414)
+    code = run_entry_point("--workdir", workdir, "--data", "photos", "--inception", inception, "--reference_stats",
+                           stats, "--out", out)
+    assert code == (f"error: --reference_stats: {stats} holds statistics of 414 x 414 px images, these are 16 x 16 "
+                    f"px: use (or write) statistics made at 16 px")
+
+
+def test_sample_evaluation_refuses_a_batch_size_or_image_count_below_one(tmp_path):
+    """A batch size of 0 never closed a batch: every image went through Inception as one."""
+    for flags, message in ((("--batch_size", "0"), "error: --batch_size: must be positive, got 0"),
+                           (("--num_images", "-1"), "error: --num_images: must be positive, got -1")):
+        code = run_entry_point("--samples", str(tmp_path), "--inception", "missing.npz", "--reference_stats",
+                               "r.npz", "--out", str(tmp_path / "gen.json"), *flags)
+        assert code == message

@@ -110,6 +110,37 @@ def test_generator_config_errors_name_the_field(tmp_path):
         validate_generator(config)
 
 
+def test_bad_generator_settings_are_refused_before_the_token_extraction(tokenizer_dir, tmp_path, monkeypatch):
+    """A MaskGIT top_k past the tokenizer's 64 codes surfaced at the first evaluation (after the
+    extraction and eval_every steps); ema_decay = 1 froze the EMA silently; a class table smaller
+    than the data's classes trained most labels as the null class."""
+    from nativetok_jax.training import generator_trainer
+
+    def extraction(*args, **kwargs):
+        raise AssertionError("tokens were extracted before the settings were checked")
+
+    monkeypatch.setattr(generator_trainer, "extract_tokens", extraction)
+    config = tiny_generator_config(tokenizer_dir, kind="maskgit")
+    config.generator.sample.top_k = 65
+    with pytest.raises(ConfigError, match=r"config.generator.sample.top_k: .*64"):
+        train_generator(config, str(tmp_path / "top_k"))
+    config = tiny_generator_config(tokenizer_dir)
+    config.train.ema_decay = 1.0
+    with pytest.raises(ConfigError, match=r"^config.train.ema_decay: must lie in \[0, 1\), got 1.0$"):
+        train_generator(config, str(tmp_path / "ema"))
+
+    class ThreeClasses:
+        num_classes = 3
+
+        def __len__(self):
+            return 8
+
+    config = tiny_generator_config(tokenizer_dir)
+    config.generator.num_classes = 2
+    with pytest.raises(ConfigError, match=r"^config.generator.num_classes: 2, but the data has 3 classes$"):
+        generator_trainer.token_stores(config, None, str(tmp_path / "classes"), (ThreeClasses(), ThreeClasses()))
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -175,6 +206,14 @@ def test_a_generator_run_names_its_tokenizer_by_absolute_path_and_step(tokenizer
         json.dump({"tokenizer stage": "", "tokenizer step": 1}, f)
     with pytest.raises(ConfigError, match=r"other upstream models \(tokenizer step: 1 when it trained, 2 now\)"):
         sample_images(workdir, str(tmp_path / "again"), num_samples=2)
+    # --labels outside the class table is refused from the checkpoint's metadata, before any restore.
+    with open(upstream, "w") as f:
+        json.dump({"tokenizer stage": "", "tokenizer step": 2}, f)
+    from nativetok_jax.generation.pretrained import TrainedGenerator
+
+    monkeypatch.setattr(TrainedGenerator, "from_checkpoint", lambda *a, **k: pytest.fail("restored before --labels"))
+    with pytest.raises(ConfigError, match=r"^--labels: must lie in \[0, 1\), got 0..3$"):
+        sample_images(workdir, str(tmp_path / "labels"), num_samples=2, labels=[0, 3])
 
 
 def test_whole_crops_are_encoded_as_the_centre_square_with_a_random_flip():

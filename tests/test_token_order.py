@@ -13,10 +13,10 @@ from flax import nnx
 
 import conftest
 from test_generator_training import tiny_generator_config
-from test_training import train_config
+from test_training import ROOT, train_config
 from nativetok_jax import Tokenizer
 from nativetok_jax.sharding import params_of
-from nativetok_jax.config import ConfigError, validate_generator
+from nativetok_jax.config import ConfigError, load_config_file, validate_generator
 from nativetok_jax.data import token_store
 from nativetok_jax.data.token_order import (ReorderedTokens, TokenOrderError, reading_order, to_tokenizer_order,
                                             token_permutation)
@@ -146,6 +146,24 @@ def test_experiment_errors_name_the_field(tmp_path):
     config.generator.token_order.permutation = "sorted"
     with pytest.raises(ConfigError, match="generator.token_order.permutation"):
         validate_generator(config)
+
+
+def test_every_generator_and_the_bootstrap_are_checked_before_any_tokenizer_trains():
+    """The generators met their first check after every tokenizer of seed 0 had trained (hours at
+    the :full scale); a bootstrap count of 0 failed after every arm, with no report written."""
+    config = load_config_file(os.path.join(ROOT, "configs", "token_order.py"))
+    assert token_order.validate(config) == ["native", "order_free", "causal_mask"]
+    config.generator.generator.sample.top_k = 4097  # past the 4096 codes
+    with pytest.raises(ConfigError, match=r"config.generator.sample.top_k: .*4096"):
+        token_order.validate(config)
+    config = load_config_file(os.path.join(ROOT, "configs", "token_order.py"))
+    config.generator.train.beta2 = 1.5
+    with pytest.raises(ConfigError, match=r"^config.train.beta2: must lie in \[0, 1\), got 1.5$"):
+        token_order.validate(config)
+    config = load_config_file(os.path.join(ROOT, "configs", "token_order.py"))
+    config.bootstrap_samples = 0
+    with pytest.raises(ConfigError, match=r"^bootstrap_samples: must be an integer >= 1, got 0$"):
+        token_order.validate(config)
 
 
 @pytest.mark.slow

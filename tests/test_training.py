@@ -268,3 +268,25 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
         assert json.load(f)["step"] == 4
     params, step = checkpoints.load_params(workdir, use_ema=False)
     assert step == 4 and all(np.all(np.isfinite(v)) for v in flat(params).values())
+
+
+def test_a_later_stages_pretrained_file_is_read_before_the_first_stage_trains(tmp_path, monkeypatch):
+    """The recipe's decoder fine-tune is the first stage to use LPIPS: a file of another kind failed
+    only after the stages before it had trained."""
+    from nativetok_jax.pretrained import files
+    from nativetok_jax.pretrained.files import WeightsError
+
+    wrong = str(tmp_path / "inception_not_lpips.npz")
+    files.save_weights(wrong, {"a": np.zeros(1, np.float32)}, kind="fid_inception")
+    config = train_config(num_steps=2)
+    config.pretrained.lpips = wrong
+    config.hnt.stages = (dict(name="first", num_tokens=8, num_steps=2),
+                         dict(name="with_lpips", num_tokens=8, num_steps=2,
+                              overrides=(("train.losses.perceptual_weight", 0.1),)))
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a stage trained before the later stage's file was read")
+
+    monkeypatch.setattr(trainer_module, "_train_stage", trained)
+    with pytest.raises(WeightsError, match="holds 'fid_inception' weights, expected 'lpips'"):
+        train_and_evaluate(config, str(tmp_path / "run"))

@@ -52,15 +52,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # else TF prints a notice o
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax import sharding, storage
 from nativetok_jax.bench.train import matmul_flops_per_second
 from nativetok_jax.command import boundary
-from nativetok_jax.config import (
-    ConfigError,  # noqa: E402
-    validate_training,
-)
+from nativetok_jax.config import ConfigError, validate_generator, validate_training
 from nativetok_jax.data.pipeline import SkippedImages
 from nativetok_jax.data.sources import open_sources
 from nativetok_jax.data.token_order import reading_order
@@ -70,6 +68,7 @@ from nativetok_jax.evaluation.paired_bootstrap import paired_bootstrap_interval
 from nativetok_jax.evaluation.plots import markdown_table, plot_by_position, plot_contrasts
 from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
 from nativetok_jax.generation.pretrained import TrainedGenerator
+from nativetok_jax.models.generators.build import validate_sampling
 from nativetok_jax.models.nativetok.parameter_matching import generator_parameters, match_encoder, tokenizer_parameters
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training.generator_trainer import HELD_OUT_NLL, held_out_crops, train_generator
@@ -167,6 +166,18 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         raise ConfigError(f"seeds: must be an integer >= 1, got {config.seeds!r}")
     if not isinstance(config.permutation_seed, int):
         raise ConfigError(f"permutation_seed: must be an integer, got {config.permutation_seed!r}")
+    samples = config.bootstrap_samples
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ConfigError(f"bootstrap_samples: must be an integer >= 1, got {samples!r}")
+    # Every tokenizer and generator the run will train, checked now: the generators otherwise met
+    # their first check after every tokenizer of seed 0 had trained (hours at the :full scale).
+    tokenizers = tokenizer_configs(config, arms)  # validated there
+    for arm in arms:
+        for kind in generator_kinds(config, arm):
+            generator = generator_config(config, arm, 0, epath.Path(os.sep), kind)
+            validate_generator(generator, tokenizer_trained=False)
+            validate_sampling(generator.generator.sample, kind,
+                              vocab_size=tokenizers[ARMS[arm].tokenizer].model.quantizer.codebook_size)
     return arms
 
 

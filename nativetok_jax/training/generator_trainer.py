@@ -28,14 +28,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding, storage
-from nativetok_jax.config import validate_generator
+from nativetok_jax.config import ConfigError, validate_generator
 from nativetok_jax.data.pipeline import shuffled_forever
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
 from nativetok_jax.generation.generate import generate_ids
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.generators.build import build_generator
+from nativetok_jax.models.generators.build import build_generator, validate_sampling
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import loop
 from nativetok_jax.training.loop import Task
@@ -90,7 +90,10 @@ def token_stores(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdi
     unless a finished matching store exists."""
     g, data = config.generator, config.data
     train_source, eval_source = open_sources(data, data.num_eval_images) if sources is None else sources
-    num_classes = g.num_classes or getattr(train_source, "num_classes", 1)
+    data_classes = int(getattr(train_source, "num_classes", 1))
+    if g.num_classes and data_classes > g.num_classes:  # labels past the table would read the null class's row
+        raise ConfigError(f"config.generator.num_classes: {g.num_classes}, but the data has {data_classes} classes")
+    num_classes = g.num_classes or data_classes
     directory = epath.Path(g.tokens_dir) if g.tokens_dir else epath.Path(workdir) / "tokens"
     description = dict(tokenizer=str(storage.path(g.tokenizer)), use_ema=g.use_ema, source=data.source,
                        path=data.path or data.tfds_name)
@@ -141,6 +144,11 @@ def tokenizer_upstream(tokenizer: str) -> dict[str, Any]:
 def train_generator(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains the generator ``config`` describes in ``workdir``; returns the final evaluation."""
     validate_generator(config)
+    # Sampling settings bounded by the tokenizer's vocabulary (a MaskGIT top_k past it), checked
+    # now rather than at the first evaluation, after the token extraction.
+    tokenizer_config = checkpoints.read_config(checkpoints.final_stage_directory(config.generator.tokenizer))
+    validate_sampling(config.generator.sample, config.generator.kind,
+                      vocab_size=tokenizer_config.model.quantizer.codebook_size)
     # The tokenizer as an absolute path (a URL as it is): config.json and the token stores then name
     # the same run whatever directory a later command (sample, evaluate, a resume) runs in.
     config = config.copy_and_resolve_references()

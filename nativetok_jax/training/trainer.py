@@ -39,7 +39,7 @@ from nativetok_jax.training.adversarial import build_discriminator, uses_discrim
 from nativetok_jax.training.codebook import (batches_needed, care_at, encoder_outputs, fit_codebook,
                                              restart_dead_codes)
 from nativetok_jax.training.loop import Task
-from nativetok_jax.training.networks import load_networks
+from nativetok_jax.training.networks import load_networks, needs_lpips, needs_vqgan
 from nativetok_jax.training.state import BuiltState, TrainState, build_state, map_params_state
 from nativetok_jax.training.tokenizer_objective import image_batch_shardings, tokenizer_objective
 
@@ -61,6 +61,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     )
     for stage in stages:  # every stage's config, before anything is built
         validate_training(hnt.stage_config(config, stage))
+    # A later stage's pretrained files are read now, not after the stages before it have trained
+    # (the recipe's decoder fine-tune is the first to use LPIPS: a file of another kind failed
+    # after the proxy-code stage's million steps). The first stage reads its own when it starts.
+    first = hnt.stage_config(config, stages[0])
+    for stage in stages[1:]:
+        later = hnt.stage_config(config, stage)
+        if (needs_lpips(later) and not needs_lpips(first)) or (needs_vqgan(later) and not needs_vqgan(first)):
+            load_networks(later)
     resolved = ml_collections.ConfigDict(config.to_dict())
     if multi_stage:
         resolved.hnt.stages = tuple(s.to_dict() for s in stages)

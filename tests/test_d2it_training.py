@@ -289,3 +289,24 @@ def test_two_processes_share_the_latent_and_grain_latent_stores(trained, tmp_pat
             np.testing.assert_allclose(together[name], mine[name], rtol=1e-5, atol=1e-5)
     for run in ("dit", "d2it"):
         assert json.loads((tmp_path / run / "eval.json").read_text())["step"] == 1
+
+
+def test_dynamic_grain_checks_both_arms_and_the_evaluation_before_anything_trains(monkeypatch):
+    """The D²iT arm's fields were first checked after both VAEs and the fixed-grain arm had
+    trained; a bound of fewer than 2 terms failed in the middle of the first arm's judging."""
+    from nativetok_jax.experiments import dynamic_grain
+
+    monkeypatch.setattr(dynamic_grain, "train_dvae", lambda *a, **k: pytest.fail("a VAE trained first"))
+    for field, value, message in (
+            ("d2it.model.refine_depth", -1, r"^config.model.refine_depth: must be an integer >= 0, got -1$"),
+            ("evaluation.sampler", "euler", r"^evaluation.sampler: must be one of \('ddpm', 'ddim'\), got 'euler'$"),
+            ("evaluation.bound_terms", 1, r"^evaluation.bound_terms: must be None \(every step\) or an integer >= 2, "
+                                          r"got 1$")):
+        config = load_config_file(os.path.join(ROOT, "configs", "dynamic_grain.py"))
+        *parents, name = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+        with pytest.raises(ConfigError, match=message):
+            dynamic_grain.run(config, "unused", steps=2)

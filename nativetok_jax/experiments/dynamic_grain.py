@@ -50,7 +50,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax import checkpoints, sample, sharding, storage
-from nativetok_jax.config import ConfigError
+from nativetok_jax.config import ConfigError, validate_d2it, validate_dvae
 from nativetok_jax.data.grain_latent_store import GrainLatentSource
 from nativetok_jax.data.pipeline import SkippedImages
 from nativetok_jax.diffusion.gaussian import build_diffusion
@@ -108,6 +108,36 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, vae_workdir: str, la
     return run
 
 
+def validate(config: ml_collections.ConfigDict, steps: int = 0, routing_dir: str | None = None) -> None:
+    """Raises ``ConfigError`` (one line) for a field of either VAE (unless ``routing_dir`` has
+    them trained), either diffusion arm or the evaluation that cannot work, before anything
+    trains: the D²iT arm's fields were first checked after both VAEs and the fixed-grain arm had
+    trained, and the evaluation's after an arm had."""
+    if steps < 0:
+        raise ConfigError(f"--steps: must be >= 0, got {steps}")
+    vaes = {}
+    for vae in ("entropy", "single_grain"):
+        if routing_dir:
+            vaes[vae] = checkpoints.read_config(str(storage.path(routing_dir) / vae))
+        else:
+            vaes[vae] = grain_routing.arm_config(config.dvae, vae)
+            validate_dvae(vaes[vae])
+    e = config.evaluation
+    for arm, vae in (("dit_fixed_grain", "single_grain"), ("d2it", "entropy")):
+        channels = int(vaes[vae].model.latent_channels)
+        run_config = arm_config(config, arm, f"(the {vae} VAE, trained first)", channels, steps)
+        validate_d2it(run_config)
+        try:
+            sample.diffusion_settings(run_config.model, sampler=e.sampler, num_steps=e.num_steps,
+                                      guidance_scale=e.guidance_scale, seed=e.seed, num_samples=e.num_samples,
+                                      batch_size=e.batch_size)
+        except ConfigError as error:  # named by its flag there; here it is the config's evaluation field
+            raise ConfigError(f"evaluation.{str(error).removeprefix('--')}") from None
+    terms = e.get("bound_terms")
+    if terms is not None and (not isinstance(terms, int) or isinstance(terms, bool) or terms < 2):
+        raise ConfigError(f"evaluation.bound_terms: must be None (every step) or an integer >= 2, got {terms!r}")
+
+
 def vae_workdirs(config: ml_collections.ConfigDict, root: Any, routing_dir: str | None) -> dict[str, str]:
     """``{"entropy": dir, "single_grain": dir}``: trained now under ``root/vae`` unless finished, or
     a routing experiment's arms."""
@@ -125,8 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, steps: int = 0, routing
         inception_path: str | None = None) -> dict[str, Any]:
     """Trains (or resumes) and judges both arms; returns and writes the report."""
 
-    if steps < 0:
-        raise ConfigError(f"--steps: must be >= 0, got {steps}")
+    validate(config, steps, routing_dir)
     if inception_path and not storage.path(inception_path).is_file():
         raise ConfigError(f"--inception: file not found: {inception_path}")
     root = storage.path(workdir)

@@ -366,6 +366,23 @@ def test_thresholds_tool_end_to_end_on_a_folder(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --num_images")
 
 
+def test_the_thresholds_tool_refuses_a_config_it_cannot_measure_before_reading_data(tmp_path, monkeypatch):
+    """A tokenizer's config, or a DVAE config whose crops cannot be cut, is one line before any image
+    is read (it was measured, or failed deep in the pipeline)."""
+    from conftest import tiny_config
+    from nativetok_jax import grain_thresholds
+    from nativetok_jax.config import ConfigError
+
+    monkeypatch.setattr(grain_thresholds.sources, "open_sources", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(ConfigError, match=r"^--config: a 'tokenizer' config; grain_thresholds measures the crops of a "
+                                          r"Dynamic VAE config"):
+        grain_thresholds.compute_thresholds(tiny_config(), 8)
+    config = folder_config(tmp_path)
+    config.data.update(crop_min=0.9, crop_max=0.5)
+    with pytest.raises(ConfigError, match=r"data.crop"):
+        grain_thresholds.compute_thresholds(config, 8)
+
+
 # ------------------------------------------------------------------------------------- model-free experiment
 
 

@@ -290,3 +290,15 @@ def test_a_later_stages_pretrained_file_is_read_before_the_first_stage_trains(tm
     monkeypatch.setattr(trainer_module, "_train_stage", trained)
     with pytest.raises(WeightsError, match="holds 'fid_inception' weights, expected 'lpips'"):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_stage_whose_overrides_change_a_shape_is_refused_before_any_stage_trains(tmp_path, monkeypatch):
+    """Such a stage failed as a RestoreError when it started, after the stages before it had trained."""
+    from nativetok_jax.config import ConfigError
+
+    config = train_config(num_steps=2)
+    config.hnt.stages = (dict(name="first", num_tokens=8, num_steps=2),
+                         dict(name="deeper", num_tokens=16, num_steps=2, overrides=(("model.decoder.width", 48),)))
+    monkeypatch.setattr(trainer_module, "_train_stage", lambda *a, **k: pytest.fail("a stage trained first"))
+    with pytest.raises(ConfigError, match=r"^config.hnt.stages\[1\]: its model cannot grow from stage 0's: .*decoder"):
+        train_and_evaluate(config, str(tmp_path / "run"))

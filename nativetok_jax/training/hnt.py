@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from nativetok_jax.errors import UserError
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import HNT_PARTS as PARTS  # noqa: F401 - the parts a stage may freeze
+from nativetok_jax.config import ConfigError
 from nativetok_jax.config import stage_config, stage_directory, stage_list  # noqa: F401 - the stage schedule
 
 # Parameters whose leading axis is the token count.
@@ -58,22 +59,45 @@ def grow_params(previous: Any, fresh: Any) -> Any:
     """
     old = traverse_util.flatten_dict(previous)
     new = traverse_util.flatten_dict(fresh)
-    problems = [f"missing {'/'.join(p)}" for p in new if p not in old]
-    problems += [f"unexpected {'/'.join(p)}" for p in old if p not in new]
+    problems = growth_problems(old, new)
+    if problems:
+        raise RestoreError(f"checkpoint parameters do not fit the model: {sharding.summarize(problems)}")
     merged = {}
     for path, value in new.items():
-        if path not in old:
-            continue
         before = old[path]
         if before.shape == value.shape:
             merged[path] = jnp.asarray(before, value.dtype)
-        elif _is_growing(path) and before.shape[1:] == value.shape[1:] and before.shape[0] <= value.shape[0]:
+        else:  # a growing array: the old rows, then the fresh ones
             merged[path] = jnp.concatenate([jnp.asarray(before, value.dtype), value[before.shape[0]:]], axis=0)
-        else:
-            problems.append(f"{'/'.join(path)} has shape {tuple(before.shape)}, the model needs {tuple(value.shape)}")
-    if problems:
-        raise RestoreError(f"checkpoint parameters do not fit the model: {sharding.summarize(problems)}")
     return traverse_util.unflatten_dict(merged)
+
+
+def growth_problems(old: dict[tuple[str, ...], Any], new: dict[tuple[str, ...], Any]) -> list[str]:
+    """Why parameters of shapes ``old`` cannot grow into ``new`` (flat ``{path: array-like}``, only
+    ``.shape`` is read): missing, unexpected, or misshapen (growing arrays may add leading rows)."""
+    problems = [f"missing {'/'.join(p)}" for p in new if p not in old]
+    problems += [f"unexpected {'/'.join(p)}" for p in old if p not in new]
+    for path, value in new.items():
+        if path not in old:
+            continue
+        before, after = tuple(old[path].shape), tuple(value.shape)
+        if before != after and not (_is_growing(path) and before[1:] == after[1:] and before[0] <= after[0]):
+            problems.append(f"{'/'.join(path)} has shape {before}, the model needs {after}")
+    return problems
+
+
+def check_growth(configs: list[Any], build: Any) -> None:
+    """Raises ``ConfigError`` (one line) when a stage's model cannot grow from the previous
+    stage's (a stage ``overrides`` entry that changes a shape), before the first stage trains;
+    ``configs``: every stage's config in order, ``build(model_config, rngs)`` the model builder.
+    Only shapes are computed (``nnx.eval_shape``): nothing is allocated."""
+    shapes = [traverse_util.flatten_dict(sharding.params_of(nnx.eval_shape(lambda c=c: build(c.model, nnx.Rngs(0)))))
+              for c in configs]
+    for index in range(1, len(configs)):
+        problems = growth_problems(shapes[index - 1], shapes[index])
+        if problems:
+            raise ConfigError(f"config.hnt.stages[{index}]: its model cannot grow from stage {index - 1}'s: "
+                              f"{sharding.summarize(problems)}")
 
 
 def trainable_mask(params: Any, frozen: tuple[str, ...], num_old_experts: int) -> Any:

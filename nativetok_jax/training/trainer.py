@@ -61,6 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     )
     for stage in stages:  # every stage's config, before anything is built
         validate_training(hnt.stage_config(config, stage))
+    if multi_stage:  # a stage's overrides that change a shape, before any stage trains
+        hnt.check_growth([hnt.stage_config(config, s) for s in stages], build_model)
     # A later stage's pretrained files are read now, not after the stages before it have trained
     # (the recipe's decoder fine-tune is the first to use LPIPS: a file of another kind failed
     # after the proxy-code stage's million steps). The first stage reads its own when it starts.

@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax.command import boundary
-from nativetok_jax import tasks
+from nativetok_jax import workdir
 from nativetok_jax.config import ConfigError, validate_crops, validate_data_source  # noqa: E402
 from nativetok_jax.data import pipeline, sources
 from nativetok_jax.models.d2it import grain_router
@@ -64,9 +64,9 @@ def compute_thresholds(config: ml_collections.ConfigDict, num_images: int, batch
 
     if num_images < 1 or batch_size < 1:
         raise ConfigError(f"--num_images and --batch_size must be positive, got {num_images} and {batch_size}")
-    if tasks.task_name(config) != "dvae":
-        raise ConfigError(f"--config: a {tasks.task_name(config)!r} config; grain_thresholds measures the crops of a "
-                          "Dynamic VAE config (task 'dvae', e.g. configs/dvae_demo.py)")
+    if "grain" not in config.get("model", {}):
+        raise ConfigError("--config: its model routes no grains (no model.grain); grain_thresholds measures the crops of "
+                          f"a Dynamic VAE config (configs/dvae_demo.py), not of {workdir.describe_run(config)}")
     model = ml_collections.ConfigDict(config.model.to_dict())
     model.grain.thresholds = model.grain.get("thresholds") or "(the file being made)"  # what this command writes
     validate_dvae_model(model)

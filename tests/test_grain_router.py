@@ -374,8 +374,9 @@ def test_the_thresholds_tool_refuses_a_config_it_cannot_measure_before_reading_d
     from nativetok_jax.config import ConfigError
 
     monkeypatch.setattr(grain_thresholds.sources, "open_sources", lambda *a, **k: pytest.fail("data was read"))
-    with pytest.raises(ConfigError, match=r"^--config: a 'tokenizer' config; grain_thresholds measures the crops of a "
-                                          r"Dynamic VAE config"):
+    with pytest.raises(ConfigError, match=r"^--config: its model routes no grains \(no model.grain\); grain_thresholds "
+                                          r"measures the crops of a Dynamic VAE config \(configs/dvae_demo.py\), not of "
+                                          r"a tokenizer run \(task 'tokenizer'\)$"):
         grain_thresholds.compute_thresholds(tiny_config(), 8)
     config = folder_config(tmp_path)
     config.data.update(crop_min=0.9, crop_max=0.5)

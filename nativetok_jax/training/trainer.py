@@ -59,16 +59,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         config.data, eval_source, image_size=config.model.image_size,
         num_images=config.data.num_eval_images, seed=config.train.seed, skipped=skipped,
     )
-    for stage in stages:  # every stage's config, before anything is built
-        validate_training(hnt.stage_config(config, stage))
+    stage_configs = [hnt.stage_config(config, stage) for stage in stages]
+    for stage_config in stage_configs:  # every stage's config, before anything is built
+        validate_training(stage_config)
     if multi_stage:  # a stage's overrides that change a shape, before any stage trains
-        hnt.check_growth([hnt.stage_config(config, s) for s in stages], build_model)
+        hnt.check_growth(stage_configs, build_model)
     # A later stage's pretrained files are read now, not after the stages before it have trained
     # (the recipe's decoder fine-tune is the first to use LPIPS: a file of another kind failed
     # after the proxy-code stage's million steps). The first stage reads its own when it starts.
-    first = hnt.stage_config(config, stages[0])
-    for stage in stages[1:]:
-        later = hnt.stage_config(config, stage)
+    first = stage_configs[0]
+    for later in stage_configs[1:]:
         if (needs_lpips(later) and not needs_lpips(first)) or (needs_vqgan(later) and not needs_vqgan(first)):
             load_networks(later)
     resolved = ml_collections.ConfigDict(config.to_dict())

@@ -146,7 +146,7 @@ def test_token_order_table_is_the_demo_with_four_arms_three_seeds_and_longer_gen
 
 def test_token_order_full_is_the_table_on_the_demo_tokenizers_whole_budget_with_matched_encoders():
     """``:full``: the table's arms and seeds, every tokenizer at configs/demo.py's own schedule (the
-    one that beats the same-bits thumbnail), order-free encoders grown in depth to NativeTok's size."""
+    demo's whole budget), order-free encoders grown in depth to NativeTok's size."""
     demo_tokenizer = load_config_file(os.path.join(CONFIG_DIR, "demo.py"))
     table = load_config_file(os.path.join(CONFIG_DIR, "token_order.py:table"))
     full = load_config_file(os.path.join(CONFIG_DIR, "token_order.py:full"))

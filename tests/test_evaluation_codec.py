@@ -158,3 +158,44 @@ def test_block_means_of_the_dvaes_own_routing_in_closed_form():
     blocks = np.kron(np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) * 15, np.ones((1, 4, 4, 3), np.uint8))
     exact, _ = evaluate_dvae(RampDVAE(grains), [blocks])
     assert exact["block_mean_psnr"] == exact["block_mean_psnr_fine"] == exact["block_mean_psnr_coarse"] == math.inf
+
+
+class _NoisyCopies:
+    """A stand-in tokenizer (what evaluate_tokenizer calls on one) whose decode returns each image
+    plus noise of a known size per image: image i's noise has standard deviation sigma[i] at every
+    prefix length, so which images beat the thumbnail is known from numpy alone."""
+
+    def __init__(self, images: np.ndarray, sigma: np.ndarray, num_tokens: int = 2):
+        self.images, self.sigma = images, sigma
+        self.num_tokens, self.codebook_size, self.image_size = num_tokens, 4096, images.shape[1]
+        self.noise = np.random.default_rng(0).normal(size=images.shape)
+
+    def encode(self, images):
+        index = [int(np.flatnonzero((self.images == image).all(axis=(1, 2, 3)))[0]) for image in images]
+        return np.repeat(np.asarray(index)[:, None], self.num_tokens, axis=1)
+
+    def decode(self, ids):
+        index = ids[:, 0]
+        noisy = self.images[index] + self.sigma[index, None, None, None] * self.noise[index]
+        return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def per_image_psnr(originals, reconstructions):
+    mse = np.square(originals.astype(np.float64) - reconstructions).reshape(len(originals), -1).mean(axis=1)
+    return 10 * np.log10(PEAK**2 / mse)
+
+
+def test_the_psnr_win_rate_counts_the_images_where_the_model_beats_the_same_bits_codec(photos):
+    """Four held-out photographs, two reconstructed almost exactly and two with heavy noise: the
+    win rate is the share numpy finds, at each prefix length (12 bits: 4-bit mean colour; 24 bits:
+    the 1 x 1 thumbnail), while the mean PSNR alone would not say how many images each codec wins."""
+    stub = _NoisyCopies(photos, np.array([0.5, 80.0, 1.0, 90.0]))
+    metrics, _ = evaluate_tokenizer(stub, [photos[:3], photos[3:]], num_shown=0)
+    decoded = stub.decode(stub.encode(photos))
+    model = per_image_psnr(photos, decoded)
+    for row in metrics["rate_distortion"]:
+        k = row["tokens"]
+        codec = same_bits_codec(token_bits(k, 4096))(photos)
+        expected = np.mean((model > per_image_psnr(photos, codec)) + 0.5 * (model == per_image_psnr(photos, codec)))
+        assert row["psnr_win_rate"] == pytest.approx(expected), k
+        assert 0 < row["psnr_win_rate"] < 1, k  # the noisy pair loses, the near-copies win

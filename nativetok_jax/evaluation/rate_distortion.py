@@ -12,7 +12,12 @@ decoder's PSNR and SSIM (and LPIPS) next to
   ignores its tokens can reach.
 
 Every metric is per image and averaged over images, as the tokenizer's own
-(:mod:`nativetok_jax.evaluation.tokenizer_metrics` accumulates both in one pass).
+(:mod:`nativetok_jax.evaluation.tokenizer_metrics` accumulates both in one pass). A mean of PSNRs
+is moved most by the images a codec reconstructs best: a flat crop that the thumbnail gives at
+49 dB and a model at 35 dB outweighs several textured crops that the model wins by 2 dB each.
+So each row also gives ``psnr_win_rate``: the share of images whose PSNR from the model's prefix
+is above the same-bits codec's (ties count half), the figure that says how often the model is
+the better codec.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ MEAN_COLOUR = "mean_colour"
 PROTOCOL = ("bits = tokens x log2(codebook_size); thumbnail: the largest s x s RGB thumbnail at 8 bits per value "
             "with 24 s^2 <= bits (PIL box downscaling, bicubic enlargement), under 24 bits the mean colour "
             "quantised to floor(bits / 3) bits per channel (same_bits_codec says which); mean colour: each image's "
-            "mean colour at 8 bits per channel (24 bits at every row); metrics per image, averaged over images")
+            "mean colour at 8 bits per channel (24 bits at every row); metrics per image, averaged over images; "
+            "psnr_win_rate: the share of images whose PSNR from the prefix is above the same-bits codec's "
+            "(ties count half)")
 
 PairMetrics = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 
@@ -47,6 +54,8 @@ class SameBitsTotals:
             codec.name: codec for codec in self.codecs.values()}
         self.reconstruct[MEAN_COLOUR] = mean_colour
         self.sums: dict[str, dict[str, float]] = {name: {} for name in self.reconstruct}
+        self.wins = {k: 0.0 for k in self.codecs}
+        self._batch_psnr: dict[str, np.ndarray] = {}  # per codec: the last batch's per-image PSNR
 
     def add(self, images: np.ndarray, count: int, pair_metrics: PairMetrics) -> None:
         """Adds the first ``count`` images of the uint8 batch ``images`` (padded past ``count``, so
@@ -55,13 +64,22 @@ class SameBitsTotals:
             for metric, values in pair_metrics(images, codec(images)).items():
                 totals = self.sums[name]
                 totals[metric] = totals.get(metric, 0.0) + float(np.sum(np.asarray(values)[:count], dtype=np.float64))
+                if metric == "psnr":
+                    self._batch_psnr[name] = np.asarray(values, np.float64)[:count]
+
+    def compare(self, tokens: int, psnr: np.ndarray) -> None:
+        """Counts the images of the batch last given to :meth:`add` whose ``psnr`` (per image, from
+        the first ``tokens`` ids) is above the same-bits codec's; ties count half."""
+        model = np.asarray(psnr, np.float64)[: len(codec := self._batch_psnr[self.codecs[tokens].name])]
+        self.wins[tokens] += float(np.sum(model > codec) + 0.5 * np.sum(model == codec))
 
     def rows(self, prefix_rows: Iterable[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
         """One row per prefix length: ``tokens``, ``bits``, the model's ``psnr``, ``ssim`` (and
         ``lpips``) from ``prefix_rows`` (the evaluation's ``prefix`` list), the same-bits codec
         (``same_bits_codec``, its name; ``same_bits_codec_description``; ``thumbnail_side``,
         ``thumbnail_bits``, ``thumbnail_bits_per_channel``)
-        and its ``thumbnail_<metric>``, and ``mean_colour_<metric>``."""
+        and its ``thumbnail_<metric>``, ``mean_colour_<metric>``, and ``psnr_win_rate`` (the share of
+        images on which the model's PSNR is above the same-bits codec's; :meth:`compare`)."""
         means = {name: {metric: total / num_images for metric, total in sums.items()}
                  for name, sums in self.sums.items()}
         rows = []
@@ -75,5 +93,6 @@ class SameBitsTotals:
                        thumbnail_bits_per_channel=codec.bits_per_channel)
             row.update({f"thumbnail_{metric}": value for metric, value in means[codec.name].items()})
             row.update({f"{MEAN_COLOUR}_{metric}": value for metric, value in means[MEAN_COLOUR].items()})
+            row["psnr_win_rate"] = self.wins[k] / num_images
             rows.append(row)
         return rows

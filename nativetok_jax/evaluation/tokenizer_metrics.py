@@ -214,7 +214,10 @@ def evaluate_tokenizer(
             reconstructions = np.asarray(tokenizer.decode(ids[:, :k]))
             if take > 0 and k in pictured:  # the picture's rows: the preview lengths 1, 4, 16, ...
                 shown_parts[1 + pictured.index(k)].append(reconstructions[:take])
-            totals[k].add(pair_metrics(images, reconstructions), count)
+            per_image = pair_metrics(images, reconstructions)
+            totals[k].add(per_image, count)
+            if same_bits is not None:
+                same_bits.compare(k, per_image["psnr"][:count])
             if inception_outputs is not None:
                 totals[k].add_inception(*inception_outputs(reconstructions), count)
         num_images += count

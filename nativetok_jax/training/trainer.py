@@ -264,6 +264,8 @@ def _evaluate(
     whole = metrics["rate_distortion"][-1]  # all tokens
     baselines = {MEAN_COLOUR: whole[f"{MEAN_COLOUR}_psnr"], whole["same_bits_codec"]: whole["thumbnail_psnr"]}
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
+    # How often the codes beat the same-bits codec, beside the means (evaluation/rate_distortion.py).
+    metrics["psnr_win_rate"] = whole["psnr_win_rate"]
     # The loop evaluates after step ``step`` and fits the codebook before the next one, so at the
     # warm-up's last step the codes are still unfitted.
     quantized = not quantizer_warmup_steps or step > quantizer_warmup_steps
@@ -277,8 +279,9 @@ def _evaluate(
     previews = {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")}
     rounded = {k: round(v, 2) for k, v in baselines.items()}
     if quantized:
-        logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s)", step, metrics["psnr"],
-                     previews, rounded)
+        logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s; above the same-bits "
+                     "codec on %.0f %% of the images)", step, metrics["psnr"], previews, rounded,
+                     100 * metrics["psnr_win_rate"])
     else:
         logging.info("step %d: held-out PSNR %.2f dB through the continuous tokens (the quantiser starts at step %d; "
                      "through the not yet fitted codebook %.2f dB; baselines %s)", step, metrics.get("psnr_continuous", np.nan),

@@ -70,7 +70,8 @@ class SameBitsTotals:
     def compare(self, tokens: int, psnr: np.ndarray) -> None:
         """Counts the images of the batch last given to :meth:`add` whose ``psnr`` (per image, from
         the first ``tokens`` ids) is above the same-bits codec's; ties count half."""
-        model = np.asarray(psnr, np.float64)[: len(codec := self._batch_psnr[self.codecs[tokens].name])]
+        codec = self._batch_psnr[self.codecs[tokens].name]
+        model = np.asarray(psnr, np.float64)[: len(codec)]
         self.wins[tokens] += float(np.sum(model > codec) + 0.5 * np.sum(model == codec))
 
     def rows(self, prefix_rows: Iterable[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:

@@ -22,11 +22,15 @@ from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 PEAK = 255.0
 
 
+def per_image_psnr(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """Each image's PSNR, in float64 numpy."""
+    error = np.square(originals.astype(np.float64) - reconstructions.astype(np.float64))
+    return 10 * np.log10(PEAK**2 / error.reshape(len(originals), -1).mean(axis=1))
+
+
 def mean_psnr(originals: np.ndarray, reconstructions: np.ndarray) -> float:
     """The mean over images of each image's PSNR, in float64 numpy."""
-    error = np.square(originals.astype(np.float64) - reconstructions.astype(np.float64))
-    mse = error.reshape(len(originals), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(PEAK**2 / mse)))
+    return float(np.mean(per_image_psnr(originals, reconstructions)))
 
 
 def pil_thumbnails(images: np.ndarray, side: int) -> np.ndarray:
@@ -180,11 +184,6 @@ class _NoisyCopies:
         return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
-def per_image_psnr(originals, reconstructions):
-    mse = np.square(originals.astype(np.float64) - reconstructions).reshape(len(originals), -1).mean(axis=1)
-    return 10 * np.log10(PEAK**2 / mse)
-
-
 def test_the_psnr_win_rate_counts_the_images_where_the_model_beats_the_same_bits_codec(photos):
     """Four held-out photographs, two reconstructed almost exactly and two with heavy noise: the
     win rate is the share numpy finds, at each prefix length (12 bits: 4-bit mean colour; 24 bits:
@@ -195,7 +194,7 @@ def test_the_psnr_win_rate_counts_the_images_where_the_model_beats_the_same_bits
     model = per_image_psnr(photos, decoded)
     for row in metrics["rate_distortion"]:
         k = row["tokens"]
-        codec = same_bits_codec(token_bits(k, 4096))(photos)
-        expected = np.mean((model > per_image_psnr(photos, codec)) + 0.5 * (model == per_image_psnr(photos, codec)))
+        codec = per_image_psnr(photos, same_bits_codec(token_bits(k, 4096))(photos))
+        expected = np.mean((model > codec) + 0.5 * (model == codec))
         assert row["psnr_win_rate"] == pytest.approx(expected), k
         assert 0 < row["psnr_win_rate"] < 1, k  # the noisy pair loses, the near-copies win

@@ -590,8 +590,10 @@ def _evaluate_and_report() -> None:
     versus = ""
     if "rate_distortion" in report:  # the no-model codecs at all tokens' bits
         whole = report["rate_distortion"][-1]
+        low, high = whole["psnr_margin_ci95"]
         versus = (f" (at the same {whole['bits']:g} bits {whole['same_bits_codec']} {whole['thumbnail_psnr']:.2f} dB, "
-                  f"above it on {100 * whole['psnr_win_rate']:.0f} % of the images; mean colour "
+                  f"{whole['psnr_margin']:+.2f} dB from it, 95 % interval {low:+.2f} to {high:+.2f}, above it on "
+                  f"{100 * whole['psnr_win_rate']:.0f} % of the images; mean colour "
                   f"{whole['mean_colour_psnr']:.2f} dB)")
     print(f"{report['num_images']} images: PSNR {report['psnr']:.2f} dB{versus}, SSIM {report['ssim']:.4f}{extras}, "
           f"codebook usage {report['codebook_usage']:.3f}, perplexity {report['perplexity']:.1f}; "

@@ -198,3 +198,31 @@ def test_the_psnr_win_rate_counts_the_images_where_the_model_beats_the_same_bits
         expected = np.mean((model > codec) + 0.5 * (model == codec))
         assert row["psnr_win_rate"] == pytest.approx(expected), k
         assert 0 < row["psnr_win_rate"] < 1, k  # the noisy pair loses, the near-copies win
+
+
+def test_the_psnr_margin_and_its_interval_are_the_paired_t_interval_of_the_per_image_differences(photos):
+    """The same stand-in: psnr_margin is the mean of (model - codec) per image, and its 95 % interval
+    is mean +- t * s / sqrt(n), with t = 3.182446 (Student's t table, 3 degrees of freedom, 0.975)."""
+    stub = _NoisyCopies(photos, np.array([0.5, 80.0, 1.0, 90.0]))
+    metrics, _ = evaluate_tokenizer(stub, [photos[:3], photos[3:]], num_shown=0)
+    model = per_image_psnr(photos, stub.decode(stub.encode(photos)))
+    for row in metrics["rate_distortion"]:
+        k = row["tokens"]
+        difference = model - per_image_psnr(photos, same_bits_codec(token_bits(k, 4096))(photos))
+        half_width = 3.182446305284263 * difference.std(ddof=1) / math.sqrt(len(difference))
+        assert row["psnr_margin"] == pytest.approx(difference.mean()), k
+        assert row["psnr_margin"] == pytest.approx(row["psnr"] - row["thumbnail_psnr"]), k
+        assert row["psnr_margin_ci95"] == pytest.approx([difference.mean() - half_width,
+                                                         difference.mean() + half_width]), k
+
+
+def test_the_margin_interval_of_degenerate_differences():
+    """One image has no interval; identical differences give a zero-width one; an exact
+    reconstruction on one side only gives an infinite margin and no interval."""
+    from nativetok_jax.evaluation.rate_distortion import margin_interval
+
+    mean, interval = margin_interval(np.array([1.5]))
+    assert mean == 1.5 and all(math.isnan(x) for x in interval)
+    assert margin_interval(np.array([2.0, 2.0, 2.0])) == (2.0, [2.0, 2.0])
+    mean, interval = margin_interval(np.array([1.0, math.inf]))
+    assert mean == math.inf and all(math.isnan(x) for x in interval)

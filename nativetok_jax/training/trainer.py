@@ -266,6 +266,8 @@ def _evaluate(
     metrics.update({f"baseline_psnr_{name}": value for name, value in baselines.items()})
     # How often the codes beat the same-bits codec, beside the means (evaluation/rate_distortion.py).
     metrics["psnr_win_rate"] = whole["psnr_win_rate"]
+    metrics["psnr_margin"] = whole["psnr_margin"]
+    metrics["psnr_margin_ci95_low"], metrics["psnr_margin_ci95_high"] = whole["psnr_margin_ci95"]
     # The loop evaluates after step ``step`` and fits the codebook before the next one, so at the
     # warm-up's last step the codes are still unfitted.
     quantized = not quantizer_warmup_steps or step > quantizer_warmup_steps
@@ -279,9 +281,10 @@ def _evaluate(
     previews = {k: round(v, 2) for k, v in metrics.items() if k.startswith("psnr_first")}
     rounded = {k: round(v, 2) for k, v in baselines.items()}
     if quantized:
-        logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s; above the same-bits "
-                     "codec on %.0f %% of the images)", step, metrics["psnr"], previews, rounded,
-                     100 * metrics["psnr_win_rate"])
+        logging.info("step %d: held-out PSNR %.2f dB (first-token previews %s; baselines %s; %+.2f dB from the "
+                     "same-bits codec, 95 %% interval %+.2f to %+.2f, above it on %.0f %% of the images)", step,
+                     metrics["psnr"], previews, rounded, metrics["psnr_margin"], metrics["psnr_margin_ci95_low"],
+                     metrics["psnr_margin_ci95_high"], 100 * metrics["psnr_win_rate"])
     else:
         logging.info("step %d: held-out PSNR %.2f dB through the continuous tokens (the quantiser starts at step %d; "
                      "through the not yet fitted codebook %.2f dB; baselines %s)", step, metrics.get("psnr_continuous", np.nan),

@@ -16,6 +16,7 @@ from nativetok_jax.data.photos import load_photos
 from nativetok_jax.evaluation.baselines import same_bits_codec, thumbnail_side_for_bits, token_bits
 from nativetok_jax.evaluation.dvae_metrics import evaluate_dvae
 from nativetok_jax.evaluation.plots import plot_rate_distortion
+from nativetok_jax.evaluation.rate_distortion import margin_interval
 from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
 from nativetok_jax.tokenizer import Tokenizer, preview_lengths
 
@@ -219,8 +220,6 @@ def test_the_psnr_margin_and_its_interval_are_the_paired_t_interval_of_the_per_i
 def test_the_margin_interval_of_degenerate_differences():
     """One image has no interval; identical differences give a zero-width one; an exact
     reconstruction on one side only gives an infinite margin and no interval."""
-    from nativetok_jax.evaluation.rate_distortion import margin_interval
-
     mean, interval = margin_interval(np.array([1.5]))
     assert mean == 1.5 and all(math.isnan(x) for x in interval)
     assert margin_interval(np.array([2.0, 2.0, 2.0])) == (2.0, [2.0, 2.0])

@@ -64,8 +64,8 @@ class SameBitsTotals:
             codec.name: codec for codec in self.codecs.values()}
         self.reconstruct[MEAN_COLOUR] = mean_colour
         self.sums: dict[str, dict[str, float]] = {name: {} for name in self.reconstruct}
-        self.wins = {k: 0.0 for k in self.codecs}
-        self.margins: dict[int, list[np.ndarray]] = {k: [] for k in self.codecs}  # per image: model - codec
+        # Per prefix length, per image: model - codec (the win rate and the margin both come from these).
+        self.margins: dict[int, list[np.ndarray]] = {k: [] for k in self.codecs}
         self._batch_psnr: dict[str, np.ndarray] = {}  # per codec: the last batch's per-image PSNR
 
     def add(self, images: np.ndarray, count: int, pair_metrics: PairMetrics) -> None:
@@ -79,12 +79,11 @@ class SameBitsTotals:
                     self._batch_psnr[name] = np.asarray(values, np.float64)[:count]
 
     def compare(self, tokens: int, psnr: np.ndarray) -> None:
-        """Counts the images of the batch last given to :meth:`add` whose ``psnr`` (per image, from
-        the first ``tokens`` ids) is above the same-bits codec's, ties counting half, and keeps the
-        per-image differences for the margin's interval."""
+        """Keeps, for the images of the batch last given to :meth:`add`, the difference between
+        ``psnr`` (per image, from the first ``tokens`` ids) and the same-bits codec's: positive where
+        the model is better, 0 on a tie."""
         codec = self._batch_psnr[self.codecs[tokens].name]
         model = np.asarray(psnr, np.float64)[: len(codec)]
-        self.wins[tokens] += float(np.sum(model > codec) + 0.5 * np.sum(model == codec))
         # Equal PSNRs (an exact reconstruction from both is inf on both) differ by 0, not inf - inf.
         self.margins[tokens].append(np.where(model == codec, 0.0, model - codec))
 
@@ -110,8 +109,9 @@ class SameBitsTotals:
                        thumbnail_bits_per_channel=codec.bits_per_channel)
             row.update({f"thumbnail_{metric}": value for metric, value in means[codec.name].items()})
             row.update({f"{MEAN_COLOUR}_{metric}": value for metric, value in means[MEAN_COLOUR].items()})
-            row["psnr_win_rate"] = self.wins[k] / num_images
-            row["psnr_margin"], row["psnr_margin_ci95"] = margin_interval(np.concatenate(self.margins[k]))
+            differences = np.concatenate(self.margins[k])
+            row["psnr_win_rate"] = float(np.sum(differences > 0) + 0.5 * np.sum(differences == 0)) / num_images
+            row["psnr_margin"], row["psnr_margin_ci95"] = margin_interval(differences)
             rows.append(row)
         return rows
 

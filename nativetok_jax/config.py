@@ -114,6 +114,11 @@ def data_section() -> ml_collections.ConfigDict:
     # image's short side, resized to model.image_size; 1.0 and 1.0 is TiTok's resize-and-crop.
     data.crop_min = 1.0
     data.crop_max = 1.0
+    # The held-out crops of the bundled photographs (data.source "photos"): the same kind of square at
+    # a fraction in [eval_crop_min, eval_crop_max] of the short side; 0 and 0 judge at the training
+    # crops' scale. Set them to train at one scale and judge at another (docs/models_that_learn.md).
+    data.eval_crop_min = 0.0
+    data.eval_crop_max = 0.0
     data.flip = True
     # Each training crop's RGB channels in a random order: colours the training images lack are
     # seen all the same (the bundled photographs are half grey and hardly blue; docs/models_that_learn.md).
@@ -449,6 +454,10 @@ def validate_crops(data: ml_collections.ConfigDict) -> None:
     """The training crops' fields (``data/pipeline.py``), shared by every trainer that crops images."""
     require(0 < data.crop_min <= data.crop_max <= 1, "data.crop_min",
              f"need 0 < crop_min <= crop_max <= 1, got {data.crop_min!r} and {data.crop_max!r}")
+    low, high = data.get("eval_crop_min", 0.0), data.get("eval_crop_max", 0.0)
+    require(low == high == 0 or 0 < low <= high <= 1, "data.eval_crop_min",
+             f"need 0 < eval_crop_min <= eval_crop_max <= 1 (or both 0: the training crops' scale), got "
+             f"{low!r} and {high!r}")
     boolean(data.get("flip"), "data.flip")
     boolean(data.get("permute_channels", False), "data.permute_channels")
 

@@ -43,7 +43,7 @@ from nativetok_jax.command import boundary, own_flags_parser  # noqa: E402
 from nativetok_jax.config import unfitted_codebook  # noqa: E402
 from nativetok_jax.errors import UserError  # noqa: E402
 from nativetok_jax.data.images import center_crop  # noqa: E402
-from nativetok_jax.data.pipeline import SkippedImages, decode, eval_images  # noqa: E402
+from nativetok_jax.data.pipeline import SkippedImages, decode, eval_crop_range, eval_images  # noqa: E402
 from nativetok_jax.data.sources import (  # noqa: E402
     SAMPLE_IDS_FILE,
     DataError,
@@ -308,6 +308,7 @@ def run_evaluation(
     if inception_path and expected_images < 2:
         raise EvaluationError(f"--inception: rFID needs at least 2 images, --data has {expected_images}")
     size = tokenizer.image_size
+    low, high = eval_crop_range(config.data)  # the held-out crops' scale, where held_out is set
     if size < WIN_SIZE:
         raise EvaluationError(f"--workdir: the tokenizer works at {size} x {size} px; SSIM needs at least "
                               f"{WIN_SIZE} x {WIN_SIZE}")
@@ -317,7 +318,7 @@ def run_evaluation(
         "image_size": size,
         "batch_size": batch_size,
         "preprocessing": (PREPROCESSING.format(size=size) if held_out is None else HELD_OUT_PREPROCESSING.format(
-            size=size, low=config.data.crop_min, high=config.data.crop_max, seed=config.train.seed)),
+            size=size, low=low, high=high, seed=config.train.seed)),
         "checkpoint": checkpoint,
         **(dvae_protocol(tokenizer) if is_dvae else {
             "reconstruction": "the tokenizer's decode output (uint8), from the first k tokens of encode",

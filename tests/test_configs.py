@@ -287,7 +287,8 @@ def test_a_run_written_before_a_field_existed_reads_with_its_default(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["demo.py", "dvae_demo.py", "dit_demo.py"])
-@pytest.mark.parametrize("field, value", [("data.permute_channels", "yes"), ("data.flip", 1), ("data.crop_min", 0.0)])
+@pytest.mark.parametrize("field, value", [("data.permute_channels", "yes"), ("data.flip", 1), ("data.crop_min", 0.0),
+                                          ("data.eval_crop_min", 0.3), ("data.eval_crop_min", -0.1)])
 def test_every_trainer_that_crops_refuses_a_bad_crop_field_in_one_line(spec, field, value):
     from nativetok_jax import tasks
 

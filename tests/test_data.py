@@ -138,6 +138,25 @@ def test_held_out_photographs_are_not_training_photographs():
     np.testing.assert_array_equal(images, again)  # a fixed evaluation set
 
 
+def test_held_out_crops_are_drawn_at_their_own_scale_when_it_is_set():
+    """data.eval_crop_min / eval_crop_max: train at one scale, judge at another; unset (0, 0) they
+    are the training crops' scale."""
+    from nativetok_jax.data.pipeline import eval_crop_range
+
+    assert eval_crop_range(data_config(crop_min=0.3, crop_max=0.7)) == (0.3, 0.7)
+    data = data_config(source="photos", crop_min=0.05, crop_max=0.7, eval_crop_min=0.2, eval_crop_max=0.5)
+    assert eval_crop_range(data) == (0.2, 0.5)
+    held_out = open_sources(data_config(source="photos"), 8)[1]
+    images = eval_images(data, held_out, image_size=16, num_images=8, seed=0)
+    # The same draws as a run that trains and judges at 0.2-0.5 (the crops depend on the range only).
+    same = eval_images(data_config(source="photos", crop_min=0.2, crop_max=0.5), held_out, image_size=16,
+                       num_images=8, seed=0)
+    np.testing.assert_array_equal(images, same)
+    other = eval_images(data_config(source="photos", crop_min=0.05, crop_max=0.7), held_out, image_size=16,
+                        num_images=8, seed=0)
+    assert not np.array_equal(images, other)
+
+
 def test_folder_without_eval_path_holds_out_images_it_never_trains_on(tmp_path):
     write_images(tmp_path, [f"{i}.png" for i in range(10)])
     train, held_out = open_sources(data_config(source="folder", path=str(tmp_path)), 3)

@@ -160,6 +160,16 @@ def train_iterator(
     return iter(iterable)
 
 
+def eval_crop_range(data: ml_collections.ConfigDict) -> tuple[float, float]:
+    """The held-out crops' side as a fraction ``(low, high)`` of the short side.
+
+    ``data.eval_crop_min`` / ``eval_crop_max`` where set (both > 0), else the training crops'
+    ``data.crop_min`` / ``crop_max``: a run judged at the scale it trains at unless told otherwise.
+    """
+    low, high = data.get("eval_crop_min", 0.0), data.get("eval_crop_max", 0.0)
+    return (low, high) if low > 0 and high > 0 else (data.crop_min, data.crop_max)
+
+
 def eval_images(
     data: ml_collections.ConfigDict,
     source: Any,
@@ -172,9 +182,11 @@ def eval_images(
     """A fixed evaluation set, uint8 ``[N, H, W, 3]``.
 
     Bundled photographs (few and large) give ``num_images`` crops drawn like the training crops
-    with a fixed seed; other sources give centre crops of their first ``num_images`` images.
+    (at :func:`eval_crop_range`'s scale) with a fixed seed; other sources give centre crops of their
+    first ``num_images`` images.
     """
     skipped = skipped or SkippedImages()
+    low, high = eval_crop_range(data)
     rng = np.random.default_rng(seed)
     images = []
     index = 0
@@ -185,7 +197,7 @@ def eval_images(
         if image is None:
             continue
         if data.source == "photos":
-            images.append(random_crop(image, rng, image_size, data.crop_min, data.crop_max, flip=False))
+            images.append(random_crop(image, rng, image_size, low, high, flip=False))
         else:
             images.append(center_crop(image, image_size))
     if not images:

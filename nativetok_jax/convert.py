@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 
+from nativetok_jax import storage
 from nativetok_jax.config import ConfigError
 from nativetok_jax.pretrained import files
 from nativetok_jax.pretrained.dit import convert_dit
@@ -63,6 +64,8 @@ def convert(network: str, inputs: list[str], out: str, *, image_size: int | None
     given = [name for name, value in (("--image_size", image_size), ("--num_heads", num_heads), ("--vae", vae)) if value]
     if given and network != "dit":
         raise files.WeightsError(f"{given[0]}: only the dit converter uses it")
+    # dit and titok write a run directory, the rest one .npz; checked before the (large) weights are read.
+    storage.check_writable(out, "--out", directory=network in ("dit", "titok"))
     if network == "dit":
 
         return convert_dit(inputs[0], out, image_size=image_size, num_heads=num_heads, vae=vae)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert(args.network, args.inputs, args.out, image_size=args.image_size, num_heads=args.num_heads,
                       vae=args.vae))
-    except (WeightsError, ConfigError) as error:  # a file, or sizes (--image_size), that cannot make a model
+    except (WeightsError, ConfigError, storage.OutputError) as error:  # a file, or sizes (--image_size), that cannot make a model
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -555,6 +555,7 @@ def main(argv: list[str]) -> None:
 def _evaluate_and_report() -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.samples):
         sys.exit("error: give either --workdir (a tokenizer to judge) or --samples (generated images)")
+    storage.check_writable(FLAGS.out, "--out")  # in seconds, not after the evaluation
     if FLAGS.samples:
         report = run_sample_evaluation(
             FLAGS.samples, FLAGS.out, inception_path=FLAGS.inception, reference_stats=FLAGS.reference_stats,

@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from nativetok_jax.command import boundary
-from nativetok_jax import workdir
+from nativetok_jax import storage, workdir
 from nativetok_jax.config import ConfigError, validate_crops, validate_data_source  # noqa: E402
 from nativetok_jax.data import pipeline, sources
 from nativetok_jax.models.d2it import grain_router
@@ -93,6 +93,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
     with boundary():
+        storage.check_writable(FLAGS.out, "--out")  # in seconds, not after the crops' entropies
         thresholds = compute_thresholds(FLAGS.config, FLAGS.num_images, FLAGS.batch_size)
         thresholds.save(FLAGS.out)
     median = thresholds.threshold_at(50)

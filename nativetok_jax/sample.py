@@ -419,6 +419,7 @@ def _sample_and_report() -> None:
     out = FLAGS.out or str(storage.path(FLAGS.workdir) / "samples")
     config = require_task(FLAGS.workdir, "sample", tasks.with_part("sample"),
                           advice="a tokenizer or DVAE is judged with evaluate --workdir")
+    storage.check_writable(out, "--out", directory=True)  # in seconds, not after the sampling
     print(tasks.of(config).load("sample")(FLAGS.workdir, out, flags))
 
 

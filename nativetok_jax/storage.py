@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from nativetok_jax.errors import UserError, first_line
+
 PathLike = str | os.PathLike
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -39,6 +41,44 @@ def canonical(path: PathLike) -> str:
     """A name of ``path`` that is the same from every host and working directory, for a record
     (a store's description): a local path absolute with its links resolved, a URL unchanged."""
     return os.path.realpath(path) if is_local(path) else os.fspath(path)
+
+
+class OutputError(UserError, OSError):
+    """An output the command was told to write cannot be written there."""
+
+
+def check_writable(target: PathLike, flag: str, *, directory: bool = False) -> epath.Path:
+    """Makes sure, before any work, that the command can write ``target`` (a file, or a directory
+    where ``directory``): its parents are created and an empty probe file written beside (or in)
+    it and removed, so an unwritable place fails in seconds rather than after the evaluation or
+    the benchmark it was to hold. Returns ``target`` as :func:`path` gives it.
+
+    Raises:
+      OutputError: one line naming ``flag`` and ``target``: a directory where a file is wanted (or a
+        file where a directory is), or the operating system's reason (no permission, a parent that
+        is a file, a read-only file system, a bucket that refuses the write).
+    """
+    resolved = path(target)
+    if not directory and resolved.is_dir():
+        raise OutputError(f"{flag}: {resolved} is a directory; name the file to write")
+    if directory and resolved.exists() and not resolved.is_dir():
+        raise OutputError(f"{flag}: {resolved} is a file; name a directory to write into")
+    folder = resolved if directory else resolved.parent
+    if is_local(folder):  # a file on the way names itself (mkdir would only say "File exists")
+        ancestor = folder
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{flag}: cannot write {resolved}: {ancestor} is a file, not a directory")
+    probe = folder / f".{resolved.name or 'out'}.probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or first_line(error)
+        raise OutputError(f"{flag}: cannot write {resolved}: {reason}") from error
+    return resolved
 
 
 def write_bytes(target: PathLike, data: bytes) -> None:

@@ -6,6 +6,7 @@ process through its own ``main`` (as ``python -m`` would, without the process st
 import os
 import signal
 import sys
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -181,6 +182,58 @@ def test_export_of_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys
     (workdir / "config.json").write_text(train_config().to_json_best_effort())
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"error: no finished checkpoint under {str(workdir)!r} or its training stages\n"
+
+
+# ------------------------------------------------------------------- an output that cannot be written
+
+def unwritable(tmp_path) -> str:
+    """A path under a regular file: no process can create it (a permission check would not stop
+    root, which CI may run as)."""
+    (tmp_path / "a_file").write_text("")
+    return str(tmp_path / "a_file" / "out")
+
+
+@pytest.mark.parametrize("bench", ["compile", "model", "train", "generate", "compare", "profile", "diffusion"])
+def test_every_benchmark_refuses_an_unwritable_out_in_one_line_before_it_runs(bench, tmp_path, capsys):
+    from nativetok_jax.bench import __main__ as bench_main
+
+    out = unwritable(tmp_path)
+    required = ["--configs", "configs/demo.py"] if bench == "compile" else []
+    with pytest.raises(SystemExit) as stop:
+        bench_main.main([bench, *required, "--out", out])
+    assert stop.value.code == f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory"
+
+
+def test_evaluate_and_the_tools_refuse_an_unwritable_out_in_one_line_before_any_work(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from nativetok_jax import convert, grain_thresholds
+
+    out = unwritable(tmp_path)
+    # evaluate: before the workdir is even read (it does not exist here).
+    assert run_command(evaluate, ["--workdir", str(tmp_path / "no_run"), "--data", "photos", "--out", out]) == (
+        f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory")
+    # convert: before the (absent) weights are read; dit writes a run directory, the others a file.
+    for network in ("dit", "inception"):
+        assert convert.main([network, str(tmp_path / "absent.pt"), "--out", out]) == 1
+        assert capsys.readouterr().err == f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory\n"
+    # grain_thresholds: before its config's crops are measured.
+    monkeypatch.setattr(grain_thresholds, "compute_thresholds", lambda *a, **k: pytest.fail("crops were measured"))
+    monkeypatch.setattr(grain_thresholds, "FLAGS", SimpleNamespace(config=None, out=out, num_images=8, batch_size=8))
+    with pytest.raises(SystemExit) as stop:
+        grain_thresholds.main(["grain_thresholds"])
+    assert stop.value.code == f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory"
+
+
+@pytest.mark.slow
+def test_sample_and_export_refuse_an_unwritable_out_in_one_line_before_loading(runs, tmp_path, capsys, monkeypatch):
+    from nativetok_jax import checkpoints
+
+    out, generator, tokenizer = unwritable(tmp_path), runs("ar"), runs("tokenizer")
+    monkeypatch.setattr(checkpoints, "load_params", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    assert run_command(sample, ["--workdir", generator, "--out", out, "--num_samples", "2"]) == (
+        f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory")
+    assert export.main(["--workdir", tokenizer, "--out", out]) == 1
+    assert capsys.readouterr().err.endswith(f"error: --out: cannot write {out}: {tmp_path / 'a_file'} is a file, not a directory\n")
 
 
 # ----------------------------------------------------------------------------- the error boundary

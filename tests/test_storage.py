@@ -159,6 +159,27 @@ def test_checkpoints_hand_orbax_the_url_and_the_tokenizer_loads_from_it(fake_gcs
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(loaded.params)), expected))
 
 
+def test_check_writable_makes_the_place_and_leaves_nothing_else_there(tmp_path, fake_gcs):
+    """Every command checks its output place before it works: created, probed, left as it was."""
+    target = tmp_path / "deep" / "er" / "eval.json"
+    assert storage.check_writable(target, "--out") == epath.Path(target)
+    assert os.listdir(tmp_path / "deep" / "er") == [] and not target.exists()
+    assert storage.check_writable(tmp_path / "run_dir", "--out", directory=True) == epath.Path(tmp_path / "run_dir")
+    assert os.listdir(tmp_path / "run_dir") == []
+    url = "gs://bucket/results/eval.json"
+    assert str(storage.check_writable(url, "--out")) == url
+    assert os.listdir(fake_gcs.local("gs://bucket/results")) == []
+    # One line naming the flag and what is wrong with the place.
+    with pytest.raises(storage.OutputError, match=rf"^--out: {tmp_path / 'run_dir'} is a directory; name the file"):
+        storage.check_writable(tmp_path / "run_dir", "--out")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(storage.OutputError, match=rf"^--out: {tmp_path / 'a_file'} is a file; name a directory"):
+        storage.check_writable(tmp_path / "a_file", "--out", directory=True)
+    with pytest.raises(storage.OutputError, match=rf"^--out: cannot write {tmp_path / 'a_file' / 'x' / 'y.json'}: "
+                                                  rf"{tmp_path / 'a_file'} is a file, not a directory$"):
+        storage.check_writable(tmp_path / "a_file" / "x" / "y.json", "--out")
+
+
 def test_project_files_round_trip_through_a_url(fake_gcs):
     root = epath.Path("gs://bucket/files")
     config = tiny_config()

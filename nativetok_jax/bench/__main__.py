@@ -9,6 +9,7 @@ import sys
 import jax
 
 from nativetok_jax.bench import aot, compare, diffusion, generate, model, profile, train
+from nativetok_jax.errors import one_line_errors
 
 BENCHMARKS = {"compile": aot.run, "model": model.run, "train": train.run, "generate": generate.run,
               "compare": compare.run, "profile": profile.run,
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: python -m nativetok_jax.bench {{{','.join(BENCHMARKS)}}} [--help]")
     jax.config.update("jax_enable_compilation_cache", False)  # compile times must be real compiles
-    BENCHMARKS[argv[0]](argv[1:])
+    with one_line_errors():  # a bad flag, file or output place is one line; a bug keeps its traceback
+        BENCHMARKS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

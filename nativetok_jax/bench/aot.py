@@ -57,7 +57,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import checkpoints, sharding, tasks
+from nativetok_jax import checkpoints, sharding, storage, tasks
 from nativetok_jax.bench.compare import override_field
 from nativetok_jax.bench.diffusion import LatentBench, _grain_shape, latent_shape
 from nativetok_jax.bench.diffusion import _build as build_diffusion_state  # noqa: F401 - tests build a concrete state
@@ -739,6 +739,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--out", default="bench_results/compile.json")
     parser.add_argument("--save_hlo", default="", help="a directory to write each compiled step's optimised HLO to")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
     try:
         return _run(args)
     except CompileError as error:

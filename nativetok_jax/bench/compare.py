@@ -44,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from nativetok_jax import storage
 from nativetok_jax.bench import peer
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second
@@ -296,6 +297,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                         help="override a field of our config, e.g. model.experts.remat=False (repeatable)")
     parser.add_argument("--out", default="bench_results/compare.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
 
     import torch  # a development dependency (see bench/peer.py)
 

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding, tasks
+from nativetok_jax import sharding, storage, tasks
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import matmul_flops_per_second
 from nativetok_jax.config import ConfigError, d2it_latent_shape, dit_latent_shape, load_config_file, validate_d2it, validate_dit
@@ -238,6 +238,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up step")
     parser.add_argument("--out", default="bench_results/diffusion.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
     specs = args.configs.split(",") if args.configs else list(DEFAULTS)
 
     def per_config(value: str | None, name: str) -> list[int]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nativetok_jax import storage
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.generation.autoregressive import sampler
 from nativetok_jax.models.generators.gpt import GPT
@@ -57,6 +58,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
     parser.add_argument("--out", default="bench_results/generate.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
 
     model = GPT(
         vocab_size=args.vocab_size, num_tokens=args.num_tokens, num_classes=args.num_classes,

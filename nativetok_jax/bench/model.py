@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nativetok_jax import sharding
+from nativetok_jax import sharding, storage
 from nativetok_jax.config import load_config_file
 from nativetok_jax.layers.partitioning import axis_rules
 from nativetok_jax.models.nativetok import build_model
@@ -90,6 +90,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                              "time grows fast: about 90 s at L=32 and 250 s at L=64 for the demo on 2 CPU cores")
     parser.add_argument("--out", default="bench_results/model.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
 
     base = load_config_file(args.config)
     unrolled = {int(t) for t in args.unrolled_tokens.split(",") if t}

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from nativetok_jax import storage
 from nativetok_jax.bench.compare import PROTOTYPE, TINY, compare_config, override_field
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.bench.train import _compiled_step, matmul_flops_per_second, unrolled_step_flops
@@ -227,6 +228,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--trace_dir", default="", help="where the trace stays (default: a temporary directory)")
     parser.add_argument("--out", default="bench_results/profile.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
     if args.config:
         config = load_config_file(args.config)
     else:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nativetok_jax import sharding
+from nativetok_jax import sharding, storage
 from nativetok_jax.bench.model import write_json
 from nativetok_jax.config import load_config_file
 from nativetok_jax.models.nativetok import build_model
@@ -141,6 +141,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--no_growth", action="store_true", help="skip the growth-stage timing")
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
+    storage.check_writable(args.out, "--out")  # in seconds, not after the runs it is to hold
 
     dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     peak = matmul_flops_per_second(dtype)

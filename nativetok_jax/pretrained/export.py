@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nativetok_jax import checkpoints, tasks
+from nativetok_jax import checkpoints, storage, tasks
 from nativetok_jax.errors import UserError, first_line
 from nativetok_jax.workdir import require_task
 
@@ -26,6 +26,7 @@ def export_run(workdir: str, out: str, *, use_ema: bool = True) -> str:
     line), and the loaders' errors (``WeightsError``, ``ConfigError``) for what they cannot load."""
     config = require_task(workdir, "export", tuple(tasks.TASKS))
     checkpoints.final_stage_directory(workdir)  # a run without a checkpoint is one line, before any loading
+    storage.check_writable(out, "--out", directory=True)  # before the checkpoint is read
     task = tasks.of(config)
     task.load("export").from_checkpoint(workdir, use_ema=use_ema).save_pretrained(out)
     return task.export_kind

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert(args.network, args.inputs, args.out, image_size=args.image_size, num_heads=args.num_heads,
                       vae=args.vae))
-    except (WeightsError, ConfigError, storage.OutputError) as error:  # a file, or sizes (--image_size), that cannot make a model
+    # A file or sizes (--image_size) that cannot make a model, or an --out that cannot be written.
+    except (WeightsError, ConfigError, storage.OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

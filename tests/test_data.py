@@ -155,6 +155,15 @@ def test_held_out_crops_are_drawn_at_their_own_scale_when_it_is_set():
     other = eval_images(data_config(source="photos", crop_min=0.05, crop_max=0.7), held_out, image_size=16,
                         num_images=8, seed=0)
     assert not np.array_equal(images, other)
+    # The held-out token and latent stores crop the same way, unflipped; other sources whole.
+    from nativetok_jax.data.pipeline import held_out_section
+
+    section = held_out_section(data)
+    assert (section.crop_min, section.crop_max, section.flip) == (0.2, 0.5, False)
+    assert data.flip and (data.crop_min, data.crop_max) == (0.05, 0.7)  # the run's own section is left as it was
+    folder = held_out_section(data_config(source="folder", crop_min=0.3, crop_max=0.6, eval_crop_min=0.2,
+                                          eval_crop_max=0.5))
+    assert (folder.crop_min, folder.crop_max, folder.flip) == (1.0, 1.0, False)
 
 
 def test_folder_without_eval_path_holds_out_images_it_never_trains_on(tmp_path):

@@ -170,6 +170,16 @@ def eval_crop_range(data: ml_collections.ConfigDict) -> tuple[float, float]:
     return (low, high) if low > 0 and high > 0 else (data.crop_min, data.crop_max)
 
 
+def held_out_section(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``data`` that crops the held-out images as a store of them is cropped: unflipped,
+    at :func:`eval_crop_range`'s scale for the bundled photographs (few and large, cropped like the
+    training images), whole (centre crops, ``crop_min = crop_max = 1``) for every other source."""
+    held_out = ml_collections.ConfigDict(data.to_dict())
+    low, high = eval_crop_range(data) if data.source == "photos" else (1.0, 1.0)
+    held_out.update(crop_min=low, crop_max=high, flip=False)
+    return held_out
+
+
 def eval_images(
     data: ml_collections.ConfigDict,
     source: Any,

@@ -33,7 +33,7 @@ from flax import nnx
 from nativetok_jax import sharding, storage
 from nativetok_jax.config import ConfigError, dit_latent_shape, validate_dit
 from nativetok_jax.data.latent_store import LatentSource
-from nativetok_jax.data.pipeline import eval_crop_range
+from nativetok_jax.data.pipeline import held_out_section
 from nativetok_jax.data.sources import PhotoSource, data_line, describe_data, open_sources
 from nativetok_jax.diffusion.gaussian import GaussianDiffusion, build_diffusion
 from nativetok_jax.diffusion.losses import diffusion_loss, eps_mse_at
@@ -124,12 +124,7 @@ def store_sources(config: ml_collections.ConfigDict) -> StoreSources:
         raise ConfigError(f"config.model.num_classes: {model.num_classes}, but the data has {data_classes} classes")
     encoding = ml_collections.ConfigDict(data.to_dict())
     encoding.flip = False  # both flips are stored
-    held_out = ml_collections.ConfigDict(encoding.to_dict())
-    if data.source != "photos":  # held-out images: centre crops
-        held_out.update(crop_min=1.0, crop_max=1.0)
-    else:  # at the held-out scale, as the autoencoder's own evaluations
-        low, high = eval_crop_range(data)
-        held_out.update(crop_min=low, crop_max=high)
+    held_out = held_out_section(data)  # at the held-out scale, as the autoencoder's own evaluations
     num_eval = data.num_eval_images if data.source == "photos" else min(data.num_eval_images, len(eval_source))
     return StoreSources(train_source, eval_source, encoding, held_out,
                         config.latents.num_train_examples or len(train_source), num_eval, data_classes, described)

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from nativetok_jax import checkpoints, sharding, storage
 from nativetok_jax.config import ConfigError, validate_generator
-from nativetok_jax.data.pipeline import eval_crop_range, shuffled_forever
+from nativetok_jax.data.pipeline import held_out_section, shuffled_forever
 from nativetok_jax.data.sources import describe_data, open_sources
 from nativetok_jax.data.token_order import reading_order, to_tokenizer_order, token_permutation
 from nativetok_jax.data.token_store import TokenSource
@@ -113,14 +113,9 @@ def held_out_crops(config: ml_collections.ConfigDict, eval_source: Any) -> tuple
     ``token_extraction.example_image`` (example ``i`` is ``example_image(eval_source, i, data,
     image_size, seed, ...)``). Centre crops without flips, except for the bundled photographs
     (few and large), which are cropped as for training at the held-out scale
-    (``data.pipeline.eval_crop_range``), unflipped, from ``train.seed + 1``."""
+    (``data.pipeline.held_out_section``), unflipped, from ``train.seed + 1``."""
     data, g = config.data, config.generator
-    eval_data = ml_collections.ConfigDict(data.to_dict())
-    if data.source != "photos":  # held-out images: centre crops, no flips
-        eval_data.update(crop_min=1.0, crop_max=1.0, flip=False)
-    else:  # at the held-out scale, as the tokenizer's own evaluations
-        low, high = eval_crop_range(data)
-        eval_data.update(crop_min=low, crop_max=high, flip=False)
+    eval_data = held_out_section(data)  # at the held-out scale, as the tokenizer's own evaluations
     num_eval = g.num_eval_examples or min(data.num_eval_images, len(eval_source) * (data.num_eval_images if data.source == "photos" else 1))
     return eval_data, num_eval, config.train.seed + 1
 

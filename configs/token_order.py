@@ -9,8 +9,9 @@ Arms (``arms``, comma-separated; ``nativetok_jax/experiments/token_order.py`` sa
 (the same encoder, latent token i seeing the image and latents <= i: the paper's plain-causal-mask
 ablation), ``native_permuted`` / ``native_reversed`` (NativeTok's own ids and token store, read by
 the generator in a fixed random / reversed order). Every tokenizer gets the same data, budget
-(steps x batch), schedule, codebook (4096 x 12) and token count (32); every generator the same
-size, steps and seed. ``seeds`` = N trains every arm N times (tokenizer and generator seed i).
+(steps x batch), schedule, codebook (4096 x 12) and code: the demo's 32 ids, whose first 2 are the
+crop's mean colour (``model.shortcut``, the same ids in every arm) and the other 30 the arm's
+learned tokens; every generator the same size, steps and seed. ``seeds`` = N trains every arm N times (tokenizer and generator seed i).
 ``match_parameters`` ("depth" or "width") grows the order-free encoders until they have as many
 parameters as NativeTok's MIT + experts (at the demo's sizes they have 5x fewer; the report says so).
 
@@ -35,8 +36,8 @@ kept (fewer would save seconds, not minutes): the paired bootstrap's interval sh
 idle cores): native, order_free, causal_mask and native_permuted, seeds 0-2, generators at 400 steps.
 
 ``configs/token_order.py:full`` is that table on the demo's best tokenizers: every tokenizer trains
-the demo's own 12,800 steps (configs/demo.py; NativeTok's codes then come within 0.9 dB of the
-same-bits thumbnail on 1,024 held-out crops and beat it on 59 % of them) and the order-free encoders are grown in depth to NativeTok's MIT + experts'
+the demo's own 12,800 steps (configs/demo.py; NativeTok's codes then beat the same-bits
+thumbnail by 0.9 dB on 1,024 held-out crops, on 67 % of them) and the order-free encoders are grown in depth to NativeTok's MIT + experts'
 parameter count (``match_parameters="depth"``). About 40 minutes per tokenizer on 2 idle cores, so
 about 7 hours for the three seeds; ``--seeds 1 --arms native,order_free`` is the two-hour look.
 """

@@ -157,7 +157,8 @@ def _eps_mse(summary: dict[str, Any]) -> str:
 def _tokenizer_line(summary: dict[str, Any], workdir: str) -> str:
     baselines = ", ".join(f"{k[len('baseline_psnr_'):]} {v:.2f} dB" for k, v in summary.items()
                           if k.startswith("baseline_psnr_"))
-    return (f"held-out PSNR {summary['psnr']:.2f} dB with {summary['num_tokens']} tokens (baselines: {baselines}); "
+    colour = f", the first {summary['colour_ids']} the mean colour" if summary.get("colour_ids") else ""
+    return (f"held-out PSNR {summary['psnr']:.2f} dB with {summary['num_tokens']} tokens{colour} (baselines: {baselines}); "
             f"outputs in {workdir}")
 
 

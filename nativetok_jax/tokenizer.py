@@ -24,7 +24,7 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import unfitted_codebook
-from nativetok_jax.models.nativetok import Autoencoder, build_model
+from nativetok_jax.models.nativetok import Autoencoder, build_model, id_count
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
@@ -70,12 +70,12 @@ def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) 
 
     def encode(params: sharding.Params, images: jax.Array) -> jax.Array:
         model: Autoencoder = nnx.merge(graphdef, params)
-        return model.encode(images_to_model(images)).ids
+        return model.encode_ids(images_to_model(images))
 
     def decode(params: sharding.Params, ids: jax.Array, proxy_graphdef: nnx.GraphDef | None, proxy_state: Any) -> jax.Array:
         model: Autoencoder = nnx.merge(graphdef, params)
         num_visible = ids.shape[1]
-        padded = jnp.pad(ids, ((0, 0), (0, model.num_tokens - num_visible)))
+        padded = jnp.pad(ids, ((0, 0), (0, id_count(model_config) - num_visible)))
         out = model.decode_ids(padded, num_visible)
         if model_config.decoder.head == "proxy_codes":
             out = nnx.merge(proxy_graphdef, proxy_state)(out)
@@ -212,7 +212,14 @@ class Tokenizer:
 
     @property
     def num_tokens(self) -> int:
-        return self.config.model.num_tokens
+        """The code's length L: ``model.num_tokens`` learned ids, plus the mean colour's in front with
+        ``model.shortcut = "mean_colour"`` (2 for a 4,096-code book; models/nativetok/mean_colour.py)."""
+        return id_count(self.config.model)
+
+    @property
+    def colour_ids(self) -> int:
+        """How many of the code's first ids carry the mean colour (0 without the shortcut)."""
+        return id_count(self.config.model) - self.config.model.num_tokens
 
     @property
     def codebook_size(self) -> int:

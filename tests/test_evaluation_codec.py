@@ -173,6 +173,7 @@ class _NoisyCopies:
     def __init__(self, images: np.ndarray, sigma: np.ndarray, num_tokens: int = 2):
         self.images, self.sigma = images, sigma
         self.num_tokens, self.codebook_size, self.image_size = num_tokens, 4096, images.shape[1]
+        self.colour_ids = 0  # no mean-colour shortcut: every id is a code
         self.noise = np.random.default_rng(0).normal(size=images.shape)
 
     def encode(self, images):

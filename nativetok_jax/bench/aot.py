@@ -68,7 +68,7 @@ from nativetok_jax.layers.partitioning import axis_rules, shard_spec_for
 from nativetok_jax.models.d2it import grain_router
 from nativetok_jax.models.d2it.dvae import DVAEConfig
 from nativetok_jax.models.generators.gpt import CACHE_AXES
-from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.nativetok import build_model, id_count
 from nativetok_jax.storage import write_json, write_text
 from nativetok_jax.training import hnt
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
@@ -223,7 +223,8 @@ TOKENIZER = _tokenizer_step  # the tokenizer's tasks.Task.bench
 
 
 def generator_tokenizer(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """``(num_tokens, codebook_size)`` of the tokenizer a generator config models: ``generator.tokenizer``
+    """``(num_tokens, codebook_size)`` of the tokenizer a generator config models (``num_tokens``: its
+    code's length, the mean-colour shortcut's ids included): ``generator.tokenizer``
     as a trained workdir (its ``config.json``) or a config file (``configs/nativetok.py:64``), else
     :data:`GENERATOR_TOKENIZER`.
 
@@ -233,7 +234,7 @@ def generator_tokenizer(config: ml_collections.ConfigDict) -> tuple[int, int]:
     name = config.generator.get("tokenizer", "") or GENERATOR_TOKENIZER
     try:
         tokenizer = load_config_file(name) if ".py" in name else checkpoints.read_config(name)
-        return int(tokenizer.model.num_tokens), int(tokenizer.model.quantizer.codebook_size)
+        return id_count(tokenizer.model), int(tokenizer.model.quantizer.codebook_size)
     except Exception as error:  # noqa: BLE001 - a config file's or workdir's errors are many kinds
         text = str(error).strip()
         raise CompileError(f"generator.tokenizer {name!r}: {text.splitlines()[0] if text else type(error).__name__}") from None

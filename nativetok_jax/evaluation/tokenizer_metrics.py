@@ -8,7 +8,8 @@ original. Per length:
 - ``ssim``: per image (:mod:`nativetok_jax.evaluation.ssim`), averaged over images (for images of
   at least its 11 x 11 window; left out for smaller ones);
 - ``lpips``: per image, averaged (with an LPIPS module);
-- ``codebook_usage``: distinct codes among the first k tokens of every image / codebook size;
+- ``codebook_usage``: distinct codes among the first k tokens of every image / codebook size (the
+  mean-colour shortcut's ids, a colour, are not counted);
 - ``perplexity``: ``exp`` of the entropy of those codes' histogram over the whole set;
 - ``rfid``: Frechet distance between the Inception features of the reconstructions and of the
   originals (or given reference statistics), and ``inception_score`` (``_std`` over its splits)
@@ -229,7 +230,10 @@ def evaluate_tokenizer(
         reference = (originals_features.mu, originals_features.sigma)
     if shown is not None:
         shown.extend(np.concatenate(parts) for parts in shown_parts)
-    rows = [totals[k].row(num_images, code_counts[:k].sum(axis=0), reference) for k in lengths]
+    # Codebook figures count learned ids only: the mean-colour shortcut's ids are a colour, not codes.
+    learned = code_counts[tokenizer.colour_ids:]
+    rows = [totals[k].row(num_images, learned[:max(k - tokenizer.colour_ids, 0)].sum(axis=0), reference)
+            for k in lengths]
     metrics: dict[str, Any] = {key: value for key, value in rows[-1].items() if key != "num_tokens"}
     metrics["num_images"] = num_images
     if prefix:

@@ -69,6 +69,7 @@ from nativetok_jax.evaluation.plots import markdown_table, plot_by_position, plo
 from nativetok_jax.evaluation.tokenizer_metrics import evaluate_tokenizer
 from nativetok_jax.generation.pretrained import TrainedGenerator
 from nativetok_jax.models.generators.build import validate_sampling
+from nativetok_jax.models.nativetok import id_count
 from nativetok_jax.models.nativetok.parameter_matching import generator_parameters, match_encoder, tokenizer_parameters
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training.generator_trainer import HELD_OUT_NLL, held_out_crops, train_generator
@@ -284,9 +285,9 @@ def arm_description(config: ml_collections.ConfigDict, arm: str, tokenizers: dic
     counts = tokenizer_parameters(model)
     g = generator_config(config, arm, 0, root)
     counts["generator"] = generator_parameters(g.generator, vocab_size=model.quantizer.codebook_size,
-                                               num_tokens=model.num_tokens, num_classes=num_classes_of(g))
+                                               num_tokens=id_count(model), num_classes=num_classes_of(g))
     return dict(
-        num_tokens=model.num_tokens,
+        num_tokens=id_count(model),
         tokenizer_kind=model.kind,
         latent_causal_mask=bool(model.get("latent_causal_mask", False)),
         encoder=dict(width=model.encoder.width, depth=model.encoder.depth),

@@ -62,10 +62,17 @@ def tokenizer_objective(
     proxy_mode = weights.proxy if config.model.decoder.head == "proxy_codes" else None
     makes_pixels = proxy_mode in (None, "pixels")
 
-    def pixel_readout(model: Autoencoder, nets: dict[str, Any], features: jax.Array) -> tuple[jax.Array, jax.Array, Readout]:
-        """The last pixel-producing layer's input and weight, and the readout that applies it."""
+    def pixel_readout(model: Autoencoder, nets: dict[str, Any], images: jax.Array,
+                      features: jax.Array) -> tuple[jax.Array, jax.Array, Readout]:
+        """The last pixel-producing layer's input and weight, and the readout that applies it (and
+        adds the mean-colour shortcut's colour, when the model has it)."""
         if proxy_mode is None:
-            return features, model.decoder.head.kernel[...], model.decoder.readout
+            shortcut = model.shortcut_image(images)  # the mean colour, or 0.0
+
+            def readout(rows: jax.Array, kernel: jax.Array | None) -> jax.Array:
+                return model.decoder.readout(rows, kernel) + shortcut
+
+            return features, model.decoder.head.kernel[...], readout
         proxy = networks.module(nets, "proxy")
         return proxy.features(model.decoder.readout(features)), proxy.last_kernel, proxy.readout
 
@@ -91,7 +98,7 @@ def tokenizer_objective(
             metrics["proxy_code_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == codes)
             return sum(terms.values()), (dict(metrics, **terms), None)
 
-        last_input, last_kernel, readout = pixel_readout(model, nets, features)
+        last_input, last_kernel, readout = pixel_readout(model, nets, images, features)
         pixel_terms, pixel_metrics, reconstruction = reconstruction_terms(
             weights, images, last_input, last_kernel, readout, context, networks, discriminator,
             adversarial_start_step(train))

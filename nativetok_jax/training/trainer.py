@@ -32,7 +32,7 @@ from nativetok_jax.evaluation.plots import plot_rate_distortion
 from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.nativetok import build_model
+from nativetok_jax.models.nativetok import build_model, id_count
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
@@ -78,12 +78,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         write_config(workdir, resolved)
 
     summary: dict[str, Any] = {"stages": []}
+    colour_ids = id_count(config.model) - config.model.num_tokens
     previous: tuple[epath.Path, int] | None = None
     for index, stage in enumerate(stages):
         stage_dir = hnt.stage_directory(workdir, stage, multi_stage)
         result = _train_stage(config, stage, index, stage_dir, previous, mesh, rules, train_source,
                               evaluation_images, skipped)
-        summary["stages"].append(dict(name=stage.name or "main", num_tokens=stage.num_tokens, **result))
+        # The code's length: the stage's learned tokens and the mean-colour shortcut's ids, if any.
+        colour = {"colour_ids": colour_ids} if colour_ids else {}
+        summary["stages"].append(dict(name=stage.name or "main", num_tokens=stage.num_tokens + colour_ids, **colour,
+                                      **result))
         previous = (stage_dir, stage.num_tokens)
     summary.update(summary["stages"][-1], skipped_images=skipped.count, skipped_examples=skipped.examples,
                    data=describe_data(config.data, train_source, eval_source))

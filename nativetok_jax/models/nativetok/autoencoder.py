@@ -28,6 +28,7 @@ from nativetok_jax.layers.norm import LayerNorm
 from nativetok_jax.layers.remat import remat_of
 from nativetok_jax.models.nativetok.decoder import TokenDecoder
 from nativetok_jax.models.nativetok.experts import CausalExperts
+from nativetok_jax.models.nativetok import mean_colour
 from nativetok_jax.models.nativetok.mit import MetaImageTransformer
 from nativetok_jax.models.nativetok.quantizer import ESTIMATORS, Quantized, Quantizer
 from nativetok_jax.models.nativetok.titok import TiTokEncoder
@@ -58,7 +59,10 @@ class TokenHead(nnx.Module):
 class Autoencoder(nnx.Module):
     """What both tokenizers share; subclasses define ``encoder_features``."""
 
-    num_tokens: int
+    num_tokens: int  # learned tokens; the code has ``colour_ids`` more in front with the mean-colour shortcut
+    colour_ids: int
+    codebook_size: int
+    shortcut: str  # "none" or "mean_colour" (models/nativetok/mean_colour.py)
     token_head: TokenHead
     quantizer: Quantizer
     decoder: TokenDecoder
@@ -66,6 +70,9 @@ class Autoencoder(nnx.Module):
     def _build_shared(self, model: ml_collections.ConfigDict, encoder_width: int, rngs: nnx.Rngs, dtype) -> None:
         self.num_tokens = model.num_tokens
         q = model.quantizer
+        self.codebook_size = q.codebook_size
+        self.shortcut = model.get("shortcut", "none")
+        self.colour_ids = id_count(model) - model.num_tokens
         epsilon = model.get("norm_epsilon", 1e-6)
         self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype, norm_epsilon=epsilon,
                                     legacy_layout=model.get("legacy_token_layout", False))
@@ -102,12 +109,48 @@ class Autoencoder(nnx.Module):
         """
         raise NotImplementedError
 
+    def shortcut_colour(self, images: jax.Array) -> jax.Array | None:
+        """The mean-colour shortcut's colours ``[B, 3]`` of images in [-1, 1] (each image's mean at
+        8 bits per channel; models/nativetok/mean_colour.py), or None without the shortcut."""
+        return mean_colour.quantized_mean(images) if self.shortcut == "mean_colour" else None
+
     def encode(self, images: jax.Array, **freeze) -> Quantized:
+        """The learned tokens of images ``[B, H, W, 3]`` in [-1, 1]; with the mean-colour shortcut
+        the encoder sees each image minus its (quantised) mean colour."""
+        colour = self.shortcut_colour(images)
+        if colour is not None:
+            images = images - colour[:, None, None, :]
         return self.quantizer(self.token_head(self.encoder_features(images, **freeze)))
 
+    def encode_ids(self, images: jax.Array) -> jax.Array:
+        """The code of images ``[B, H, W, 3]`` in [-1, 1]: int32 ids ``[B, colour_ids + num_tokens]``
+        (the mean colour's ids first, with the shortcut)."""
+        ids = self.encode(images).ids
+        colour = self.shortcut_colour(images)
+        if colour is None:
+            return ids
+        return jnp.concatenate([mean_colour.colour_to_ids(colour, self.codebook_size), ids], axis=1)
+
     def decode_ids(self, ids: jax.Array, num_visible: int | jax.Array | None = None) -> jax.Array:
-        """Decoder output for code ids ``[B, L]`` (positions ``>= num_visible`` are hidden)."""
-        return self.decoder(self.quantizer.lookup(ids), num_visible)
+        """Decoder output for a code ``[B, colour_ids + num_tokens]`` (:meth:`encode_ids`; positions
+        ``>= num_visible`` are hidden, an int or ``[B]`` ints, None: none). With the shortcut, a
+        prefix of the colour's ids alone decodes to that colour, flat."""
+        if not self.colour_ids:
+            return self.decoder(self.quantizer.lookup(ids), num_visible)
+        count = self.colour_ids
+        colour = mean_colour.ids_to_colour(ids[:, :count], self.codebook_size, num_visible)[:, None, None, :]
+        if num_visible is None:
+            return self.decoder(self.quantizer.lookup(ids[:, count:])) + colour
+        learned = jnp.maximum(jnp.asarray(num_visible) - count, 0)
+        out = self.decoder(self.quantizer.lookup(ids[:, count:]), learned)
+        # A prefix of colour ids only is the colour: training never decodes from no learned token.
+        return jnp.where(jnp.reshape(learned, (-1, 1, 1, 1)) > 0, out, 0.0) + colour
+
+    def shortcut_image(self, images: jax.Array) -> jax.Array | float:
+        """What the decoder's readout is added to: each image's quantised mean colour ``[B, 1, 1, 3]``
+        with the mean-colour shortcut, else 0.0."""
+        colour = self.shortcut_colour(images)
+        return 0.0 if colour is None else colour[:, None, None, :]
 
     def __call__(
         self,
@@ -121,9 +164,10 @@ class Autoencoder(nnx.Module):
 
         ``quantize=False`` decodes the continuous (l2-normalised) tokens instead of their codes:
         a warm-up that lets the autoencoder find its tokens before the codebook is fitted to them.
+        ``num_visible`` counts learned tokens: the shortcut's colour is always given.
         """
         features, quantized = self.features(images, num_visible, quantize=quantize, **freeze)
-        return self.decoder.readout(features), quantized
+        return self.decoder.readout(features) + self.shortcut_image(images), quantized
 
     def features(
         self,
@@ -133,7 +177,8 @@ class Autoencoder(nnx.Module):
         quantize: bool | jax.Array = True,
         **freeze,
     ) -> tuple[jax.Array, Quantized]:
-        """Like ``__call__`` but stops before the decoder's head (see ``TokenDecoder.readout``)."""
+        """Like ``__call__`` but stops before the decoder's head (see ``TokenDecoder.readout``) and
+        before the shortcut's colour is added (:meth:`shortcut_image`)."""
         quantized = self.encode(images, **freeze)
         tokens = jnp.where(quantize, quantized.tokens, quantized.continuous)
         return self.decoder.features(tokens, num_visible), quantized
@@ -216,6 +261,14 @@ class TiTok(Autoencoder):
         return self.encoder(images)
 
 
+def id_count(model: ml_collections.ConfigDict) -> int:
+    """The length of a tokenizer's code: ``model.num_tokens`` learned ids, plus the mean colour's
+    (``mean_colour.colour_id_count``) with ``model.shortcut = "mean_colour"``."""
+    if model.get("shortcut", "none") != "mean_colour":
+        return model.num_tokens
+    return model.num_tokens + mean_colour.colour_id_count(model.quantizer.codebook_size)
+
+
 def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder:
     """The tokenizer ``config.model`` describes (validated first, with one-line errors)."""
     validate_model(model)
@@ -277,6 +330,10 @@ def tokenizer_model_config() -> ml_collections.ConfigDict:
     # likely code per cell) or "soft" (softmax-weighted codebook rows; what train.losses.proxy
     # = "pixels" trains, so use it for models from that stage).
     model.decoder.proxy_decoding = "argmax"
+    # "mean_colour": the code's first ids carry each image's mean colour at 8 bits per channel
+    # (24 bits: 2 ids of a 4,096-code book), the encoder sees the image minus it and the decoder
+    # adds it back (models/nativetok/mean_colour.py). Not in the paper; the demo tokenizer uses it.
+    model.shortcut = "none"
     return model
 
 
@@ -323,5 +380,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon < 1,
              "model.norm_epsilon", f"must lie in (0, 1), got {epsilon!r}")
     boolean(model.get("legacy_token_layout", False), "model.legacy_token_layout")
+    shortcut = model.get("shortcut", "none")
+    require(shortcut in mean_colour.SHORTCUTS, "model.shortcut", f"must be one of {mean_colour.SHORTCUTS}, got {shortcut!r}")
+    if shortcut == "mean_colour":
+        require(model.decoder.head == "pixel", "model.shortcut",
+                f"the mean-colour shortcut adds a colour to pixels; model.decoder.head is {model.decoder.head!r}")
+        size = model.quantizer.codebook_size
+        require(size >= 2 and not size & (size - 1), "model.shortcut",
+                f"the mean colour is sent as ids of the codebook, whose size must be a power of two; "
+                f"model.quantizer.codebook_size is {size}")
     require(not model.get("legacy_token_layout", False) or model.kind == "titok", "model.legacy_token_layout",
              f"only TiTok's released tokenizers use it; model.kind is {model.kind!r}")

@@ -24,7 +24,7 @@ from flax import nnx
 
 from nativetok_jax import checkpoints, sharding
 from nativetok_jax.config import unfitted_codebook
-from nativetok_jax.models.nativetok import Autoencoder, build_model, id_count
+from nativetok_jax.models.nativetok import Autoencoder, build_model, colour_id_count, id_count
 from nativetok_jax.models.pixels import images_to_model, model_to_images
 from nativetok_jax.pretrained import directory as pretrained_directory
 from nativetok_jax.pretrained.proxy import load_proxy_decoder
@@ -219,7 +219,7 @@ class Tokenizer:
     @property
     def colour_ids(self) -> int:
         """How many of the code's first ids carry the mean colour (0 without the shortcut)."""
-        return id_count(self.config.model) - self.config.model.num_tokens
+        return colour_id_count(self.config.model)
 
     @property
     def codebook_size(self) -> int:

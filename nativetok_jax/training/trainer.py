@@ -32,7 +32,7 @@ from nativetok_jax.evaluation.plots import plot_rate_distortion
 from nativetok_jax.evaluation.rate_distortion import MEAN_COLOUR
 from nativetok_jax.evaluation.reconstruction import evaluate_reconstruction
 from nativetok_jax.layers.partitioning import axis_rules
-from nativetok_jax.models.nativetok import build_model, id_count
+from nativetok_jax.models.nativetok import build_model, colour_id_count
 from nativetok_jax.tokenizer import Tokenizer
 from nativetok_jax.training import hnt, loop
 from nativetok_jax.training.adversarial import build_discriminator, uses_discriminator
@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         write_config(workdir, resolved)
 
     summary: dict[str, Any] = {"stages": []}
-    colour_ids = id_count(config.model) - config.model.num_tokens
+    colour_ids = colour_id_count(config.model)
     previous: tuple[epath.Path, int] | None = None
     for index, stage in enumerate(stages):
         stage_dir = hnt.stage_directory(workdir, stage, multi_stage)

@@ -60,9 +60,8 @@ class Autoencoder(nnx.Module):
     """What both tokenizers share; subclasses define ``encoder_features``."""
 
     num_tokens: int  # learned tokens; the code has ``colour_ids`` more in front with the mean-colour shortcut
-    colour_ids: int
+    colour_ids: int  # 0 without the mean-colour shortcut (models/nativetok/mean_colour.py)
     codebook_size: int
-    shortcut: str  # "none" or "mean_colour" (models/nativetok/mean_colour.py)
     token_head: TokenHead
     quantizer: Quantizer
     decoder: TokenDecoder
@@ -71,8 +70,7 @@ class Autoencoder(nnx.Module):
         self.num_tokens = model.num_tokens
         q = model.quantizer
         self.codebook_size = q.codebook_size
-        self.shortcut = model.get("shortcut", "none")
-        self.colour_ids = id_count(model) - model.num_tokens
+        self.colour_ids = colour_id_count(model)
         epsilon = model.get("norm_epsilon", 1e-6)
         self.token_head = TokenHead(encoder_width, q.token_dim, rngs=rngs, dtype=dtype, norm_epsilon=epsilon,
                                     legacy_layout=model.get("legacy_token_layout", False))
@@ -112,7 +110,7 @@ class Autoencoder(nnx.Module):
     def shortcut_colour(self, images: jax.Array) -> jax.Array | None:
         """The mean-colour shortcut's colours ``[B, 3]`` of images in [-1, 1] (each image's mean at
         8 bits per channel; models/nativetok/mean_colour.py), or None without the shortcut."""
-        return mean_colour.quantized_mean(images) if self.shortcut == "mean_colour" else None
+        return mean_colour.quantized_mean(images) if self.colour_ids else None
 
     def encode(self, images: jax.Array, **freeze) -> Quantized:
         """The learned tokens of images ``[B, H, W, 3]`` in [-1, 1]; with the mean-colour shortcut
@@ -139,12 +137,11 @@ class Autoencoder(nnx.Module):
             return self.decoder(self.quantizer.lookup(ids), num_visible)
         count = self.colour_ids
         colour = mean_colour.ids_to_colour(ids[:, :count], self.codebook_size, num_visible)[:, None, None, :]
-        if num_visible is None:
-            return self.decoder(self.quantizer.lookup(ids[:, count:])) + colour
-        learned = jnp.maximum(jnp.asarray(num_visible) - count, 0)
+        learned = None if num_visible is None else jnp.maximum(jnp.asarray(num_visible) - count, 0)
         out = self.decoder(self.quantizer.lookup(ids[:, count:]), learned)
-        # A prefix of colour ids only is the colour: training never decodes from no learned token.
-        return jnp.where(jnp.reshape(learned, (-1, 1, 1, 1)) > 0, out, 0.0) + colour
+        if learned is not None:  # a prefix of colour ids only is the colour: training never decodes from none
+            out = jnp.where(jnp.reshape(learned, (-1, 1, 1, 1)) > 0, out, 0.0)
+        return out + colour
 
     def shortcut_image(self, images: jax.Array) -> jax.Array | float:
         """What the decoder's readout is added to: each image's quantised mean colour ``[B, 1, 1, 3]``
@@ -261,12 +258,18 @@ class TiTok(Autoencoder):
         return self.encoder(images)
 
 
-def id_count(model: ml_collections.ConfigDict) -> int:
-    """The length of a tokenizer's code: ``model.num_tokens`` learned ids, plus the mean colour's
-    (``mean_colour.colour_id_count``) with ``model.shortcut = "mean_colour"``."""
+def colour_id_count(model: ml_collections.ConfigDict) -> int:
+    """How many of a tokenizer's first ids carry the mean colour: ``mean_colour.colour_id_count``
+    with ``model.shortcut = "mean_colour"``, else 0."""
     if model.get("shortcut", "none") != "mean_colour":
-        return model.num_tokens
-    return model.num_tokens + mean_colour.colour_id_count(model.quantizer.codebook_size)
+        return 0
+    return mean_colour.colour_id_count(model.quantizer.codebook_size)
+
+
+def id_count(model: ml_collections.ConfigDict) -> int:
+    """The length of a tokenizer's code: ``model.num_tokens`` learned ids after the mean colour's
+    (:func:`colour_id_count`)."""
+    return model.num_tokens + colour_id_count(model)
 
 
 def build_model(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Autoencoder:
